@@ -1,0 +1,116 @@
+"""A consumer base with a reconnect loop, and the waiting helpers built on the same draining.
+
+Each long-lived consumer of a node owns one connection and one thread: a stream error closes
+the whole connection (design section 9), and a consumer blocked in a slow handler must not delay
+another's heartbeats. ``run`` connects, lets the subclass declare and subscribe, and drains
+events until asked to stop; after a connection loss it reconnects with backoff, forever, so a
+worker never needs a manual restart after a broker outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+from kombu import Connection
+
+from broker.connection import RECOVERABLE, close_quietly, connect, describe
+from broker.errors import BrokerUnreachable
+from broker.settings import Settings
+
+log = logging.getLogger("tasync.broker")
+
+
+class ConsumerLoop:
+    """Subclasses implement ``setup`` (declare, ``basic_consume``) and may override the hooks.
+
+    Attributes:
+        name: the thread and connection name, shown in logs and the broker's connection list.
+        connected: set while a connection is up and subscribed.
+    """
+
+    name = "consumer"
+    poll_s = 0.5
+
+    def __init__(self, settings: Settings, *, prefetch: int | None = None) -> None:
+        self.settings = settings
+        self.prefetch = settings.prefetch if prefetch is None else prefetch
+        self.conn: Connection | None = None
+        self.channel: Any = None
+        self.connected = threading.Event()
+        self.stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def setup(self, channel: Any) -> None:
+        """Declare what this consumer needs and subscribe; called after every (re)connect."""
+        raise NotImplementedError
+
+    def on_connected(self) -> None:
+        """Called once subscribed, in the consumer's thread."""
+
+    def on_idle(self) -> None:
+        """Called about every ``poll_s`` seconds in the consumer's thread."""
+
+    def on_disconnected(self, reason: str) -> None:
+        """Called after a connection loss, before the reconnect."""
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def start(self) -> threading.Thread:
+        """Run the loop in a daemon thread."""
+        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the loop to stop and wait for its thread."""
+        self.stop_event.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def run(self) -> None:
+        """Connect, subscribe and drain until stopped; reconnect after every loss."""
+        delay = 0.1
+        while not self.stop_event.is_set():
+            try:
+                self.conn = connect(self.settings, name=self.name, retry_s=5.0)
+            except BrokerUnreachable as exc:
+                log.warning("%s: %s; retrying", self.name, exc)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            try:
+                self.channel = self.conn.channel()
+                self.channel.basic_qos(0, self.prefetch, False)
+                self.setup(self.channel)
+                self.connected.set()
+                delay = 0.1
+                self.on_connected()
+                self._drain_until_stopped()
+            except RECOVERABLE as exc:
+                reason = describe(exc)
+                log.warning("%s: connection lost (%s); reconnecting", self.name, reason)
+                self.on_disconnected(reason)
+            finally:
+                self.connected.clear()
+                close_quietly(self.conn)
+                self.conn = None
+            self.stop_event.wait(delay)
+
+    def _drain_until_stopped(self) -> None:
+        assert self.conn is not None
+        while not self.stop_event.is_set():
+            try:
+                self.conn.drain_events(timeout=self.poll_s)
+            except socket.timeout:
+                pass
+            self.conn.heartbeat_check()
+            self.on_idle()
+
+    def cancelled(self, consumer_tag: str) -> None:
+        """The broker cancelled our subscription (queue deleted): reconnect and declare again."""
+        raise ConnectionError(f"subscription {consumer_tag} cancelled by the broker")

@@ -1,0 +1,211 @@
+"""The configuration kinds (design section 5): their schemas and the references between them.
+
+Every object is ``(kind, name, body)``; ``body`` is the dict that the kind's marshmallow schema
+loads, without the name. The master validates both the schema and the references (a group's
+members exist, a route names known nodes) before it commits a change; backups validate the
+schema only, because the master is the authority on references and a backup applies in seq
+order, where a bulk import may pass through states the master validated as a whole.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from collections.abc import Mapping
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
+
+from broker.errors import ValidationError as TasyncValidationError
+from broker.topology import NODE_NAME_RE
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")
+
+
+class _Body(Schema):
+    class Meta:
+        # Unknown fields are an error: a typo must not become silently stored configuration.
+        unknown = "raise"
+
+
+class DestinationSchema(_Body):
+    """Where alerts go: a delivery URL, an optional schedule and subject template."""
+
+    url = fields.String(required=True, validate=validate.Length(min=3, max=2048))
+    schedule = fields.String(load_default=None, allow_none=True)
+    subject = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=512))
+
+    @validates("url")
+    def _has_scheme(self, value: str, **_: Any) -> None:
+        if ":" not in value:
+            raise ValidationError("a delivery URL needs a scheme, e.g. file:///path or https://")
+
+
+class GroupSchema(_Body):
+    """Several destinations or groups: ``all`` delivers to each, ``sequence`` until one works."""
+
+    members = fields.List(
+        fields.String(validate=validate.Length(min=1, max=128)),
+        required=True, validate=validate.Length(min=1, max=1000),
+    )
+    mode = fields.String(load_default="all", validate=validate.OneOf(["all", "sequence"]))
+
+
+class RouteSchema(_Body):
+    """A named precedence list of nodes: the first live one delivers."""
+
+    hosts = fields.List(
+        fields.String(validate=validate.Regexp(NODE_NAME_RE, error="not a node name")),
+        required=True, validate=validate.Length(min=1, max=16),
+    )
+
+    @validates("hosts")
+    def _unique(self, value: list[str], **_: Any) -> None:
+        if len(set(value)) != len(value):
+            raise ValidationError("a node may appear only once in a precedence list")
+
+
+class WindowSchema(_Body):
+    """One weekly window: days of the week and a start/end time of day (end may be 24:00)."""
+
+    days = fields.List(fields.String(validate=validate.OneOf(DAYS)), required=True,
+                       validate=validate.Length(min=1, max=7))
+    start = fields.String(required=True, validate=validate.Regexp(HHMM_RE, error="use HH:MM"))
+    end = fields.String(required=True, validate=validate.Regexp(HHMM_RE, error="use HH:MM"))
+
+    @validates_schema
+    def _ordered(self, data: dict[str, Any], **_: Any) -> None:
+        if data["start"] >= data["end"]:
+            raise ValidationError("start must be before end", "end")
+
+
+class ScheduleSchema(_Body):
+    """Weekly windows in a time zone; a destination outside its window is skipped."""
+
+    timezone = fields.String(load_default="UTC")
+    windows = fields.List(fields.Nested(WindowSchema), required=True,
+                          validate=validate.Length(min=1, max=100))
+
+    @validates("timezone")
+    def _known_zone(self, value: str, **_: Any) -> None:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValidationError(f"unknown time zone {value!r}") from exc
+
+
+class NodeSchema(_Body):
+    """A messaging server known to the network; routes and host lists may only name these."""
+
+    description = fields.String(load_default="", validate=validate.Length(max=512))
+
+
+SCHEMAS: dict[str, Schema] = {
+    "destination": DestinationSchema(),
+    "group": GroupSchema(),
+    "route": RouteSchema(),
+    "schedule": ScheduleSchema(),
+    "node": NodeSchema(),
+}
+KINDS = tuple(SCHEMAS)
+#: Order in which a bulk import applies kinds, so every intermediate state has its references.
+DEPENDENCY_ORDER = {"node": 0, "schedule": 1, "destination": 2, "group": 3, "route": 4}
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if tasync knows it, else raise a validation error listing the kinds."""
+    if kind not in SCHEMAS:
+        raise TasyncValidationError(f"unknown kind {kind!r}; kinds are: {', '.join(KINDS)}")
+    return kind
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return ``name`` if it may name an object of ``kind``."""
+    pattern = NODE_NAME_RE if kind == "node" else NAME_RE
+    if not isinstance(name, str) or not pattern.match(name):
+        raise TasyncValidationError(f"invalid {kind} name {name!r}")
+    return name
+
+
+def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one object's body against its kind's schema; returns the normalised body."""
+    check_kind(kind)
+    check_name(kind, name)
+    if not isinstance(body, Mapping):
+        raise TasyncValidationError(f"{kind} {name}: the body must be a JSON object")
+    try:
+        loaded: dict[str, Any] = SCHEMAS[kind].load(dict(body))
+    except ValidationError as exc:
+        errors = exc.normalized_messages()
+        raise TasyncValidationError(
+            f"{kind} {name}: {_one_line(errors)}", errors=dict(errors)
+        ) from exc
+    return loaded
+
+
+def _one_line(errors: Mapping[str, Any] | list[Any] | str, prefix: str = "") -> str:
+    """Flatten marshmallow's nested messages into ``field: message; ...`` for a one-line error."""
+    if isinstance(errors, str):
+        return f"{prefix}{errors}" if not prefix else f"{prefix.rstrip('.')}: {errors}"
+    if isinstance(errors, list):
+        return "; ".join(_one_line(e, prefix) for e in errors)
+    return "; ".join(_one_line(v, f"{prefix}{k}.") for k, v in errors.items())
+
+
+State = Mapping[str, Mapping[str, Mapping[str, Any]]]
+
+
+def reference_errors(state: State) -> list[str]:
+    """Every dangling or cyclic reference in a whole configuration ``{kind: {name: body}}``."""
+    errors: list[str] = []
+    nodes = state.get("node", {})
+    destinations = state.get("destination", {})
+    groups = state.get("group", {})
+    schedules = state.get("schedule", {})
+    for name, body in destinations.items():
+        sched = body.get("schedule")
+        if sched and sched not in schedules:
+            errors.append(f"destination {name}: schedule {sched!r} does not exist")
+    for name, body in groups.items():
+        for member in body.get("members", []):
+            if member not in destinations and member not in groups:
+                errors.append(f"group {name}: member {member!r} is neither destination nor group")
+    for name, body in state.get("route", {}).items():
+        for host in body.get("hosts", []):
+            if host not in nodes:
+                errors.append(f"route {name}: host {host!r} is not a known node")
+    errors.extend(_group_cycles(groups))
+    return errors
+
+
+def _group_cycles(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Groups that contain themselves through their members, which would deliver forever."""
+    found: list[str] = []
+    for start in sorted(groups):
+        stack, seen = list(groups[start].get("members", [])), set()
+        while stack:
+            member = stack.pop()
+            if member == start:
+                found.append(f"group {start}: contains itself through its members")
+                break
+            if member in groups and member not in seen:
+                seen.add(member)
+                stack.extend(groups[member].get("members", []))
+    return found
+
+
+def referrers(state: State, kind: str, name: str) -> list[str]:
+    """Objects that refer to ``(kind, name)``; a delete is refused while any exist."""
+    found: list[str] = []
+    if kind == "schedule":
+        found += [f"destination {n}" for n, b in state.get("destination", {}).items()
+                  if b.get("schedule") == name]
+    if kind in ("destination", "group"):
+        found += [f"group {n}" for n, b in state.get("group", {}).items()
+                  if name in b.get("members", [])]
+    if kind == "node":
+        found += [f"route {n}" for n, b in state.get("route", {}).items()
+                  if name in b.get("hosts", [])]
+    return found

@@ -1,0 +1,207 @@
+"""Wire messages: frozen dataclasses inside, versioned JSON validated by marshmallow at the edge.
+
+Every body is a JSON object with ``v`` (schema version) and ``type``. ``decode`` is the only way
+a consumer turns bytes into a message: it checks size, JSON, version, type and schema, and raises
+``MessageError`` with a reason the consumer writes to the quarantine and the trail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, post_load, validate
+
+from broker.errors import MessageError
+
+SCHEMA_VERSION = 1
+OPS = ("set", "delete")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Change:
+    """One validated configuration mutation; ``seq`` is cluster-wide and gap-free."""
+
+    epoch: int
+    seq: int
+    ts: float
+    origin: str
+    op: str
+    kind: str
+    name: str
+    body: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChangeBatch:
+    """Consecutive changes that travel in one message; each keeps its own seq."""
+
+    epoch: int
+    origin: str
+    changes: tuple[Change, ...]
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the first change; a gap exists when it is past the receiver's next seq."""
+        return self.changes[0].seq
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last change."""
+        return self.changes[-1].seq
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """A control request to one node, every node or the master; answered by a ``Reply``."""
+
+    op: str
+    sender: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reply:
+    """The answer to a ``Request``: data, or an error with the exit-code class name."""
+
+    ok: bool
+    node: str
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    error_type: str | None = None
+
+
+class _Strict(Schema):
+    class Meta:
+        unknown = "raise"
+
+
+class ChangeSchema(_Strict):
+    """A change on the wire; bodies are checked per kind by ``broker.kinds`` when applied."""
+
+    epoch = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    seq = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    ts = fields.Float(required=True)
+    origin = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    op = fields.String(required=True, validate=validate.OneOf(OPS))
+    kind = fields.String(required=True, validate=validate.Length(min=1, max=32))
+    name = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    body = fields.Dict(keys=fields.String(), load_default=None, allow_none=True)
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Change:
+        return Change(**data)
+
+
+class ChangeBatchSchema(_Strict):
+    """Changes in seq order without holes, all of one epoch."""
+
+    v = fields.Integer(required=True)
+    type = fields.String(required=True)
+    epoch = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    origin = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    changes = fields.List(fields.Nested(ChangeSchema), required=True,
+                          validate=validate.Length(min=1, max=100_000))
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> ChangeBatch:
+        changes = tuple(data["changes"])
+        for prev, nxt in zip(changes, changes[1:], strict=False):
+            if nxt.seq != prev.seq + 1:
+                raise ValidationError(f"seq {nxt.seq} does not follow {prev.seq}", "changes")
+        if any(c.epoch != data["epoch"] for c in changes):
+            raise ValidationError("a change's epoch differs from its batch's", "changes")
+        return ChangeBatch(epoch=data["epoch"], origin=data["origin"], changes=changes)
+
+
+class RequestSchema(_Strict):
+    """A control request."""
+
+    v = fields.Integer(required=True)
+    type = fields.String(required=True)
+    op = fields.String(required=True, validate=validate.Length(min=1, max=32))
+    sender = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    args = fields.Dict(keys=fields.String(), load_default=dict)
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Request:
+        return Request(op=data["op"], sender=data["sender"], args=data["args"])
+
+
+class ReplySchema(_Strict):
+    """A control reply."""
+
+    v = fields.Integer(required=True)
+    type = fields.String(required=True)
+    ok = fields.Boolean(required=True)
+    node = fields.String(required=True)
+    data = fields.Dict(keys=fields.String(), load_default=dict)
+    error = fields.String(load_default=None, allow_none=True)
+    error_type = fields.String(load_default=None, allow_none=True)
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Reply:
+        data.pop("v")
+        data.pop("type")
+        return Reply(**data)
+
+
+SCHEMAS: dict[str, Schema] = {
+    "changes": ChangeBatchSchema(),
+    "request": RequestSchema(),
+    "reply": ReplySchema(),
+}
+TYPES: dict[type, str] = {ChangeBatch: "changes", Request: "request", Reply: "reply"}
+
+
+def register(type_name: str, cls: type, schema: Schema) -> None:
+    """Add a message type (the alert layer registers its own) to ``encode``/``decode``."""
+    SCHEMAS[type_name] = schema
+    TYPES[cls] = type_name
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    """The JSON-ready dict of a message dataclass, with ``v`` and ``type`` first."""
+    type_name = TYPES[type(message)]
+    data = asdict(message)
+    return {"v": SCHEMA_VERSION, "type": type_name, **data}
+
+
+def encode(message: Any) -> bytes:
+    """Serialise a message dataclass to compact JSON bytes."""
+    return json.dumps(to_dict(message), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode(body: bytes, *, max_bytes: int, expect: str | None = None) -> Any:
+    """Validate ``body`` and return its message dataclass, or raise ``MessageError`` with a reason.
+
+    Args:
+        body: the raw message body.
+        max_bytes: anything larger is refused before it is parsed.
+        expect: the only type acceptable here, e.g. ``"changes"`` on a sync queue.
+    """
+    if len(body) > max_bytes:
+        raise MessageError(f"oversized message: {len(body)} bytes > {max_bytes}")
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError(f"malformed JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MessageError("malformed message: not a JSON object")
+    version, type_name = raw.get("v"), raw.get("type")
+    if version != SCHEMA_VERSION:
+        raise MessageError(f"unsupported schema version {version!r} (expected {SCHEMA_VERSION})")
+    if type_name not in SCHEMAS or (expect is not None and type_name != expect):
+        raise MessageError(f"unexpected message type {type_name!r}")
+    try:
+        return SCHEMAS[type_name].load(raw)
+    except ValidationError as exc:
+        raise MessageError(f"invalid {type_name} message: {exc.normalized_messages()}") from None
+    except (TypeError, ValueError) as exc:
+        raise MessageError(f"invalid {type_name} message: {exc}") from None
+
+
+def encode_value(value: Any) -> bytes:
+    """Compact JSON of any JSON-ready value (used to size batches before encoding them)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,119 @@
+"""Requests over the control exchange with replies through RabbitMQ's direct reply-to.
+
+The CLI asks one node (``node.<name>``), the master (``master``) or every node (``all``) and
+collects the answers; a request to a routing key no running node binds comes back as a
+``basic.return`` at once, so "no master is running" is reported immediately, not after a
+timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from typing import Any
+
+import amqp
+from kombu import Connection
+
+from broker import messages, topology
+from broker.errors import MessageError, NoAnswer, RemoteError
+from broker.messages import Reply, Request
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class RpcClient:
+    """Sends requests and gathers replies on one channel of ``conn``.
+
+    Args:
+        conn: a connected kombu connection.
+        sender: who is asking (shown in the answering node's log).
+        max_bytes: largest reply accepted (an export can be large).
+    """
+
+    def __init__(self, conn: Connection, *, sender: str, max_bytes: int = 256 << 20) -> None:
+        self.conn = conn
+        self.sender = sender
+        self.max_bytes = max_bytes
+        self.channel = conn.channel()
+        self.channel.events["basic_return"].add(self._on_return)
+        self.channel.basic_consume(REPLY_TO, no_ack=True, callback=self._on_reply)
+        self._replies: dict[str, list[Reply]] = {}
+        self._returned: set[str] = set()
+
+    def _on_reply(self, message: amqp.Message) -> None:
+        corr = message.properties.get("correlation_id")
+        if corr not in self._replies:
+            return
+        try:
+            reply = messages.decode(message.body, max_bytes=self.max_bytes, expect="reply")
+        except MessageError:
+            return
+        self._replies[corr].append(reply)
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        corr = message.properties.get("correlation_id")
+        if corr:
+            self._returned.add(corr)
+
+    def call(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
+             timeout_s: float, expect: int | None = 1) -> list[Reply]:
+        """Send one request and return the replies that came in time.
+
+        Args:
+            routing_key: ``topology.MASTER``, ``topology.ALL`` or ``topology.node_key(n)``.
+            op: the request name.
+            args: request arguments.
+            timeout_s: how long to wait in all.
+            expect: return as soon as this many replies arrived; ``None`` waits the full time.
+
+        Raises:
+            NoAnswer: nobody is subscribed to ``routing_key`` or nobody answered in time.
+        """
+        corr = uuid.uuid4().hex
+        self._replies[corr] = []
+        body = messages.encode(Request(op=op, sender=self.sender, args=args or {}))
+        self.channel.basic_publish(
+            amqp.Message(body, content_type="application/json", reply_to=REPLY_TO,
+                         correlation_id=corr, expiration=str(int(timeout_s * 1000))),
+            exchange=topology.CONTROL_EXCHANGE, routing_key=routing_key, mandatory=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if corr in self._returned:
+                    raise NoAnswer(f"no running node answers to {routing_key!r}")
+                if expect is not None and len(self._replies[corr]) >= expect:
+                    break
+                try:
+                    self.conn.drain_events(timeout=min(0.25, max(0.01, deadline - time.monotonic())))
+                except socket.timeout:
+                    pass
+            replies = self._replies[corr]
+        finally:
+            self._replies.pop(corr, None)
+            self._returned.discard(corr)
+        if not replies and expect:
+            raise NoAnswer(f"no answer to {op!r} from {routing_key!r} within {timeout_s:g} s")
+        return replies
+
+    def call_one(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
+                 timeout_s: float) -> dict[str, Any]:
+        """Send a request to one node and return its data, raising ``RemoteError`` on failure."""
+        reply = self.call(routing_key, op, args, timeout_s=timeout_s, expect=1)[0]
+        if not reply.ok:
+            raise RemoteError(reply.error or f"{reply.node} failed without a reason")
+        return reply.data
+
+
+def reply_to(channel: Any, request_message: amqp.Message, reply: Reply) -> None:
+    """Answer a request on the channel it arrived on (direct reply-to needs no queue)."""
+    target = request_message.properties.get("reply_to")
+    if not target:
+        return
+    channel.basic_publish(
+        amqp.Message(messages.encode(reply), content_type="application/json",
+                     correlation_id=request_message.properties.get("correlation_id")),
+        exchange="", routing_key=target,
+    )

@@ -1,0 +1,165 @@
+"""Every exchange, queue and routing key of a tasync network, derived in one place.
+
+Names are functions of node names and precedence lists so that producers, consumers, the CLI
+and ``tasync broker setup`` can never disagree. The shapes follow design section 3:
+
+* ``tasync.config`` (fanout) -> one quorum queue ``tasync.sync.<node>`` per node, and the stream
+  ``tasync.changelog``, the durable replicated change log that recovery and gap filling read.
+* ``tasync.alerts`` (direct) -> one quorum queue per precedence list, routing key ``a.b.c``.
+* ``tasync.control`` (topic) -> one exclusive queue per running node for requests (status,
+  export, configuration changes to the master, recovery); replies use direct reply-to.
+* ``tasync.quarantine`` -> messages a node refused, with the reason in their headers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from broker.errors import ConfigError
+from broker.settings import Settings
+
+CONFIG_EXCHANGE = "tasync.config"
+CHANGELOG_STREAM = "tasync.changelog"
+ALERTS_EXCHANGE = "tasync.alerts"
+CONTROL_EXCHANGE = "tasync.control"
+DEAD_LETTER_EXCHANGE = "tasync.dead"
+DEAD_LETTER_QUEUE = "tasync.dead-letter"
+QUARANTINE_QUEUE = "tasync.quarantine"
+HOSTLISTS_QUEUE = "tasync.hostlists"
+
+#: Control routing keys: every node binds ``ALL`` and ``node_key(name)``; the master adds ``MASTER``.
+ALL = "all"
+MASTER = "master"
+
+#: A node name is one routing-key word: it becomes part of queue names and precedence lists.
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+def check_node_name(name: str) -> str:
+    """Return ``name`` if it can name a node, else raise ``ConfigError`` saying why."""
+    if not NODE_NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid node name {name!r}: use letters, digits, '-' and '_' "
+            "(it becomes part of queue names and routing keys)"
+        )
+    return name
+
+
+def sync_queue(node: str) -> str:
+    """The durable quorum queue through which ``node`` receives every configuration change."""
+    return f"tasync.sync.{check_node_name(node)}"
+
+
+def control_queue(node: str) -> str:
+    """The exclusive queue on which a running ``node`` answers requests."""
+    return f"tasync.control.{check_node_name(node)}"
+
+
+def node_key(node: str) -> str:
+    """The control routing key that reaches exactly ``node``."""
+    return f"node.{check_node_name(node)}"
+
+
+def precedence_key(hosts: list[str] | tuple[str, ...]) -> str:
+    """The routing key of a precedence list: node names joined by dots, in order."""
+    if not hosts:
+        raise ConfigError("a precedence list needs at least one node")
+    if len(set(hosts)) != len(hosts):
+        raise ConfigError(f"a precedence list names a node twice: {' '.join(hosts)}")
+    return ".".join(check_node_name(h) for h in hosts)
+
+
+def alert_queue(hosts: list[str] | tuple[str, ...]) -> str:
+    """The quorum queue that holds the alerts addressed to one precedence list."""
+    return f"tasync.alerts.{precedence_key(hosts)}"
+
+
+def consumer_priority(position: int, length: int) -> int:
+    """``x-priority`` for the node at ``position`` (0-based) of a list of ``length`` nodes.
+
+    The first node gets the highest priority so the broker hands it every alert while it has
+    prefetch room; the broker moves queued and unacknowledged alerts to the next one when it dies.
+    """
+    return length - position
+
+
+def sync_queue_arguments() -> dict[str, Any]:
+    """Arguments of every sync queue: quorum for durability across broker-node loss."""
+    return {"x-queue-type": "quorum"}
+
+
+def alert_queue_arguments() -> dict[str, Any]:
+    """Arguments of every alert queue: quorum, with failed deliveries dead-lettered."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def changelog_arguments(settings: Settings) -> dict[str, Any]:
+    """Stream arguments: retention by age and size, with segments small enough to trim by age."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": settings.changelog_max_age,
+        "x-max-length-bytes": settings.changelog_max_bytes,
+        "x-stream-max-segment-size-bytes": settings.changelog_segment_bytes,
+    }
+
+
+def declare_config(channel: Any, settings: Settings) -> None:
+    """Declare the configuration fanout and the change-log stream bound to it (idempotent)."""
+    channel.exchange_declare(CONFIG_EXCHANGE, "fanout", durable=True, auto_delete=False)
+    channel.queue_declare(
+        CHANGELOG_STREAM, durable=True, auto_delete=False,
+        arguments=changelog_arguments(settings),
+    )
+    channel.queue_bind(CHANGELOG_STREAM, CONFIG_EXCHANGE, "")
+
+
+def declare_sync_queue(channel: Any, node: str) -> int:
+    """Declare and bind ``node``'s sync queue; returns its message count."""
+    name = sync_queue(node)
+    ok = channel.queue_declare(
+        name, durable=True, auto_delete=False, arguments=sync_queue_arguments()
+    )
+    channel.queue_bind(name, CONFIG_EXCHANGE, "")
+    return int(ok.message_count)
+
+
+def declare_control(channel: Any) -> None:
+    """Declare the control exchange and the quarantine queue."""
+    channel.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True, auto_delete=False)
+    channel.queue_declare(
+        QUARANTINE_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
+    )
+
+
+def declare_alerts(channel: Any) -> None:
+    """Declare the alert exchange, the dead-letter path and the durable host-list record."""
+    channel.exchange_declare(ALERTS_EXCHANGE, "direct", durable=True, auto_delete=False)
+    channel.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True, auto_delete=False)
+    channel.queue_declare(
+        DEAD_LETTER_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
+    )
+    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
+    channel.queue_declare(
+        HOSTLISTS_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "stream"}
+    )
+
+
+def declare_alert_queue(channel: Any, hosts: list[str] | tuple[str, ...]) -> str:
+    """Declare the quorum queue of one precedence list and bind it by its routing key."""
+    name = alert_queue(hosts)
+    channel.queue_declare(name, durable=True, auto_delete=False, arguments=alert_queue_arguments())
+    channel.queue_bind(name, ALERTS_EXCHANGE, precedence_key(hosts))
+    return name
+
+
+def declare_all(channel: Any, settings: Settings) -> None:
+    """Declare the whole shared topology; ``tasync broker setup`` and every node call this."""
+    declare_config(channel, settings)
+    declare_control(channel)
+    declare_alerts(channel)

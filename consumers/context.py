@@ -1,0 +1,78 @@
+"""What every consumer of a node shares: who the node is, its store, its logs, its readiness.
+
+The node runtime builds one ``NodeContext`` and hands it to each consumer, so consumers never
+reach for globals and tests can build a context around a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.audit import Trail
+from broker.settings import Settings
+from broker.signing import KeyRing
+from broker.store import NodeStore
+
+STATUS_FILE = "status.json"
+
+
+@dataclass(kw_only=True)
+class NodeContext:
+    """The shared, long-lived parts of one running node.
+
+    Attributes:
+        settings: broker settings.
+        node: this node's name.
+        data_dir: where the store, logs and status file live.
+        store: the node's SQLite state.
+        trail: the audit trail.
+        keyring: the cluster key ring, or None when messages are not signed.
+        ready: set once the node has caught up (design guarantee 4).
+        started_at: when the process started (seconds since the epoch).
+    """
+
+    settings: Settings
+    node: str
+    data_dir: Path
+    store: NodeStore
+    trail: Trail
+    keyring: KeyRing | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def role(self) -> str:
+        """``master`` or ``backup``, as persisted in the store."""
+        return self.store.get_meta("role", "backup") or "backup"
+
+    @property
+    def is_master(self) -> bool:
+        """Whether this node currently accepts configuration changes."""
+        return self.role == "master"
+
+    def status(self) -> dict[str, Any]:
+        """This node's view of itself, as ``tasync status`` shows it."""
+        return {
+            "node": self.node,
+            "role": self.role,
+            "epoch": self.store.epoch,
+            "applied_seq": self.store.last_seq,
+            "ready": self.ready.is_set(),
+            "checksum": self.store.checksum(),
+            "objects": self.store.count(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+        }
+
+    def write_status_file(self) -> None:
+        """Write ``status.json`` atomically so local tools can read state without the broker."""
+        path = self.data_dir / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), sort_keys=True))
+        os.replace(tmp, path)

@@ -1,0 +1,159 @@
+"""Turning requested operations into validated changes, before the master commits them.
+
+A request carries operations ``{"op": "set"|"delete", "kind", "name", "body"}``. ``plan``
+checks each body against its kind's schema and checks references against the master's stored
+configuration overlaid with the request's own earlier operations, so a bulk import may define a
+destination and the group that uses it in one request. Nothing is written here: the relay
+commits the result in one transaction, or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker import kinds
+from broker.errors import ValidationError
+from broker.store import NodeStore
+
+
+@dataclass(frozen=True, kw_only=True)
+class Op:
+    """One validated operation, ready to become a change."""
+
+    op: str
+    kind: str
+    name: str
+    body: dict[str, Any] | None
+
+
+def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
+    """Validate the shape and schema of each operation (no references yet)."""
+    ops: list[Op] = []
+    for index, raw in enumerate(raw_ops):
+        if not isinstance(raw, Mapping):
+            raise ValidationError(f"operation {index + 1}: not an object")
+        op, kind, name = raw.get("op", "set"), raw.get("kind"), raw.get("name")
+        if op not in ("set", "delete"):
+            raise ValidationError(f"operation {index + 1}: op must be 'set' or 'delete'")
+        kinds.check_kind(str(kind))
+        kinds.check_name(str(kind), name)  # type: ignore[arg-type]
+        body = kinds.load_body(str(kind), str(name), raw.get("body") or {}) if op == "set" else None
+        ops.append(Op(op=op, kind=str(kind), name=str(name), body=body))
+    return ops
+
+
+def dependency_sorted(ops: list[Op]) -> list[Op]:
+    """Sets ordered so referenced kinds come first, deletes after in reverse; stable otherwise.
+
+    A bulk import file may list groups before their destinations; applying in this order means
+    every backup passes only through states whose references hold.
+    """
+    sets = [o for o in ops if o.op == "set"]
+    deletes = [o for o in ops if o.op == "delete"]
+    sets.sort(key=lambda o: kinds.DEPENDENCY_ORDER[o.kind])
+    deletes.sort(key=lambda o: -kinds.DEPENDENCY_ORDER[o.kind])
+    return sets + deletes
+
+
+class _Overlay:
+    """The stored configuration with the request's pending operations laid over it."""
+
+    def __init__(self, store: NodeStore) -> None:
+        self.store = store
+        self.pending: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        if (kind, name) in self.pending:
+            return self.pending[(kind, name)]
+        return self.store.get(kind, name)
+
+    def exists(self, kind: str, name: str) -> bool:
+        return self.get(kind, name) is not None
+
+    def referrers(self, kind: str, name: str) -> list[str]:
+        """Stored and pending objects that still refer to ``(kind, name)``."""
+        found = []
+        for ref in self.store.referrers(kind, name):
+            ref_kind, ref_name = ref.split(" ", 1)
+            body = self.get(ref_kind, ref_name)
+            if body is not None and _refers(ref_kind, body, kind, name):
+                found.append(ref)
+        for (ref_kind, ref_name), body in self.pending.items():
+            ref = f"{ref_kind} {ref_name}"
+            if body is not None and ref not in found and _refers(ref_kind, body, kind, name):
+                found.append(ref)
+        return found
+
+
+def _refers(ref_kind: str, body: Mapping[str, Any], kind: str, name: str) -> bool:
+    if ref_kind == "destination":
+        return kind == "schedule" and body.get("schedule") == name
+    if ref_kind == "group":
+        return kind in ("destination", "group") and name in body.get("members", [])
+    if ref_kind == "route":
+        return kind == "node" and name in body.get("hosts", [])
+    return False
+
+
+def _outgoing_errors(view: _Overlay, op: Op) -> list[str]:
+    body = op.body or {}
+    where = f"{op.kind} {op.name}"
+    errors = []
+    if op.kind == "destination" and body.get("schedule"):
+        if not view.exists("schedule", body["schedule"]):
+            errors.append(f"{where}: schedule {body['schedule']!r} does not exist")
+    elif op.kind == "group":
+        for member in body.get("members", []):
+            if not (view.exists("destination", member) or view.exists("group", member)):
+                errors.append(f"{where}: member {member!r} is neither a destination nor a group")
+    elif op.kind == "route":
+        for host in body.get("hosts", []):
+            if not view.exists("node", host):
+                errors.append(f"{where}: host {host!r} is not a known node")
+    return errors
+
+
+def _cycle_error(view: _Overlay, group: str) -> str | None:
+    stack, seen = list((view.get("group", group) or {}).get("members", [])), set()
+    while stack:
+        member = stack.pop()
+        if member == group:
+            return f"group {group}: contains itself through its members"
+        if member not in seen and view.exists("group", member):
+            seen.add(member)
+            stack.extend((view.get("group", member) or {}).get("members", []))
+    return None
+
+
+def plan(store: NodeStore, raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
+    """Validate raw operations: schema, then references (see ``check_references``)."""
+    return check_references(store, parse_ops(raw_ops))
+
+
+def check_references(store: NodeStore, parsed: list[Op]) -> list[Op]:
+    """Check operations against the stored configuration; all of them, or raise.
+
+    Raises:
+        ValidationError: the first problems found, in one line, with every problem listed in
+            ``errors`` for ``--json`` callers.
+    """
+    ops = dependency_sorted(parsed)
+    view = _Overlay(store)
+    problems: list[str] = []
+    for op in ops:
+        if op.op == "delete" and not view.exists(op.kind, op.name):
+            problems.append(f"{op.kind} {op.name}: does not exist")
+        view.pending[(op.kind, op.name)] = op.body
+    for op in ops:
+        if op.op == "set":
+            problems += _outgoing_errors(view, op)
+            if op.kind == "group" and (cycle := _cycle_error(view, op.name)):
+                problems.append(cycle)
+        elif users := view.referrers(op.kind, op.name):
+            problems.append(f"{op.kind} {op.name}: still used by {', '.join(sorted(users)[:5])}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValidationError("; ".join(problems[:3]) + more, errors={"references": problems})
+    return ops

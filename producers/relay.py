@@ -1,0 +1,167 @@
+"""The master's change relay: commit to the outbox, publish with confirms, then report.
+
+``submit`` is the only way configuration changes enter the network. It validates the
+operations (``producers.changes.plan``), gives each its ``(epoch, seq)``, commits changes and
+outbox rows in one SQLite transaction, publishes them to ``tasync.config`` (reaching every sync
+queue and the change-log stream at once) and returns only after the broker confirmed. A crash
+between commit and confirm leaves the rows unpublished; ``publish_outbox`` at start sends them
+again, and backups skip what they already have by seq.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from kombu import Connection
+
+from broker import messages, topology
+from broker.connection import close_quietly, ensure
+from broker.messages import Change, ChangeBatch
+from broker.publisher import ConfirmedPublisher, Outgoing
+from broker.settings import Settings
+from broker.signing import KeyRing
+from broker.store import NodeStore
+from producers.changes import Op, check_references
+
+log = logging.getLogger("tasync.relay")
+SIGNATURE_HEADER = "tasync-sig"
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a ``submit`` committed and the broker confirmed."""
+
+    first_seq: int
+    last_seq: int
+    count: int
+    epoch: int
+
+
+def batch_messages(batches: Iterable[ChangeBatch], keyring: KeyRing | None) -> list[Outgoing]:
+    """One persistent message per batch to the config fanout, signed when a key ring is set."""
+    out = []
+    for batch in batches:
+        body = messages.encode(batch)
+        headers = {"tasync-type": "changes", "first-seq": batch.first_seq,
+                   "last-seq": batch.last_seq}
+        if keyring is not None:
+            headers[SIGNATURE_HEADER] = keyring.sign(body)
+        out.append(Outgoing(exchange=topology.CONFIG_EXCHANGE, routing_key="", body=body,
+                            headers=headers))
+    return out
+
+
+def chunk(changes: list[Change], *, max_changes: int, max_bytes: int) -> list[ChangeBatch]:
+    """Split consecutive changes into batches under both limits; each keeps its own seq."""
+    batches: list[ChangeBatch] = []
+    current: list[Change] = []
+    size = 0
+    for change in changes:
+        approx = 200 + len(messages.encode_value(change.body))
+        if current and (len(current) >= max_changes or size + approx > max_bytes):
+            batches.append(_batch(current))
+            current, size = [], 0
+        current.append(change)
+        size += approx
+    if current:
+        batches.append(_batch(current))
+    return batches
+
+
+def _batch(changes: list[Change]) -> ChangeBatch:
+    return ChangeBatch(epoch=changes[0].epoch, origin=changes[0].origin, changes=tuple(changes))
+
+
+class ChangeRelay:
+    """Owns the master's publisher connection; used from one thread (the control server's).
+
+    Args:
+        settings: broker settings (batch limits, confirm timeout).
+        store: the master's store, opened with ``durable=True``.
+        node: the master's node name, the ``origin`` of every change.
+        keyring: signs every batch when set.
+    """
+
+    def __init__(self, settings: Settings, store: NodeStore, *, node: str,
+                 keyring: KeyRing | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.node = node
+        self.keyring = keyring
+        self._conn: Connection | None = None
+        self._publisher: ConfirmedPublisher | None = None
+
+    def close(self) -> None:
+        """Close the publisher connection."""
+        close_quietly(self._conn)
+        self._conn = self._publisher = None
+
+    def heartbeat(self) -> None:
+        """Keep the idle publisher connection alive between changes."""
+        if self._conn is not None:
+            try:
+                self._conn.heartbeat_check()
+            except Exception:  # noqa: BLE001 - a broken idle connection is rebuilt on next use
+                self.close()
+
+    def _publish(self, batches: list[ChangeBatch]) -> None:
+        outgoing = batch_messages(batches, self.keyring)
+
+        def send(conn: Connection) -> int:
+            if self._publisher is None or self._publisher.conn is not conn:
+                self._publisher = ConfirmedPublisher(
+                    conn, timeout_s=self.settings.confirm_timeout_s)
+            return self._publisher.publish_many(outgoing)
+
+        try:
+            _, self._conn = ensure(self.settings, send, name=f"tasync-relay-{self.node}",
+                                   conn=self._conn)
+        except BaseException:
+            self.close()
+            raise
+        self.store.mark_published(batches[-1].last_seq)
+
+    def publish_outbox(self) -> int:
+        """Publish every committed but unconfirmed change, in seq order; returns how many."""
+        pending = self.store.unpublished()
+        if pending:
+            log.info("publishing %d unconfirmed changes from the outbox (seq %d..%d)",
+                     len(pending), pending[0].seq, pending[-1].seq)
+            by_epoch: dict[int, list[Change]] = {}
+            for change in pending:
+                by_epoch.setdefault(change.epoch, []).append(change)
+            for group in by_epoch.values():
+                self._publish(self._chunk(group))
+        return len(pending)
+
+    def _chunk(self, changes: list[Change]) -> list[ChangeBatch]:
+        return chunk(changes, max_changes=self.settings.batch_max_changes,
+                     max_bytes=self.settings.batch_max_bytes)
+
+    def submit(self, parsed: list[Op]) -> Committed:
+        """Check references, commit and publish operations; returns once the broker confirmed.
+
+        ``parsed`` comes from ``producers.changes.parse_ops``, which checked each body's schema.
+
+        Raises:
+            ValidationError: nothing was committed.
+            BrokerUnreachable, PublishError: committed locally but not confirmed; the rows stay
+                in the outbox and are published when the broker is back.
+        """
+        with self.store.lock:
+            ops = check_references(self.store, parsed)
+            epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
+            changes = [
+                Change(epoch=epoch, seq=seq + i + 1, ts=now, origin=self.node, op=o.op,
+                       kind=o.kind, name=o.name, body=o.body)
+                for i, o in enumerate(ops)
+            ]
+            self.store.commit(changes)
+        if not changes:
+            return Committed(seq, seq, 0, epoch)
+        self.publish_outbox()
+        log.info("committed seq %d..%d (%d changes)", changes[0].seq, changes[-1].seq,
+                 len(changes))
+        return Committed(changes[0].seq, changes[-1].seq, len(changes), epoch)

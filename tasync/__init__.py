@@ -1,0 +1,1 @@
+"""The command line and the node runtime of tasync; nothing imports this package."""

@@ -1,0 +1,5 @@
+"""``python -m tasync`` runs the CLI."""
+
+from tasync.cli import main
+
+main()

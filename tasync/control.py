@@ -1,0 +1,182 @@
+"""The node's control server: answers status, export and show; on the master, commits changes.
+
+Each running node holds an exclusive queue bound to ``all`` and ``node.<name>`` on the control
+exchange; the master binds ``master`` too, so ``tasync config set`` reaches whichever node is the
+master without knowing its name, and learns at once (a returned message) when none runs. The
+queue is exclusive, so it disappears with the node's connection and never collects requests for
+a dead node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import amqp
+
+from broker import messages, topology
+from broker.consumer import ConsumerLoop
+from broker.errors import MessageError, TasyncError
+from broker.messages import Reply, Request
+from broker.rpc import reply_to
+from consumers.context import NodeContext
+from producers.changes import Op, parse_ops
+from producers.relay import ChangeRelay
+
+log = logging.getLogger("tasync.control")
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+#: Requests whose sender is allowed to be the master alone.
+MASTER_OPS = frozenset({"commit", "import", "head", "hello"})
+#: A bulk import waits at most this long between two of its parts before it is dropped.
+IMPORT_STALE_S = 600.0
+
+
+class ControlServer(ConsumerLoop):
+    """Dispatches control requests to handlers; other components add theirs to ``handlers``."""
+
+    name = "tasync-control"
+
+    def __init__(self, ctx: NodeContext, *, relay: ChangeRelay | None) -> None:
+        super().__init__(ctx.settings, prefetch=16)
+        self.ctx = ctx
+        self.name = f"tasync-control-{ctx.node}"
+        self.relay = relay
+        self.handlers: dict[str, Handler] = {
+            "status": self._status,
+            "export": lambda _a: {"export": ctx.store.export_bytes().decode()},
+            "show": self._show,
+            "head": lambda _a: {"seq": ctx.store.last_seq, "epoch": ctx.store.epoch},
+            "commit": self._commit,
+            "import": self._import,
+            "hello": self._hello,
+        }
+        self.on_committed: Callable[[], None] = lambda: None
+        self._imports: dict[str, tuple[float, list[Op]]] = {}
+
+    def setup(self, channel: Any) -> None:
+        """Declare the exclusive control queue and bind it by this node's roles."""
+        topology.declare_control(channel)
+        queue = topology.control_queue(self.ctx.node)
+        channel.queue_declare(queue, exclusive=True, auto_delete=True)
+        keys = [topology.ALL, topology.node_key(self.ctx.node)]
+        if self.ctx.is_master:
+            keys.append(topology.MASTER)
+        for key in keys:
+            channel.queue_bind(queue, topology.CONTROL_EXCHANGE, key)
+        channel.basic_consume(queue, callback=self._on_request, on_cancel=self.cancelled)
+
+    def on_connected(self) -> None:
+        """Announce this node to the master so routes may name it."""
+        self.send_hello()
+
+    def on_idle(self) -> None:
+        """Keep the master's publisher connection alive."""
+        if self.relay is not None:
+            self.relay.heartbeat()
+
+    def send_hello(self) -> None:
+        """Ask the master to register this node (a ``node`` object), unless it already exists."""
+        if self.ctx.store.get("node", self.ctx.node) is not None:
+            return
+        if self.ctx.is_master:
+            self._hello({"node": self.ctx.node})
+            return
+        body = messages.encode(Request(op="hello", sender=self.ctx.node,
+                                       args={"node": self.ctx.node}))
+        self.channel.basic_publish(amqp.Message(body, content_type="application/json"),
+                                   exchange=topology.CONTROL_EXCHANGE,
+                                   routing_key=topology.MASTER)
+
+    def _on_request(self, message: amqp.Message) -> None:
+        try:
+            request: Request = messages.decode(message.body, max_bytes=self.settings.max_message_bytes,
+                                               expect="request")
+        except MessageError as exc:
+            log.warning("refused a control message: %s", exc)
+            self.channel.basic_ack(message.delivery_tag)
+            return
+        reply = self._dispatch(request)
+        reply_to(self.channel, message, reply)
+        self.channel.basic_ack(message.delivery_tag)
+
+    def _dispatch(self, request: Request) -> Reply:
+        handler = self.handlers.get(request.op)
+        if handler is None:
+            return Reply(ok=False, node=self.ctx.node, error=f"unknown request {request.op!r}",
+                         error_type="ConfigError")
+        if request.op in MASTER_OPS and not self.ctx.is_master:
+            return Reply(ok=False, node=self.ctx.node, error_type="RemoteError",
+                         error=f"{self.ctx.node} is not the master")
+        log.debug("request %s from %s", request.op, request.sender)
+        try:
+            return Reply(ok=True, node=self.ctx.node, data=handler(request.args))
+        except TasyncError as exc:
+            data = {"errors": getattr(exc, "errors", {})}
+            return Reply(ok=False, node=self.ctx.node, error=str(exc), data=data,
+                         error_type=type(exc).__name__)
+
+    def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        nodes = [name for _k, name, _b in self.ctx.store.objects("node")]
+        return {**self.ctx.status(), "nodes": nodes}
+
+    def _show(self, args: dict[str, Any]) -> dict[str, Any]:
+        kind, name = args.get("kind"), args.get("name")
+        objects = [
+            {"kind": k, "name": n, "body": b}
+            for k, n, b in self.ctx.store.objects(kind)
+            if name is None or n == name
+        ]
+        return {"objects": objects, "applied_seq": self.ctx.store.last_seq}
+
+    def _commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.relay is not None
+        ops = args.get("ops")
+        if not isinstance(ops, list):
+            raise MessageError("commit needs a list of operations")
+        return self._submit(parse_ops(ops))
+
+    def _submit(self, ops: list[Op]) -> dict[str, Any]:
+        assert self.relay is not None
+        committed = self.relay.submit(ops)
+        if committed.count:
+            self.on_committed()
+        return {"first_seq": committed.first_seq, "last_seq": committed.last_seq,
+                "count": committed.count, "epoch": committed.epoch}
+
+    def _import(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Stage a bulk import part by part; commit all of it in one transaction at the end.
+
+        Each part's schema is checked when it arrives, so a bad object is reported before the
+        client sends the rest; references are checked and everything is committed only with
+        the final part, so an import is applied whole or not at all.
+        """
+        now = time.monotonic()
+        for key in [k for k, (ts, _) in self._imports.items() if now - ts > IMPORT_STALE_S]:
+            del self._imports[key]
+        import_id = str(args.get("import_id", ""))
+        ops = args.get("ops")
+        if not import_id or not isinstance(ops, list):
+            raise MessageError("import needs an import_id and a list of operations")
+        try:
+            parsed = parse_ops(ops)
+        except TasyncError:
+            self._imports.pop(import_id, None)
+            raise
+        staged = self._imports.setdefault(import_id, (now, []))[1]
+        staged.extend(parsed)
+        self._imports[import_id] = (now, staged)
+        if not args.get("final"):
+            return {"staged": len(staged)}
+        del self._imports[import_id]
+        return self._submit(staged)
+
+    def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        node = str(args.get("node", ""))
+        if self.relay is None or self.ctx.store.get("node", node) is not None:
+            return {}
+        topology.check_node_name(node)
+        self._commit({"ops": [{"op": "set", "kind": "node", "name": node, "body": {}}]})
+        self.ctx.trail.event("node_registered", name=node)
+        return {}

@@ -1,0 +1,136 @@
+"""The node runtime: one ``tasync-worker`` process and the threads it runs.
+
+A node opens its store, decides its role, then runs one consumer per concern, each on its own
+connection and thread (sync, control, delivery). The main thread only waits for a signal and
+refreshes ``status.json``; SIGTERM stops the consumers, lets in-flight work finish and closes
+the store, so a clean stop never leaves a half-applied batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.audit import Trail, setup_sync_log
+from broker.errors import ConfigError
+from broker.settings import Settings
+from broker.signing import KeyRing
+from broker.store import ApplyResult, NodeStore
+from broker.topology import check_node_name
+from consumers.context import NodeContext
+from consumers.sync import SyncConsumer
+from producers.relay import ChangeRelay
+from tasync.control import ControlServer
+
+log = logging.getLogger("tasync.node")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeOptions:
+    """What ``tasync-worker`` was told on its command line."""
+
+    node: str
+    data_dir: Path
+    role: str | None = None
+    verbose: bool = False
+    key_file: Path | None = None
+    extra: dict[str, Any] | None = None
+
+
+class Node:
+    """Builds the context and runs the consumers until ``stop``."""
+
+    def __init__(self, settings: Settings, options: NodeOptions) -> None:
+        check_node_name(options.node)
+        self.options = options
+        data_dir = options.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        setup_sync_log(data_dir, options.node, verbose=options.verbose)
+        store = NodeStore(data_dir, durable=True)
+        keyring = KeyRing.load(options.key_file) if options.key_file else None
+        self.ctx = NodeContext(settings=settings, node=options.node, data_dir=data_dir,
+                               store=store, trail=Trail(data_dir, options.node), keyring=keyring)
+        self._init_role(options.role)
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        relay = None
+        if self.ctx.is_master:
+            relay = ChangeRelay(settings, store, node=options.node, keyring=keyring)
+        self.relay = relay
+        self.sync = SyncConsumer(self.ctx, on_applied=self._applied)
+        self.control = ControlServer(self.ctx, relay=relay)
+        self.control.on_committed = self._dirty.set
+        self.consumers: list[Any] = [self.sync, self.control]
+        self._add_delivery()
+
+    def _init_role(self, role: str | None) -> None:
+        store = self.ctx.store
+        if role not in (None, "master", "backup"):
+            raise ConfigError(f"unknown role {role!r}: use master or backup")
+        if role is not None:
+            store.set_meta(role=role)
+        if self.ctx.is_master and store.epoch == 0:
+            store.set_meta(epoch=1)
+
+    def _add_delivery(self) -> None:
+        """Start alert delivery when that layer is installed (it arrives with issue 4)."""
+        try:
+            from consumers.delivery.worker import DeliveryConsumer
+            from consumers.totals import Totals
+        except ImportError:
+            return
+        totals = Totals(self.ctx)
+        delivery = DeliveryConsumer(self.ctx, totals=totals)
+        self.control.handlers.update(delivery.control_handlers())
+        self._delivery = delivery
+        self.consumers.append(delivery)
+
+    def _applied(self, result: ApplyResult) -> None:
+        self._dirty.set()
+        delivery = getattr(self, "_delivery", None)
+        if delivery is not None:
+            delivery.config_changed()
+
+    def run(self) -> None:
+        """Start every consumer and serve until SIGTERM or SIGINT."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        ctx = self.ctx
+        ctx.trail.event("node_started", role=ctx.role, epoch=ctx.store.epoch,
+                        seq=ctx.store.last_seq)
+        log.info("starting as %s (epoch %d, seq %d)", ctx.role, ctx.store.epoch,
+                 ctx.store.last_seq)
+        if self.relay is not None:
+            self.relay.publish_outbox()
+            ctx.ready.set()
+        for consumer in self.consumers:
+            consumer.start()
+        was_ready = False
+        ctx.write_status_file()
+        while not self._stop.wait(0.2):
+            if ctx.ready.is_set() and not was_ready:
+                was_ready = True
+                ctx.trail.event("node_ready", seq=ctx.store.last_seq)
+                self._dirty.set()
+            if self._dirty.is_set():
+                self._dirty.clear()
+                ctx.write_status_file()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop consumers, close connections and the store."""
+        log.info("stopping")
+        for consumer in self.consumers:
+            consumer.stop_event.set()
+        for consumer in self.consumers:
+            consumer.stop()
+        if self.relay is not None:
+            self.relay.close()
+        self.ctx.trail.event("node_stopped", seq=self.ctx.store.last_seq)
+        self.ctx.ready.clear()
+        self.ctx.write_status_file()
+        self.ctx.store.close()

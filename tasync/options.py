@@ -1,0 +1,73 @@
+"""Click options shared by every command, and the one place errors become exit codes.
+
+Commands take ``--broker`` and ``--json`` the same way everywhere (design section 6); a
+``TasyncError`` raised anywhere below becomes a one-line message on stderr and its exit code,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from broker.errors import ExitCode, TasyncError
+from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL, Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def broker_option(fn: F) -> F:
+    """``--broker URL``: several URLs separated by ``;`` are tried in order."""
+    return click.option(
+        "--broker", "broker_url", envvar=ENV_BROKER_URL, default=DEFAULT_BROKER_URL,
+        show_default="$TASYNC_BROKER_URL or " + DEFAULT_BROKER_URL.replace("guest:guest@", ""),
+        metavar="URL", help="Broker URL(s); separate several with ';' to fail over in order.",
+    )(fn)
+
+
+def json_option(fn: F) -> F:
+    """``--json``: machine-readable output for scripts."""
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON instead of text (for scripts).")(fn)
+
+
+def timeout_option(default_s: float) -> Callable[[F], F]:
+    """``--timeout SECONDS`` for commands that wait for nodes to answer."""
+    def wrap(fn: F) -> F:
+        return click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1),
+                            default=default_s, show_default=True, metavar="SECONDS",
+                            help="How long to wait for nodes to answer.")(fn)
+    return wrap
+
+
+def make_settings(broker_url: str, **overrides: Any) -> Settings:
+    """Settings from ``--broker``; a bad URL is a usage error, not a traceback."""
+    try:
+        return Settings.from_env(broker_url, **overrides)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from None
+
+
+def handle_errors(fn: F) -> F:
+    """Turn ``TasyncError`` into ``tasync: <message>`` on stderr and the error's exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TasyncError as exc:
+            click.echo(f"tasync: {exc}", err=True)
+            sys.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            click.echo("tasync: interrupted", err=True)
+            sys.exit(int(ExitCode.FAILED))
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as stable, indented JSON."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))

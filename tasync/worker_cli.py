@@ -1,0 +1,57 @@
+"""``tasync-worker``: run one messaging server (sync, delivery, control) until SIGTERM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from broker.signing import key_file_from_env
+from tasync.node import Node, NodeOptions
+from tasync.options import broker_option, handle_errors, make_settings
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--node", required=True, metavar="NAME",
+              help="This server's name: letters, digits, '-' and '_'.")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the node keeps its configuration store, trail and logs.")
+@click.option("--role", type=click.Choice(["master", "backup"]), default=None,
+              help="Start as master or backup; default: the role stored in --data-dir, "
+                   "else backup.")
+@click.option("--hosts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="tasync.hosts allow-list: who may act as sync master.")
+@click.option("--master", "single_master", metavar="NAME", default=None,
+              help="The single node allowed to act as master (instead of --hosts-file).")
+@click.option("--key-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, envvar="TASYNC_CLUSTER_KEY_FILE",
+              help="Cluster key file: sign and verify every change.")
+@click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0), default=10.0,
+              show_default=True, metavar="SECONDS",
+              help="AMQP heartbeat; a hung node is given up after about twice this.")
+@click.option("--prefetch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Alerts a node holds unacknowledged; more go to the next node in the list.")
+@click.option("-v", "--verbose", is_flag=True, help="Per-message detail in tasync.log.")
+@broker_option
+@handle_errors
+def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None,
+         single_master: str | None, key_file: Path | None, heartbeat_s: float, prefetch: int,
+         verbose: bool, broker_url: str) -> None:
+    """Run a tasync node: apply configuration changes, deliver alerts, answer requests.
+
+    \b
+    Examples:
+      tasync-worker --node a --data-dir /var/lib/tasync/a --role master
+      tasync-worker --node b --data-dir /var/lib/tasync/b
+    """
+    settings = make_settings(broker_url, heartbeat_s=heartbeat_s, prefetch=prefetch)
+    options = NodeOptions(
+        node=node, data_dir=data_dir, role=role, verbose=verbose,
+        key_file=key_file or key_file_from_env(),
+        extra={"hosts_file": hosts_file, "single_master": single_master},
+    )
+    Node(settings, options).run()
+
+
+if __name__ == "__main__":
+    main()
