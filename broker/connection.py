@@ -31,6 +31,8 @@ RECOVERABLE: tuple[type[BaseException], ...] = (
     amqp.exceptions.RecoverableConnectionError,
     amqp.exceptions.RecoverableChannelError,
     amqp.exceptions.ConsumerCancelled,
+    # A queue whose home node is still starting answers 404 for a moment after a restart.
+    amqp.exceptions.ChannelError,
     ConnectionError,
 )
 
@@ -134,5 +136,5 @@ def close_quietly(conn: Connection | None) -> None:
         return
     try:
         conn.release()
-    except Exception:  # noqa: BLE001 - a dead connection may fail in any way while closing
+    except Exception:
         log.debug("ignored error while closing a connection", exc_info=True)

@@ -9,8 +9,8 @@ worker never needs a manual restart after a broker outage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import socket
 import threading
 from typing import Any
 
@@ -95,6 +95,10 @@ class ConsumerLoop:
                 reason = describe(exc)
                 log.warning("%s: connection lost (%s); reconnecting", self.name, reason)
                 self.on_disconnected(reason)
+            except Exception as exc:
+                log.exception("%s: unexpected error; reconnecting", self.name)
+                self.on_disconnected(describe(exc))
+                delay = 2.0
             finally:
                 self.connected.clear()
                 close_quietly(self.conn)
@@ -104,10 +108,8 @@ class ConsumerLoop:
     def _drain_until_stopped(self) -> None:
         assert self.conn is not None
         while not self.stop_event.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.conn.drain_events(timeout=self.poll_s)
-            except socket.timeout:
-                pass
             self.conn.heartbeat_check()
             self.on_idle()
 

@@ -7,6 +7,7 @@ a consumer turns bytes into a message: it checks size, JSON, version, type and s
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -107,7 +108,7 @@ class ChangeBatchSchema(_Strict):
     @post_load
     def _make(self, data: dict[str, Any], **_: Any) -> ChangeBatch:
         changes = tuple(data["changes"])
-        for prev, nxt in zip(changes, changes[1:], strict=False):
+        for prev, nxt in itertools.pairwise(changes):
             if nxt.seq != prev.seq + 1:
                 raise ValidationError(f"seq {nxt.seq} does not follow {prev.seq}", "changes")
         if any(c.epoch != data["epoch"] for c in changes):

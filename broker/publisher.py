@@ -8,7 +8,6 @@ return frames as events, so no second client library is needed for this.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -135,5 +134,5 @@ class ConfirmedPublisher:
             )
         try:
             self.conn.drain_events(timeout=min(remaining, 1.0))
-        except socket.timeout:
+        except TimeoutError:
             self.conn.heartbeat_check()

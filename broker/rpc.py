@@ -8,7 +8,7 @@ timeout.
 
 from __future__ import annotations
 
-import socket
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -86,10 +86,9 @@ class RpcClient:
                     raise NoAnswer(f"no running node answers to {routing_key!r}")
                 if expect is not None and len(self._replies[corr]) >= expect:
                     break
-                try:
-                    self.conn.drain_events(timeout=min(0.25, max(0.01, deadline - time.monotonic())))
-                except socket.timeout:
-                    pass
+                wait_s = min(0.25, max(0.01, deadline - time.monotonic()))
+                with contextlib.suppress(TimeoutError):
+                    self.conn.drain_events(timeout=wait_s)
             replies = self._replies[corr]
         finally:
             self._replies.pop(corr, None)

@@ -104,7 +104,8 @@ class Settings:
     @classmethod
     def from_env(cls, url: str | None = None, **overrides: Any) -> Settings:
         """Build settings from ``url``, else ``$TASYNC_BROKER_URL``, else the default URL."""
-        return cls.from_url(url or os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL, **overrides)
+        chosen = url or os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
+        return cls.from_url(chosen, **overrides)
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (settings are frozen)."""

@@ -10,9 +10,9 @@ has been quiet for ``idle_s``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,10 +91,8 @@ def read_changelog(settings: Settings, *, offset: Offset,
         quiet_since = time.monotonic()
         seen = 0
         while not done:
-            try:
+            with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=0.1)
-            except socket.timeout:
-                pass
             if result.batches + result.refused != seen:
                 seen, quiet_since = result.batches + result.refused, time.monotonic()
             elif time.monotonic() - quiet_since > idle_s:

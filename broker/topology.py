@@ -28,7 +28,8 @@ DEAD_LETTER_QUEUE = "tasync.dead-letter"
 QUARANTINE_QUEUE = "tasync.quarantine"
 HOSTLISTS_QUEUE = "tasync.hostlists"
 
-#: Control routing keys: every node binds ``ALL`` and ``node_key(name)``; the master adds ``MASTER``.
+#: Control routing keys: every node binds ``ALL`` and ``node_key(name)``; the master also
+#: binds ``MASTER``.
 ALL = "all"
 MASTER = "master"
 

@@ -30,7 +30,7 @@ def quarantine(channel: Any, message: amqp.Message, *, reason: str, node: str,
     body = message.body if isinstance(message.body, bytes) else bytes(message.body)
     channel.basic_publish(
         amqp.Message(body, delivery_mode=2, application_headers=headers,
-                     content_type=message.properties.get("content_type", "application/octet-stream")),
+                     content_type=message.properties.get("content_type", "application/json")),
         exchange="", routing_key=topology.QUARANTINE_QUEUE,
     )
     log.warning("quarantined a message from %s: %s", source, reason)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+
 from kombu import Connection
 
 from broker import messages, topology
@@ -103,7 +104,7 @@ class ChangeRelay:
         if self._conn is not None:
             try:
                 self._conn.heartbeat_check()
-            except Exception:  # noqa: BLE001 - a broken idle connection is rebuilt on next use
+            except Exception:
                 self.close()
 
     def _publish(self, batches: list[ChangeBatch]) -> None:

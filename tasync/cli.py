@@ -16,7 +16,12 @@ from broker.topology import declare_all
 from tasync.cli_config import config
 from tasync.client import gather_status, print_table, rpc_client
 from tasync.options import (
-    broker_option, handle_errors, json_option, make_settings, print_json, timeout_option,
+    broker_option,
+    handle_errors,
+    json_option,
+    make_settings,
+    print_json,
+    timeout_option,
 )
 
 

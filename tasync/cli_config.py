@@ -23,7 +23,12 @@ from broker.store import NodeStore
 from tasync.client import gather_status, rpc_client, target_key
 from tasync.config_files import load_import_file, objects_to_ops
 from tasync.options import (
-    broker_option, handle_errors, json_option, make_settings, print_json, timeout_option,
+    broker_option,
+    handle_errors,
+    json_option,
+    make_settings,
+    print_json,
+    timeout_option,
 )
 
 KIND_CHOICE = click.Choice(list(kinds.KINDS))

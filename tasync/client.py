@@ -58,12 +58,12 @@ def gather_status(rpc: RpcClient, *, timeout_s: float) -> list[dict[str, Any]]:
             rows[reply.node] = {**reply.data, "alive": True}
     for name in known:
         rows.setdefault(name, {"node": name, "alive": False, "ready": False})
-    head = master["applied_seq"] if master else max(
+    head = int(master["applied_seq"]) if master is not None else max(
         (r.get("applied_seq", 0) for r in rows.values()), default=0)
     for row in rows.values():
         if row["alive"]:
             row["lag"] = head - int(row.get("applied_seq", 0))
-            row["in_sync"] = bool(master) and row.get("checksum") == master["checksum"]
+            row["in_sync"] = master is not None and row.get("checksum") == master["checksum"]
     return [rows[n] for n in sorted(rows)]
 
 

@@ -91,8 +91,8 @@ class ControlServer(ConsumerLoop):
 
     def _on_request(self, message: amqp.Message) -> None:
         try:
-            request: Request = messages.decode(message.body, max_bytes=self.settings.max_message_bytes,
-                                               expect="request")
+            request: Request = messages.decode(
+                message.body, max_bytes=self.settings.max_message_bytes, expect="request")
         except MessageError as exc:
             log.warning("refused a control message: %s", exc)
             self.channel.basic_ack(message.delivery_tag)

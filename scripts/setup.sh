@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up a machine for tasync: a venv with the package, and a RabbitMQ that answers on 5672.
+#   scripts/setup.sh          the package and its runtime dependencies
+#   scripts/setup.sh --test   also the test and lint extras
+# RabbitMQ: use the one at 127.0.0.1:5672 if it answers, else start the installed
+# rabbitmq-server, else install it with apt-get (needs root) and start it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".${extras}"
+
+broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+
+if ! broker_up; then
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    echo "setup: installing rabbitmq-server with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq rabbitmq-server >/dev/null
+  fi
+  echo "setup: starting rabbitmq-server" >&2
+  rabbitmq-server -detached || true
+  rabbitmqctl await_startup --timeout 120 >/dev/null 2>&1 || true
+fi
+for _ in $(seq 1 120); do
+  broker_up && break
+  sleep 1
+done
+if ! broker_up; then
+  echo "setup: RabbitMQ does not answer on 127.0.0.1:5672" >&2
+  exit 3
+fi
+echo "setup: ready (venv in .venv, RabbitMQ on 127.0.0.1:5672)" >&2

@@ -1,0 +1,78 @@
+"""Fixtures shared by every test: a broker, one vhost per test, and real node processes.
+
+Each test gets its own RabbitMQ virtual host, so tests never see each other's queues or
+messages. The broker is the one at ``$TASYNC_TEST_BROKER`` or 127.0.0.1:5672 when it answers,
+else a RabbitMQ container through testcontainers where a Docker engine runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.network import BrokerAdmin, Network
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker_admin() -> Iterator[BrokerAdmin]:
+    """Where tests find RabbitMQ and how they create vhosts on it."""
+    if _port_open("127.0.0.1", 5672) and shutil.which("rabbitmqctl"):
+        yield BrokerAdmin(host="127.0.0.1", port=5672, ctl=["rabbitmqctl"])
+        return
+    try:
+        from testcontainers.rabbitmq import RabbitMqContainer
+    except ImportError:  # pragma: no cover - depends on the machine
+        pytest.skip("no RabbitMQ at 127.0.0.1:5672 and testcontainers is not installed")
+    try:
+        container = RabbitMqContainer("rabbitmq:3.10-management").start()
+    except Exception as exc:
+        pytest.skip(f"no RabbitMQ at 127.0.0.1:5672 and no Docker engine ({exc})")
+    try:
+        wrapped = container.get_wrapped_container()
+        yield BrokerAdmin(
+            host=container.get_container_host_ip(),
+            port=int(container.get_exposed_port(5672)),
+            ctl=["docker", "exec", wrapped.id, "rabbitmqctl"],
+        )
+    finally:
+        container.stop()
+
+
+@pytest.fixture
+def vhost(broker_admin: BrokerAdmin, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh vhost for one test, deleted afterwards."""
+    name = f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
+    broker_admin.add_vhost(name)
+    try:
+        yield name
+    finally:
+        broker_admin.delete_vhost(name)
+
+
+@pytest.fixture
+def broker_url(broker_admin: BrokerAdmin, vhost: str) -> str:
+    """The AMQP URL of this test's vhost."""
+    return broker_admin.url(vhost)
+
+
+@pytest.fixture
+def network(broker_url: str, tmp_path: Path) -> Iterator[Network]:
+    """Start real ``tasync-worker`` processes and run ``tasync`` commands against this vhost."""
+    net = Network(broker_url=broker_url, root=tmp_path)
+    try:
+        yield net
+    finally:
+        net.close()

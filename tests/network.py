@@ -1,0 +1,178 @@
+"""Real tasync processes for tests: workers started and killed, commands run, state read."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from broker.audit import read_trail
+from tests.waiting import wait_for
+
+
+@dataclass
+class BrokerAdmin:
+    """A RabbitMQ the tests may create vhosts on."""
+
+    host: str
+    port: int
+    ctl: list[str]
+
+    def url(self, vhost: str) -> str:
+        return f"amqp://guest:guest@{self.host}:{self.port}/{quote(vhost, safe='')}"
+
+    def rabbitmqctl(self, *args: str) -> str:
+        out = subprocess.run([*self.ctl, *args], check=True, capture_output=True, text=True,
+                             timeout=120)
+        return out.stdout
+
+    def add_vhost(self, name: str) -> None:
+        self.rabbitmqctl("add_vhost", name)
+        self.rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+
+    def delete_vhost(self, name: str) -> None:
+        subprocess.run([*self.ctl, "delete_vhost", name], check=False, capture_output=True,
+                       timeout=120)
+
+
+@dataclass
+class NodeProcess:
+    """One ``tasync-worker`` process."""
+
+    name: str
+    data_dir: Path
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"{self.name}.stderr"
+
+    def start(self) -> NodeProcess:
+        with open(self.log_path, "ab") as err:
+            self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=err,
+                                         env=self.env)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self) -> dict[str, Any] | None:
+        """The node's own ``status.json``, or None before it wrote one."""
+        try:
+            data: dict[str, Any] = json.loads((self.data_dir / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return data
+
+    def _ready_now(self) -> bool:
+        status = self.status()
+        return bool(status and status.get("ready") and status.get("pid") == self.proc_pid)
+
+    @property
+    def proc_pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        def check() -> bool:
+            if not self.alive:
+                raise AssertionError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
+            return self._ready_now()
+
+        wait_for(check, timeout_s=timeout_s, what=f"{self.name} ready")
+        return self.status() or {}
+
+    def wait_seq(self, seq: int, timeout_s: float = 60.0) -> None:
+        wait_for(lambda: (self.status() or {}).get("applied_seq", 0) >= seq,
+                 timeout_s=timeout_s, what=f"{self.name} at seq {seq}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, exactly like a crash."""
+        if self.alive:
+            self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(30)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM and wait: the clean stop an operator does."""
+        if self.alive:
+            self.signal(signal.SIGTERM)
+            assert self.proc is not None
+            return self.proc.wait(timeout_s)
+        return self.proc.returncode if self.proc else None
+
+
+class Network:
+    """The processes of one test's tasync network."""
+
+    def __init__(self, *, broker_url: str, root: Path) -> None:
+        self.broker_url = broker_url
+        self.root = root
+        self.nodes: dict[str, NodeProcess] = {}
+        self.env = {**os.environ, "TASYNC_BROKER_URL": broker_url, "PYTHONUNBUFFERED": "1"}
+
+    def worker_args(self, name: str, *, role: str | None, args: tuple[str, ...] = ()) -> list[str]:
+        cmd = [sys.executable, "-m", "tasync.worker_cli", "--node", name,
+               "--data-dir", str(self.root / name), "--broker", self.broker_url]
+        if role:
+            cmd += ["--role", role]
+        return cmd + list(args)
+
+    def start(self, name: str, *, role: str | None = None, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> NodeProcess:
+        """Start (or restart) node ``name`` with its data directory under the test's tmp dir."""
+        node = NodeProcess(name=name, data_dir=self.root / name,
+                           args=self.worker_args(name, role=role, args=args),
+                           env={**self.env, **(env or {})})
+        self.nodes[name] = node
+        return node.start()
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 300.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``tasync --broker URL ...`` as a user would."""
+        cmd = [sys.executable, "-m", "tasync", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                             env=self.env, input=input)
+        if check and out.returncode != 0:
+            raise AssertionError(f"tasync {' '.join(args)} exited {out.returncode}: "
+                                 f"{out.stderr.strip()}")
+        return out
+
+    def export(self, name: str) -> str:
+        """A node's canonical export read from its own store (works while it is stopped)."""
+        return self.cli("config", "export", "--data-dir", str(self.root / name)).stdout
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            try:
+                node.stop(timeout_s=15)
+            except subprocess.TimeoutExpired:
+                node.kill()
+
+
+APPLY_EVENTS = {"change_applied", "changes_applied", "change_replayed", "changes_replayed"}
+
+
+def applied_seqs(data_dir: Path) -> list[int]:
+    """Every seq a node's trail says it applied, in trail order (a seq twice = applied twice)."""
+    seqs: list[int] = []
+    for line in read_trail(data_dir):
+        if line["event"] not in APPLY_EVENTS:
+            continue
+        if "seq" in line:
+            seqs.append(int(line["seq"]))
+        else:
+            seqs.extend(range(int(line["first_seq"]), int(line["last_seq"]) + 1))
+    return seqs
