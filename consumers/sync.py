@@ -45,12 +45,15 @@ class SyncConsumer(ConsumerLoop):
 
     def __init__(self, ctx: NodeContext, *,
                  on_applied: Callable[[ApplyResult], None] | None = None,
-                 on_gap: Callable[[int, int], None] | None = None) -> None:
+                 on_gap: Callable[[int, int], None] | None = None,
+                 admit: Callable[[ChangeBatch, amqp.Message], None] | None = None) -> None:
         super().__init__(ctx.settings)
         self.ctx = ctx
         self.name = f"tasync-sync-{ctx.node}"
         self.on_applied = on_applied or (lambda _r: None)
         self.on_gap = on_gap
+        #: Security check of a decoded batch (origin allowed, user id); raises MessageError.
+        self.admit = admit or (lambda _b, _m: None)
 
     # -- catch-up -----------------------------------------------------------------------------
 
@@ -155,6 +158,7 @@ class SyncConsumer(ConsumerLoop):
         if self.ctx.keyring is not None:
             headers = message.properties.get("application_headers") or {}
             self.ctx.keyring.verify(bytes(message.body), headers.get(SIGNATURE_HEADER))
+        self.admit(batch, message)
         return batch
 
     def _apply(self, batch: ChangeBatch, *, replayed: bool) -> ApplyResult:
