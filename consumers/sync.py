@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,9 @@ class SyncConsumer(ConsumerLoop):
         self.name = f"tasync-sync-{ctx.node}"
         self.on_applied = on_applied or (lambda _r: None)
         self.on_gap = on_gap
+        #: Set once the start-up catch-up is done; the node is ready when its control server
+        #: also listens (``tasync.node``).
+        self.caught_up = threading.Event()
         #: Security check of a decoded batch (origin allowed, user id); raises MessageError.
         self.admit = admit or (lambda _b, _m: None)
 
@@ -129,7 +133,7 @@ class SyncConsumer(ConsumerLoop):
         topology.declare_sync_queue(channel, self.ctx.node)
         if not self.ctx.is_master:
             self.catch_up()
-        self.ctx.ready.set()
+        self.caught_up.set()
         channel.basic_consume(topology.sync_queue(self.ctx.node), callback=self._on_message,
                               on_cancel=self.cancelled)
 

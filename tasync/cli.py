@@ -14,6 +14,7 @@ from broker.connection import connect
 from broker.settings import Settings
 from broker.topology import declare_all
 from tasync.cli_config import config
+from tasync.cli_hosts import hosts
 from tasync.client import gather_status, print_table, rpc_client
 from tasync.options import (
     broker_option,
@@ -41,6 +42,7 @@ def cli() -> None:
 
 
 cli.add_command(config)
+cli.add_command(hosts)
 
 
 @cli.command()

@@ -29,6 +29,8 @@ log = logging.getLogger("tasync.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: Requests whose sender is allowed to be the master alone.
 MASTER_OPS = frozenset({"commit", "import", "head", "hello"})
+#: Requests that change configuration, checked against telaconf.hosts.
+CONFIG_OPS = frozenset({"commit", "import"})
 #: A bulk import waits at most this long between two of its parts before it is dropped.
 IMPORT_STALE_S = 600.0
 
@@ -53,6 +55,8 @@ class ControlServer(ConsumerLoop):
             "hello": self._hello,
         }
         self.on_committed: Callable[[], None] = lambda: None
+        #: Checks a configuration request's sender (telaconf.hosts); raises MessageError.
+        self.authorize: Callable[[Request, amqp.Message], None] = lambda _r, _m: None
         self._imports: dict[str, tuple[float, list[Op]]] = {}
 
     def setup(self, channel: Any) -> None:
@@ -97,6 +101,15 @@ class ControlServer(ConsumerLoop):
             log.warning("refused a control message: %s", exc)
             self.channel.basic_ack(message.delivery_tag)
             return
+        if request.op in CONFIG_OPS:
+            try:
+                self.authorize(request, message)
+            except MessageError as exc:
+                self.ctx.trail.event("change_rejected", reason=str(exc), sender=request.sender)
+                reply_to(self.channel, message, Reply(ok=False, node=self.ctx.node,
+                                                      error=str(exc), error_type="MessageError"))
+                self.channel.basic_ack(message.delivery_tag)
+                return
         reply = self._dispatch(request)
         reply_to(self.channel, message, reply)
         self.channel.basic_ack(message.delivery_tag)

@@ -21,6 +21,7 @@ from broker.settings import Settings
 from broker.signing import KeyRing
 from broker.store import ApplyResult, NodeStore
 from broker.topology import check_node_name
+from consumers.admission import Admission
 from consumers.context import NodeContext
 from consumers.sync import SyncConsumer
 from producers.relay import ChangeRelay
@@ -61,8 +62,11 @@ class Node:
         if self.ctx.is_master:
             relay = ChangeRelay(settings, store, node=options.node, keyring=keyring)
         self.relay = relay
-        self.sync = SyncConsumer(self.ctx, on_applied=self._applied)
+        self.admission = self._admission(options)
+        self.sync = SyncConsumer(self.ctx, on_applied=self._applied,
+                                 admit=self.admission.admit_batch)
         self.control = ControlServer(self.ctx, relay=relay)
+        self.control.authorize = self.admission.admit_config_request
         self.control.on_committed = self._dirty.set
         self.consumers: list[Any] = [self.sync, self.control]
         self._add_delivery()
@@ -75,6 +79,22 @@ class Node:
             store.set_meta(role=role)
         if self.ctx.is_master and store.epoch == 0:
             store.set_meta(epoch=1)
+
+    def _admission(self, options: NodeOptions) -> Admission:
+        extra = options.extra or {}
+        admission = Admission.from_options(
+            hosts_file=extra.get("hosts_file"), single_master=extra.get("single_master"),
+            conf_hosts_file=extra.get("conf_hosts_file"),
+            alert_hosts_file=extra.get("alert_hosts_file"),
+        )
+        decision = admission.may_be_master(options.node)
+        if self.ctx.is_master and decision is not None and not decision.allowed:
+            self.ctx.trail.event("master_refused", reason=decision.reason)
+            raise ConfigError(f"{options.node} may not act as master: {decision.reason}")
+        if admission.open:
+            self.ctx.trail.event("security_open",
+                                 reason="no --hosts-file or --master: any master is accepted")
+        return admission
 
     def _add_delivery(self) -> None:
         """Start alert delivery when that layer is installed (it arrives with issue 4)."""
@@ -106,13 +126,14 @@ class Node:
                  ctx.store.last_seq)
         if self.relay is not None:
             self.relay.publish_outbox()
-            ctx.ready.set()
         for consumer in self.consumers:
             consumer.start()
         was_ready = False
         ctx.write_status_file()
         while not self._stop.wait(0.2):
-            if ctx.ready.is_set() and not was_ready:
+            serving = self.sync.caught_up.is_set() and self.control.connected.is_set()
+            if not was_ready and serving:
+                ctx.ready.set()
                 was_ready = True
                 ctx.trail.event("node_ready", seq=ctx.store.last_seq)
                 self._dirty.set()

@@ -23,6 +23,10 @@ from tasync.options import broker_option, handle_errors, make_settings
               help="tasync.hosts allow-list: who may act as sync master.")
 @click.option("--master", "single_master", metavar="NAME", default=None,
               help="The single node allowed to act as master (instead of --hosts-file).")
+@click.option("--conf-hosts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="telaconf.hosts allow-list (on the master): who may change configuration.")
+@click.option("--alert-hosts-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="telalert.hosts allow-list: who may send alerts.")
 @click.option("--key-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               default=None, envvar="TASYNC_CLUSTER_KEY_FILE",
               help="Cluster key file: sign and verify every change.")
@@ -35,7 +39,8 @@ from tasync.options import broker_option, handle_errors, make_settings
 @broker_option
 @handle_errors
 def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None,
-         single_master: str | None, key_file: Path | None, heartbeat_s: float, prefetch: int,
+         single_master: str | None, conf_hosts_file: Path | None,
+         alert_hosts_file: Path | None, key_file: Path | None, heartbeat_s: float, prefetch: int,
          verbose: bool, broker_url: str) -> None:
     """Run a tasync node: apply configuration changes, deliver alerts, answer requests.
 
@@ -48,7 +53,8 @@ def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None
     options = NodeOptions(
         node=node, data_dir=data_dir, role=role, verbose=verbose,
         key_file=key_file or key_file_from_env(),
-        extra={"hosts_file": hosts_file, "single_master": single_master},
+        extra={"hosts_file": hosts_file, "single_master": single_master,
+               "conf_hosts_file": conf_hosts_file, "alert_hosts_file": alert_hosts_file},
     )
     Node(settings, options).run()
 

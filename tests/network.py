@@ -150,6 +150,21 @@ class Network:
                                  f"{out.stderr.strip()}")
         return out
 
+    def status(self) -> list[dict[str, Any]]:
+        """``tasync status --json``: every node's live answer."""
+        rows: list[dict[str, Any]] = json.loads(self.cli("status", "--json").stdout)
+        return rows
+
+    def settle(self) -> int:
+        """Wait until every started node's status file shows the master's seq; return it."""
+        master = [r for r in self.status() if r.get("role") == "master" and r.get("alive")]
+        assert master, "no master answers"
+        seq = int(master[0]["applied_seq"])
+        for node in self.nodes.values():
+            if node.alive:
+                node.wait_seq(seq)
+        return seq
+
     def export(self, name: str) -> str:
         """A node's canonical export read from its own store (works while it is stopped)."""
         return self.cli("config", "export", "--data-dir", str(self.root / name)).stdout
