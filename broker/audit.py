@@ -21,12 +21,14 @@ TRAIL_NAME = "telalert.trail"
 SYNC_LOG_NAME = "tasync.log"
 ROTATE_BYTES = 10 << 20
 ROTATE_KEEP = 5
-_SAFE = re.compile(r"^[A-Za-z0-9_.:@/+,=-]*$")
+_SAFE = re.compile(r"[A-Za-z0-9_.:@/+,=-]*")
 
 
 def _value(value: Any) -> str:
-    text = str(value)
-    return text if text and _SAFE.match(text) else shlex.quote(text)
+    # A trail line is one line: control characters are escaped before quoting.
+    text = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text if text and _SAFE.fullmatch(text) else shlex.quote(text)
 
 
 def utc_now() -> str:
@@ -62,10 +64,21 @@ class Trail:
         self._handler.close()
 
 
+_ESCAPED = re.compile(r"\\(\\|n|r|x[0-9a-f]{2})")
+
+
+def _unescape(text: str) -> str:
+    def one(match: re.Match[str]) -> str:
+        code = match.group(1)
+        return {"\\": "\\", "n": "\n", "r": "\r"}.get(code) or chr(int(code[1:], 16))
+
+    return _ESCAPED.sub(one, text)
+
+
 def parse_trail_line(line: str) -> dict[str, str]:
     """Split a trail line back into ``ts``, ``node``, ``event`` and its key=value fields."""
     parts = shlex.split(line)
-    fields = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
+    fields = {k: _unescape(v) for k, v in (p.split("=", 1) for p in parts[3:] if "=" in p)}
     return {"ts": parts[0], "node": parts[1], "event": parts[2], **fields}
 
 

@@ -19,9 +19,10 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 from broker.errors import ValidationError as TasyncValidationError
 from broker.topology import NODE_NAME_RE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}")
+URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")
+HHMM_RE = re.compile(r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]\Z|^24:00\Z")
 
 
 class _Body(Schema):
@@ -39,7 +40,7 @@ class DestinationSchema(_Body):
 
     @validates("url")
     def _has_scheme(self, value: str, **_: Any) -> None:
-        if ":" not in value:
+        if not URL_SCHEME_RE.match(value):
             raise ValidationError("a delivery URL needs a scheme, e.g. file:///path or https://")
 
 
@@ -92,7 +93,7 @@ class ScheduleSchema(_Body):
     def _known_zone(self, value: str, **_: Any) -> None:
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValidationError(f"unknown time zone {value!r}") from exc
 
 
@@ -124,7 +125,7 @@ def check_kind(kind: str) -> str:
 def check_name(kind: str, name: str) -> str:
     """Return ``name`` if it may name an object of ``kind``."""
     pattern = NODE_NAME_RE if kind == "node" else NAME_RE
-    if not isinstance(name, str) or not pattern.match(name):
+    if not isinstance(name, str) or not pattern.fullmatch(name):
         raise TasyncValidationError(f"invalid {kind} name {name!r}")
     return name
 

@@ -186,21 +186,22 @@ def decode(body: bytes, *, max_bytes: int, expect: str | None = None) -> Any:
         raise MessageError(f"oversized message: {len(body)} bytes > {max_bytes}")
     try:
         raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MessageError(f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints, nesting
+        raise MessageError(f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise MessageError("malformed message: not a JSON object")
     version, type_name = raw.get("v"), raw.get("type")
     if version != SCHEMA_VERSION:
         raise MessageError(f"unsupported schema version {version!r} (expected {SCHEMA_VERSION})")
-    if type_name not in SCHEMAS or (expect is not None and type_name != expect):
+    if not isinstance(type_name, str) or type_name not in SCHEMAS or (
+            expect is not None and type_name != expect):
         raise MessageError(f"unexpected message type {type_name!r}")
     try:
         return SCHEMAS[type_name].load(raw)
     except ValidationError as exc:
         raise MessageError(f"invalid {type_name} message: {exc.normalized_messages()}") from None
-    except (TypeError, ValueError) as exc:
-        raise MessageError(f"invalid {type_name} message: {exc}") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise MessageError(f"invalid {type_name} message: {str(exc)[:200]}") from None
 
 
 def encode_value(value: Any) -> bytes:

@@ -44,6 +44,23 @@ def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
     return ops
 
 
+def net_effect(store: NodeStore, ops: list[Op]) -> list[Op]:
+    """One operation per object: the last one asked for, in order of first mention.
+
+    "delete X; set X" replaces X, and "set X; delete X" of an X that did not exist before does
+    nothing. Reordering by dependencies is only safe once each object has one operation.
+    """
+    last: dict[tuple[str, str], Op] = {}
+    set_first: set[tuple[str, str]] = set()
+    for op in ops:
+        key = (op.kind, op.name)
+        if key in last and last[key].op == "set":
+            set_first.add(key)
+        last[key] = op
+    return [op for key, op in last.items()
+            if not (op.op == "delete" and key in set_first and store.get(*key) is None)]
+
+
 def dependency_sorted(ops: list[Op]) -> list[Op]:
     """Sets ordered so referenced kinds come first, deletes after in reverse; stable otherwise.
 
@@ -139,7 +156,7 @@ def check_references(store: NodeStore, parsed: list[Op]) -> list[Op]:
         ValidationError: the first problems found, in one line, with every problem listed in
             ``errors`` for ``--json`` callers.
     """
-    ops = dependency_sorted(parsed)
+    ops = dependency_sorted(net_effect(store, parsed))
     view = _Overlay(store)
     problems: list[str] = []
     for op in ops:

@@ -38,31 +38,38 @@ def load_import_file(path: Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML{where}") from None
 
 
-def objects_to_ops(data: Any) -> list[dict[str, Any]]:
-    """Normalise an export-shaped mapping or a list of operations into validated operations."""
-    raw: list[Any]
+def _raw_ops(data: Any) -> list[Any]:
+    """The file's entries as a list, whichever of the two shapes it has."""
     if isinstance(data, dict):
-        raw = []
+        raw: list[Any] = []
         for kind, objects in data.items():
             if not isinstance(objects, dict):
                 raise ConfigError(f"{kind}: expected a mapping of name to object")
             raw += [{"op": "set", "kind": kind, "name": n, "body": b} for n, b in objects.items()]
-    elif isinstance(data, list):
-        raw = data
-    elif data is None:
-        raw = []
-    else:
-        raise ConfigError("the file must hold a mapping {kind: {name: body}} or a list of objects")
-    ops = []
-    for index, item in enumerate(raw, 1):
-        if not isinstance(item, dict):
-            raise ConfigError(f"entry {index}: expected an object with kind, name and body")
-        op = item.get("op", "set")
-        kind, name = str(item.get("kind")), item.get("name")
-        if op not in ("set", "delete"):
-            raise ConfigError(f"entry {index}: op must be 'set' or 'delete'")
+        return raw
+    if isinstance(data, list):
+        return data
+    if data is None:
+        return []
+    raise ConfigError("the file must hold a mapping {kind: {name: body}} or a list of objects")
+
+
+def _one_op(index: int, item: Any) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise ConfigError(f"entry {index}: expected an object with kind, name and body")
+    op = item.get("op", "set")
+    kind, name = str(item.get("kind")), item.get("name")
+    if op not in ("set", "delete"):
+        raise ConfigError(f"entry {index}: op must be 'set' or 'delete'")
+    try:
         kinds.check_kind(kind)
         kinds.check_name(kind, name)  # type: ignore[arg-type]
-        body = kinds.load_body(kind, str(name), item.get("body") or {}) if op == "set" else None
-        ops.append({"op": op, "kind": kind, "name": name, "body": body})
-    return ops
+    except ConfigError as exc:
+        raise type(exc)(f"entry {index}: {exc}") from None  # no name to find it by
+    body = kinds.load_body(kind, str(name), item.get("body") or {}) if op == "set" else None
+    return {"op": op, "kind": kind, "name": name, "body": body}
+
+
+def objects_to_ops(data: Any) -> list[dict[str, Any]]:
+    """Normalise an export-shaped mapping or a list of operations into validated operations."""
+    return [_one_op(index, item) for index, item in enumerate(_raw_ops(data), 1)]

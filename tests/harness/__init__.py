@@ -1,0 +1,1 @@
+"""Fault-suite infrastructure: private RabbitMQ clusters and a cuttable TCP proxy."""

@@ -1,0 +1,85 @@
+"""The audit trail: one parseable line per event (broker/audit.py, design section 8)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from broker.audit import TRAIL_NAME, Trail, parse_trail_line, read_trail, utc_now
+
+
+@pytest.fixture
+def trail(tmp_path: Path) -> Trail:
+    t = Trail(tmp_path, "node-1")
+    yield t
+    t.close()
+
+
+def test_line_format(trail: Trail) -> None:
+    line = trail.event("change_applied", seq=42, kind="destination", name="d1")
+    ts, node, event, *rest = line.split(" ")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts)
+    assert (node, event, rest) == ("node-1", "change_applied",
+                                   ["seq=42", "kind=destination", "name=d1"])
+
+
+def test_utc_now_format() -> None:
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", utc_now())
+
+
+@pytest.mark.parametrize("value", [
+    "disk full on /var", "it's broken", 'say "hi"', "", "a=b=c", "tab\there", "ünïcode ✓",
+    "$(rm -rf /)", "back\\slash", "semi;colon", "#hash", "'", '"',
+])
+def test_values_round_trip(trail: Trail, value: str) -> None:
+    line = trail.event("alert.failed", id="a-1", reason=value)
+    assert parse_trail_line(line) == {
+        "ts": line.split(" ", 1)[0], "node": "node-1", "event": "alert.failed", "id": "a-1",
+        "reason": value,
+    }
+
+
+def test_safe_values_are_not_quoted(trail: Trail) -> None:
+    line = trail.event("x", url="file:///tmp/a.jsonl", at="u@h", list="a,b", n=3)
+    assert line.endswith(" url=file:///tmp/a.jsonl at=u@h list=a,b n=3")
+
+
+def test_none_fields_are_left_out(trail: Trail) -> None:
+    parsed = parse_trail_line(trail.event("x", a=None, b=0, c=False))
+    assert "a" not in parsed
+    assert (parsed["b"], parsed["c"]) == ("0", "False")
+
+
+def test_read_trail_returns_every_event_in_order(trail: Trail, tmp_path: Path) -> None:
+    trail.event("node_started", role="master", epoch=1)
+    trail.event("change_rejected", reason="stale epoch 1 < 2", origin="old master")
+    trail.event("node_stopped", seq=9)
+    records = read_trail(tmp_path)
+    assert [r["event"] for r in records] == ["node_started", "change_rejected", "node_stopped"]
+    assert records[1]["reason"] == "stale epoch 1 < 2"
+    assert records[1]["origin"] == "old master"
+    assert all(r["node"] == "node-1" for r in records)
+    assert (tmp_path / TRAIL_NAME).read_text().count("\n") == 3
+
+
+def test_read_trail_of_a_missing_file_is_empty(tmp_path: Path) -> None:
+    assert read_trail(tmp_path / "nowhere") == []
+
+
+def test_two_trails_append_to_the_same_file(tmp_path: Path) -> None:
+    first = Trail(tmp_path, "a")
+    first.event("one")
+    first.close()
+    second = Trail(tmp_path, "a")
+    second.event("two")
+    second.close()
+    assert [r["event"] for r in read_trail(tmp_path)] == ["one", "two"]
+
+
+def test_value_with_newline_stays_on_one_line(trail: Trail, tmp_path: Path) -> None:
+    trail.event("alert.failed", id="a-1", error="HTTP 500\nInternal Server Error")
+    trail.event("alert.delivered", id="a-2")
+    records = read_trail(tmp_path)
+    assert [r["event"] for r in records] == ["alert.failed", "alert.delivered"]
+    assert "HTTP 500" in records[0]["error"]
+    assert "Internal Server Error" in records[0]["error"]

@@ -1,0 +1,129 @@
+"""Batching and signing of the master's changes (producers/relay.py: chunk, batch_messages)."""
+
+import dataclasses
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import topology
+from broker.errors import MessageError
+from broker.messages import Change, ChangeBatch, decode, encode
+from broker.signing import KeyRing
+from producers.relay import SIGNATURE_HEADER, batch_messages, chunk
+
+RING = KeyRing.parse("k1:" + "ab" * 32)
+
+
+def changes(n: int, *, first: int = 1, body_size: int = 20, name_len: int = 6,
+            origin: str = "master") -> list[Change]:
+    return [
+        Change(epoch=3, seq=seq, ts=1_700_000_000.125 + seq, origin=origin, op="set",
+               kind="destination", name=f"d{seq:0{name_len - 1}d}",
+               body={"url": "file:///" + "x" * body_size, "schedule": None, "subject": None})
+        for seq in range(first, first + n)
+    ]
+
+
+def flatten(batches: list[ChangeBatch]) -> list[Change]:
+    return [c for b in batches for c in b.changes]
+
+
+def test_single_batch_when_under_both_limits() -> None:
+    cs = changes(10)
+    batches = chunk(cs, max_changes=100, max_bytes=1 << 20)
+    assert len(batches) == 1
+    assert batches[0].changes == tuple(cs)
+    assert (batches[0].epoch, batches[0].origin) == (3, "master")
+
+
+def test_empty_input_gives_no_batches() -> None:
+    assert chunk([], max_changes=10, max_bytes=1000) == []
+
+
+@pytest.mark.parametrize(("n", "max_changes", "sizes"), [
+    (10, 3, [3, 3, 3, 1]), (9, 3, [3, 3, 3]), (5, 1, [1] * 5), (4, 10, [4]),
+])
+def test_max_changes_is_respected(n: int, max_changes: int, sizes: list[int]) -> None:
+    batches = chunk(changes(n), max_changes=max_changes, max_bytes=1 << 30)
+    assert [len(b.changes) for b in batches] == sizes
+
+
+def test_max_bytes_is_respected_and_order_and_seqs_are_kept() -> None:
+    cs = changes(200, first=41, body_size=300)
+    batches = chunk(cs, max_changes=10_000, max_bytes=8_000)
+    assert len(batches) > 5
+    for b in batches:
+        assert len(encode(b)) <= 8_000
+        assert [c.seq for c in b.changes] == list(range(b.first_seq, b.last_seq + 1))
+    assert flatten(batches) == cs
+    for prev, nxt in itertools.pairwise(batches):
+        assert nxt.first_seq == prev.last_seq + 1
+
+
+def test_a_change_larger_than_max_bytes_travels_alone() -> None:
+    cs = changes(3, body_size=50)
+    big = dataclasses.replace(cs[1], body={"url": "file:///" + "y" * 5_000})
+    batches = chunk([cs[0], big, cs[2]], max_changes=100, max_bytes=1_000)
+    assert [[c.seq for c in b.changes] for b in batches] == [[1], [2], [3]]
+
+
+def test_max_bytes_holds_for_long_names_and_origins() -> None:
+    cs = [Change(epoch=1, seq=s, ts=1_700_000_000.123456, origin="o" * 64, op="delete",
+                 kind="destination", name=f"{s:0128d}") for s in range(1, 101)]
+    for b in chunk(cs, max_changes=1000, max_bytes=10_000):
+        assert len(encode(b)) <= 10_000
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 400), min_size=1, max_size=60), st.integers(1, 20),
+       st.integers(600, 5_000))
+def test_chunk_property(body_sizes: list[int], max_changes: int, max_bytes: int) -> None:
+    cs = [Change(epoch=1, seq=i, ts=1.0, origin="m", op="set", kind="node", name=f"n{i}",
+                 body={"description": "z" * size}) for i, size in enumerate(body_sizes, 1)]
+    batches = chunk(cs, max_changes=max_changes, max_bytes=max_bytes)
+    assert flatten(batches) == cs
+    for b in batches:
+        assert 1 <= len(b.changes) <= max_changes
+        assert len(b.changes) == 1 or len(encode(b)) <= max_bytes
+        # Every batch is acceptable to a receiver (consecutive seqs, one epoch).
+        assert decode(encode(b), max_bytes=1 << 20, expect="changes") == b
+
+
+# -- batch_messages ---------------------------------------------------------------------------
+
+
+def batches() -> list[ChangeBatch]:
+    return chunk(changes(7, first=10), max_changes=3, max_bytes=1 << 20)
+
+
+def test_batch_messages_without_a_key_ring_are_unsigned() -> None:
+    out = batch_messages(batches(), None)
+    assert len(out) == 3
+    for msg, b in zip(out, batches(), strict=True):
+        assert (msg.exchange, msg.routing_key) == (topology.CONFIG_EXCHANGE, "")
+        assert msg.persistent
+        assert SIGNATURE_HEADER not in msg.headers
+        assert msg.headers == {"tasync-type": "changes", "first-seq": b.first_seq,
+                               "last-seq": b.last_seq}
+        assert decode(msg.body, max_bytes=1 << 20, expect="changes") == b
+
+
+def test_batch_messages_are_signed_and_verify_against_the_body() -> None:
+    out = batch_messages(batches(), RING)
+    assert [m.headers["first-seq"] for m in out] == [10, 13, 16]
+    for msg in out:
+        signature: Any = msg.headers[SIGNATURE_HEADER]
+        assert signature.startswith("k1:")
+        RING.verify(msg.body, signature)
+    assert len({m.message_id for m in out}) == 3
+
+
+def test_signature_does_not_verify_another_body_or_key() -> None:
+    first, second = batch_messages(batches()[:2], RING)
+    with pytest.raises(MessageError, match="bad signature"):
+        RING.verify(second.body, first.headers[SIGNATURE_HEADER])
+    with pytest.raises(MessageError, match="bad signature"):
+        KeyRing.parse("k1:" + "cd" * 32).verify(first.body, first.headers[SIGNATURE_HEADER])

@@ -1,0 +1,320 @@
+"""A node's SQLite store: idempotent apply, the outbox, the canonical export (broker/store.py)."""
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.kinds import KINDS
+from broker.messages import Change, ChangeBatch
+from broker.store import DB_NAME, GapError, NodeStore, canonical
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[NodeStore]:
+    s = NodeStore(tmp_path / "a", durable=False)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def other(tmp_path: Path) -> Iterator[NodeStore]:
+    s = NodeStore(tmp_path / "b", durable=False)
+    yield s
+    s.close()
+
+
+def setc(seq: int, kind: str, name: str, body: dict[str, Any], *, epoch: int = 1,
+         ts: float | None = None) -> Change:
+    return Change(epoch=epoch, seq=seq, ts=1_000.0 + seq if ts is None else ts, origin="m",
+                  op="set", kind=kind, name=name, body=body)
+
+
+def delc(seq: int, kind: str, name: str, *, epoch: int = 1) -> Change:
+    return Change(epoch=epoch, seq=seq, ts=1_000.0 + seq, origin="m", op="delete", kind=kind,
+                  name=name)
+
+
+def batch(*changes: Change) -> ChangeBatch:
+    return ChangeBatch(epoch=changes[0].epoch, origin="m", changes=changes)
+
+
+def history() -> list[Change]:
+    """A short history touching several kinds, with an update and a delete."""
+    return [
+        setc(1, "node", "a", {"description": ""}),
+        setc(2, "destination", "d1", {"url": "file:///one", "schedule": None, "subject": None}),
+        setc(3, "destination", "d2", {"url": "file:///two", "schedule": None, "subject": None}),
+        setc(4, "group", "g", {"members": ["d2", "d1"], "mode": "all"}),
+        setc(5, "destination", "d1", {"url": "file:///uno", "schedule": None, "subject": "x"}),
+        setc(6, "route", "r", {"hosts": ["a"]}),
+        setc(7, "destination", "tmp", {"url": "file:///tmp", "schedule": None, "subject": None}),
+        delc(8, "destination", "tmp"),
+    ]
+
+
+# -- apply ------------------------------------------------------------------------------------
+
+
+def test_fresh_store_is_empty(store: NodeStore) -> None:
+    assert (store.last_seq, store.epoch, store.last_ts, store.count()) == (0, 0, 0.0, 0)
+    assert (store.path.name, store.path.exists()) == (DB_NAME, True)
+
+
+def test_apply_writes_objects_and_meta(store: NodeStore) -> None:
+    result = store.apply(batch(*history()[:4]))
+    assert (result.applied, result.skipped, result.last_seq) == (4, 0, 4)
+    assert (store.last_seq, store.epoch, store.last_ts) == (4, 1, 1004.0)
+    assert store.get("group", "g") == {"members": ["d2", "d1"], "mode": "all"}
+    assert store.get("group", "nope") is None
+    assert store.count() == 4
+
+
+def test_same_batch_twice_is_skipped(store: NodeStore) -> None:
+    b = batch(*history()[:3])
+    store.apply(b)
+    before = store.export_bytes()
+    result = store.apply(b)
+    assert (result.applied, result.skipped, result.last_seq) == (0, 3, 3)
+    assert store.export_bytes() == before
+    assert store.last_seq == 3
+
+
+def test_overlapping_batch_applies_only_the_new_tail(store: NodeStore) -> None:
+    h = history()
+    store.apply(batch(*h[:3]))
+    result = store.apply(batch(*h[1:5]))
+    assert (result.applied, result.skipped, result.last_seq) == (2, 2, 5)
+    assert store.get("destination", "d1") == h[4].body
+
+
+def test_gap_raises_with_expected_and_got_and_changes_nothing(store: NodeStore) -> None:
+    h = history()
+    store.apply(batch(*h[:2]))
+    before = store.export_bytes()
+    with pytest.raises(GapError, match="expected seq 3, got 5") as info:
+        store.apply(batch(*h[4:6]))
+    assert (info.value.expected, info.value.got) == (3, 5)
+    assert store.last_seq == 2
+    assert store.export_bytes() == before
+    assert [c.seq for c in store.changes_between(0)] == [1, 2]
+
+
+def test_gap_on_an_empty_store(store: NodeStore) -> None:
+    with pytest.raises(GapError) as info:
+        store.apply(batch(setc(2, "node", "a", {})))
+    assert (info.value.expected, info.value.got) == (1, 2)
+
+
+def test_apply_keeps_the_highest_epoch(store: NodeStore) -> None:
+    store.apply(batch(setc(1, "node", "a", {}, epoch=3)))
+    store.apply(batch(setc(2, "node", "b", {}, epoch=2)))
+    assert store.epoch == 3
+    store.apply(batch(setc(3, "node", "c", {}, epoch=4)))
+    assert store.epoch == 4
+
+
+def test_delete_removes_the_object(store: NodeStore) -> None:
+    store.apply(batch(*history()))
+    assert store.get("destination", "tmp") is None
+    assert ("destination", "tmp") not in {(k, n) for k, n, _ in store.objects()}
+    deletion = store.changes_between(7, 8)[0]
+    assert (deletion.op, deletion.body) == ("delete", None)
+
+
+# -- the outbox -------------------------------------------------------------------------------
+
+
+def test_commit_unpublished_mark_published_cycle(store: NodeStore) -> None:
+    h = history()
+    store.commit(h[:3])
+    assert store.last_seq == 3
+    assert store.get("destination", "d2") == h[2].body
+    assert [c.seq for c in store.unpublished()] == [1, 2, 3]
+    assert store.unpublished() == h[:3]
+    store.commit(h[3:5])
+    store.mark_published(2)
+    assert [c.seq for c in store.unpublished()] == [3, 4, 5]
+    store.mark_published(5)
+    assert store.unpublished() == []
+    assert [c.seq for c in store.changes_between(0)] == [1, 2, 3, 4, 5]
+
+
+def test_commit_refuses_a_gap_and_writes_nothing(store: NodeStore) -> None:
+    store.commit(history()[:1])
+    with pytest.raises(GapError) as info:
+        store.commit(history()[2:3])
+    assert (info.value.expected, info.value.got) == (2, 3)
+    assert store.last_seq == 1
+    assert store.get("destination", "d2") is None
+
+
+def test_commit_of_nothing_is_a_no_op(store: NodeStore) -> None:
+    store.commit([])
+    assert (store.last_seq, store.count(), store.unpublished()) == (0, 0, [])
+
+
+def test_applied_changes_are_not_in_the_outbox(store: NodeStore) -> None:
+    store.apply(batch(*history()[:2]))
+    assert store.unpublished() == []
+
+
+def test_unpublished_survives_reopen(tmp_path: Path) -> None:
+    s = NodeStore(tmp_path, durable=True)
+    s.commit(history()[:4])
+    s.mark_published(1)
+    s.close()
+    again = NodeStore(tmp_path, durable=True)
+    try:
+        assert [c.seq for c in again.unpublished()] == [2, 3, 4]
+        assert again.last_seq == 4
+    finally:
+        again.close()
+
+
+# -- canonical export -------------------------------------------------------------------------
+
+
+def test_export_is_canonical_across_batchings(store: NodeStore, other: NodeStore) -> None:
+    h = history()
+    store.apply(batch(*h))
+    for c in h[:3]:
+        other.apply(batch(c))
+    other.apply(batch(*h[3:6]))
+    other.apply(batch(*h[5:]))  # overlapping redelivery
+    assert store.export_bytes() == other.export_bytes()
+    assert store.checksum() == other.checksum()
+
+
+def test_export_ignores_body_key_order_and_history(store: NodeStore, other: NodeStore) -> None:
+    store.apply(batch(setc(1, "destination", "d", {"url": "file:///x", "subject": "s"})))
+    other.apply(batch(
+        setc(1, "destination", "zz", {"url": "file:///z"}),
+        setc(2, "destination", "d", {"subject": "s", "url": "file:///x"}),
+        delc(3, "destination", "zz"),
+    ))
+    assert store.export_bytes() == other.export_bytes()
+    assert store.checksum() == other.checksum()
+
+
+def test_export_differs_when_content_differs(store: NodeStore, other: NodeStore) -> None:
+    store.apply(batch(setc(1, "node", "a", {"description": "x"})))
+    other.apply(batch(setc(1, "node", "a", {"description": "y"})))
+    assert store.export_bytes() != other.export_bytes()
+    assert store.checksum() != other.checksum()
+
+
+def test_export_shape_and_checksum(store: NodeStore) -> None:
+    store.apply(batch(*history()))
+    exported = store.export_bytes()
+    assert exported.endswith(b"\n")
+    data = json.loads(exported)
+    assert list(data) == sorted(KINDS)
+    assert list(data["destination"]) == ["d1", "d2"]
+    assert data["group"]["g"] == {"members": ["d2", "d1"], "mode": "all"}
+    assert store.checksum() == hashlib.sha256(exported).hexdigest()
+
+
+def test_empty_export_lists_every_kind(store: NodeStore) -> None:
+    assert json.loads(store.export_bytes()) == {kind: {} for kind in KINDS}
+
+
+def test_checksum_follows_changes(store: NodeStore) -> None:
+    store.apply(batch(*history()[:2]))
+    first = store.checksum()
+    store.apply(batch(history()[2]))
+    assert store.checksum() != first
+    assert store.checksum() == hashlib.sha256(store.export_bytes()).hexdigest()
+
+
+def test_canonical_is_sorted_and_compact() -> None:
+    text = canonical({"b": 1, "a": [1, {"d": None, "c": "é"}]})
+    assert text == '{"a":[1,{"c":"é","d":null}],"b":1}'
+
+
+# -- snapshot ---------------------------------------------------------------------------------
+
+
+def test_replace_all_installs_a_snapshot(store: NodeStore, other: NodeStore) -> None:
+    store.apply(batch(*history()))
+    other.apply(batch(setc(1, "node", "stale", {"description": "old"})))
+    other.replace_all(list(store.objects()), seq=store.last_seq, epoch=2, ts=2000.0)
+    assert other.export_bytes() == store.export_bytes()
+    assert other.checksum() == store.checksum()
+    assert other.get("node", "stale") is None
+    assert (other.last_seq, other.epoch, other.last_ts) == (8, 2, 2000.0)
+    # The next change after the snapshot applies; an older one is skipped.
+    result = other.apply(batch(setc(9, "node", "n9", {})))
+    assert (result.applied, other.last_seq) == (1, 9)
+    assert other.apply(batch(history()[7])).skipped == 1
+
+
+def test_replace_all_keeps_a_higher_epoch(store: NodeStore) -> None:
+    store.apply(batch(setc(1, "node", "a", {}, epoch=5)))
+    store.replace_all([], seq=1, epoch=3, ts=0.0)
+    assert (store.epoch, store.count()) == (5, 0)
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+
+def test_objects_are_ordered_and_filterable(store: NodeStore) -> None:
+    store.apply(batch(*history()))
+    listed = [(k, n) for k, n, _ in store.objects()]
+    assert listed == sorted(listed)
+    assert [n for _, n, _ in store.objects("destination")] == ["d1", "d2"]
+    assert list(store.objects("schedule")) == []
+
+
+def test_referrers_via_sql(store: NodeStore) -> None:
+    store.apply(batch(
+        setc(1, "schedule", "office", {"timezone": "UTC", "windows": []}),
+        setc(2, "destination", "d1", {"url": "file:///1", "schedule": "office"}),
+        setc(3, "destination", "d2", {"url": "file:///2", "schedule": None}),
+        setc(4, "group", "g1", {"members": ["d1", "d2"]}),
+        setc(5, "group", "g2", {"members": ["g1"]}),
+        setc(6, "group", "g3", {"members": ["d1"]}),
+        setc(7, "node", "a", {}),
+        setc(8, "route", "r", {"hosts": ["b", "a"]}),
+    ))
+    assert store.referrers("schedule", "office") == ["destination d1"]
+    assert store.referrers("schedule", "other") == []
+    assert sorted(store.referrers("destination", "d1")) == ["group g1", "group g3"]
+    assert store.referrers("destination", "d2") == ["group g1"]
+    assert store.referrers("group", "g1") == ["group g2"]
+    assert store.referrers("group", "g2") == []
+    assert store.referrers("node", "a") == ["route r"]
+    assert store.referrers("route", "r") == []
+
+
+def test_changes_between_and_since_ts(store: NodeStore) -> None:
+    store.apply(batch(*history()))
+    assert [c.seq for c in store.changes_between(3)] == [4, 5, 6, 7, 8]
+    assert [c.seq for c in store.changes_between(3, 5)] == [4, 5]
+    assert store.changes_between(8) == []
+    assert [c.seq for c in store.changes_since_ts(1006.0)] == [6, 7, 8]
+    assert store.changes_since_ts(5000.0) == []
+    assert store.changes_between(0) == history()
+
+
+def test_everything_persists_across_reopen(tmp_path: Path) -> None:
+    s = NodeStore(tmp_path)
+    s.apply(batch(*history()[:4]))
+    s.apply(batch(setc(5, "node", "b", {})))
+    s.set_meta(role="master", note="hello world")
+    exported, checksum = s.export_bytes(), s.checksum()
+    s.close()
+    again = NodeStore(tmp_path)
+    try:
+        assert (again.last_seq, again.epoch, again.last_ts) == (5, 1, 1005.0)
+        assert again.export_bytes() == exported
+        assert again.checksum() == checksum
+        assert (again.get_meta("role"), again.get_meta("note")) == ("master", "hello world")
+        assert again.get_meta("missing", "dflt") == "dflt"
+        assert [c.seq for c in again.changes_between(0)] == [1, 2, 3, 4, 5]
+        assert again.apply(batch(*history()[:4])).skipped == 4
+    finally:
+        again.close()
