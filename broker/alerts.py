@@ -1,0 +1,231 @@
+"""The alert and host-list messages: what a source sends, and how nodes learn ad-hoc lists.
+
+An ``Alert`` is design section 2's tuple ``(id, source, targets, text, subject, priority,
+created_at, hosts)``; ``targets`` is spelled as ``target_kind`` (``destination`` or ``group``)
+and ``target`` (the object's name), because one alert addresses exactly one configured object
+and a group already expresses "several". ``id`` is the idempotency key: nodes deliver an id once
+within their duplicate window, so a script that re-sends after a timeout causes no second page.
+
+A ``HostList`` record is appended to the ``tasync.hostlists`` stream the first time a sender
+uses a precedence list; every node reads that stream and subscribes to the lists that name it,
+so an ad-hoc ``--host a b`` list outlives every process that knew it (design section 3).
+
+Both register themselves with ``broker.messages`` at import time, so ``messages.decode`` and
+``messages.encode`` handle them like every other wire message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from marshmallow import Schema, fields, post_load, validate, validates
+from marshmallow import ValidationError as SchemaError
+
+from broker import messages
+from broker.errors import ValidationError as TasyncValidationError
+from broker.kinds import NAME_RE
+from broker.topology import NODE_NAME_RE
+
+#: Longest alert text accepted (characters). Pagers and chat tools truncate far earlier; the
+#: limit exists so a runaway script cannot fill queues with megabyte "alerts".
+MAX_TEXT_CHARS = 32_768
+MAX_SUBJECT_CHARS = 512
+MAX_HOSTS = 16
+#: Encoded alert bodies larger than this are refused by the intake and the delivery worker.
+MAX_ALERT_BYTES = 256 << 10
+TARGET_KINDS = ("destination", "group")
+PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
+#: Header carrying ``KeyRing.sign(body)`` when the network uses a cluster key (the same header
+#: the configuration relay uses).
+SIGNATURE_HEADER = "tasync-sig"
+
+#: An idempotency key: printable ASCII without spaces, so it survives shells, URLs and logs.
+ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
+
+
+def new_alert_id() -> str:
+    """A fresh, unique idempotency key for an alert whose sender gave none."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alert:
+    """One alert, immutable from the sender to the delivering node.
+
+    Attributes:
+        id: idempotency key; duplicates within a node's window are delivered once.
+        source: who sent it (``remedy``, ``nms``, a script); totals are kept per source.
+        target_kind: ``destination`` or ``group``.
+        target: the name of the destination or group.
+        text: the message body.
+        subject: a short title (mail subject, chat title); optional.
+        priority: 0 (lowest) to 9 (highest); passed on to channels that know priorities.
+        created_at: when the sender made it (seconds since the epoch).
+        hosts: the precedence list of nodes, first one delivers.
+    """
+
+    id: str
+    source: str
+    target_kind: str
+    target: str
+    text: str
+    subject: str | None = None
+    priority: int = PRIORITY_DEFAULT
+    created_at: float = field(default_factory=time.time)
+    hosts: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return (f"Alert(id={self.id!r}, source={self.source!r}, {self.target_kind}="
+                f"{self.target!r}, hosts={'.'.join(self.hosts)!r}, text={len(self.text)} chars)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostList:
+    """The durable record that a precedence list is in use and needs consumers.
+
+    Attributes:
+        hosts: the list of node names, in precedence order.
+        created_at: when the record was made.
+        sender: who first used the list (for the operator reading the stream).
+    """
+
+    hosts: tuple[str, ...]
+    created_at: float = field(default_factory=time.time)
+    sender: str = ""
+
+
+def _check_hosts(value: list[str]) -> None:
+    if len(set(value)) != len(value):
+        raise SchemaError("a node may appear only once in a precedence list")
+
+
+class _Strict(Schema):
+    class Meta:
+        # An unknown field is an error: a typo must not become a silently ignored option.
+        unknown = "raise"
+
+
+class AlertSchema(_Strict):
+    """An alert on the wire; the limits here are the ones users see in error messages."""
+
+    v = fields.Integer(required=True)
+    type = fields.String(required=True)
+    id = fields.String(required=True, validate=validate.Regexp(
+        ID_RE, error="an alert id is 1-128 printable characters without spaces"))
+    source = fields.String(required=True, validate=validate.Regexp(
+        SOURCE_RE, error="a source is 1-64 letters, digits or _ . : @ + -"))
+    target_kind = fields.String(required=True, validate=validate.OneOf(TARGET_KINDS))
+    target = fields.String(required=True, validate=validate.Regexp(
+        NAME_RE, error="not a valid destination or group name"))
+    text = fields.String(required=True)
+    subject = fields.String(load_default=None, allow_none=True,
+                            validate=validate.Length(max=MAX_SUBJECT_CHARS))
+    priority = fields.Integer(load_default=PRIORITY_DEFAULT, strict=True,
+                              validate=validate.Range(min=PRIORITY_MIN, max=PRIORITY_MAX))
+    created_at = fields.Float(required=True, validate=validate.Range(min=0))
+    hosts = fields.List(
+        fields.String(validate=validate.Regexp(NODE_NAME_RE, error="not a node name")),
+        required=True, validate=validate.Length(min=1, max=MAX_HOSTS))
+
+    @validates("hosts")
+    def _unique(self, value: list[str], **_: Any) -> None:
+        _check_hosts(value)
+
+    @validates("text")
+    def _text(self, value: str, **_: Any) -> None:
+        if not value.strip():
+            raise SchemaError("the message is empty")
+        if len(value) > MAX_TEXT_CHARS:
+            raise SchemaError(f"the message is {len(value)} characters; the limit is "
+                              f"{MAX_TEXT_CHARS}")
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Alert:
+        data.pop("v")
+        data.pop("type")
+        data["hosts"] = tuple(data["hosts"])
+        return Alert(**data)
+
+
+class HostListSchema(_Strict):
+    """A host-list record on the ``tasync.hostlists`` stream."""
+
+    v = fields.Integer(required=True)
+    type = fields.String(required=True)
+    hosts = fields.List(
+        fields.String(validate=validate.Regexp(NODE_NAME_RE, error="not a node name")),
+        required=True, validate=validate.Length(min=1, max=MAX_HOSTS))
+    created_at = fields.Float(required=True)
+    sender = fields.String(load_default="", validate=validate.Length(max=128))
+
+    @validates("hosts")
+    def _unique(self, value: list[str], **_: Any) -> None:
+        _check_hosts(value)
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> HostList:
+        return HostList(hosts=tuple(data["hosts"]), created_at=data["created_at"],
+                        sender=data["sender"])
+
+
+_ALERT_SCHEMA = AlertSchema()
+messages.register("alert", Alert, _ALERT_SCHEMA)
+messages.register("hostlist", HostList, HostListSchema())
+
+
+def alert_to_dict(alert: Alert) -> dict[str, Any]:
+    """The wire form of an alert, the same as ``messages.to_dict`` gives, built directly.
+
+    ``dataclasses.asdict`` deep-copies every field; for bulk sends that copy cost more than
+    the publish itself.
+    """
+    return {"v": messages.SCHEMA_VERSION, "type": "alert", "id": alert.id,
+            "source": alert.source, "target_kind": alert.target_kind, "target": alert.target,
+            "text": alert.text, "subject": alert.subject, "priority": alert.priority,
+            "created_at": alert.created_at, "hosts": list(alert.hosts)}
+
+
+def encode_alert(alert: Alert) -> bytes:
+    """Compact JSON bytes of an alert, byte-identical to ``messages.encode(alert)``."""
+    return json.dumps(alert_to_dict(alert), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def validated(alert: Alert) -> Alert:
+    """Check ``alert`` against the wire schema before it leaves the process.
+
+    Senders call this so that a bad alert is a clear usage error at the edge rather than a
+    message the delivery worker has to refuse later.
+
+    Raises:
+        broker.errors.ValidationError: naming each bad field, e.g. ``text: the message is empty``.
+    """
+    try:
+        loaded: Alert = _ALERT_SCHEMA.load(alert_to_dict(alert))
+    except SchemaError as exc:
+        errors = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        raise TasyncValidationError(
+            "invalid alert: " + _one_line(errors), errors=dict(errors)
+        ) from None
+    size = len(encode_alert(loaded))
+    if size > MAX_ALERT_BYTES:
+        raise TasyncValidationError(
+            f"invalid alert: {size} bytes encoded, the limit is {MAX_ALERT_BYTES}")
+    return loaded
+
+
+def _one_line(errors: Any) -> str:
+    if isinstance(errors, dict):
+        parts = []
+        for key, value in errors.items():
+            inner = _one_line(value)
+            parts.append(inner if key == "_schema" else f"{key}: {inner}")
+        return "; ".join(parts)
+    if isinstance(errors, list):
+        return "; ".join(_one_line(e) for e in errors)
+    return str(errors)

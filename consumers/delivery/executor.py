@@ -1,0 +1,290 @@
+"""Runs a delivery plan with retries and backoff, and writes what happened to the trail.
+
+Delivery goes in rounds. Each round tries every destination that is still pending: in an ``all``
+group each member, in a ``sequence`` group the members in order until one succeeds (so
+escalation to the next member is immediate, not after the first one's retries). A destination
+that fails with a retryable error stays pending; between rounds the executor waits with
+exponential backoff. After ``attempts`` rounds whatever is still pending has failed, and the
+worker dead-letters the alert.
+
+Results per alert: ``delivered`` (every branch that had to deliver did), ``skipped`` (nothing
+was due: all destinations were outside their schedules) or ``failed``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.alerts import Alert
+from broker.audit import Trail
+from broker.errors import ConfigError
+from consumers.delivery import channels
+from consumers.delivery.resolve import (
+    Group,
+    Leaf,
+    Lookup,
+    Plan,
+    closed_reason,
+    leaves,
+    resolve,
+)
+
+log = logging.getLogger("tasync.delivery")
+
+DELIVERED, FAILED, SKIPPED, RETRY = "delivered", "failed", "skipped", "retry"
+ENV_ATTEMPTS = "TASYNC_DELIVERY_ATTEMPTS"
+ENV_BACKOFF = "TASYNC_DELIVERY_BACKOFF_S"
+ENV_TIMEOUT = "TASYNC_DELIVERY_TIMEOUT_S"
+_FIELD_RE = re.compile(r"\{(id|source|target|subject|priority|node|destination)\}")
+
+
+class Aborted(Exception):
+    """The worker is stopping during a retry wait; the alert stays unacknowledged."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How hard to try a failing destination.
+
+    Attributes:
+        attempts: rounds in all (1 means no retry).
+        backoff_s: wait after the first failed round; doubles after each further one.
+        max_backoff_s: longest single wait.
+        timeout_s: time limit of one network attempt.
+    """
+
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    timeout_s: float = channels.DEFAULT_TIMEOUT_S
+
+    def delay(self, failed_rounds: int) -> float:
+        """The wait after ``failed_rounds`` (1, 2, ...) rounds that left work pending."""
+        return float(min(self.max_backoff_s, self.backoff_s * 2 ** (failed_rounds - 1)))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
+        """The policy from ``$TASYNC_DELIVERY_ATTEMPTS``/``_BACKOFF_S``/``_TIMEOUT_S``.
+
+        Raises:
+            ConfigError: a variable is set to something that is not a positive number.
+        """
+        env = os.environ if environ is None else environ
+        default = cls()
+        try:
+            attempts = int(env.get(ENV_ATTEMPTS) or default.attempts)
+            backoff = float(env.get(ENV_BACKOFF) or default.backoff_s)
+            timeout = float(env.get(ENV_TIMEOUT) or default.timeout_s)
+        except ValueError:
+            attempts = 0
+        if attempts < 1 or backoff < 0 or timeout <= 0:
+            raise ConfigError(f"{ENV_ATTEMPTS} must be >= 1, {ENV_BACKOFF} >= 0 and "
+                             f"{ENV_TIMEOUT} > 0")
+        return cls(attempts=attempts, backoff_s=backoff, timeout_s=timeout)
+
+
+@dataclass
+class Progress:
+    """How far the delivery of one alert got: its plan, per-destination states, rounds done."""
+
+    plan: Plan
+    now: dt.datetime
+    states: dict[str, tuple[str, str]] = field(default_factory=dict)
+    rounds: int = 0
+
+
+@dataclass
+class Outcome:
+    """What became of one alert.
+
+    Attributes:
+        status: ``delivered``, ``failed`` or ``skipped`` (``retry`` only with ``max_rounds``).
+        delivered: destinations that took it.
+        failed: destination -> last reason, for those that never did.
+        skipped: destination -> why it was not used (schedule).
+        rounds: delivery rounds used.
+        progress: for a ``retry`` outcome (``run`` with ``max_rounds``), where to resume.
+    """
+
+    status: str
+    delivered: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    rounds: int = 0
+    progress: Progress | None = None
+
+    @property
+    def reason(self) -> str:
+        """A one-line summary of the failures, for the trail and dead-letter headers."""
+        return "; ".join(f"{d}: {r}" for d, r in self.failed.items())
+
+
+def render_subject(template: str | None, alert: Alert, *, node: str, destination: str) -> str:
+    """The subject for one destination: its template with ``{field}``s filled, or a default.
+
+    Only named fields are replaced (no ``str.format``), so a template can never reach into
+    object attributes.
+    """
+    default = alert.subject or alert.text.strip().splitlines()[0][:80]
+    if not template:
+        return default
+    values = {"id": alert.id, "source": alert.source, "target": alert.target,
+              "subject": default, "priority": str(alert.priority), "node": node,
+              "destination": destination}
+    return _FIELD_RE.sub(lambda m: values[m.group(1)], template)
+
+
+class Executor:
+    """Delivers alerts for one node; safe to use from several threads at once.
+
+    Args:
+        node: the delivering node's name (written into every payload).
+        store: where destinations, groups and schedules are looked up.
+        trail: the audit trail.
+        policy: retries and timeouts.
+        wait: sleeps for the given seconds and returns True if the worker is stopping.
+        send: the channel dispatcher (tests substitute a fake).
+    """
+
+    def __init__(self, *, node: str, store: Lookup, trail: Trail, policy: RetryPolicy,
+                 wait: Callable[[float], bool],
+                 send: Callable[..., None] = channels.send) -> None:
+        self.node = node
+        self.store = store
+        self.trail = trail
+        self.policy = policy
+        self.wait = wait
+        self.send = send
+
+    def prepare(self, alert: Alert) -> Progress | Outcome:
+        """Resolve the alert's target: its progress record, or a failed outcome when unknown."""
+        try:
+            plan = resolve(self.store, alert.target_kind, alert.target)
+        except Exception as exc:
+            self.trail.event("alert.failed", id=alert.id, source=alert.source,
+                             target=alert.target, reason=str(exc))
+            return Outcome(FAILED, failed={alert.target: str(exc)}, rounds=0)
+        return Progress(plan=plan, now=dt.datetime.now(dt.UTC))
+
+    @staticmethod
+    def is_local(progress: Progress) -> bool:
+        """Whether every destination is a local file: fast enough to deliver on the consumer."""
+        return all(channels.scheme_of(leaf.url) == "file" for leaf in leaves(progress.plan))
+
+    def run(self, alert: Alert, progress: Progress | None = None, *,
+            max_rounds: int | None = None) -> Outcome:
+        """Deliver one alert to its target, retrying, and report the outcome.
+
+        Args:
+            alert: the alert.
+            progress: where an earlier call stopped (from ``prepare`` or a ``retry`` outcome).
+            max_rounds: stop after this many rounds in all with a ``retry`` outcome carrying
+                the progress, instead of waiting; the worker uses 1 to try local files inline.
+
+        Raises:
+            Aborted: the worker is stopping; nothing was acknowledged, the broker will hand the
+                alert out again.
+        """
+        if progress is None:
+            prepared = self.prepare(alert)
+            if isinstance(prepared, Outcome):
+                return prepared
+            progress = prepared
+        while True:
+            if progress.rounds and self.wait(self.policy.delay(progress.rounds)):
+                raise Aborted(alert.id)
+            progress.rounds += 1
+            status = self._round(progress.plan, alert, progress.states, progress.now)
+            if status != RETRY:
+                return self._finish(alert, progress, status)
+            if progress.rounds >= self.policy.attempts:
+                return self._finish(alert, progress, FAILED)
+            if max_rounds is not None and progress.rounds >= max_rounds:
+                return Outcome(RETRY, rounds=progress.rounds, progress=progress)
+
+    def _finish(self, alert: Alert, progress: Progress, status: str) -> Outcome:
+        outcome = Outcome(status, rounds=progress.rounds)
+        for name, (state, reason) in progress.states.items():
+            if state == DELIVERED:
+                outcome.delivered.append(name)
+            elif state == SKIPPED:
+                outcome.skipped[name] = reason
+            elif state in (FAILED, RETRY):
+                outcome.failed[name] = reason
+                self.trail.event("alert.failed", id=alert.id, source=alert.source,
+                                 destination=name, attempts=progress.rounds, reason=reason)
+        return outcome
+
+    def _round(self, plan: Plan, alert: Alert, states: dict[str, tuple[str, str]],
+               now: dt.datetime) -> str:
+        if isinstance(plan, Leaf):
+            return self._leaf(plan, alert, states, now)
+        return self._group(plan, alert, states, now)
+
+    def _group(self, group: Group, alert: Alert, states: dict[str, tuple[str, str]],
+               now: dt.datetime) -> str:
+        results: list[str] = []
+        for member in group.members:
+            result = self._round(member, alert, states, now)
+            results.append(result)
+            if group.mode == "sequence" and result == DELIVERED:
+                return DELIVERED
+        if RETRY in results:
+            return RETRY
+        if FAILED in results:
+            return FAILED
+        return DELIVERED if DELIVERED in results else SKIPPED
+
+    def _leaf(self, leaf: Leaf, alert: Alert, states: dict[str, tuple[str, str]],
+              now: dt.datetime) -> str:
+        state = states.get(leaf.name)
+        if state is not None and state[0] != RETRY:
+            return state[0]
+        if state is None:
+            closed = closed_reason(self.store, leaf, now)
+            if closed is not None:
+                states[leaf.name] = (SKIPPED, closed)
+                self.trail.event("alert.skipped", id=alert.id, source=alert.source,
+                                 destination=leaf.name, reason=closed)
+                return SKIPPED
+        payload = self.payload(alert, leaf)
+        try:
+            self.send(leaf.url, payload, timeout_s=self.policy.timeout_s)
+        except channels.ChannelError as exc:
+            result = RETRY if exc.retryable else FAILED
+            states[leaf.name] = (result, str(exc))
+            log.warning("alert %s to %s failed (%s)%s", alert.id, leaf.name, exc,
+                        "; will retry" if exc.retryable else "")
+            return result
+        except Exception as exc:
+            log.exception("alert %s to %s: unexpected channel error", alert.id, leaf.name)
+            states[leaf.name] = (RETRY, f"unexpected error: {type(exc).__name__}")
+            return RETRY
+        states[leaf.name] = (DELIVERED, "")
+        self.trail.event("alert.delivered", id=alert.id, source=alert.source,
+                         destination=leaf.name, list=".".join(alert.hosts))
+        return DELIVERED
+
+    def payload(self, alert: Alert, leaf: Leaf) -> dict[str, Any]:
+        """What a channel receives: the alert, the destination and who delivered it when."""
+        return {
+            "id": alert.id,
+            "destination": leaf.name,
+            "text": alert.text,
+            "subject": render_subject(leaf.subject, alert, node=self.node, destination=leaf.name),
+            "source": alert.source,
+            "priority": alert.priority,
+            "target_kind": alert.target_kind,
+            "target": alert.target,
+            "hosts": list(alert.hosts),
+            "created_at": alert.created_at,
+            "node": self.node,
+            "delivered_at": time.time(),
+        }

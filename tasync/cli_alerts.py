@@ -1,0 +1,332 @@
+"""``tasync send``, ``tasync totals`` and ``tasync intake``: the alert side of the command line.
+
+``send`` keeps the seed's spelling working for existing integration scripts::
+
+    telalertc -i ops -m "disk full" -host primary backup1 backup2
+    tasync    send -i ops -m "disk full" -host primary backup1 backup2
+
+click cannot give one option a variable number of values, so ``main()`` passes argv through
+``normalise_host_args`` first, which turns ``-host A B C`` into ``--host A --host B --host C``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from broker import topology
+from broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
+from broker.allowlist import AllowList
+from broker.errors import ConfigError, NoAnswer
+from broker.signing import KeyRing, key_file_from_env
+from producers.intake import DEFAULT_MAX_BODY, Intake, IntakeConfig, make_server
+from producers.sender import AlertSender, parse_hosts
+from tasync.client import print_table, rpc_client
+from tasync.options import (
+    broker_option,
+    handle_errors,
+    json_option,
+    make_settings,
+    print_json,
+    timeout_option,
+)
+
+_HOST_FLAGS = ("-host", "--host")
+_RELATIVE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+COUNTER_COLUMNS = ("received", "delivered", "failed", "taken_over", "redelivered",
+                   "duplicates", "skipped")
+
+
+SEND_HELP = """Send an alert to the first live server of a precedence list.
+
+Returns once the broker has confirmed the alert: from then on it is delivered even if
+servers die. With no listed server running, the alert waits in its queue (a warning
+says so) and is delivered when one starts.
+
+\b
+Examples:
+  tasync send -i ops-mail -m "disk full on db1" --host a b
+  tasync send -g oncall -m "P1 opened" --route remedy --source remedy --id INC42
+  tasync send -i ops-mail -m "link down" -host b a          (the seed's form)
+"""
+INTAKE_HELP = """Accept alerts over HTTP (generic JSON, Alertmanager) and queue them.
+
+\b
+Examples:
+  tasync intake --route-for remedy=remedy --route-for nms=nms
+  curl -d '{"source":"remedy","destination":"ops","message":"P1"}' localhost:8080/alerts
+"""
+
+
+def normalise_host_args(argv: list[str]) -> list[str]:
+    """Rewrite the seed's ``-host A B C`` (after the ``send`` word) into repeated ``--host``.
+
+    Only arguments after ``send`` change, so other commands keep their own options, and
+    ``--`` ends the rewriting. ``-host=A,B`` becomes ``--host=A,B``.
+    """
+    if "send" not in argv:
+        return list(argv)
+    start = argv.index("send") + 1
+    out = list(argv[:start])
+    index = start
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if token == "--":
+            out.extend(argv[index - 1:])
+            break
+        if token.startswith("-host="):
+            out.append("-" + token)
+            continue
+        if token not in _HOST_FLAGS:
+            out.append(token)
+            continue
+        words = []
+        while index < len(argv) and not argv[index].startswith("-"):
+            words.append(argv[index])
+            index += 1
+        if not words:
+            out.append("--host")
+        for word in words:
+            out += ["--host", word]
+    return out
+
+
+def parse_since(text: str | None, *, now: float | None = None) -> float | None:
+    """``--since``: seconds since the epoch, an ISO date/time (UTC unless it says), or ``2h``."""
+    if text is None or not text.strip():
+        return None
+    value = text.strip()
+    current = time.time() if now is None else now
+    match = _RELATIVE_RE.match(value)
+    if match:
+        return current - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use seconds since the epoch, an ISO time such as 2025-01-31T08:00, "
+            "or a duration such as 30m, 2h, 7d", param_hint="--since") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _keyring(key_file: Path | None) -> KeyRing | None:
+    path = key_file or key_file_from_env()
+    return KeyRing.load(path) if path else None
+
+
+@click.command("send", help=SEND_HELP)
+@click.option("-i", "--destination", metavar="DEST", help="Deliver to this destination.")
+@click.option("-g", "--group", metavar="GROUP", help="Deliver to this group.")
+@click.option("-m", "--message", "text", metavar="TEXT",
+              help="The alert text; '-' reads it from standard input.")
+@click.option("--subject", metavar="TEXT", help="A short title (mail subject, chat title).")
+@click.option("--source", default="cli", show_default=True, envvar="TASYNC_SOURCE",
+              help="Who sends it; totals are counted per source.")
+@click.option("--id", "alert_id", metavar="ID",
+              help="Idempotency key: resending the same id delivers once. Generated if absent.")
+@click.option("--priority", type=click.IntRange(0, 9), default=PRIORITY_DEFAULT,
+              show_default=True, help="0 (lowest) to 9 (highest).")
+@click.option("--route", metavar="NAME", envvar="TASYNC_ROUTE",
+              help="A named route (precedence list) from the configuration.")
+@click.option("--host", "hosts", multiple=True, metavar="NODE", envvar="TASYNC_HOSTS",
+              help="The precedence list, first server first: --host a b c (or -host a b c).")
+@click.option("--key-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Cluster key file to sign the alert "
+                                 "(default: $TASYNC_CLUSTER_KEY_FILE).")
+@json_option
+@broker_option
+@handle_errors
+def send(*, destination: str | None, group: str | None, text: str | None,
+         subject: str | None, source: str, alert_id: str | None, priority: int,
+         route: str | None, hosts: tuple[str, ...], key_file: Path | None, as_json: bool,
+         broker_url: str) -> None:
+    """Send an alert; the help text is ``SEND_HELP`` (kept apart for click's layout)."""
+    if bool(destination) == bool(group):
+        raise click.UsageError("give exactly one of -i DEST or -g GROUP")
+    if text is None:
+        raise click.UsageError("give the alert text with -m TEXT (or -m - to read stdin)")
+    if text == "-":
+        text = sys.stdin.read()
+    if route and hosts:
+        raise click.UsageError("give either --route or --host, not both")
+    if not route and not hosts:
+        raise click.UsageError("name the servers with --host A B ... or --route NAME")
+    # A script that cannot reach any broker gets exit 3 within seconds and may retry later.
+    settings = make_settings(broker_url, connect_retry_s=10.0)
+    with AlertSender(settings, keyring=_keyring(key_file)) as sender:
+        host_list = parse_hosts(hosts) if hosts else sender.resolve_route(str(route))
+        alert = Alert(id=alert_id or new_alert_id(), source=source,
+                      target_kind="destination" if destination else "group",
+                      target=str(destination or group), text=text, subject=subject,
+                      priority=priority, hosts=host_list)
+        result = sender.send(alert)
+    for warning in result.warnings:
+        click.echo(f"tasync: warning: {warning}", err=True)
+    if as_json:
+        print_json({"id": alert.id, "hosts": list(result.hosts), "consumers": result.consumers,
+                    "warnings": result.warnings})
+    else:
+        click.echo(f"sent alert {alert.id} to {' '.join(result.hosts)}")
+
+
+@click.command("totals")
+@click.option("--since", metavar="TIME",
+              help="Only traffic from TIME on: epoch seconds, ISO time, or 30m / 2h / 7d ago.")
+@timeout_option(2.0)
+@json_option
+@broker_option
+@handle_errors
+def totals(*, since: str | None, timeout_s: float, as_json: bool, broker_url: str) -> None:
+    """Traffic through each live server, by source: received, delivered, failed, taken over.
+
+    "Taken over" counts alerts a server delivered although it was not first in their
+    precedence list: the servers ahead of it were down, hung, or full (overflow).
+    """
+    start = parse_since(since)
+    with rpc_client(make_settings(broker_url)) as rpc:
+        known: list[str] = []
+        try:
+            status = rpc.call_one(topology.MASTER, "status", timeout_s=min(timeout_s, 2.0))
+            known = [str(n) for n in status.get("nodes", [])]
+        except NoAnswer:
+            pass
+        try:
+            replies = rpc.call(topology.ALL, "totals", {"since": start}, timeout_s=timeout_s,
+                               expect=len(known) or None)
+        except NoAnswer:
+            replies = []
+    reports = sorted((r.data for r in replies if r.ok), key=lambda d: str(d.get("node")))
+    answered = {str(r.get("node")) for r in reports}
+    missing = sorted(set(known) - answered)
+    if as_json:
+        print_json({"since": start, "nodes": reports, "not_answering": missing})
+        return
+    if not reports:
+        raise NoAnswer("no server answered; is any tasync-worker running?")
+    rows: list[list[Any]] = []
+    for report in reports:
+        for source, counts in report["sources"].items():
+            rows.append([report["node"], source, *(counts[c] for c in COUNTER_COLUMNS)])
+        rows.append([report["node"], "(all)", *(report["total"][c] for c in COUNTER_COLUMNS)])
+    title = "alert totals" + (f" since {_when(start)}" if start else "")
+    print_table(["node", "source", *(c.replace("_", " ") for c in COUNTER_COLUMNS)], rows,
+                title=title)
+    if missing:
+        click.echo(f"not answering: {' '.join(missing)}", err=True)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _mapping(values: tuple[str, ...]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for value in values:
+        source, sep, route = value.partition("=")
+        if not sep or not source or not route:
+            raise click.BadParameter(f"{value!r}: use SOURCE=ROUTE", param_hint="--route-for")
+        mapping[source] = route
+    return mapping
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{value!r}: use HOST:PORT", param_hint="--listen")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@click.command("intake", help=INTAKE_HELP)
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="Where to accept HTTP (port 0 picks a free one and prints it).")
+@click.option("--route-for", multiple=True, metavar="SOURCE=ROUTE",
+              help="Send alerts of SOURCE along ROUTE (repeatable).")
+@click.option("--default-route", metavar="ROUTE", help="Route for unmapped sources.")
+@click.option("--default-host", "default_hosts", multiple=True, metavar="NODE",
+              help="Precedence list for unmapped sources without a default route.")
+@click.option("--max-body", type=click.IntRange(min=1024), default=DEFAULT_MAX_BODY,
+              show_default=True, help="Largest request in bytes (larger: 413).")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="File holding a bearer token that requests must present.")
+@click.option("--hosts-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="telalert.hosts: client addresses allowed to post alerts.")
+@click.option("--key-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Cluster key file to sign alerts.")
+@broker_option
+@handle_errors
+def intake(*, listen: str, route_for: tuple[str, ...], default_route: str | None,
+           default_hosts: tuple[str, ...], max_body: int, token_file: Path | None,
+           hosts_file: Path | None, key_file: Path | None, broker_url: str) -> None:
+    """Run the HTTP intake; the help text is ``INTAKE_HELP``."""
+    host, port = _listen(listen)
+    token = token_file.read_text().strip() if token_file else None
+    if token_file and not token:
+        raise ConfigError(f"{token_file} is empty")
+    config = IntakeConfig(
+        routes=_mapping(route_for), default_route=default_route,
+        default_hosts=parse_hosts(default_hosts) if default_hosts else (),
+        max_body_bytes=max_body, token=token,
+        allow=AllowList.load(hosts_file) if hosts_file else None)
+    sender = AlertSender(make_settings(broker_url), keyring=_keyring(key_file), name="intake")
+    try:
+        server = make_server(Intake(config, sender), host=host, port=port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
+    stopper = threading.Event()
+
+    def shut(*_: Any) -> None:
+        if not stopper.is_set():
+            stopper.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shut)
+    signal.signal(signal.SIGINT, shut)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"intake listening on http://{bound_host!s}:{bound_port}", err=True)
+    click.echo(f"{bound_host!s}:{bound_port}")
+    sys.stdout.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        sender.close()
+
+
+ALERT_COMMANDS = (send, totals, intake)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def alerts_cli() -> None:
+    """The alert commands on their own (``python -m tasync.cli_alerts``)."""
+
+
+for _command in ALERT_COMMANDS:
+    alerts_cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the alert commands with the seed's ``-host`` form accepted."""
+    args = normalise_host_args(list(sys.argv[1:] if argv is None else argv))
+    alerts_cli.main(args=args, prog_name="tasync")
+
+
+if __name__ == "__main__":
+    main()

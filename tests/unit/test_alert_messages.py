@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from broker import messages
+from broker.alerts import (
+    MAX_TEXT_CHARS,
+    Alert,
+    HostList,
+    alert_to_dict,
+    encode_alert,
+    validated,
+)
+from broker.errors import MessageError, ValidationError
+
+
+def make(**overrides: object) -> Alert:
+    fields: dict[str, object] = {"id": "INC42", "source": "remedy", "target_kind": "destination",
+                                 "target": "ops", "text": "disk full", "hosts": ("a", "b")}
+    fields.update(overrides)
+    return Alert(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip_and_fast_encoding_match_the_generic_one() -> None:
+    alert = make(subject="P1", priority=9, text="é ünïcode")
+    body = encode_alert(alert)
+    assert body == messages.encode(alert)
+    assert alert_to_dict(alert) == messages.to_dict(alert) | {"hosts": ["a", "b"]}
+    assert messages.decode(body, max_bytes=1 << 20, expect="alert") == alert
+
+
+def test_hostlist_record_round_trip() -> None:
+    record = HostList(hosts=("b", "a"), created_at=1.0, sender="cli")
+    assert messages.decode(messages.encode(record), max_bytes=4096, expect="hostlist") == record
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    ({"text": "   "}, "text: the message is empty"),
+    ({"text": ""}, "text: the message is empty"),
+    ({"text": "x" * (MAX_TEXT_CHARS + 1)}, f"the limit is {MAX_TEXT_CHARS}"),
+    ({"id": "has space"}, "id: an alert id is"),
+    ({"hosts": ("a", "a")}, "only once"),
+    ({"hosts": ()}, "hosts"),
+    ({"hosts": ("a.b",)}, "not a node name"),
+    ({"target_kind": "route"}, "target_kind"),
+    ({"priority": 10}, "priority"),
+    ({"source": ""}, "source"),
+])
+def test_invalid_alerts_are_refused_with_the_field_named(overrides: dict[str, object],
+                                                         reason: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        validated(make(**overrides))
+    assert reason in str(info.value)
+    assert str(info.value).startswith("invalid alert: ")
+
+
+def test_decode_refuses_unknown_fields_and_wrong_types() -> None:
+    data = alert_to_dict(make()) | {"extra": 1}
+    with pytest.raises(MessageError, match="extra"):
+        messages.decode(json.dumps(data).encode(), max_bytes=4096, expect="alert")
+    with pytest.raises(MessageError, match="unexpected message type"):
+        messages.decode(encode_alert(make()), max_bytes=4096, expect="changes")
+
+
+def test_repr_hides_the_text() -> None:
+    assert "disk full" not in repr(make())

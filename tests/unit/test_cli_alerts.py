@@ -1,0 +1,56 @@
+import pytest
+from click.testing import CliRunner
+
+from tasync.cli_alerts import alerts_cli, normalise_host_args, parse_since
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["send", "-i", "d", "-m", "t", "-host", "a", "b", "c"],
+     ["send", "-i", "d", "-m", "t", "--host", "a", "--host", "b", "--host", "c"]),
+    (["--broker", "u", "send", "-host", "a", "b", "-m", "t"],
+     ["--broker", "u", "send", "--host", "a", "--host", "b", "-m", "t"]),
+    (["send", "--host", "a", "b"], ["send", "--host", "a", "--host", "b"]),
+    (["send", "-host=a,b"], ["send", "--host=a,b"]),
+    (["send", "-host"], ["send", "--host"]),
+    (["send", "--", "-host", "a", "b"], ["send", "--", "-host", "a", "b"]),
+    (["config", "set", "route", "r", "--host", "a", "b"],
+     ["config", "set", "route", "r", "--host", "a", "b"]),
+])
+def test_normalise_host_args(argv: list[str], expected: list[str]) -> None:
+    assert normalise_host_args(argv) == expected
+
+
+def test_parse_since() -> None:
+    now = 1_000_000.0
+    assert parse_since(None) is None
+    assert parse_since("2h", now=now) == now - 7200
+    assert parse_since("30m", now=now) == now - 1800
+    assert parse_since("123.5") == 123.5
+    assert parse_since("1970-01-02T00:00:00Z") == 86400
+    assert parse_since("1970-01-02T00:00") == 86400
+    with pytest.raises(Exception, match="duration"):
+        parse_since("yesterday")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["send", "-m", "t", "--host", "a"], "exactly one of -i DEST or -g GROUP"),
+    (["send", "-i", "d", "-g", "g", "-m", "t", "--host", "a"], "exactly one of"),
+    (["send", "-i", "d", "--host", "a"], "-m TEXT"),
+    (["send", "-i", "d", "-m", "t"], "--host A B ... or --route NAME"),
+    (["send", "-i", "d", "-m", "t", "--host", "a", "--route", "r"], "not both"),
+    (["send", "-i", "d", "-m", "t", "--priority", "12", "--host", "a"], "0<=x<=9"),
+    (["totals", "--since", "soon"], "duration"),
+    (["intake", "--listen", "nowhere"], "HOST:PORT"),
+    (["intake", "--route-for", "remedy"], "SOURCE=ROUTE"),
+])
+def test_usage_errors_exit_2_without_a_traceback(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(alerts_cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_broker_url_is_a_usage_error() -> None:
+    result = CliRunner().invoke(alerts_cli, ["send", "-i", "d", "-m", "t", "--host", "a",
+                                             "--broker", "http://x"])
+    assert result.exit_code == 2 and "unsupported broker URL scheme" in result.output
