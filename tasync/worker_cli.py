@@ -35,13 +35,17 @@ from tasync.options import broker_option, handle_errors, make_settings
               help="AMQP heartbeat; a hung node is given up after about twice this.")
 @click.option("--prefetch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Alerts a node holds unacknowledged; more go to the next node in the list.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve Prometheus metrics on this port (/metrics); off by default.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="Address the metrics server binds; 0.0.0.0 lets other hosts scrape.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-message detail in tasync.log.")
 @broker_option
 @handle_errors
 def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None,
          single_master: str | None, conf_hosts_file: Path | None,
          alert_hosts_file: Path | None, key_file: Path | None, heartbeat_s: float, prefetch: int,
-         verbose: bool, broker_url: str) -> None:
+         metrics_port: int | None, metrics_host: str, verbose: bool, broker_url: str) -> None:
     """Run a tasync node: apply configuration changes, deliver alerts, answer requests.
 
     \b
@@ -54,7 +58,8 @@ def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None
         node=node, data_dir=data_dir, role=role, verbose=verbose,
         key_file=key_file or key_file_from_env(),
         extra={"hosts_file": hosts_file, "single_master": single_master,
-               "conf_hosts_file": conf_hosts_file, "alert_hosts_file": alert_hosts_file},
+               "conf_hosts_file": conf_hosts_file, "alert_hosts_file": alert_hosts_file,
+               "metrics_port": metrics_port, "metrics_host": metrics_host},
     )
     Node(settings, options).run()
 

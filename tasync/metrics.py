@@ -1,0 +1,252 @@
+"""Prometheus metrics of one node, read from its state when Prometheus scrapes.
+
+``tasync-worker --metrics-port 9100`` serves ``/metrics`` in the text exposition format. The
+collector reads the node's state at scrape time (store bookkeeping, readiness, the persisted
+alert totals) instead of having the sync and delivery paths update metric objects: a node that
+nobody scrapes pays nothing, and the hot paths carry no metrics code that could slow or break
+them. The numbers are the ones ``tasync status`` and ``tasync totals`` show, so a dashboard and
+the command line never disagree.
+
+The server has a registry of its own rather than prometheus_client's global one: the process
+exposes exactly tasync's metrics (no default process/GC collectors that would look like node
+state), and tests can run several servers in one process.
+
+Metrics (every sample has a ``node`` label; one scrape target is one node):
+
+=================================== ======= ==================================================
+``tasync_node_ready``                gauge   1 once the node caught up and serves (guarantee 4)
+``tasync_is_master``                 gauge   1 on the master
+``tasync_epoch``                     gauge   highest epoch the node has seen
+``tasync_applied_seq``               gauge   highest seq applied (backup) or committed (master)
+``tasync_outbox_pending_changes``    gauge   master: committed changes not yet confirmed
+``tasync_lag_changes``               gauge   changes behind the master, when the node knows it
+``tasync_config_objects``            gauge   configuration objects held
+``tasync_consumer_connected``        gauge   per consumer (``sync``, ``control``, ``delivery``)
+``tasync_start_time_seconds``        gauge   when the process started (Unix time)
+``tasync_changes_applied_total``     counter changes applied by this process
+``tasync_alerts_<counter>_total``    counter per ``source``: received, delivered, failed,
+                                             taken_over, skipped, redelivered, duplicates
+=================================== ======= ==================================================
+
+The alert counters come from ``totals.db``, so they survive restarts like ``tasync totals``.
+A part of the state that cannot be read (the store is closing, the totals layer is absent) is
+left out of that scrape rather than failing it: Prometheus then shows a gap, not a wrong zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import MetricsHandler
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from broker.errors import ConfigError
+
+log = logging.getLogger("tasync.metrics")
+
+DEFAULT_HOST = "127.0.0.1"
+"""Loopback by default: metrics reveal node names and traffic by source, so exposing them to
+other hosts is a decision the operator makes with ``--metrics-host``."""
+
+ALERT_COUNTER_HELP = {
+    "received": "Alerts this node took from its queues (duplicates excluded).",
+    "delivered": "Alerts this node delivered.",
+    "failed": "Alerts that exhausted their retries and were dead-lettered.",
+    "taken_over": "Delivered alerts for which this node was not first in the precedence list.",
+    "skipped": "Alerts whose every destination was outside its schedule.",
+    "redelivered": "Received alerts the broker had handed out before (a holder died).",
+    "duplicates": "Alerts dropped because their id was already handled.",
+}
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float, calling it first if it is callable; None when unknown."""
+    if callable(value):
+        value = value()
+    return None if value is None else float(value)
+
+
+class NodeCollector(Collector):
+    """Builds every metric from the node object at each scrape.
+
+    The node is read duck-typed so the collector works with ``tasync.node.Node`` and with the
+    small fakes of the tests, and keeps working while other attributes are added or renamed:
+
+    * ``node.ctx`` (``NodeContext``): ``node``, ``ready``, ``is_master``, ``store``,
+      ``started_at``;
+    * ``node.changes_applied`` (int, optional): incremented by the node per applied change;
+    * ``node.lag_changes`` (int, or a callable returning int or None; optional);
+    * ``node.totals`` (``consumers.totals.Totals``, optional): its ``report()``;
+    * ``node.consumers`` (optional): consumer loops with ``name`` and ``connected``.
+
+    Args:
+        node: the running node.
+    """
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the metric set depends on the node's state (e.g. its sources)."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Every metric whose source could be read during this scrape."""
+        name = str(self.node.ctx.node)
+        for part in (self._node_state, self._progress, self._consumers, self._alerts):
+            try:
+                yield from part(name)
+            except Exception as exc:  # one unreadable part must not fail the whole scrape
+                log.debug("metrics: %s unavailable: %s", part.__name__, exc)
+
+    # -- parts --------------------------------------------------------------------------------
+
+    def _node_state(self, name: str) -> Iterator[Metric]:
+        ctx = self.node.ctx
+        store = ctx.store
+        yield _gauge("tasync_node_ready", "1 once the node has caught up and serves requests.",
+                     name, 1.0 if ctx.ready.is_set() else 0.0)
+        is_master = bool(ctx.is_master)
+        yield _gauge("tasync_is_master", "1 if this node is the master.", name,
+                     1.0 if is_master else 0.0)
+        yield _gauge("tasync_epoch", "Highest epoch this node has seen (+1 per promotion).",
+                     name, float(store.epoch))
+        last_seq = int(store.last_seq)
+        yield _gauge("tasync_applied_seq",
+                     "Highest configuration change seq applied (backup) or committed (master).",
+                     name, float(last_seq))
+        if is_master:
+            yield _gauge("tasync_outbox_pending_changes",
+                         "Committed changes the broker has not confirmed yet (master only).",
+                         name, float(last_seq - int(store.published_seq)))
+        yield _gauge("tasync_config_objects", "Configuration objects this node holds.", name,
+                     float(store.count()))
+        yield _gauge("tasync_start_time_seconds", "When this node process started (Unix time).",
+                     name, float(ctx.started_at))
+
+    def _progress(self, name: str) -> Iterator[Metric]:
+        applied = _number(getattr(self.node, "changes_applied", None))
+        if applied is not None:
+            counter = CounterMetricFamily(
+                "tasync_changes_applied", "Configuration changes applied by this process.",
+                labels=["node"])
+            counter.add_metric([name], applied)
+            yield counter
+        lag = _number(getattr(self.node, "lag_changes", None))
+        if lag is not None:
+            yield _gauge("tasync_lag_changes", "Configuration changes this node is behind.",
+                         name, lag)
+
+    def _consumers(self, name: str) -> Iterator[Metric]:
+        consumers = list(getattr(self.node, "consumers", ()) or ())
+        if not consumers:
+            return
+        gauge = GaugeMetricFamily("tasync_consumer_connected",
+                                  "1 while the consumer's broker connection is up.",
+                                  labels=["node", "consumer"])
+        for consumer in consumers:
+            gauge.add_metric([name, _consumer_label(str(consumer.name), name)],
+                             1.0 if consumer.connected.is_set() else 0.0)
+        yield gauge
+
+    def _alerts(self, name: str) -> Iterator[Metric]:
+        totals = getattr(self.node, "totals", None)
+        if totals is None:
+            return
+        report = totals.report()
+        sources: dict[str, dict[str, Any]] = report.get("sources") or {}
+        counters = list(ALERT_COUNTER_HELP)
+        counters += sorted({c for counts in sources.values() for c in counts} - set(counters))
+        for counter in counters:
+            family = CounterMetricFamily(
+                f"tasync_alerts_{counter}",
+                ALERT_COUNTER_HELP.get(counter, f"Alerts counted as {counter}."),
+                labels=["node", "source"])
+            for source, counts in sorted(sources.items()):
+                if counter in counts:
+                    family.add_metric([name, str(source)], float(counts[counter]))
+            yield family
+
+
+def _gauge(metric: str, documentation: str, node: str, value: float) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(metric, documentation, labels=["node"])
+    gauge.add_metric([node], value)
+    return gauge
+
+
+def _consumer_label(thread_name: str, node: str) -> str:
+    """``tasync-sync-a`` -> ``sync``: the consumer's role without the node name."""
+    label = thread_name.removeprefix("tasync-")
+    return label.removesuffix(f"-{node}") or thread_name
+
+
+class MetricsServer:
+    """A running metrics endpoint; ``close`` releases the port.
+
+    Attributes:
+        host: the address it is bound to.
+        port: the port it listens on (the real one when 0 was asked for).
+        registry: the registry it serves, holding the node's collector only.
+    """
+
+    def __init__(self, server: ThreadingHTTPServer, registry: CollectorRegistry) -> None:
+        self._server = server
+        self.registry = registry
+        self.host = str(server.server_address[0])
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="tasync-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5.0)
+
+
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    """An HTTP server class for ``host``'s address family (IPv6 literals need AF_INET6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+
+    return Server
+
+
+def start_metrics_server(port: int, node: Any, *, host: str = DEFAULT_HOST) -> MetricsServer:
+    """Serve the node's metrics on ``http://host:port/metrics`` from a daemon thread.
+
+    Args:
+        port: the TCP port; 0 picks a free one (see ``MetricsServer.port``).
+        node: the running node (see ``NodeCollector`` for what is read from it).
+        host: the address to bind; loopback by default, ``0.0.0.0`` or ``::`` to let
+            Prometheus on other hosts scrape.
+
+    Returns:
+        The running server; callers that run until the process exits may ignore it.
+
+    Raises:
+        ConfigError: the address cannot be bound (port in use, unknown address), so the
+            worker exits with a clear message instead of running without its metrics.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(node))
+    handler: Callable[..., Any] = MetricsHandler.factory(registry)
+    try:
+        server = _server_class(host)((host, port), handler)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
+    running = MetricsServer(server, registry)
+    log.info("metrics on http://%s:%d/metrics", host, running.port)
+    return running
+

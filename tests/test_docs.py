@@ -1,0 +1,486 @@
+"""The documentation, executed: it must describe the code as it is.
+
+Markers in the Markdown (fence info strings), chosen so GitHub still highlights the blocks:
+
+* ```` ```console ```` - a shell session; every ``tasync``/``tasync-worker`` command in it
+  (after ``$``) is parsed by the real click command: the command, its options and choice
+  values must exist (``tests.cli_contract``); ``tasync config set`` bodies must validate.
+* ```` ```console offline ```` - also run, without a broker, in a scratch directory; the output
+  shown must be the output printed (a line ``...`` stands for any lines).
+* ```` ```console network ```` - also run, in document order, against a real network (the
+  ``network`` fixture); ``tasync-worker ... &`` starts a node and waits until it is ready.
+* ```` ```text file=NAME ```` - written to NAME in the scratch directory before later blocks.
+* ```` ```yaml tasync-config ```` / ```` ```json tasync-config ```` - an import file; it must
+  validate with ``tasync.config_files.objects_to_ops``, and a whole configuration must have no
+  dangling reference.
+* ```` ```sh ```` and ```` ```bash ```` - scripts; their commands are checked like console
+  lines. In ```` ```text ```` blocks (config files of other programs, such as a Nagios
+  ``command_line``) any word that is a console script starts a checked command.
+* Inline code spans that start with ``tasync`` name commands and options that must exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from broker import kinds
+from tests.cli_contract import (
+    PENDING_OPTIONS,
+    ROOT,
+    check_argv,
+    commands_in,
+    logical_lines,
+    normalise,
+    resolve,
+)
+from tests.network import Network, NodeProcess
+
+DOCS = ROOT / "docs"
+#: Documents written with the markers above; every command in them is checked.
+OWN_DOCS = ["operations.md", "security.md", "configuration.md", "integrations.md"]
+#: Other documents: only their shell blocks are checked.
+OTHER_DOCS = ["../README.md", "architecture.md"]
+#: Wrapper scripts the documents define, and the command each runs.
+ALIASES = {"tasync-send": ["tasync", "send"]}
+SHELL_INFO = {"console", "sh", "bash", "shell"}
+_FENCE = re.compile(r"^(```+|~~~+)\s*(.*)$")
+_SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+
+
+@dataclass
+class Block:
+    """One fenced code block."""
+
+    doc: str
+    line: int
+    info: list[str]
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def blocks(doc: str) -> list[Block]:
+    found: list[Block] = []
+    fence: str | None = None
+    info: list[str] = []
+    start = 0
+    body: list[str] = []
+    for number, line in enumerate((DOCS / doc).read_text().splitlines(), 1):
+        match = _FENCE.match(line.strip())
+        if fence is None and match:
+            fence, info, start, body = match.group(1), match.group(2).split(), number + 1, []
+        elif fence is not None and line.strip() == fence:
+            found.append(Block(doc, start, info, "\n".join(body)))
+            fence = None
+        elif fence is not None:
+            body.append(line)
+    return found
+
+
+def prose(doc: str) -> Iterator[tuple[int, str]]:
+    """Lines outside code blocks."""
+    inside = False
+    for number, line in enumerate((DOCS / doc).read_text().splitlines(), 1):
+        if _FENCE.match(line.strip()):
+            inside = not inside
+        elif not inside:
+            yield number, line
+
+
+@dataclass
+class Step:
+    """One ``$`` command of a console block, its line and the output shown after it."""
+
+    line: int
+    command: str
+    expected: list[str]
+
+
+def session(block: Block) -> list[Step]:
+    steps: list[Step] = []
+    lines = block.text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        index += 1
+        if not line.startswith("$ "):
+            if steps:
+                steps[-1].expected.append(line)
+            continue
+        step = Step(block.line + index - 1, line[2:], [])
+        while step.command.endswith("\\") and index < len(lines):
+            step.command = step.command[:-1] + " " + lines[index].strip()
+            index += 1
+        steps.append(step)
+    return steps
+
+
+def shell_lines(block: Block) -> Iterator[tuple[int, str]]:
+    """The shell commands of a block, with their line numbers."""
+    if block.info[0] == "console":
+        for step in session(block):
+            yield step.line, step.command
+        return
+    for number, line in logical_lines(block.text):
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield block.line + number - 1, line
+
+
+def command_occurrences() -> list[tuple[str, list[str]]]:
+    """``(where, argv)`` for every command line in the documents.
+
+    ``where`` ends in ``!`` for the commands of offline examples, which may be wrong on
+    purpose (they show the error message).
+    """
+    found: list[tuple[str, list[str]]] = []
+    for doc in OWN_DOCS + OTHER_DOCS:
+        for block in blocks(doc):
+            if not block.info:
+                continue
+            kind = block.info[0]
+            mark = "!" if "offline" in block.info else ""
+            if kind in SHELL_INFO:
+                for number, line in shell_lines(block):
+                    for argv in commands_in(line, aliases=ALIASES):
+                        found.append((f"{doc}:{number}{mark}", argv))
+            elif kind == "text" and doc in OWN_DOCS and not _is_file_block(block):
+                for number, line in logical_lines(block.text):
+                    for argv in commands_in(line, loose=True, aliases=ALIASES):
+                        found.append((f"{doc}:{block.line + number - 1}", argv))
+    return found
+
+
+def _is_file_block(block: Block) -> bool:
+    return any(word.startswith("file=") for word in block.info)
+
+
+# -- every command, option and value exists ---------------------------------------------------
+
+
+COMMANDS = command_occurrences()
+
+
+@pytest.mark.parametrize(("where", "argv"), COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_command_line_parses(where: str, argv: list[str]) -> None:
+    verdict = check_argv(argv)
+    if verdict.pending:
+        pytest.xfail(f"{where}: {verdict.pending}")
+    assert verdict.error is None, f"{where}: {' '.join(argv)}\n{verdict.error}"
+    if verdict.path == "tasync config set" and verdict.params and not where.endswith("!"):
+        check_config_set(verdict.params)
+
+
+def check_config_set(params: dict[str, Any]) -> None:
+    """The body a ``config set`` line builds must validate, as the CLI would check it."""
+    from tasync.cli_config import _body_from_options
+
+    not_fields = {"kind", "name", "body_json", "wait_applied", "timeout_s", "broker_url"}
+    fields = {k: v for k, v in params.items() if k not in not_fields}
+    body = _body_from_options(params["kind"], params["body_json"], fields)
+    kinds.load_body(params["kind"], params["name"], body)
+
+
+def inline_mentions() -> list[tuple[str, str]]:
+    found = []
+    for doc in OWN_DOCS:
+        for number, line in prose(doc):
+            for span in _SPAN.findall(line):
+                if span == "tasync" or span.startswith(("tasync ", "tasync-worker")):
+                    found.append((f"{doc}:{number}", span))
+    return found
+
+
+MENTIONS = inline_mentions()
+
+
+@pytest.mark.parametrize(("where", "span"), MENTIONS, ids=[f"{w} {s}" for w, s in MENTIONS])
+def test_inline_mention_names_real_commands_and_options(where: str, span: str) -> None:
+    words = normalise([w.strip("[](),|") for w in span.split()])
+    words = [w for w in words if w and w != "..."]
+    script = words[0].split(" ")[0]
+    subcommands = [w for w in words[1:] if re.fullmatch(r"[a-z][a-z-]*", w)]
+    path, command, _, _ = resolve([script, *subcommands])
+    if command is None:
+        parent, parent_command, _, _ = resolve([script, *subcommands[:-1]])
+        if isinstance(parent_command, click.Group) and subcommands:
+            pytest.fail(f"{where}: `{span}`: `{parent} {subcommands[-1]}` is not a command")
+        path, command = parent, parent_command  # the last word is an argument
+    pending = None
+    assert command is not None
+    options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+    options |= {"-h", "--help"}
+    for word in words[1:]:
+        name = word.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        if name not in options:
+            waiting = PENDING_OPTIONS.get(path, {})
+            if name in waiting:
+                pending = f"{path} {name} is not in the CLI yet"
+                continue
+            pytest.fail(f"{where}: `{span}`: {path} has no option {name}")
+    if pending:
+        pytest.xfail(f"{where}: {pending}")
+
+
+def test_pending_lists_are_not_stale() -> None:
+    """An entry whose feature landed must go, so the list keeps meaning "not yet"."""
+    landed = []
+    for path, options in PENDING_OPTIONS.items():
+        command = resolve(path.split()).command
+        names = {o for p in (command.params if command else []) for o in p.opts}
+        landed += [f"{path} {o}" for o in options if o in names]
+    assert landed == [], f"remove from tests/cli_contract.py PENDING_*: {landed}"
+
+
+def test_cli_reference_is_generated_from_the_code() -> None:
+    spec = importlib.util.spec_from_file_location("gen_cli_reference",
+                                                  DOCS / "gen_cli_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DOCS / "cli.md").read_text() == module.render(), \
+        "docs/cli.md is stale: run python docs/gen_cli_reference.py"
+
+
+# -- configuration examples -------------------------------------------------------------------
+
+
+def config_blocks() -> list[Block]:
+    return [b for doc in OWN_DOCS for b in blocks(doc) if "tasync-config" in b.info]
+
+
+@pytest.mark.parametrize("block", config_blocks(), ids=lambda b: b.where)
+def test_config_example_validates(block: Block) -> None:
+    from tasync.config_files import objects_to_ops
+
+    data = json.loads(block.text) if block.info[0] == "json" else yaml.safe_load(block.text)
+    ops = objects_to_ops(data)
+    assert ops, "an example with no object"
+    if isinstance(data, dict):  # a whole configuration: its references must hold too
+        state: dict[str, dict[str, Any]] = {}
+        for op in ops:
+            state.setdefault(op["kind"], {})[op["name"]] = op["body"]
+        assert kinds.reference_errors(state) == []
+
+
+def test_there_are_config_examples_of_both_shapes() -> None:
+    shapes = {b.info[0] for b in config_blocks()}
+    assert shapes == {"json", "yaml"}
+
+
+# -- what the documents list exists -----------------------------------------------------------
+
+
+def table_column(doc: str, marker: str) -> list[str]:
+    """The backticked names in the first column of the table between ``<!-- marker -->``."""
+    text = (DOCS / doc).read_text()
+    section = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+    names: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names += re.findall(r"`([^`]+)`", line.split("|")[1])
+    return names
+
+
+def source_text() -> str:
+    return "\n".join(p.read_text() for d in ("broker", "consumers", "producers", "tasync")
+                     for p in sorted((ROOT / d).rglob("*.py")))
+
+
+def test_every_documented_trail_event_is_written_by_the_code() -> None:
+    code = source_text()
+    dynamic = {"change_applied", "changes_applied", "change_replayed", "changes_replayed"}
+    assert 'f"change_{how}"' in code and 'f"changes_{how}"' in code
+    events = table_column("operations.md", "trail-events")
+    assert len(events) > 20
+    missing = [e for e in events if e not in dynamic and f'"{e}"' not in code]
+    assert missing == []
+
+
+def test_every_trail_event_of_the_code_is_documented() -> None:
+    written = set(re.findall(r'trail\.event\(\s*"([a-z_.]+)"', source_text()))
+    assert written - set(table_column("operations.md", "trail-events")) == set()
+
+
+def test_metrics_table_matches_what_a_node_exports(tmp_path: Path) -> None:
+    from prometheus_client.registry import CollectorRegistry
+
+    from broker.audit import Trail
+    from broker.settings import Settings
+    from broker.store import NodeStore
+    from consumers.context import NodeContext
+    from consumers.totals import Totals
+    from tasync.metrics import NodeCollector
+
+    store = NodeStore(tmp_path, durable=False)
+    store.set_meta(role="master")
+    ctx = NodeContext(settings=Settings(), node="a", data_dir=tmp_path, store=store,
+                      trail=Trail(tmp_path, "a"))
+    totals = Totals(ctx)
+    totals.count("remedy", received=1)
+
+    class Consumer:
+        name = "tasync-sync-a"
+        connected = ctx.ready
+
+    node = type("FakeNode", (), {"ctx": ctx, "changes_applied": 1, "lag_changes": 0,
+                                 "totals": totals, "consumers": [Consumer()]})()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(node))
+    exported = {s.name for m in registry.collect() for s in m.samples}
+    totals.close()
+    store.close()
+    assert set(table_column("operations.md", "metrics")) == exported
+
+
+def test_every_environment_variable_the_code_reads_is_documented() -> None:
+    read = set(re.findall(r'"(TASYNC_[A-Z_]*[A-Z])"', source_text()))
+    read -= {"TASYNC_FAILPOINT"}  # a fault-injection hook of the tests, not a setting
+    documented = set(re.findall(r"`(TASYNC_[A-Z_]+)`",
+                                (DOCS / "configuration.md").read_text()))
+    assert read - documented == set(), "document these in configuration.md"
+    assert documented - read == set(), "configuration.md documents variables nothing reads"
+
+
+def test_links_between_documents_resolve() -> None:
+    broken = []
+    for doc in [*OWN_DOCS, "cli.md"]:
+        for number, line in prose(doc):
+            for target in re.findall(r"\]\(([^)#\s]+\.md)?(#[^)\s]*)?\)", line):
+                file, anchor = target
+                path = (DOCS / (file or doc)).resolve()
+                if not path.exists():
+                    broken.append(f"{doc}:{number}: {file}")
+                elif anchor and anchor[1:] not in anchors(path):
+                    broken.append(f"{doc}:{number}: {file}{anchor}")
+    assert broken == []
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file."""
+    found = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            found.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return found
+
+
+# -- running the examples -----------------------------------------------------------------------
+
+
+def _example_env(tmp: Path, base: dict[str, str]) -> dict[str, str]:
+    """The environment examples run in: this interpreter's scripts first, a scratch home."""
+    return {**base, "PATH": os.pathsep.join([str(Path(sys.executable).parent),
+                                             base.get("PATH", "")]),
+            "HOME": str(tmp), "TASYNC_CACHE_DIR": str(tmp / "cache"), "COLUMNS": "200"}
+
+
+def _matches(expected: list[str], actual: list[str]) -> bool:
+    """Whether ``actual`` is exactly ``expected``, where a line ``...`` stands for any lines."""
+    if not expected:
+        return not actual
+    if expected[0] == "...":
+        return any(_matches(expected[1:], actual[i:]) for i in range(len(actual) + 1))
+    return bool(actual) and expected[0] == actual[0] and _matches(expected[1:], actual[1:])
+
+
+OFFLINE_DOCS = [d for d in OWN_DOCS if any(b.info[:2] == ["console", "offline"]
+                                           for b in blocks(d))]
+
+
+@pytest.mark.parametrize("doc", OFFLINE_DOCS)
+def test_offline_examples_print_what_the_documents_show(doc: str, tmp_path: Path) -> None:
+    env = _example_env(tmp_path, {k: v for k, v in os.environ.items()
+                               if not k.startswith("TASYNC_")})
+    env["TASYNC_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:1/offline"  # nothing listens
+    ran = 0
+    for block in blocks(doc):
+        for word in block.info:
+            if word.startswith("file="):
+                (tmp_path / word[5:]).write_text(block.text + "\n")
+        if block.info[:2] != ["console", "offline"]:
+            continue
+        status = 0
+        for step in session(block):
+            out = subprocess.run(["bash", "-c", f"(exit {status}); {step.command}"],
+                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, timeout=60, check=False)
+            status = out.returncode
+            actual = [line.rstrip() for line in out.stdout.splitlines()]
+            shown = [e.rstrip() for e in step.expected]
+            assert not shown or _matches(shown, actual), \
+                f"{block.doc}:{step.line}: $ {step.command}\nexpected:\n" + \
+                "\n".join(step.expected) + "\ngot:\n" + out.stdout
+            ran += 1
+    assert ran
+
+
+@pytest.mark.integration
+def test_operations_walkthrough_runs_against_a_real_network(network: Network) -> None:
+    root = network.root
+    env = _example_env(root, network.env)
+    outputs: dict[str, str] = {}
+    for block in blocks("operations.md"):
+        if block.info[:2] != ["console", "network"]:
+            continue
+        for step in session(block):
+            command = step.command
+            if command.startswith("export "):
+                name, _, value = command[len("export "):].partition("=")
+                if name != "TASYNC_BROKER_URL":  # the test's own vhost stays
+                    env[name] = shlex.split(value)[0]
+                continue
+            if command.rstrip().endswith("&"):
+                start_worker(network, command.rstrip()[:-1], env)
+                continue
+            out = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=root, env=env,
+                                 capture_output=True, text=True, timeout=180, check=False)
+            assert out.returncode == 0, \
+                f"{block.doc}:{step.line}: $ {command}\n{out.stdout}\n{out.stderr}"
+            outputs[command] = out.stdout
+    exports = [v for k, v in outputs.items() if k.startswith("tasync config export")]
+    assert len(exports) == 2 and exports[0] == exports[1], "the backups' exports differ"
+    deadline = time.monotonic() + 60
+    delivered: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and len(delivered) < 2:
+        path = root / "alerts.jsonl"
+        delivered = [json.loads(x) for x in path.read_text().splitlines()] \
+            if path.exists() else []
+        time.sleep(0.2)
+    assert {(d["source"], d["node"]) for d in delivered} == {("remedy", "a"), ("nms", "c")}
+
+
+def start_worker(network: Network, command: str, env: dict[str, str]) -> NodeProcess:
+    """Start ``tasync-worker ...`` from a document line and wait until it is ready."""
+    (argv,) = list(commands_in(command))
+    verdict = check_argv(argv)
+    assert verdict.error is None and verdict.params, verdict.error
+    name, data_dir = verdict.params["node"], network.root / verdict.params["data_dir"]
+    args = list(argv[1:])
+    args[args.index("--data-dir") + 1] = str(data_dir)
+    node = NodeProcess(name=name, data_dir=data_dir,
+                       args=[sys.executable, "-m", "tasync.worker_cli", *args], env=env)
+    network.nodes[name] = node
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    node.start()
+    node.wait_ready(timeout_s=90)
+    return node
