@@ -18,11 +18,16 @@ from typing import Any, TypeVar
 import amqp.exceptions
 from kombu import Connection
 
-from broker.errors import BrokerUnreachable
+from broker.errors import BrokerUnreachable, TasyncError
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
 T = TypeVar("T")
+
+
+class AccessDenied(TasyncError):
+    """The broker refused an operation (``ACCESS_REFUSED``): this user lacks a permission."""
+
 
 #: Errors after which a fresh connection (maybe to the next URL) may succeed.
 RECOVERABLE: tuple[type[BaseException], ...] = (
@@ -41,7 +46,9 @@ def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
     """TLS parameters when a URL is ``amqps://``: CA file and client certificate from settings."""
     if not any(u.startswith("amqps://") for u in settings.broker_urls):
         return False
-    opts: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED}
+    # server_hostname=None makes kombu put each URL's host here, and py-amqp checks the broker's
+    # certificate against it; without the key py-amqp would accept any certificate the CA signed.
+    opts: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
     extra = settings.extra
     if extra.get("ssl_ca_file"):
         opts["ca_certs"] = extra["ssl_ca_file"]
@@ -83,7 +90,7 @@ def connect(settings: Settings, *, name: str = "tasync", retry_s: float | None =
         except (*RECOVERABLE, amqp.exceptions.AccessRefused) as exc:
             last = exc
             conn.release()
-            if isinstance(exc, amqp.exceptions.AccessRefused):
+            if _permanent(exc):
                 break
         if time.monotonic() + delay > deadline:
             break
@@ -102,8 +109,49 @@ def describe(exc: BaseException | None) -> str:
         return "timed out"
     if isinstance(exc, amqp.exceptions.AccessRefused):
         return "login refused (check user and password)"
+    if isinstance(exc, amqp.exceptions.NotAllowed):
+        return "access to the virtual host refused (check the vhost in the URL and the user's " \
+               "permissions on it)"
+    if isinstance(exc, ssl.SSLError):
+        return _describe_tls(exc)
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+#: OpenSSL reasons that a retry cannot cure, with what the operator should do about them.
+_TLS_ADVICE = {
+    "CERTIFICATE_REQUIRED": "the broker requires a client certificate (give --cert-file and "
+                            "--key-file, or $TASYNC_SSL_CERT_FILE and $TASYNC_SSL_KEY_FILE)",
+    "UNKNOWN_CA": "the broker does not trust our client certificate (not signed by its CA)",
+    "BAD_CERTIFICATE": "the broker refused our client certificate",
+    "CERTIFICATE_EXPIRED": "a certificate has expired",
+    "WRONG_VERSION_NUMBER": "the port does not speak TLS (plain amqp:// port?)",
+}
+
+
+def _describe_tls(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the broker's certificate was not accepted ({exc.verify_message}); check "
+                "--ca-file and that the URL's host is named in the certificate")
+    reason = str(exc.reason or "")
+    if isinstance(exc, ssl.SSLEOFError) or "EOF" in reason:
+        return ("TLS: the broker closed the connection during the handshake (it did not accept "
+                "our client certificate, or the port does not speak TLS)")
+    for key, advice in _TLS_ADVICE.items():
+        if key in reason:
+            return f"TLS: {advice}"
+    return f"TLS handshake failed ({reason or type(exc).__name__})"
+
+
+def _permanent(exc: BaseException) -> bool:
+    """Connection errors that retrying the same URLs cannot fix: fail at once instead."""
+    if isinstance(exc, amqp.exceptions.AccessRefused | amqp.exceptions.NotAllowed):
+        return True
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    return isinstance(exc, ssl.SSLError) and any(
+        key in str(exc.reason or "") for key in ("CERTIFICATE_REQUIRED", "UNKNOWN_CA",
+                                                 "BAD_CERTIFICATE", "WRONG_VERSION_NUMBER"))
 
 
 def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "tasync",
@@ -112,6 +160,11 @@ def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "ta
 
     ``fn`` must be safe to repeat (tasync's publishes are idempotent by seq or alert id).
     Returns the result and the connection that produced it, which the caller keeps using.
+
+    Raises:
+        AccessDenied: the broker refused an operation for lack of permission; a retry would
+            only be refused again, so it is not retried.
+        BrokerUnreachable: no connection could be (re)established in time.
     """
     budget = settings.connect_retry_s if retry_s is None else retry_s
     deadline = time.monotonic() + budget
@@ -120,6 +173,9 @@ def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "ta
             conn = connect(settings, name=name, retry_s=max(0.0, deadline - time.monotonic()))
         try:
             return fn(conn), conn
+        except amqp.exceptions.AccessRefused as exc:
+            close_quietly(conn)
+            raise AccessDenied(refusal(exc)) from None
         except RECOVERABLE as exc:
             log.warning("connection lost (%s); reconnecting", describe(exc))
             close_quietly(conn)
@@ -130,11 +186,31 @@ def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "ta
                 ) from None
 
 
-def close_quietly(conn: Connection | None) -> None:
-    """Release a connection that may already be broken."""
+def refusal(exc: amqp.exceptions.AccessRefused) -> str:
+    """One line for a broker ``ACCESS_REFUSED``: what was refused to whom, and the remedy."""
+    text = (str(exc).splitlines() or [""])[0]
+    detail = text.split("ACCESS_REFUSED - ", 1)[-1].strip() or "access refused"
+    return f"permission denied by the broker: {detail[:240]} (see `tasync broker setup --users`)"
+
+
+def close_quietly(conn: Connection | None, *, timeout_s: float = 2.0) -> None:
+    """Close a connection that may already be broken, without ever hanging.
+
+    The AMQP close handshake waits for the broker's ``close-ok`` with no timeout of its own; on
+    a partitioned link it would wait forever. The socket gets a deadline first, and when the
+    polite close fails the connection is dropped without a handshake.
+    """
     if conn is None:
         return
     try:
+        raw = getattr(conn, "_connection", None)
+        sock = getattr(getattr(raw, "transport", None), "sock", None)
+        if sock is not None:
+            sock.settimeout(timeout_s)
         conn.release()
     except Exception:
-        log.debug("ignored error while closing a connection", exc_info=True)
+        log.debug("closing politely failed; dropping the connection", exc_info=True)
+        try:
+            conn.collect()
+        except Exception:
+            log.debug("ignored error while dropping a connection", exc_info=True)

@@ -13,6 +13,7 @@ change lost to a power cut is a gap, refilled from the change log.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 import threading
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.epochs import EpochHistory
 from broker.errors import TasyncError
 from broker.kinds import KINDS
 from broker.messages import Change, ChangeBatch
@@ -52,16 +54,34 @@ class GapError(TasyncError):
 
 @dataclass(frozen=True)
 class ApplyResult:
-    """What ``apply`` did with a batch."""
+    """What ``apply`` did with a batch; ``reapplied`` counts changes a forced replay rewrote."""
 
     applied: int
     skipped: int
     last_seq: int
+    reapplied: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The whole configuration as of ``seq``, with the eras its holder knew (for recovery)."""
+
+    seq: int
+    epoch: int
+    ts: float
+    eras: list[list[Any]]
+    objects: list[tuple[str, str, dict[str, Any]]]
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_UPSERT = ("INSERT INTO objects(kind, name, body, seq) VALUES(?,?,?,?) ON CONFLICT(kind, name) "
+           "DO UPDATE SET body=excluded.body, seq=excluded.seq")
+_DELETE = "DELETE FROM objects WHERE kind=? AND name=?"
 
 
 def canonical(body: Any) -> str:
     """The one JSON spelling of a value: sorted keys, no spaces; equal data, equal bytes."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(body)
 
 
 class NodeStore:
@@ -119,20 +139,58 @@ class NodeStore:
 
     # -- changes ------------------------------------------------------------------------------
 
-    def apply(self, batch: ChangeBatch) -> ApplyResult:
-        """Apply a batch exactly once by seq; raise ``GapError`` if it starts past the next seq."""
+    @property
+    def history(self) -> EpochHistory:
+        """The eras this node knows (``broker.epochs``)."""
+        return EpochHistory.from_json(self.get_meta("epochs"))
+
+    def set_history(self, history: EpochHistory) -> None:
+        """Persist the eras; the node's epoch follows the newest one."""
+        with self.lock, self._tx():
+            self._set_history_locked(history)
+
+    def _set_history_locked(self, history: EpochHistory) -> None:
+        self._set_meta_locked({"epochs": history.to_json(),
+                               "epoch": max(self.epoch, history.max_epoch)})
+
+    @property
+    def diverged(self) -> bool:
+        """Whether this node holds effects of changes the network does not have (see recovery)."""
+        return self.get_meta("diverged", "0") == "1"
+
+    @property
+    def published_seq(self) -> int:
+        """The highest seq the broker confirmed: committed seqs below the outbox's first row."""
+        with self.lock:
+            row = self._db.execute("SELECT min(seq) FROM changes WHERE published=0").fetchone()
+        return self.last_seq if row[0] is None else int(row[0]) - 1
+
+    def apply(self, batch: ChangeBatch, *, force: bool = False,
+              history: EpochHistory | None = None) -> ApplyResult:
+        """Apply a batch exactly once by seq; raise ``GapError`` if it starts past the next seq.
+
+        Args:
+            batch: consecutive changes.
+            force: also rewrite changes this node already holds (``tasync replay``): replaying
+                a suffix of the history in order restores every object it touches.
+            history: eras to persist in the same transaction (learned from this batch).
+        """
         with self.lock, self._tx():
             last = self.last_seq
-            todo = [c for c in batch.changes if c.seq > last]
-            if todo and todo[0].seq != last + 1:
+            todo = list(batch.changes) if force else [c for c in batch.changes if c.seq > last]
+            if todo and todo[0].seq > last + 1:
                 raise GapError(last + 1, todo[0].seq)
             self._write_changes(todo, published=1)
-            if todo:
+            fresh = [c for c in todo if c.seq > last]
+            if fresh:
                 self._set_meta_locked({
-                    "last_seq": todo[-1].seq, "last_ts": todo[-1].ts,
+                    "last_seq": fresh[-1].seq, "last_ts": fresh[-1].ts,
                     "epoch": max(self.epoch, batch.epoch),
                 })
-        return ApplyResult(len(todo), len(batch.changes) - len(todo), max(last, batch.last_seq))
+            if history is not None:
+                self._set_history_locked(history)
+        return ApplyResult(len(fresh), len(batch.changes) - len(todo),
+                           max(last, batch.last_seq), reapplied=len(todo) - len(fresh))
 
     def commit(self, changes: list[Change]) -> None:
         """The master's transactional outbox: objects, history and unpublished rows at once."""
@@ -147,20 +205,21 @@ class NodeStore:
         if not changes:
             return
         self._checksum = None
-        for c in changes:
-            if c.op == "set":
-                self._db.execute(
-                    "INSERT INTO objects(kind, name, body, seq) VALUES(?,?,?,?) ON CONFLICT"
-                    "(kind, name) DO UPDATE SET body=excluded.body, seq=excluded.seq",
-                    (c.kind, c.name, canonical(c.body), c.seq),
-                )
+        bodies = [None if c.body is None else canonical(c.body) for c in changes]
+        # Runs of sets and runs of deletes, in order: one statement per run (a bulk catch-up
+        # spends its time here), and a later change to the same object still wins.
+        for is_set, run in itertools.groupby(zip(changes, bodies, strict=True),
+                                             key=lambda cb: cb[0].op == "set"):
+            if is_set:
+                self._db.executemany(_UPSERT, [(c.kind, c.name, b or "null", c.seq)
+                                               for c, b in run])
             else:
-                self._db.execute("DELETE FROM objects WHERE kind=? AND name=?", (c.kind, c.name))
+                self._db.executemany(_DELETE, [(c.kind, c.name) for c, _ in run])
         self._db.executemany(
             "INSERT OR REPLACE INTO changes(seq, epoch, ts, origin, op, kind, name, body, "
             "published) VALUES(?,?,?,?,?,?,?,?,?)",
-            [(c.seq, c.epoch, c.ts, c.origin, c.op, c.kind, c.name,
-              None if c.body is None else canonical(c.body), published) for c in changes],
+            [(c.seq, c.epoch, c.ts, c.origin, c.op, c.kind, c.name, b, published)
+             for c, b in zip(changes, bodies, strict=True)],
         )
 
     def mark_published(self, up_to_seq: int) -> None:
@@ -245,28 +304,59 @@ class NodeStore:
             state.setdefault(kind, {})[name] = body
         return (json.dumps(state, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
 
-    def checksum(self) -> str:
-        """SHA-256 of the canonical export; nodes in sync have the same one."""
+    def checksum(self, *, fresh: bool = False) -> str:
+        """SHA-256 of the canonical export; nodes in sync have the same one.
+
+        It is cached between writes; ``fresh`` recomputes it, which also notices a file
+        changed behind the store's back (recovery's drift check).
+        """
         with self.lock:
-            if self._checksum is None:
+            if self._checksum is None or fresh:
                 self._checksum = hashlib.sha256(self.export_bytes()).hexdigest()
             return self._checksum
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
 
+    def snapshot(self) -> Snapshot:
+        """The whole configuration and its seq, read at once (what ``replace_all`` installs)."""
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT kind, name, body FROM objects ORDER BY kind, name").fetchall()
+            return Snapshot(seq=self.last_seq, epoch=self.epoch, ts=self.last_ts,
+                            eras=self.history.to_list(),
+                            objects=[(k, n, json.loads(b)) for k, n, b in rows])
+
     def replace_all(self, objects: Iterable[tuple[str, str, dict[str, Any]]], *, seq: int,
-                    epoch: int, ts: float) -> None:
-        """Install a snapshot: the whole configuration as of ``seq``, replacing what was here."""
+                    epoch: int, ts: float, history: EpochHistory | None = None) -> None:
+        """Install a snapshot: the whole configuration as of ``seq``, replacing what was here.
+
+        The local history goes too: it described the state being replaced, and a diverged
+        node's history holds changes the network never had (they were kept as conflicts).
+        """
         with self.lock, self._tx():
             self._checksum = None
             self._db.execute("DELETE FROM objects")
+            self._db.execute("DELETE FROM changes")
             self._db.executemany(
                 "INSERT INTO objects(kind, name, body, seq) VALUES(?,?,?,?)",
                 [(k, n, canonical(b), seq) for k, n, b in objects],
             )
             self._set_meta_locked({"last_seq": seq, "epoch": max(self.epoch, epoch),
-                                   "last_ts": ts})
+                                   "last_ts": ts, "diverged": 0, "snapshot_seq": seq})
+            if history is not None:
+                self._set_history_locked(history.merge(self.history))
+
+    def set_aside(self, changes: list[Change]) -> None:
+        """Drop ``changes`` from the history and mark the node diverged (they became conflicts).
+
+        Their effects stay in the objects until a snapshot replaces them, so the node must not
+        serve snapshots or apply further changes before it recovered.
+        """
+        with self.lock, self._tx():
+            self._db.executemany("DELETE FROM changes WHERE seq=? AND epoch=?",
+                                 [(c.seq, c.epoch) for c in changes])
+            self._set_meta_locked({"diverged": 1})
 
 
 class _Transaction:

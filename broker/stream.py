@@ -4,8 +4,9 @@ Stream facts that shape this module (design section 9): a stream consumer needs 
 and manual acks; ``x-stream-offset`` takes ``first``, ``last``, ``next``, an integer offset or a
 timestamp; offsets have gaps; a stream error closes the whole connection, so each read uses a
 connection of its own and ends by closing it rather than cancelling a consumer with a backlog.
-A stream has no end marker over AMQP 0-9-1: a read ends at a target seq, or after the stream
-has been quiet for ``idle_s``.
+A stream has no end marker over AMQP 0-9-1: a read ends when the caller says so (it reached its
+target seq), or after the stream has been quiet for ``idle_s``. Besides change batches the log
+holds the epoch marks of promotions (``broker.epochs``), in order with the changes.
 """
 
 from __future__ import annotations
@@ -15,20 +16,27 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import amqp
+import amqp.exceptions
 
-from broker import messages, topology
+from broker import topology
 from broker.connection import close_quietly, connect
-from broker.errors import MessageError
+from broker.epochs import EpochHistory, EpochMark
+from broker.errors import MessageError, TasyncError
+from broker.fastdecode import decode_entry
 from broker.messages import ChangeBatch
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.sync")
 
 Offset = str | int | dt.datetime
+
+
+class UnfillableGap(TasyncError):
+    """The change log no longer reaches back to the missing changes: a snapshot is needed."""
 
 
 @dataclass
@@ -40,20 +48,40 @@ class StreamRead:
     last_seq: int = 0
     max_epoch: int = 0
     refused: int = 0
+    marks: list[EpochMark] = field(default_factory=list)
+
+    def record(self, item: ChangeBatch | EpochMark) -> None:
+        """Count one entry of the log."""
+        if isinstance(item, EpochMark):
+            self.marks.append(item)
+        else:
+            self.batches += 1
+            if self.first_seq is None:
+                self.first_seq = item.first_seq
+            self.last_seq = max(self.last_seq, item.last_seq)
+        self.max_epoch = max(self.max_epoch, item.epoch)
+
+
+def _decode_entry(body: bytes, settings: Settings) -> ChangeBatch | EpochMark:
+    item = decode_entry(body, max_bytes=settings.max_message_bytes)
+    if not isinstance(item, ChangeBatch | EpochMark):
+        raise MessageError(f"unexpected {type(item).__name__} in the change log")
+    return item
 
 
 def read_changelog(settings: Settings, *, offset: Offset,
-                   on_batch: Callable[[ChangeBatch], bool], until_seq: int | None = None,
-                   idle_s: float = 1.0, prefetch: int = 200) -> StreamRead:
+                   on_batch: Callable[[ChangeBatch], bool], idle_s: float = 1.0,
+                   prefetch: int = 200,
+                   on_mark: Callable[[EpochMark], bool] | None = None) -> StreamRead:
     """Hand every valid batch from ``offset`` on to ``on_batch`` until done.
 
     Args:
         settings: broker settings.
         offset: where to start (``"first"``, ``"last"``, an integer, or a datetime).
         on_batch: called for each batch; returning False ends the read.
-        until_seq: end once a batch reaches this seq.
         idle_s: end after this long without a message (the end of the stream).
         prefetch: messages in flight; the stream protocol requires a limit.
+        on_mark: called for each epoch mark; returning False ends the read.
 
     Returns:
         The summary of the read. Invalid messages are counted and skipped: the stream is the
@@ -72,19 +100,16 @@ def read_changelog(settings: Settings, *, offset: Offset,
             if done:
                 return
             try:
-                batch = messages.decode(message.body, max_bytes=settings.max_message_bytes,
-                                        expect="changes")
+                item = _decode_entry(message.body, settings)
             except MessageError as exc:
                 result.refused += 1
                 log.warning("skipped an invalid change-log entry: %s", exc)
                 return
-            result.batches += 1
-            if result.first_seq is None:
-                result.first_seq = batch.first_seq
-            result.last_seq = max(result.last_seq, batch.last_seq)
-            result.max_epoch = max(result.max_epoch, batch.epoch)
-            if not on_batch(batch) or (until_seq is not None and batch.last_seq >= until_seq):
-                done = True
+            result.record(item)
+            if isinstance(item, EpochMark):
+                done = on_mark is not None and not on_mark(item)
+            else:
+                done = not on_batch(item)
 
         channel.basic_consume(topology.CHANGELOG_STREAM, no_ack=False, callback=on_message,
                               arguments={"x-stream-offset": _offset_arg(offset)})
@@ -93,8 +118,9 @@ def read_changelog(settings: Settings, *, offset: Offset,
         while not done:
             with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=0.1)
-            if result.batches + result.refused != seen:
-                seen, quiet_since = result.batches + result.refused, time.monotonic()
+            count = result.batches + result.refused + len(result.marks)
+            if count != seen:
+                seen, quiet_since = count, time.monotonic()
             elif time.monotonic() - quiet_since > idle_s:
                 break
     finally:
@@ -109,6 +135,45 @@ def _offset_arg(offset: Offset) -> Any:
     return offset
 
 
-def stream_head(settings: Settings, *, idle_s: float = 0.5) -> StreamRead:
-    """Look at the newest chunk of the change log: its highest seq and epoch (0 when empty)."""
-    return read_changelog(settings, offset="last", on_batch=lambda _b: True, idle_s=idle_s)
+class _HeadScan:
+    """Judges what a read of the log sees, in log order, to find its newest legitimate seq."""
+
+    def __init__(self, history: EpochHistory) -> None:
+        self.history = history
+        self.seq = 0
+        self.found = self.seen = self.unsure = False
+
+    def mark(self, mark: EpochMark) -> bool:
+        self.history = mark.history.merge(self.history)
+        self.seq, self.found = max(self.seq, mark.base_seq), True
+        return True
+
+    def batch(self, batch: ChangeBatch) -> bool:
+        self.seen = True
+        self.unsure |= batch.epoch > self.history.max_epoch  # an epoch whose mark we lack
+        verdict = self.history.judge(batch)
+        self.history = verdict.history
+        if verdict.legit:
+            self.seq, self.found = max(self.seq, verdict.legit[-1].seq), True
+        return True
+
+
+def log_head(settings: Settings, history: EpochHistory) -> tuple[int, EpochHistory]:
+    """The change log's newest legitimate seq, and the eras known after reading it.
+
+    Legitimate seqs only grow along the log, so its newest chunk usually answers, by its last
+    legitimate batch or a promotion's mark (whose base is the head until the new master
+    changes something). When that chunk holds nothing legitimate (a stale master published
+    last) or an epoch whose mark it lacks, the whole log is read. ``(0, history)`` when the
+    log does not exist yet.
+    """
+    for offset, idle_s in (("last", 0.5), ("first", 1.0)):
+        scan = _HeadScan(history)
+        try:
+            read_changelog(settings, offset=offset, on_batch=scan.batch, on_mark=scan.mark,
+                           idle_s=idle_s)
+        except amqp.exceptions.NotFound:
+            return 0, history
+        if not scan.unsure and (scan.found or not scan.seen):
+            break
+    return scan.seq, scan.history

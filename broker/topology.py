@@ -9,15 +9,26 @@ and ``tasync broker setup`` can never disagree. The shapes follow design section
 * ``tasync.control`` (topic) -> one exclusive queue per running node for requests (status,
   export, configuration changes to the master, recovery); replies use direct reply-to.
 * ``tasync.quarantine`` -> messages a node refused, with the reason in their headers.
+
+The ``declare_*`` functions are idempotent and work for users without configure permission on
+the shared topology (per-node broker users): they fall back to passive declares (``_declare``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import amqp.exceptions
 
 from broker.errors import ConfigError
 from broker.settings import Settings
+
+log = logging.getLogger("tasync.broker")
+T = TypeVar("T")
 
 CONFIG_EXCHANGE = "tasync.config"
 CHANGELOG_STREAM = "tasync.changelog"
@@ -34,12 +45,12 @@ ALL = "all"
 MASTER = "master"
 
 #: A node name is one routing-key word: it becomes part of queue names and precedence lists.
-NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
 
 
 def check_node_name(name: str) -> str:
     """Return ``name`` if it can name a node, else raise ``ConfigError`` saying why."""
-    if not NODE_NAME_RE.match(name):
+    if not isinstance(name, str) or not NODE_NAME_RE.match(name):
         raise ConfigError(
             f"invalid node name {name!r}: use letters, digits, '-' and '_' "
             "(it becomes part of queue names and routing keys)"
@@ -110,52 +121,123 @@ def changelog_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _declare(channel: Any, what: str, active: Callable[[Any], T],
+             passive: Callable[[Any], T]) -> T:
+    """Run ``active`` on a scratch channel; when the broker refuses it, run ``passive`` instead.
+
+    With per-node broker users (``tasync broker setup --users``) a worker may not configure the
+    shared topology, and RabbitMQ refuses even an idempotent re-declare of an existing exchange
+    without configure permission. A passive declare needs no permission and still proves that
+    the admin's ``broker setup`` created what the worker relies on (bindings cannot be checked
+    passively; ``broker setup`` makes them). Scratch channels, because a refusal closes the
+    channel it happens on, and the caller's channel must keep its prefetch and confirm mode.
+
+    Raises:
+        amqp.exceptions.NotFound: refused, and the object does not exist either.
+    """
+    connection = channel.connection
+    scratch = connection.channel()
+    try:
+        return active(scratch)
+    except amqp.exceptions.AccessRefused as exc:
+        refused = str(exc).split("ACCESS_REFUSED - ", 1)[-1]
+    finally:
+        _close(scratch)
+    log.debug("may not declare %s (%s); checking that it exists", what, refused)
+    scratch = connection.channel()
+    try:
+        return passive(scratch)
+    except amqp.exceptions.NotFound:
+        log.warning("%s does not exist and this user may not declare it (%s): run `tasync "
+                    "broker setup` as an admin", what, refused)
+        raise
+    finally:
+        _close(scratch)
+
+
+def _close(channel: Any) -> None:
+    with contextlib.suppress(Exception):
+        channel.close()
+
+
 def declare_config(channel: Any, settings: Settings) -> None:
     """Declare the configuration fanout and the change-log stream bound to it (idempotent)."""
-    channel.exchange_declare(CONFIG_EXCHANGE, "fanout", durable=True, auto_delete=False)
-    channel.queue_declare(
-        CHANGELOG_STREAM, durable=True, auto_delete=False,
-        arguments=changelog_arguments(settings),
-    )
-    channel.queue_bind(CHANGELOG_STREAM, CONFIG_EXCHANGE, "")
+    def active(ch: Any) -> None:
+        ch.exchange_declare(CONFIG_EXCHANGE, "fanout", durable=True, auto_delete=False)
+        ch.queue_declare(CHANGELOG_STREAM, durable=True, auto_delete=False,
+                         arguments=changelog_arguments(settings))
+        ch.queue_bind(CHANGELOG_STREAM, CONFIG_EXCHANGE, "")
+
+    def passive(ch: Any) -> None:
+        ch.exchange_declare(CONFIG_EXCHANGE, "fanout", passive=True)
+        ch.queue_declare(CHANGELOG_STREAM, passive=True)
+
+    _declare(channel, "the configuration exchange", active, passive)
 
 
 def declare_sync_queue(channel: Any, node: str) -> int:
     """Declare and bind ``node``'s sync queue; returns its message count."""
     name = sync_queue(node)
-    ok = channel.queue_declare(
-        name, durable=True, auto_delete=False, arguments=sync_queue_arguments()
-    )
-    channel.queue_bind(name, CONFIG_EXCHANGE, "")
-    return int(ok.message_count)
+
+    def active(ch: Any) -> int:
+        ok = ch.queue_declare(name, durable=True, auto_delete=False,
+                              arguments=sync_queue_arguments())
+        ch.queue_bind(name, CONFIG_EXCHANGE, "")
+        return int(ok.message_count)
+
+    def passive(ch: Any) -> int:
+        return int(ch.queue_declare(name, passive=True).message_count)
+
+    return _declare(channel, f"queue {name}", active, passive)
 
 
 def declare_control(channel: Any) -> None:
     """Declare the control exchange and the quarantine queue."""
-    channel.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True, auto_delete=False)
-    channel.queue_declare(
-        QUARANTINE_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
-    )
+    def active(ch: Any) -> None:
+        ch.exchange_declare(CONTROL_EXCHANGE, "topic", durable=True, auto_delete=False)
+        ch.queue_declare(QUARANTINE_QUEUE, durable=True, auto_delete=False,
+                         arguments={"x-queue-type": "quorum"})
+
+    def passive(ch: Any) -> None:
+        ch.exchange_declare(CONTROL_EXCHANGE, "topic", passive=True)
+        ch.queue_declare(QUARANTINE_QUEUE, passive=True)
+
+    _declare(channel, "the control exchange", active, passive)
 
 
 def declare_alerts(channel: Any) -> None:
     """Declare the alert exchange, the dead-letter path and the durable host-list record."""
-    channel.exchange_declare(ALERTS_EXCHANGE, "direct", durable=True, auto_delete=False)
-    channel.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True, auto_delete=False)
-    channel.queue_declare(
-        DEAD_LETTER_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"}
-    )
-    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
-    channel.queue_declare(
-        HOSTLISTS_QUEUE, durable=True, auto_delete=False, arguments={"x-queue-type": "stream"}
-    )
+    def active(ch: Any) -> None:
+        ch.exchange_declare(ALERTS_EXCHANGE, "direct", durable=True, auto_delete=False)
+        ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True, auto_delete=False)
+        ch.queue_declare(DEAD_LETTER_QUEUE, durable=True, auto_delete=False,
+                         arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
+        ch.queue_declare(HOSTLISTS_QUEUE, durable=True, auto_delete=False,
+                         arguments={"x-queue-type": "stream"})
+
+    def passive(ch: Any) -> None:
+        ch.exchange_declare(ALERTS_EXCHANGE, "direct", passive=True)
+        ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", passive=True)
+        ch.queue_declare(DEAD_LETTER_QUEUE, passive=True)
+        ch.queue_declare(HOSTLISTS_QUEUE, passive=True)
+
+    _declare(channel, "the alert exchange", active, passive)
 
 
 def declare_alert_queue(channel: Any, hosts: list[str] | tuple[str, ...]) -> str:
     """Declare the quorum queue of one precedence list and bind it by its routing key."""
     name = alert_queue(hosts)
-    channel.queue_declare(name, durable=True, auto_delete=False, arguments=alert_queue_arguments())
-    channel.queue_bind(name, ALERTS_EXCHANGE, precedence_key(hosts))
+
+    def active(ch: Any) -> None:
+        ch.queue_declare(name, durable=True, auto_delete=False,
+                         arguments=alert_queue_arguments())
+        ch.queue_bind(name, ALERTS_EXCHANGE, precedence_key(hosts))
+
+    def passive(ch: Any) -> None:
+        ch.queue_declare(name, passive=True)
+
+    _declare(channel, f"queue {name}", active, passive)
     return name
 
 

@@ -1,42 +1,44 @@
 """The sync worker: applies configuration changes in seq order, exactly once, and catches up.
 
 Changes arrive on the node's own quorum queue ``tasync.sync.<node>``. Each batch is decoded,
-authenticated, fenced by epoch and applied idempotently by seq (``NodeStore.apply``). A batch
-that starts past the next expected seq reveals a gap (the queue was lost, or the node is new):
-the missing changes are read from the change-log stream first. Before subscribing, the worker
-finds the newest seq (from the master, or the stream's tail) and catches up from the stream, so
-it reports ready only once it holds everything committed before it started (guarantee 4).
+authenticated, judged by the eras (``broker.epochs``: a stale master's changes are rejected and
+audited) and applied idempotently by seq (``NodeStore.apply``). Epoch marks arrive the same way,
+in order with the changes, and teach the node a promotion. A batch that starts past the next
+expected seq reveals a gap (the queue was lost, or the node is new): the missing changes are
+read from the change-log stream, or a snapshot is installed when the log no longer reaches
+back (``consumers.recovery``). Before subscribing, the worker runs the same recovery, so it
+reports ready only once it holds everything committed before it started (guarantee 4).
+
+One lock serialises applying: this consumer's deliveries, and recovery, replay and promotion
+requests that the control server runs in its own thread.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import amqp
 
-from broker import messages, topology
-from broker.connection import close_quietly, connect
+from broker import topology
 from broker.consumer import ConsumerLoop
-from broker.errors import MessageError, NoAnswer, TasyncError
+from broker.epochs import EpochMark
+from broker.errors import MessageError, TasyncError
+from broker.fastdecode import decode_entry
 from broker.messages import ChangeBatch
-from broker.rpc import RpcClient
 from broker.store import ApplyResult, GapError
-from broker.stream import read_changelog
 from consumers.context import NodeContext
 from consumers.quarantine import quarantine
+from consumers.recovery import Recovery
 
 log = logging.getLogger("tasync.sync")
 SIGNATURE_HEADER = "tasync-sig"
-#: How far before the last applied change a change-log read starts (clock skew between hosts).
-REWIND_S = 300.0
-
-
-class UnfillableGap(TasyncError):
-    """The change log no longer reaches back to the missing changes: a snapshot is needed."""
+#: How often a diverged node that could not recover tries again.
+RETRY_S = 10.0
 
 
 class SyncConsumer(ConsumerLoop):
@@ -57,89 +59,57 @@ class SyncConsumer(ConsumerLoop):
         #: also listens (``tasync.node``).
         self.caught_up = threading.Event()
         #: Security check of a decoded batch (origin allowed, user id); raises MessageError.
+        #: An epoch mark is checked as an empty batch of its origin and epoch.
         self.admit = admit or (lambda _b, _m: None)
+        self.lock = threading.RLock()
+        self.recovery = Recovery(ctx, self)
+        self._last_failure = ""
+        self._next_retry = 0.0
 
-    # -- catch-up -----------------------------------------------------------------------------
-
-    def head_seq(self) -> int:
-        """The newest committed seq: the master's word, else the change log's tail."""
-        conn = connect(self.settings, name=f"{self.name}-head", retry_s=5.0)
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the apply lock; while waiting, keep this thread's connection alive."""
+        own_thread = threading.current_thread() is self._thread
+        while not self.lock.acquire(timeout=1.0):
+            if own_thread and self.conn is not None:
+                self.conn.heartbeat_check()
         try:
-            rpc = RpcClient(conn, sender=self.ctx.node)
-            data = rpc.call_one(topology.MASTER, "head", timeout_s=2.0)
-            return int(data["seq"])
-        except NoAnswer:
-            from broker.stream import stream_head
-
-            return stream_head(self.settings).last_seq
+            yield
         finally:
-            close_quietly(conn)
-
-    def catch_up(self, target: int | None = None) -> int:
-        """Apply every change up to ``target`` (default: the head) from the change log.
-
-        Returns:
-            The number of changes applied.
-
-        Raises:
-            UnfillableGap: the log no longer holds the first missing change.
-        """
-        store = self.ctx.store
-        target = self.head_seq() if target is None else target
-        if store.last_seq >= target:
-            return 0
-        log.info("catching up from seq %d to %d through the change log", store.last_seq, target)
-        offset = self._start_offset()
-        applied = self._read_from(offset, target)
-        if store.last_seq < target and offset != "first":
-            applied += self._read_from("first", target)
-        if store.last_seq < target:
-            raise UnfillableGap(
-                f"the change log does not reach back to seq {store.last_seq + 1}; "
-                f"holding {store.last_seq}, need {target}: recover from a snapshot"
-            )
-        self.ctx.trail.event("caught_up", seq=store.last_seq, applied=applied)
-        return applied
-
-    def _start_offset(self) -> Any:
-        store = self.ctx.store
-        if store.last_seq == 0 or store.last_ts <= 0:
-            return "first"
-        return dt.datetime.fromtimestamp(max(0.0, store.last_ts - REWIND_S), dt.UTC)
-
-    def _read_from(self, offset: Any, target: int) -> int:
-        applied = 0
-
-        def on_batch(batch: ChangeBatch) -> bool:
-            nonlocal applied
-            if batch.last_seq <= self.ctx.store.last_seq:
-                return True
-            try:
-                result = self._apply(batch, replayed=True)
-            except GapError:
-                return False  # started too late in the log, or the log no longer reaches back
-            applied += result.applied
-            return True
-
-        read_changelog(self.settings, offset=offset, on_batch=on_batch, until_seq=target,
-                       idle_s=2.0)
-        return applied
+            self.lock.release()
 
     # -- consuming ----------------------------------------------------------------------------
 
     def setup(self, channel: Any) -> None:
-        """Declare the topology and the node's queue, catch up, then subscribe."""
+        """Declare the topology and the node's queue, recover, then subscribe."""
         topology.declare_all(channel, self.settings)
         topology.declare_sync_queue(channel, self.ctx.node)
         if not self.ctx.is_master:
-            self.catch_up()
+            try:
+                self.recovery.recover(reason="start")
+            except TasyncError as exc:
+                if str(exc) != self._last_failure:
+                    self._last_failure = str(exc)
+                    self.ctx.trail.event("recovery_failed", reason=str(exc))
+                raise
         self.caught_up.set()
         channel.basic_consume(topology.sync_queue(self.ctx.node), callback=self._on_message,
                               on_cancel=self.cancelled)
 
+    def on_idle(self) -> None:
+        """A node found diverged outside a delivery (a step-down) recovers here, now and then."""
+        if (self.ctx.store.diverged and not self.ctx.is_master
+                and time.monotonic() >= self._next_retry):
+            self._next_retry = time.monotonic() + RETRY_S
+            try:
+                with self.locked():
+                    self.recovery.recover(reason="diverged")
+            except TasyncError as exc:
+                log.warning("cannot recover yet: %s; trying again in %g s", exc, RETRY_S)
+
     def _on_message(self, message: amqp.Message) -> None:
         try:
-            batch = self._decode(message)
+            item = self._decode(message)
         except MessageError as exc:
             quarantine(self.channel, message, reason=str(exc), node=self.ctx.node,
                        source=topology.sync_queue(self.ctx.node))
@@ -147,39 +117,89 @@ class SyncConsumer(ConsumerLoop):
                                  reason=str(exc))
             self.channel.basic_ack(message.delivery_tag)
             return
+        with self.locked():
+            if isinstance(item, EpochMark):
+                self.accept_mark(item)
+            else:
+                self._apply_live(item)
+            if self.ctx.store.diverged and not self.ctx.is_master:
+                self.recovery.recover(reason="diverged")
+        self.channel.basic_ack(message.delivery_tag)
+
+    def _apply_live(self, batch: ChangeBatch) -> None:
+        if self.ctx.store.diverged and not self.ctx.is_master:
+            self.recovery.recover(reason="diverged")
         try:
-            self._apply(batch, replayed=False)
+            self.apply_batch(batch, replayed=False)
         except GapError as gap:
             log.warning("%s; filling it from the change log", gap)
             self.ctx.trail.event("gap_detected", expected=gap.expected, got=gap.got)
-            self.catch_up(target=batch.first_seq - 1)
-            self._apply(batch, replayed=False)
-        self.channel.basic_ack(message.delivery_tag)
+            self.recovery.fill_gap(batch.first_seq - 1)
+            self.apply_batch(batch, replayed=False)
 
-    def _decode(self, message: amqp.Message) -> ChangeBatch:
-        batch: ChangeBatch = messages.decode(
-            message.body, max_bytes=self.settings.max_message_bytes, expect="changes")
+    def _decode(self, message: amqp.Message) -> ChangeBatch | EpochMark:
+        item = decode_entry(bytes(message.body), max_bytes=self.settings.max_message_bytes)
+        if not isinstance(item, ChangeBatch | EpochMark):
+            raise MessageError(f"unexpected {type(item).__name__} message on a sync queue")
         if self.ctx.keyring is not None:
             headers = message.properties.get("application_headers") or {}
             self.ctx.keyring.verify(bytes(message.body), headers.get(SIGNATURE_HEADER))
-        self.admit(batch, message)
-        return batch
+        if isinstance(item, EpochMark):
+            self.admit(ChangeBatch(epoch=item.epoch, origin=item.origin, changes=()), message)
+        else:
+            self.admit(item, message)
+        return item
 
-    def _apply(self, batch: ChangeBatch, *, replayed: bool) -> ApplyResult:
+    def accept_mark(self, mark: EpochMark) -> bool:
+        """Learn a promotion's eras; returns whether they were news to this node."""
         store = self.ctx.store
-        if batch.epoch < store.epoch:
-            self.ctx.trail.event("change_rejected", reason="stale-epoch", origin=batch.origin,
-                                 epoch=batch.epoch, current_epoch=store.epoch,
-                                 first_seq=batch.first_seq, last_seq=batch.last_seq)
+        before = store.history
+        self.recovery.learn(mark.history, reason=f"disowned by epoch {mark.epoch} of "
+                                                 f"{mark.origin}")
+        return store.history != before
+
+    def apply_batch(self, batch: ChangeBatch, *, replayed: bool, force: bool = False,
+                    notify: bool = True) -> ApplyResult:
+        """Judge ``batch`` by the eras, reject (and audit) what is stale, apply the rest by seq.
+
+        ``notify=False`` leaves calling ``on_applied`` to the caller: a catch-up tells the node
+        once at its end rather than after each of its batches.
+
+        Raises:
+            GapError: the legitimate part starts past the next expected seq.
+        """
+        store = self.ctx.store
+        history = store.history
+        verdict = history.judge(batch)
+        if verdict.history.max_epoch > history.max_epoch:
+            self.recovery.learn(verdict.history, reason=f"disowned by epoch {batch.epoch} of "
+                                                        f"{batch.origin}")
+        if verdict.stale:
+            owner = verdict.history.owner(verdict.stale[0].seq)
+            self.ctx.trail.event(
+                "change_rejected",
+                reason="stale-epoch" if batch.epoch < verdict.history.max_epoch
+                else "not-the-epoch-master",
+                origin=batch.origin, epoch=batch.epoch, current_epoch=store.epoch,
+                owner=owner.origin if owner else None, first_seq=verdict.stale[0].seq,
+                last_seq=verdict.stale[-1].seq, count=len(verdict.stale))
+        if not verdict.legit:
             return ApplyResult(0, len(batch.changes), store.last_seq)
-        result = store.apply(batch)
-        self._log(batch, result, replayed=replayed)
-        if result.applied:
+        legit = batch if not verdict.stale else ChangeBatch(
+            epoch=batch.epoch, origin=batch.origin, changes=verdict.legit)
+        result = store.apply(legit, force=force)
+        self._log(legit, result, replayed=replayed)
+        if notify and (result.applied or result.reapplied):
             self.on_applied(result)
         return result
 
     def _log(self, batch: ChangeBatch, result: ApplyResult, *, replayed: bool) -> None:
         how = "replayed" if replayed else "applied"
+        if result.reapplied:
+            log.info("re-applied %d changes the node held (seq %d..)", result.reapplied,
+                     batch.first_seq)
+            self.ctx.trail.event("changes_reapplied", first_seq=batch.first_seq,
+                                 count=result.reapplied, origin=batch.origin)
         if result.skipped:
             log.info("skipped %d already-applied changes (seq %d..%d)", result.skipped,
                      batch.first_seq, batch.last_seq)

@@ -6,19 +6,27 @@ outbox rows in one SQLite transaction, publishes them to ``tasync.config`` (reac
 queue and the change-log stream at once) and returns only after the broker confirmed. A crash
 between commit and confirm leaves the rows unpublished; ``publish_outbox`` at start sends them
 again, and backups skip what they already have by seq.
+
+A relay commits only while its node is the master: after a step-down (``consumers.roles``) a
+late request is refused inside the same lock that guards the commit, so no change can be
+numbered in an epoch the node no longer owns. A promotion's epoch mark goes out through the
+same confirmed, signed path as the changes (``publish_mark``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from kombu import Connection
 
 from broker import messages, topology
 from broker.connection import close_quietly, ensure
+from broker.epochs import EpochMark
+from broker.errors import FencedError
 from broker.messages import Change, ChangeBatch
 from broker.publisher import ConfirmedPublisher, Outgoing
 from broker.settings import Settings
@@ -28,6 +36,12 @@ from producers.changes import Op, check_references
 
 log = logging.getLogger("tasync.relay")
 SIGNATURE_HEADER = "tasync-sig"
+#: Bytes of a batch message beyond its changes: version, type, epoch, origin, brackets.
+BATCH_ENVELOPE_BYTES = 256
+#: Fault injection for the recovery tests: with ``TASYNC_FAILPOINT=before-publish`` the master
+#: process exits right after committing a change and before publishing it, exactly like a
+#: crash in that window (the change stays unconfirmed in the outbox).
+FAILPOINT_ENV = "TASYNC_FAILPOINT"
 
 
 @dataclass(frozen=True)
@@ -56,12 +70,13 @@ def batch_messages(batches: Iterable[ChangeBatch], keyring: KeyRing | None) -> l
 
 def chunk(changes: list[Change], *, max_changes: int, max_bytes: int) -> list[ChangeBatch]:
     """Split consecutive changes into batches under both limits; each keeps its own seq."""
+    budget = max_bytes - BATCH_ENVELOPE_BYTES
     batches: list[ChangeBatch] = []
     current: list[Change] = []
     size = 0
     for change in changes:
-        approx = 200 + len(messages.encode_value(change.body))
-        if current and (len(current) >= max_changes or size + approx > max_bytes):
+        approx = len(messages.encode_value(asdict(change))) + 1
+        if current and (len(current) >= max_changes or size + approx > budget):
             batches.append(_batch(current))
             current, size = [], 0
         current.append(change)
@@ -108,8 +123,19 @@ class ChangeRelay:
                 self.close()
 
     def _publish(self, batches: list[ChangeBatch]) -> None:
-        outgoing = batch_messages(batches, self.keyring)
+        self._send(batch_messages(batches, self.keyring))
+        self.store.mark_published(batches[-1].last_seq)
 
+    def publish_mark(self, mark: EpochMark) -> None:
+        """Publish a promotion's epoch mark with confirms, signed like the changes."""
+        body = messages.encode(mark)
+        headers: dict[str, object] = {"tasync-type": "epoch", "epoch": mark.epoch}
+        if self.keyring is not None:
+            headers[SIGNATURE_HEADER] = self.keyring.sign(body)
+        self._send([Outgoing(exchange=topology.CONFIG_EXCHANGE, routing_key="", body=body,
+                             headers=headers)])
+
+    def _send(self, outgoing: list[Outgoing]) -> None:
         def send(conn: Connection) -> int:
             if self._publisher is None or self._publisher.conn is not conn:
                 self._publisher = ConfirmedPublisher(
@@ -122,7 +148,6 @@ class ChangeRelay:
         except BaseException:
             self.close()
             raise
-        self.store.mark_published(batches[-1].last_seq)
 
     def publish_outbox(self) -> int:
         """Publish every committed but unconfirmed change, in seq order; returns how many."""
@@ -152,6 +177,9 @@ class ChangeRelay:
                 in the outbox and are published when the broker is back.
         """
         with self.store.lock:
+            if self.store.get_meta("role") != "master":
+                raise FencedError(f"{self.node} is no longer the master (epoch "
+                                  f"{self.store.epoch}); send changes to the current master")
             ops = check_references(self.store, parsed)
             epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
             changes = [
@@ -162,6 +190,9 @@ class ChangeRelay:
             self.store.commit(changes)
         if not changes:
             return Committed(seq, seq, 0, epoch)
+        if os.environ.get(FAILPOINT_ENV) == "before-publish":
+            log.error("failpoint before-publish: exiting after commit of seq %d", seq + 1)
+            os._exit(70)
         self.publish_outbox()
         log.info("committed seq %d..%d (%d changes)", changes[0].seq, changes[-1].seq,
                  len(changes))

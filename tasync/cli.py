@@ -13,9 +13,13 @@ import click
 from broker.connection import connect
 from broker.settings import Settings
 from broker.topology import declare_all
+from tasync.cli_alerts import ALERT_COMMANDS, normalise_host_args
 from tasync.cli_config import config
 from tasync.cli_hosts import hosts
+from tasync.cli_recover import promote, recover
+from tasync.cli_replay import replay
 from tasync.client import gather_status, print_table, rpc_client
+from tasync.demo import demo
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -43,6 +47,12 @@ def cli() -> None:
 
 cli.add_command(config)
 cli.add_command(hosts)
+cli.add_command(recover)
+cli.add_command(replay)
+cli.add_command(promote)
+cli.add_command(demo)
+for _command in ALERT_COMMANDS:
+    cli.add_command(_command)
 
 
 @cli.command()
@@ -93,7 +103,7 @@ def broker_setup(*, broker_url: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tasync`` command."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = normalise_host_args(list(sys.argv[1:] if argv is None else argv))
     cli.main(args=args, prog_name="tasync")
 
 

@@ -10,6 +10,7 @@ a dead node.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,12 +28,14 @@ from producers.relay import ChangeRelay
 
 log = logging.getLogger("tasync.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-#: Requests whose sender is allowed to be the master alone.
-MASTER_OPS = frozenset({"commit", "import", "head", "hello"})
+#: Requests only the master answers (a backup refuses them).
+MASTER_OPS = frozenset({"commit", "import", "head", "hello", "step_down"})
 #: Requests that change configuration, checked against telaconf.hosts.
 CONFIG_OPS = frozenset({"commit", "import"})
 #: A bulk import waits at most this long between two of its parts before it is dropped.
 IMPORT_STALE_S = 600.0
+#: How often a node not yet registered asks the master again.
+HELLO_EVERY_S = 3.0
 
 
 class ControlServer(ConsumerLoop):
@@ -57,13 +60,23 @@ class ControlServer(ConsumerLoop):
         self.on_committed: Callable[[], None] = lambda: None
         #: Checks a configuration request's sender (telaconf.hosts); raises MessageError.
         self.authorize: Callable[[Request, amqp.Message], None] = lambda _r, _m: None
+        #: More fields for ``status`` answers (conflicts kept, ...).
+        self.status_extra: Callable[[], dict[str, Any]] = dict
+        #: Run before binding ``master`` on every (re)connect; may step the node down.
+        self.before_master_bind: Callable[[], None] = lambda: None
         self._imports: dict[str, tuple[float, list[Op]]] = {}
+        self._next_hello = 0.0
+        #: The request being handled, when its sender asked for progress answers.
+        self._progress_to: amqp.Message | None = None
+        self._role_changed = threading.Event()
 
     def setup(self, channel: Any) -> None:
         """Declare the exclusive control queue and bind it by this node's roles."""
         topology.declare_control(channel)
         queue = topology.control_queue(self.ctx.node)
         channel.queue_declare(queue, exclusive=True, auto_delete=True)
+        if self.ctx.is_master:
+            self.before_master_bind()  # after a partition, a newer epoch may run: step down
         keys = [topology.ALL, topology.node_key(self.ctx.node)]
         if self.ctx.is_master:
             keys.append(topology.MASTER)
@@ -76,13 +89,57 @@ class ControlServer(ConsumerLoop):
         self.send_hello()
 
     def on_idle(self) -> None:
-        """Keep the master's publisher connection alive."""
+        """Follow a role change; keep the master's publisher connection alive."""
+        if self._role_changed.is_set():
+            self._apply_role()
         if self.relay is not None:
             self.relay.heartbeat()
+        if time.monotonic() >= self._next_hello:
+            self.send_hello()
+
+    def role_changed(self) -> None:
+        """The node's role changed (promotion, step-down): rebind ``master``, drop the relay.
+
+        Safe from any thread: the binding changes in this server's own thread, at once when
+        called from a request handler, else within ``poll_s``. Requests for the master are
+        refused from the moment the store says so, whatever the binding still is.
+        """
+        self._role_changed.set()
+        if threading.current_thread() is self._thread and self.channel is not None:
+            self._apply_role()
+
+    def _apply_role(self) -> None:
+        self._role_changed.clear()
+        queue = topology.control_queue(self.ctx.node)
+        if self.ctx.is_master:
+            self.channel.queue_bind(queue, topology.CONTROL_EXCHANGE, topology.MASTER)
+            return
+        self.channel.queue_unbind(queue, topology.CONTROL_EXCHANGE, topology.MASTER)
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+
+    def progress(self, data: dict[str, Any]) -> None:
+        """Send an interim answer to the request being handled, if its sender asked for them.
+
+        A long recovery reports how far it got this way, and the answers keep this server's
+        connection alive while the handler runs.
+        """
+        if self.conn is not None:
+            self.conn.heartbeat_check()
+        if self._progress_to is not None:
+            reply_to(self.channel, self._progress_to,
+                     Reply(ok=True, node=self.ctx.node, data={"progress": data}))
 
     def send_hello(self) -> None:
-        """Ask the master to register this node (a ``node`` object), unless it already exists."""
+        """Ask the master to register this node (a ``node`` object), unless it already exists.
+
+        Repeated every ``HELLO_EVERY_S`` until the node object arrives, because a backup may
+        start before any master runs, and a hello sent then reaches nobody.
+        """
+        self._next_hello = time.monotonic() + HELLO_EVERY_S
         if self.ctx.store.get("node", self.ctx.node) is not None:
+            self._next_hello = float("inf")
             return
         if self.ctx.is_master:
             self._hello({"node": self.ctx.node})
@@ -110,9 +167,15 @@ class ControlServer(ConsumerLoop):
                                                       error=str(exc), error_type="MessageError"))
                 self.channel.basic_ack(message.delivery_tag)
                 return
-        reply = self._dispatch(request)
+        self._progress_to = message if request.args.get("progress") else None
+        try:
+            reply = self._dispatch(request)
+        finally:
+            self._progress_to = None
         reply_to(self.channel, message, reply)
         self.channel.basic_ack(message.delivery_tag)
+        if self._role_changed.is_set():
+            self._apply_role()
 
     def _dispatch(self, request: Request) -> Reply:
         handler = self.handlers.get(request.op)
@@ -132,7 +195,8 @@ class ControlServer(ConsumerLoop):
 
     def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
         nodes = [name for _k, name, _b in self.ctx.store.objects("node")]
-        return {**self.ctx.status(), "nodes": nodes}
+        return {**self.ctx.status(), "nodes": nodes, "diverged": self.ctx.store.diverged,
+                **self.status_extra()}
 
     def _show(self, args: dict[str, Any]) -> dict[str, Any]:
         kind, name = args.get("kind"), args.get("name")

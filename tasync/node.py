@@ -23,6 +23,7 @@ from broker.store import ApplyResult, NodeStore
 from broker.topology import check_node_name
 from consumers.admission import Admission
 from consumers.context import NodeContext
+from consumers.roles import Roles
 from consumers.sync import SyncConsumer
 from producers.relay import ChangeRelay
 from tasync.control import ControlServer
@@ -58,6 +59,8 @@ class Node:
         self._init_role(options.role)
         self._dirty = threading.Event()
         self._stop = threading.Event()
+        self.changes_applied = 0
+        self.totals: Any = None
         relay = None
         if self.ctx.is_master:
             relay = ChangeRelay(settings, store, node=options.node, keyring=keyring)
@@ -68,6 +71,10 @@ class Node:
         self.control = ControlServer(self.ctx, relay=relay)
         self.control.authorize = self.admission.admit_config_request
         self.control.on_committed = self._dirty.set
+        self.roles = Roles(self.ctx, self.sync, self.control)
+        self.control.handlers.update(self.roles.handlers())
+        self.control.status_extra = self.roles.status_extra
+        self.control.before_master_bind = self.roles.check_epoch
         self.consumers: list[Any] = [self.sync, self.control]
         self._add_delivery()
 
@@ -104,12 +111,14 @@ class Node:
         except ImportError:
             return
         totals = Totals(self.ctx)
+        self.totals = totals
         delivery = DeliveryConsumer(self.ctx, totals=totals)
         self.control.handlers.update(delivery.control_handlers())
         self._delivery = delivery
         self.consumers.append(delivery)
 
     def _applied(self, result: ApplyResult) -> None:
+        self.changes_applied += result.applied
         self._dirty.set()
         delivery = getattr(self, "_delivery", None)
         if delivery is not None:
@@ -119,13 +128,18 @@ class Node:
         """Start every consumer and serve until SIGTERM or SIGINT."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        extra = self.options.extra or {}
+        if extra.get("metrics_port") is not None:
+            from tasync.metrics import start_metrics_server
+
+            start_metrics_server(int(extra["metrics_port"]), self,
+                                 host=str(extra.get("metrics_host") or "127.0.0.1"))
         ctx = self.ctx
         ctx.trail.event("node_started", role=ctx.role, epoch=ctx.store.epoch,
                         seq=ctx.store.last_seq)
         log.info("starting as %s (epoch %d, seq %d)", ctx.role, ctx.store.epoch,
                  ctx.store.last_seq)
-        if self.relay is not None:
-            self.relay.publish_outbox()
+        self.roles.start(self._stop)  # a master steps down here when a newer epoch runs
         for consumer in self.consumers:
             consumer.start()
         was_ready = False
@@ -149,8 +163,8 @@ class Node:
             consumer.stop_event.set()
         for consumer in self.consumers:
             consumer.stop()
-        if self.relay is not None:
-            self.relay.close()
+        if self.control.relay is not None:  # the relay changes with promotions
+            self.control.relay.close()
         self.ctx.trail.event("node_stopped", seq=self.ctx.store.last_seq)
         self.ctx.ready.clear()
         self.ctx.write_status_file()

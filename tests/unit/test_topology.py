@@ -96,6 +96,12 @@ class RecordingChannel:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        # Declares run on scratch channels of the same connection (``topology._declare``);
+        # they record into this one log.
+        self.connection = self
+
+    def channel(self) -> "RecordingChannel":
+        return self
 
     def __getattr__(self, method: str) -> Any:
         def record(*args: Any, **kwargs: Any) -> _Ok:

@@ -1,0 +1,196 @@
+"""Every change since a point in time, from the change log: listed for an auditor, or replayed.
+
+``tasync replay --since T`` names the point as an ISO time or ``seq:K``. The change log is read
+from a little before that point (timestamp offsets find a chunk, not a message), every entry is
+judged by the eras (``broker.epochs``) so a stale master's rejected changes are never listed nor
+replayed, repeats of a change (an outbox published twice) count once, and only what lies after
+the point is kept. The read also tells whether the log provably reaches back to the point.
+
+Replaying into a node rewrites every object the replayed changes touch, in seq order, even
+those it already holds: replaying a suffix of the history restores exactly what that suffix
+changed, which repairs a node whose copy of those objects drifted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from broker.epochs import EpochHistory, EpochMark
+from broker.errors import ConfigError
+from broker.messages import Change, ChangeBatch
+from broker.settings import Settings
+from broker.store import GapError
+from broker.stream import read_changelog
+from consumers.recovery import REWIND_S, Progress, Recovery, Ticker
+
+
+@dataclass(frozen=True)
+class Since:
+    """A point in the history: a time (seconds since the epoch) or a seq (exclusive)."""
+
+    ts: float | None = None
+    seq: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Since:
+        """``seq:K`` (changes after seq K) or an ISO-8601 time (changes made at or after it).
+
+        A time without a zone is the local time of the machine running the command.
+        """
+        text = text.strip()
+        if text.lower().startswith("seq:"):
+            try:
+                seq = int(text[4:])
+            except ValueError:
+                raise ConfigError(f"--since {text!r}: seq:K needs a whole number K") from None
+            if seq < 0:
+                raise ConfigError(f"--since {text!r}: K must not be negative")
+            return cls(seq=seq)
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"--since {text!r}: use an ISO time such as 2026-01-31T14:05:00Z "
+                              "or seq:K") from None
+        if when.tzinfo is None:
+            when = when.astimezone()
+        return cls(ts=when.timestamp())
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> Since:
+        """From a request's ``since_ts`` or ``since_seq``."""
+        if args.get("since_seq") is not None:
+            return cls(seq=int(args["since_seq"]))
+        if args.get("since_ts") is not None:
+            return cls(ts=float(args["since_ts"]))
+        raise ConfigError("replay needs since_ts or since_seq")
+
+    def to_args(self) -> dict[str, Any]:
+        """The request arguments ``from_args`` reads."""
+        return {"since_seq": self.seq} if self.seq is not None else {"since_ts": self.ts}
+
+    def describe(self) -> str:
+        """For people: ``seq 42`` or the time in UTC."""
+        if self.seq is not None:
+            return f"seq {self.seq}"
+        assert self.ts is not None
+        return dt.datetime.fromtimestamp(self.ts, dt.UTC).isoformat(timespec="milliseconds")
+
+    def wants(self, change: Change) -> bool:
+        """Whether ``change`` lies after this point."""
+        if self.seq is not None:
+            return change.seq > self.seq
+        assert self.ts is not None
+        return change.ts >= self.ts
+
+    def offset(self, ts_hint: float | None = None) -> Any:
+        """Where to start reading the stream: a little before the point, or the beginning."""
+        start = self.ts if self.ts is not None else ts_hint
+        if start is None:
+            return "first"
+        return dt.datetime.fromtimestamp(max(0.0, start - REWIND_S), dt.UTC)
+
+
+@dataclass
+class SinceRead:
+    """What ``read_since`` saw."""
+
+    changes: int = 0
+    rejected: int = 0
+    first_seq: int | None = None
+    last_seq: int = 0
+    complete: bool = True
+
+
+def read_since(settings: Settings, since: Since, history: EpochHistory, *,
+               on_changes: Callable[[ChangeBatch], None], until_seq: int | None = None,
+               ts_hint: float | None = None,
+               on_mark: Callable[[EpochMark], object] | None = None) -> SinceRead:
+    """Hand every legitimate change after ``since`` to ``on_changes``, in seq order, once.
+
+    Args:
+        settings: broker settings.
+        since: the point.
+        history: the eras known beforehand (the master's); marks read on the way are added.
+        on_changes: receives consecutive changes of one batch.
+        until_seq: stop once a legitimate change reaches it (the network's head).
+        ts_hint: when ``since`` is a seq, the time of a change near it, to start reading there.
+        on_mark: also told about each epoch mark.
+    """
+    out = SinceRead()
+    first_legit: Change | None = None
+
+    def on_batch(batch: ChangeBatch) -> bool:
+        nonlocal history, first_legit
+        verdict = history.judge(batch)
+        history = verdict.history
+        out.rejected += len(verdict.stale)
+        if not verdict.legit:
+            return True
+        first_legit = first_legit or verdict.legit[0]
+        keep = tuple(c for c in verdict.legit if since.wants(c) and c.seq > out.last_seq)
+        if keep:
+            out.first_seq = out.first_seq or keep[0].seq
+            out.last_seq, out.changes = keep[-1].seq, out.changes + len(keep)
+            on_changes(ChangeBatch(epoch=batch.epoch, origin=batch.origin, changes=keep))
+        return until_seq is None or verdict.legit[-1].seq < until_seq
+
+    def on_mark_read(mark: EpochMark) -> bool:
+        nonlocal history
+        history = mark.history.merge(history)
+        if on_mark is not None:
+            on_mark(mark)
+        return True
+
+    read_changelog(settings, offset=since.offset(ts_hint), on_batch=on_batch,
+                   on_mark=on_mark_read, idle_s=1.5)
+    if first_legit is not None and since.wants(first_legit) and first_legit.seq > 1:
+        # The first change read is already after the point: unless it directly follows the
+        # point (seq mode), changes between the point and it may have been trimmed away.
+        out.complete = since.seq is not None and first_legit.seq <= since.seq + 1
+    return out
+
+
+def replay_into(recovery: Recovery, since: Since, *,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """Replay every change after ``since`` into this node (forced: rewrite what it holds).
+
+    Returns:
+        Counts for ``tasync replay``: changes read, re-applied, newly applied, rejected.
+    """
+    ctx, sync = recovery.ctx, recovery.sync
+    store = ctx.store
+    with sync.locked():
+        view = recovery.network_view()
+        recovery.learn(view.history, reason="disowned by a newer epoch")
+        if store.diverged:
+            raise ConfigError(f"{ctx.node} holds changes the network never accepted; run "
+                              f"tasync recover --node {ctx.node} first")
+        ticker = Ticker(progress, max(0, view.seq - (since.seq or 0)), "replay")
+        counts = {"reapplied": 0, "applied": 0}
+
+        def on_changes(batch: ChangeBatch) -> None:
+            try:
+                result = sync.apply_batch(batch, replayed=True, force=True)
+            except GapError:
+                recovery.catch_up(batch.first_seq - 1)
+                result = sync.apply_batch(batch, replayed=True, force=True)
+            counts["reapplied"] += result.reapplied
+            counts["applied"] += result.applied
+            ticker.add(result.reapplied + result.applied)
+
+        hint = None
+        if since.seq is not None:
+            near = store.changes_between(since.seq, since.seq + 1)
+            hint = near[0].ts if near else None
+        read = read_since(ctx.settings, since, store.history, on_changes=on_changes,
+                          until_seq=view.seq or None, ts_hint=hint, on_mark=sync.accept_mark)
+        ctx.trail.event("replayed", since=since.describe(), changes=read.changes,
+                        reapplied=counts["reapplied"], applied=counts["applied"],
+                        rejected=read.rejected or None, complete=read.complete)
+        return {"node": ctx.node, "since": since.describe(), "changes": read.changes,
+                "first_seq": read.first_seq, "last_seq": read.last_seq,
+                "rejected": read.rejected, "complete": read.complete, **counts,
+                "seq": store.last_seq, "checksum": store.checksum()}

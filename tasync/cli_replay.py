@@ -1,0 +1,144 @@
+"""``tasync replay``: every change since a point in time, listed for an auditor or replayed.
+
+The change log (``tasync.changelog``) is the record: ``--dry-run`` reads it here and lists
+every change after the point (judged by the master's eras, so a stale master's rejected
+changes never appear); ``--node N`` or ``--all`` asks nodes to replay those changes into their
+stores (``consumers.replay``), then compares each with the master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from broker import topology
+from broker.epochs import EpochHistory
+from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError
+from broker.messages import Change, ChangeBatch
+from broker.settings import Settings
+from consumers.replay import Since, read_since
+from tasync.cli_recover import NotIdentical, compare_with_master
+from tasync.client import gather_status, print_table
+from tasync.options import (
+    broker_option,
+    handle_errors,
+    json_option,
+    make_settings,
+    print_json,
+    timeout_option,
+)
+from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
+
+
+class IncompleteLog(TasyncError):
+    """The change log may no longer reach back to the point asked for (exit 1)."""
+
+
+def _since(_ctx: click.Context, _param: click.Parameter, value: str) -> Since:
+    try:
+        return Since.parse(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+
+def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
+    head: dict[str, Any] | None = None
+    with progress_rpc(settings) as rpc, contextlib.suppress(NoAnswer, RemoteError):
+        head = rpc.call_one(topology.MASTER, "head", timeout_s=2.0)
+    history = EpochHistory.from_list(head["eras"]) if head else EpochHistory()
+    found: list[Change] = []
+
+    def keep(batch: ChangeBatch) -> None:
+        found.extend(batch.changes)
+
+    read = read_since(settings, since, history, on_changes=keep,
+                      until_seq=int(head["seq"]) or None if head else None)
+    if as_json:
+        print_json({"since": since.describe(), "complete": read.complete,
+                    "rejected": read.rejected, "changes": [asdict(c) for c in found]})
+    else:
+        print_table(["seq", "epoch", "time (UTC)", "origin", "op", "kind", "name"], [
+            [c.seq, c.epoch, dt.datetime.fromtimestamp(c.ts, dt.UTC).isoformat(
+                timespec="milliseconds"), c.origin, c.op, c.kind, c.name] for c in found])
+        click.echo(f"{len(found):,} changes since {since.describe()}"
+                   + (f"; {read.rejected} stale changes rejected" if read.rejected else ""))
+    if not read.complete:
+        raise IncompleteLog(f"the change log may not reach back to {since.describe()}: its "
+                            "older entries were trimmed by retention; the list may miss changes")
+
+
+def _replay_node(rpc: ProgressRpc, node: str, since: Since, *, timeout_s: float,
+                 as_json: bool) -> dict[str, Any]:
+    with ProgressBar(not as_json, f"replaying into {node}") as bar:
+        try:
+            result = rpc.call_with_progress(topology.node_key(node), "replay", since.to_args(),
+                                            idle_timeout_s=timeout_s, on_progress=bar.update)
+        except NoAnswer as exc:
+            raise NoAnswer(f"{node} does not answer ({exc}); is its worker running?") from None
+    verdict = compare_with_master(rpc, node, timeout_s=timeout_s)
+    if not as_json:
+        click.echo(f"{node}: replayed {result['changes']:,} changes since {result['since']} "
+                   f"({result['reapplied']:,} re-applied, {result['applied']:,} new), now at "
+                   f"seq {result['seq']:,}"
+                   + ("" if verdict["identical"] else "; differs from the master"))
+        if not result["complete"]:
+            click.echo(f"{node}: the change log may not reach back to {result['since']}")
+    return {**result, **verdict}
+
+
+@click.command()
+@click.option("--since", "since", required=True, callback=_since, metavar="TIME|seq:K",
+              help="ISO time (2026-01-31T14:05:00Z; local time without a zone) or seq:K "
+                   "(the changes after seq K).")
+@click.option("--node", metavar="NAME", help="Replay into this node.")
+@click.option("--all", "all_nodes", is_flag=True, help="Replay into every live backup.")
+@click.option("--dry-run", is_flag=True, help="Only list the changes; change nothing.")
+@timeout_option(120.0)
+@json_option
+@broker_option
+@handle_errors
+def replay(*, since: Since, node: str | None, all_nodes: bool, dry_run: bool, timeout_s: float,
+           as_json: bool, broker_url: str) -> None:
+    """Replay the change log from a point in time into nodes, or list it.
+
+    A replay re-applies every change after the point in seq order, also those a node
+    already holds, which restores every object they touch; changes a stale master made are
+    never listed nor replayed.
+
+    \b
+    Examples:
+      tasync replay --since 2026-01-31T14:05:00Z --dry-run     what changed since then
+      tasync replay --since seq:1200 --dry-run --json          for scripts
+      tasync replay --since 2026-01-31T14:05:00Z --node b      repair b's copy
+      tasync replay --since seq:1200 --all                     every live backup
+    Exit status: 1 when the log may not reach back that far, or a node still differs from
+    the master afterwards (tasync recover repairs it).
+    """
+    settings = make_settings(broker_url)
+    if dry_run:
+        if node or all_nodes:
+            raise click.UsageError("--dry-run lists the log; it takes no --node or --all")
+        _list(settings, since, as_json=as_json)
+        return
+    if bool(node) == all_nodes:
+        raise click.UsageError("give exactly one of --node NAME, --all or --dry-run")
+    with progress_rpc(settings) as rpc:
+        targets = [node] if node else [
+            r["node"] for r in gather_status(rpc, timeout_s=2.0)
+            if r.get("alive") and r.get("role") != "master"]
+        if not targets:
+            raise NoAnswer("no live backup answers")
+        results = [_replay_node(rpc, n, since, timeout_s=timeout_s, as_json=as_json)
+                   for n in targets]
+    if as_json:
+        print_json(results)
+    differing = [r["node"] for r in results if not r["identical"]]
+    if differing:
+        raise NotIdentical(f"still different from the master: {', '.join(differing)}; "
+                           "run tasync recover --node NAME")
+    if not all(r["complete"] for r in results):
+        raise IncompleteLog(f"the change log may not reach back to {since.describe()}")

@@ -1,0 +1,69 @@
+"""Where fault and soak runs leave their numbers: JSON files under ``benchmarks/results``.
+
+Each fault run appends one row to ``faults.json`` (a JSON list, newest last); the soak writes
+``soak.json`` whole. ``python -m tests.faults.report`` turns both into docs/reliability.md's
+tables. ``$TASYNC_FAULTS_RESULTS_DIR`` sends them elsewhere (for example a CI artifact dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+ENV_DIR = "TASYNC_FAULTS_RESULTS_DIR"
+_lock = threading.Lock()
+
+
+def results_dir() -> Path:
+    """The directory the result files live in (created on demand)."""
+    path = Path(os.environ.get(ENV_DIR) or REPO / "benchmarks" / "results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def faults_file() -> Path:
+    return results_dir() / "faults.json"
+
+
+def soak_file() -> Path:
+    return results_dir() / "soak.json"
+
+
+def _write(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_rows(path: Path | None = None) -> list[dict[str, Any]]:
+    """Every fault row recorded so far, oldest first."""
+    try:
+        rows = json.loads((path or faults_file()).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return rows if isinstance(rows, list) else []
+
+
+def append_row(row: dict[str, Any]) -> None:
+    """Add one fault run's row to ``faults.json``."""
+    with _lock:
+        path = faults_file()
+        _write(path, [*load_rows(path), row])
+
+
+def write_soak(data: dict[str, Any]) -> None:
+    """Replace ``soak.json`` with one soak run's samples and summary."""
+    with _lock:
+        _write(soak_file(), data)
+
+
+def load_soak(path: Path | None = None) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path or soak_file()).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

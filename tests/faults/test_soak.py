@@ -1,0 +1,191 @@
+"""Soak: hours of service squeezed into minutes, with faults, watching every worker's memory.
+
+    TASYNC_SOAK_SECONDS=1200 python -m pytest tests/faults/test_soak.py -m soak -s
+
+Defaults: 20 minutes, 50 alerts/s (two sources) and 5 changes/s (through the master's commit
+request, the code behind ``tasync config set``; names cycle through a pool of 200 so the
+configuration stays the same size), a fault every 4 minutes, cycling through a broker-node
+SIGKILL, a SIGSTOP of a backup and a disk alarm. Each worker's RSS is sampled every 5 s with
+psutil. At the end the usual checks run (nothing committed or confirmed lost), the samples go to
+``benchmarks/results/soak.json``, and the plot to ``docs/img/soak-memory.png``.
+
+It only runs when asked for by marker (``-m soak``), so ``-m "faults or not faults"`` does not
+start a 20-minute run by accident.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.faults import results
+from tests.faults.checks import FaultRun
+from tests.faults.cluster_net import ClusterNetwork
+from tests.faults.load import Load
+from tests.faults.test_cluster_faults import alarm_raised, delivered_since
+from tests.harness.rabbit_cluster import DEFAULT_DISK_FREE_LIMIT
+from tests.waiting import wait_for
+
+DURATION_S = float(os.environ.get("TASYNC_SOAK_SECONDS", "1200"))
+ALERT_RATE = float(os.environ.get("TASYNC_SOAK_ALERTS_PER_S", "50"))
+CHANGE_RATE = float(os.environ.get("TASYNC_SOAK_CHANGES_PER_S", "5"))
+FAULT_EVERY_S = float(os.environ.get("TASYNC_SOAK_FAULT_EVERY_S", "240"))
+SAMPLE_EVERY_S = 5.0
+#: Memory before this share of the run is warm-up (imports, caches, SQLite pages, buffers).
+WARM_UP_SHARE = 0.25
+MB = 1 << 20
+
+
+class MemorySampler(threading.Thread):
+    """Samples each worker's RSS (MB) every ``SAMPLE_EVERY_S`` seconds until stopped."""
+
+    def __init__(self, net: ClusterNetwork) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.net = net
+        self.stop_event = threading.Event()
+        self.t0 = time.monotonic()
+        self.samples: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        procs = {name: psutil.Process(pid) for name, pid in self.net.first_pids.items()}
+        while not self.stop_event.wait(SAMPLE_EVERY_S):
+            row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 1)}
+            for name, proc in procs.items():
+                try:
+                    row[name] = round(proc.memory_info().rss / MB, 2)
+                except psutil.Error:
+                    row[name] = None
+            self.samples.append(row)
+
+
+def summarize(samples: list[dict[str, Any]], names: list[str], warm_s: float) -> dict[str, Any]:
+    """Per worker: RSS at the end of warm-up and at the end, peak, least-squares slope after."""
+    summary = {}
+    for name in names:
+        points = [(s["t"], s[name]) for s in samples if s.get(name) is not None]
+        after = [(t, v) for t, v in points if t >= warm_s] or points
+        n = len(after)
+        mean_t = sum(t for t, _ in after) / n
+        mean_v = sum(v for _, v in after) / n
+        var = sum((t - mean_t) ** 2 for t, _ in after) or 1.0
+        slope = sum((t - mean_t) * (v - mean_v) for t, v in after) / var
+        summary[name] = {"warm_mb": after[0][1], "end_mb": after[-1][1],
+                         "peak_mb": max(v for _, v in points),
+                         "slope_mb_per_min": round(slope * 60, 3)}
+    return summary
+
+
+def plot(data: dict[str, Any]) -> None:
+    """RSS per worker over time, faults as vertical lines, warm-up shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    samples = data["samples"]
+    for name in data["workers"]:
+        ax.plot([s["t"] / 60 for s in samples], [s.get(name) for s in samples], label=name)
+    ax.axvspan(0, data["warm_s"] / 60, color="0.9", label="warm-up")
+    for i, fault in enumerate(data["faults"]):
+        ax.axvline(fault["t"] / 60, color="0.5", linestyle=":",
+                   label="fault" if i == 0 else None)
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"tasync workers during a {data['duration_s'] / 60:.0f}-minute soak "
+                 f"({data['alert_rate']:g} alerts/s, {data['change_rate']:g} changes/s)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    path = results.REPO / "docs" / "img" / "soak-memory.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fault_cycle(net: ClusterNetwork, run: FaultRun) -> list[tuple[str, Callable[[], None]]]:
+    """The faults the soak cycles through; each returns once healed and load flows again."""
+    cluster = net.cluster
+
+    def broker_kill(index: int) -> Callable[[], None]:
+        def inject() -> None:
+            since = time.monotonic()
+            cluster.kill_node(index)
+            run.wait_progress(since, changes=5, alerts=50, what="load on two broker nodes")
+            cluster.start_node(index)
+        return inject
+
+    def sigstop(name: str) -> Callable[[], None]:
+        def inject() -> None:
+            since = time.monotonic() + 2 * net.heartbeat_s
+            net.sigstop(name)
+            wait_for(lambda: delivered_since(run, "nms", since), timeout_s=300,
+                     what=f"alerts taken over from {name}")
+            net.sigcont(name)
+        return inject
+
+    def disk_alarm() -> None:
+        cluster.set_disk_free_limit(0, "1000000GB")
+        wait_for(lambda: alarm_raised(cluster), timeout_s=120, interval_s=1.0, what="alarm")
+        cluster.set_disk_free_limit(0, DEFAULT_DISK_FREE_LIMIT)
+        wait_for(lambda: not alarm_raised(cluster), timeout_s=120, interval_s=1.0,
+                 what="alarm cleared")
+
+    return [("SIGKILL broker node 0", broker_kill(0)), ("SIGSTOP worker c", sigstop("c")),
+            ("disk alarm", disk_alarm), ("SIGKILL broker node 1", broker_kill(1)),
+            ("SIGSTOP worker b", sigstop("b"))]
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(DURATION_S + 1800)
+def test_soak(cluster_net: ClusterNetwork, request: pytest.FixtureRequest) -> None:
+    if "soak" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the soak runs only when selected by marker: -m soak")
+    net = cluster_net
+    net.start_trio()
+    load = Load(net, change_rate=CHANGE_RATE, alert_rate=ALERT_RATE / 2, change_via="library",
+                pool=200)
+    run = FaultRun(net, load, fault=f"soak {DURATION_S / 60:.0f} min, faults every "
+                                   f"{FAULT_EVERY_S / 60:g} min", test="test_soak")
+    sampler = MemorySampler(net)
+    sampler.start()
+    run.begin()
+    faults: list[dict[str, Any]] = []
+    cycle = fault_cycle(net, run)
+    end = sampler.t0 + DURATION_S
+    while (due := sampler.t0 + FAULT_EVERY_S * (len(faults) + 1)) < end - FAULT_EVERY_S / 2:
+        time.sleep(max(0.0, due - time.monotonic()))  # the soak's clock, not a wait for state
+        name, inject = cycle[len(faults) % len(cycle)]
+        faults.append({"t": round(time.monotonic() - sampler.t0, 1), "fault": name})
+        if len(faults) == 1:
+            run.injected()
+        inject()
+        run.healing()
+    if not faults:  # a run too short for a fault: check the load alone
+        run.injected()
+        run.healing()
+    time.sleep(max(0.0, end - time.monotonic()))
+    sampler.stop_event.set()
+    sampler.join()
+    warm_s = DURATION_S * WARM_UP_SHARE
+    data = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "duration_s": DURATION_S, "alert_rate": ALERT_RATE, "change_rate": CHANGE_RATE,
+            "warm_s": warm_s, "workers": sorted(net.first_pids), "faults": faults,
+            "samples": sampler.samples,
+            "summary": summarize(sampler.samples, sorted(net.first_pids), warm_s)}
+    results.write_soak(data)
+    plot(data)
+    row = run.finish()
+    data["row"] = row
+    results.write_soak(data)
+    for name, item in data["summary"].items():
+        growth = item["end_mb"] - item["warm_mb"]
+        assert growth < max(20.0, 0.25 * item["warm_mb"]), f"{name} grew {growth:.1f} MB"

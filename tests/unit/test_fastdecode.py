@@ -1,0 +1,106 @@
+"""The fast change-batch decoder accepts exactly what marshmallow accepts, and builds the same."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import messages
+from broker.errors import MessageError
+from broker.fastdecode import decode_entry
+from broker.messages import Change, ChangeBatch, encode
+
+MAX = 1 << 20
+
+
+def good(n: int = 3) -> dict[str, Any]:
+    batch = ChangeBatch(epoch=2, origin="a", changes=tuple(
+        Change(epoch=2, seq=s, ts=1.5 + s, origin="a", op="set", kind="destination",
+               name=f"d{s}", body={"url": "file:///x", "schedule": None})
+        for s in range(5, 5 + n)))
+    data: dict[str, Any] = json.loads(encode(batch))
+    return data
+
+
+def outcome(body: bytes, decoder: Any) -> Any:
+    try:
+        return ("ok", decoder(body, max_bytes=MAX))
+    except MessageError as exc:
+        return ("refused", str(exc))
+
+
+def same(data: Any) -> None:
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    assert outcome(body, decode_entry) == outcome(body, messages.decode)
+
+
+def test_a_valid_batch_decodes_to_the_same_dataclass() -> None:
+    body = json.dumps(good()).encode()
+    assert decode_entry(body, max_bytes=MAX) == messages.decode(body, max_bytes=MAX)
+    assert isinstance(decode_entry(body, max_bytes=MAX), ChangeBatch)
+
+
+MUTATIONS: list[tuple[str, Any]] = [
+    ("v", 1.0), ("v", "1"), ("v", True), ("epoch", True), ("epoch", 0), ("epoch", "2"),
+    ("origin", ""), ("origin", "o" * 65), ("origin", 5), ("changes", []), ("extra", 1),
+]
+CHANGE_MUTATIONS: list[tuple[str, Any]] = [
+    ("seq", 0), ("seq", 6.0), ("seq", True), ("epoch", 3), ("epoch", True), ("ts", "1.5"),
+    ("ts", float("nan")), ("ts", float("inf")), ("ts", 10**400), ("ts", 7), ("ts", True),
+    ("op", "put"), ("op", ["set"]), ("kind", ""), ("kind", "k" * 33), ("name", "n" * 129),
+    ("body", []), ("body", {"1": 2}), ("body", None), ("extra", 1), ("origin", None),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), MUTATIONS)
+def test_batch_level_mutations_agree(key: str, value: Any) -> None:
+    data = good()
+    data[key] = value
+    same(data)
+
+
+@pytest.mark.parametrize(("key", "value"), CHANGE_MUTATIONS)
+def test_change_level_mutations_agree(key: str, value: Any) -> None:
+    data = good()
+    data["changes"][1][key] = value
+    same(data)
+
+
+def test_missing_keys_holes_and_other_types_agree() -> None:
+    for key in ("v", "type", "epoch", "origin", "changes"):
+        data = good()
+        del data[key]
+        same(data)
+    for key in ("epoch", "seq", "ts", "origin", "op", "kind", "name", "body"):
+        data = good()
+        del data["changes"][0][key]
+        same(data)
+    data = good()
+    data["changes"][2]["seq"] = 9
+    same(data)
+    same(b"{not json")
+    same(b"[1, 2]")
+    same({"v": 1, "type": "request", "op": "status", "sender": "x"})
+    with pytest.raises(MessageError, match="oversized"):
+        decode_entry(b"x" * 20, max_bytes=10)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True)
+    | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner,
+                                                                  max_size=2),
+    max_leaves=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["epoch", "seq", "ts", "origin", "op", "kind", "name", "body", "new"]),
+       json_values)
+def test_random_values_in_a_change_agree(key: str, value: Any) -> None:
+    data = good(2)
+    data["changes"][0][key] = value
+    same(data)
