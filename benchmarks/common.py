@@ -1,4 +1,4 @@
-"""What every tasync benchmark needs: a fresh vhost, real worker processes, trails, statistics.
+"""What every tasync benchmark needs: a fresh vhost, real worker processes, their trails.
 
 The pieces are small and independent so the replication, alert and recovery benchmarks can
 share them:
@@ -9,8 +9,8 @@ share them:
   one temporary directory, stopped (SIGTERM, then SIGKILL) on exit.
 * ``TrailFollower`` tails a node's ``telalert.trail`` and records when each seq was applied, by
   the node's own clock (millisecond resolution), so latencies need no polling precision.
-* ``summarize``, ``percentile``, ``median``: the statistics reported everywhere.
-* ``LoadMonitor`` and ``machine_info``: what else ran on the machine while we measured.
+
+Statistics, load and results files are in ``benchmarks.measure``.
 """
 
 from __future__ import annotations
@@ -19,17 +19,13 @@ import bisect
 import contextlib
 import datetime as dt
 import json
-import math
 import os
-import platform
 import shutil
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -42,11 +38,6 @@ import psutil
 
 from broker.audit import TRAIL_NAME, parse_trail_line
 from broker.store import DB_NAME
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-IMG_DIR = REPO / "docs" / "img"
-MB = 1 << 20
 
 
 def log(message: str) -> None:
@@ -361,138 +352,3 @@ class TrailFollower:
             return None
         first, last, ts = self._spans[index]
         return ts if first <= seq <= last else None
-
-
-# -- statistics -------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation, as numpy's default."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def summarize(values: Sequence[float], *, digits: int = 2) -> dict[str, float]:
-    """n, min, mean, p50, p90, p99 and max of ``values``."""
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "min": round(min(values), digits),
-        "mean": round(statistics.fmean(values), digits),
-        "p50": round(percentile(values, 50), digits),
-        "p90": round(percentile(values, 90), digits),
-        "p99": round(percentile(values, 99), digits),
-        "max": round(max(values), digits),
-    }
-
-
-def median(values: Sequence[float], *, digits: int = 2) -> float:
-    """The median of ``values``, rounded (NaN when empty)."""
-    return round(statistics.median(values), digits) if values else math.nan
-
-
-# -- the machine ------------------------------------------------------------------------------
-
-
-class LoadMonitor:
-    """Samples the machine's CPU use and load average in a thread while a scenario runs.
-
-    Other work on a shared machine changes the numbers; this records how busy it was.
-    """
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.cpu: list[float] = []
-        self.load1: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="load-monitor", daemon=True)
-
-    def _run(self) -> None:
-        psutil.cpu_percent()
-        while not self._stop.wait(self.interval_s):
-            self.cpu.append(psutil.cpu_percent())
-            self.load1.append(os.getloadavg()[0])
-
-    def __enter__(self) -> LoadMonitor:
-        self.load_before = os.getloadavg()[0]
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict[str, float | None]:
-        """Load average before, mean and max during; mean machine CPU use in percent."""
-        return {
-            "load1_before": round(self.load_before, 2),
-            "load1_max": round(max(self.load1, default=self.load_before), 2),
-            "cpu_percent_mean": round(statistics.fmean(self.cpu), 1) if self.cpu else None,
-        }
-
-
-def wait_quiet(*, max_cpu_percent: float, timeout_s: float, sample_s: float = 3.0) -> float:
-    """Wait until the machine's CPU use over ``sample_s`` is at most ``max_cpu_percent``.
-
-    On a shared machine this keeps scenarios from starting in the middle of someone else's
-    burst; after ``timeout_s`` it gives up and the scenario runs anyway. Returns the last
-    CPU use seen, which the results record.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        busy = psutil.cpu_percent(interval=sample_s)
-        if busy <= max_cpu_percent or time.monotonic() > deadline:
-            return float(busy)
-
-
-def machine_info(broker: Broker) -> dict[str, Any]:
-    """CPU, memory, OS, Python and RabbitMQ versions, for the results file."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gb": round(psutil.virtual_memory().total / (1 << 30), 1),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "rabbitmq": broker.version(),
-        "broker": f"{broker.host}:{broker.port} (loopback)",
-    }
-
-
-def code_version() -> dict[str, Any]:
-    """The commit measured and how many files differed from it (the tree may be mid-work)."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                             timeout=30, check=False)
-        return out.stdout.strip()
-
-    changed = [line for line in git("status", "--porcelain").splitlines()
-               if not line[3:].startswith(("benchmarks/", "docs/"))]
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
-            "uncommitted_files_outside_benchmarks": len(changed)}
-
-
-def children_cpu_s() -> float:
-    """CPU seconds of this process's finished, waited-for children (e.g. a CLI run)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return float(usage.ru_utime + usage.ru_stime)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)

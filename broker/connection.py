@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -193,6 +194,34 @@ def refusal(exc: amqp.exceptions.AccessRefused) -> str:
     return f"permission denied by the broker: {detail[:240]} (see `tasync broker setup --users`)"
 
 
+#: SASL mechanisms that log in as the user name they carry; with any other (EXTERNAL takes the
+#: name from the client certificate) the URL's user name may not be the authenticated user.
+_NAMED_LOGINS = frozenset({"PLAIN", "AMQPLAIN"})
+
+
+def connection_user(conn: Connection) -> str | None:
+    """The broker user ``conn`` authenticated as, when that is certain; else ``None``.
+
+    Publishers put it in the ``user_id`` property: RabbitMQ refuses a publish whose
+    ``user_id`` is not the connection's user, so receivers can trust it as the sender's
+    identity (design section 7). A wrong ``user_id`` would close the channel, so it is only
+    set when every login mechanism the connection offered carries the same user name.
+    """
+    raw = getattr(conn, "connection", None)
+    mechanisms = getattr(raw, "authentication", None)
+    if not isinstance(mechanisms, tuple | list) or not mechanisms:
+        return None
+    names = set()
+    for mechanism in mechanisms:
+        kind = getattr(mechanism, "mechanism", b"")
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        user = getattr(mechanism, "username", None)
+        if kind not in _NAMED_LOGINS or not user:
+            return None
+        names.add(user.decode() if isinstance(user, bytes) else str(user))
+    return names.pop() if len(names) == 1 else None
+
+
 def close_quietly(conn: Connection | None, *, timeout_s: float = 2.0) -> None:
     """Close a connection that may already be broken, without ever hanging.
 
@@ -214,3 +243,58 @@ def close_quietly(conn: Connection | None, *, timeout_s: float = 2.0) -> None:
             conn.collect()
         except Exception:
             log.debug("ignored error while dropping a connection", exc_info=True)
+
+
+class BlockedGuard:
+    """Gives up on a connection that the broker keeps blocked for longer than ``limit_s``.
+
+    During a resource alarm (disk or memory) RabbitMQ stops reading from every connection that
+    publishes, and says so with ``connection.blocked``. py-amqp's synchronous calls (opening a
+    channel, declaring a queue) then wait for an answer without any deadline, so a client that
+    has to end, such as ``tasync send``, would hang for as long as the alarm lasts. The guard
+    starts a timer when the broker blocks the connection and stops it when the broker unblocks
+    it; if the timer fires first, the guard shuts the socket down, the waiting read fails with
+    a connection error, and ``expired`` tells the caller that the cause was the block.
+    """
+
+    def __init__(self, conn: Connection, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.expired = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        raw = getattr(conn, "connection", None)  # the py-amqp connection (already connected)
+        self._sock = getattr(getattr(raw, "transport", None), "sock", None)
+        if raw is not None:
+            raw.on_blocked = self._on_blocked
+            raw.on_unblocked = self._on_unblocked
+
+    def _on_blocked(self, reason: str) -> None:
+        log.warning("the broker blocks publishing on this connection (%s)", reason)
+        with self._lock:
+            if self._timer is None:
+                self._timer = threading.Timer(self.limit_s, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _on_unblocked(self) -> None:
+        log.info("the broker unblocked this connection")
+        self.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._timer is None:  # unblocked meanwhile
+                return
+            self._timer = None
+            self.expired = True
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                log.debug("socket already closed", exc_info=True)
+
+    def cancel(self) -> None:
+        """Stop watching (unblocked, or the connection is being closed)."""
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()

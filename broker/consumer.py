@@ -17,10 +17,36 @@ from typing import Any
 from kombu import Connection
 
 from broker.connection import RECOVERABLE, close_quietly, connect, describe
-from broker.errors import BrokerUnreachable
+from broker.errors import BrokerUnreachable, MessageError
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
+
+
+def message_body(message: Any) -> bytes:
+    """A received message's body as the bytes that were published.
+
+    py-amqp hands a body over as ``str`` when the publisher set ``content_encoding`` (it
+    decodes it), and as ``''`` when the body is empty; both are up to whoever publishes, so
+    every consumer reads bodies through here instead of trusting their type. Encoding the
+    text again with the publisher's encoding gives back the signed bytes.
+
+    Raises:
+        MessageError: the body cannot be turned back into bytes (quarantine it).
+    """
+    body = message.body
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        encoding = (getattr(message, "properties", None) or {}).get("content_encoding")
+        try:
+            return body.encode(encoding or "utf-8", "surrogateescape")
+        except (LookupError, UnicodeError):
+            raise MessageError(f"undecodable body (content_encoding {encoding!r})") from None
+    try:
+        return bytes(body)
+    except TypeError:
+        raise MessageError(f"unreadable body of type {type(body).__name__}") from None
 
 
 class ConsumerLoop:

@@ -13,7 +13,6 @@ what is accepted; ``tests/unit/test_fastdecode.py`` checks this against marshmal
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from broker import messages
@@ -21,8 +20,7 @@ from broker.errors import MessageError
 from broker.messages import OPS, SCHEMA_VERSION, Change, ChangeBatch
 
 _BATCH_KEYS = frozenset({"v", "type", "epoch", "origin", "changes"})
-_CHANGE_KEYS = frozenset({"epoch", "seq", "ts", "origin", "op", "kind", "name", "body"})
-_REQUIRED = _CHANGE_KEYS - {"body"}
+_OPS = frozenset(OPS)
 MAX_CHANGES = 100_000
 _new = object.__new__
 
@@ -31,22 +29,36 @@ def _text(value: Any, low: int, high: int) -> bool:
     return type(value) is str and low <= len(value) <= high
 
 
-def _change(raw: Any, epoch: int) -> Change | None:
-    """The change ``raw`` describes when it is certainly valid and of ``epoch``, else None."""
-    if type(raw) is not dict or not _REQUIRED <= raw.keys() <= _CHANGE_KEYS:
+def _change(raw: Any, epoch: int, seq: int) -> Change | None:
+    """The change ``raw`` describes if it is certainly valid, of ``epoch`` and ``seq``; else None.
+
+    Written for speed, because a catch-up runs it 100,000 times: plain comparisons, each field
+    read once, and no check the JSON parser already guarantees (object keys are strings).
+    """
+    if type(raw) is not dict:
         return None
-    seq, ts, body, op = raw["seq"], raw["ts"], raw.get("body"), raw["op"]
-    if type(raw["epoch"]) is not int or raw["epoch"] != epoch or type(seq) is not int or seq < 1:
+    size = len(raw)
+    if size != 7 and not (size == 8 and "body" in raw):
+        return None  # an unknown key (marshmallow refuses it) or a missing one
+    try:
+        c_epoch, c_seq, ts = raw["epoch"], raw["seq"], raw["ts"]
+        origin, op, kind, name = raw["origin"], raw["op"], raw["kind"], raw["name"]
+    except KeyError:
         return None
-    if not ((type(ts) is float and math.isfinite(ts)) or (type(ts) is int and abs(ts) < 2**53)):
-        return None  # marshmallow refuses NaN and infinities; huge ints are its call too
-    origin, kind, name = raw["origin"], raw["kind"], raw["name"]
+    if type(c_epoch) is not int or c_epoch != epoch or type(c_seq) is not int or c_seq != seq:
+        return None
+    if type(ts) is float:
+        if ts - ts != 0.0:
+            return None  # NaN or an infinity: marshmallow refuses them
+    elif type(ts) is not int or not -(2**53) < ts < 2**53:
+        return None  # huge ints (and bools, strings) are marshmallow's call
     if not (type(origin) is str and type(kind) is str and type(name) is str
             and 0 < len(origin) <= 64 and 0 < len(kind) <= 32 and 0 < len(name) <= 128
-            and type(op) is str and op in OPS):
+            and type(op) is str and op in _OPS):
         return None
-    if body is not None and (type(body) is not dict or any(type(k) is not str for k in body)):
-        return None
+    body = raw.get("body")
+    if body is not None and type(body) is not dict:
+        return None  # a dict from json.loads has string keys, as fields.Dict(String) wants
     # Every field is checked: fill the frozen dataclass directly, which costs a third of its
     # __init__ (one object.__setattr__ per field); the result compares equal to Change(...).
     change: Change = _new(Change)
@@ -63,14 +75,18 @@ def _batch(raw: dict[str, Any]) -> ChangeBatch | None:
         return None
     if not _text(raw["origin"], 1, 64) or type(items) is not list:
         return None
-    if not 1 <= len(items) <= MAX_CHANGES:
+    if not 1 <= len(items) <= MAX_CHANGES or type(items[0]) is not dict:
+        return None
+    first = items[0].get("seq")
+    if type(first) is not int or first < 1:
         return None
     changes: list[Change] = []
-    for item in items:
-        change = _change(item, epoch)
-        if change is None or (changes and change.seq != changes[-1].seq + 1):
+    append = changes.append
+    for seq, item in enumerate(items, first):  # consecutive seqs, as ChangeBatchSchema demands
+        change = _change(item, epoch, seq)
+        if change is None:
             return None
-        changes.append(change)
+        append(change)
     return ChangeBatch(epoch=epoch, origin=raw["origin"], changes=tuple(changes))
 
 

@@ -162,9 +162,32 @@ def register(type_name: str, cls: type, schema: Schema) -> None:
     TYPES[cls] = type_name
 
 
+def change_to_dict(change: Change) -> dict[str, Any]:
+    """The wire form of one change, equal to ``dataclasses.asdict(change)``.
+
+    ``asdict`` deep-copies every body; the master encodes each change twice (to size its
+    batch, then to send it), and for a 100,000-object import those copies cost seconds.
+    Bodies are not copied here: they are encoded at once and never changed.
+    """
+    return {"epoch": change.epoch, "seq": change.seq, "ts": change.ts, "origin": change.origin,
+            "op": change.op, "kind": change.kind, "name": change.name, "body": change.body}
+
+
 def to_dict(message: Any) -> dict[str, Any]:
     """The JSON-ready dict of a message dataclass, with ``v`` and ``type`` first."""
     type_name = TYPES[type(message)]
+    # The bulk paths build the same dict without asdict's deep copies: a change batch holds
+    # 1,000 bodies, an import request 1,000 objects, a snapshot reply the whole configuration.
+    if type(message) is ChangeBatch:
+        return {"v": SCHEMA_VERSION, "type": type_name, "epoch": message.epoch,
+                "origin": message.origin,
+                "changes": [change_to_dict(c) for c in message.changes]}
+    if type(message) is Request:
+        return {"v": SCHEMA_VERSION, "type": type_name, "op": message.op,
+                "sender": message.sender, "args": message.args}
+    if type(message) is Reply:
+        return {"v": SCHEMA_VERSION, "type": type_name, "ok": message.ok, "node": message.node,
+                "data": message.data, "error": message.error, "error_type": message.error_type}
     data = asdict(message)
     return {"v": SCHEMA_VERSION, "type": type_name, **data}
 

@@ -17,12 +17,16 @@ from typing import Any
 import amqp
 from kombu import Connection
 
+from broker.connection import connection_user
 from broker.errors import PublishError
 
 
 @dataclass(frozen=True, kw_only=True)
 class Outgoing:
-    """One message to publish."""
+    """One message to publish.
+
+    ``user_id`` left ``None`` means the connection's own user (``ConfirmedPublisher``).
+    """
 
     exchange: str
     routing_key: str
@@ -46,6 +50,10 @@ class ConfirmedPublisher:
             confirms dispatches every frame of the connection.
         timeout_s: how long the last confirm of a call may take.
         window: most messages in flight before the publisher waits for confirms.
+
+    Every message carries the connection's broker user as ``user_id`` (when it is certain,
+    ``broker.connection.connection_user``), so the broker vouches for who published it and
+    receivers can check that identity against their allow-lists.
     """
 
     def __init__(self, conn: Connection, *, timeout_s: float = 30.0, window: int = 1000) -> None:
@@ -61,6 +69,7 @@ class ConfirmedPublisher:
         self._pending: set[int] = set()
         self._nacked = 0
         self._returned: list[str] = []
+        self.user_id = connection_user(conn)
 
     def _settle(self, tag: int, multiple: bool) -> None:
         if multiple:
@@ -115,8 +124,9 @@ class ConfirmedPublisher:
             "message_id": message.message_id,
             "application_headers": message.headers,
         }
-        if message.user_id:
-            props["user_id"] = message.user_id
+        user_id = message.user_id or self.user_id
+        if user_id:
+            props["user_id"] = user_id
         self.channel.basic_publish(
             amqp.Message(message.body, **props),
             exchange=message.exchange,

@@ -17,6 +17,7 @@ import amqp
 from kombu import Connection
 
 from broker import messages, topology
+from broker.connection import connection_user
 from broker.errors import MessageError, NoAnswer, RemoteError
 from broker.messages import Reply, Request
 
@@ -41,6 +42,8 @@ class RpcClient:
         self.channel.basic_consume(REPLY_TO, no_ack=True, callback=self._on_reply)
         self._replies: dict[str, list[Reply]] = {}
         self._returned: set[str] = set()
+        #: The broker-validated identity of every request (telaconf.hosts checks it).
+        self.user_id = connection_user(conn)
 
     def _on_reply(self, message: amqp.Message) -> None:
         corr = message.properties.get("correlation_id")
@@ -74,9 +77,10 @@ class RpcClient:
         corr = uuid.uuid4().hex
         self._replies[corr] = []
         body = messages.encode(Request(op=op, sender=self.sender, args=args or {}))
+        props: dict[str, Any] = {"user_id": self.user_id} if self.user_id else {}
         self.channel.basic_publish(
             amqp.Message(body, content_type="application/json", reply_to=REPLY_TO,
-                         correlation_id=corr, expiration=str(int(timeout_s * 1000))),
+                         correlation_id=corr, expiration=str(int(timeout_s * 1000)), **props),
             exchange=topology.CONTROL_EXCHANGE, routing_key=routing_key, mandatory=True,
         )
         deadline = time.monotonic() + timeout_s

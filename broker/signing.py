@@ -36,6 +36,13 @@ from pathlib import Path
 from broker.errors import ConfigError, MessageError
 from broker.settings import ENV_CLUSTER_KEY_FILE
 
+#: The AMQP header that carries ``KeyRing.sign(body)`` on every change batch, epoch mark and
+#: alert. One name for every producer and consumer: a receiver looking under another name
+#: would see every message as unsigned and quarantine the whole network's traffic.
+SIGNATURE_HEADER = "tasync-sig"
+#: The AMQP header in which an alert's sender states its host name (``telalert.hosts``).
+SENDER_HEADER = "x-tasync-sender"
+
 MIN_SECRET_BYTES = 32
 """Shorter secrets are refused: HMAC-SHA256 is only as strong as its key."""
 
@@ -153,15 +160,21 @@ class KeyRing:
         key_id, secret = self.keys[0]
         return f"{key_id}:{_mac(secret, body)}"
 
-    def verify(self, body: bytes, signature: str | None) -> None:
+    def verify(self, body: bytes, signature: object) -> None:
         """Check that ``signature`` is a valid signature of ``body`` by one of the keys.
+
+        ``signature`` is whatever the message's header held: a sender controls its type too,
+        so anything but a string is malformed rather than an error of the receiver.
 
         Raises:
             MessageError: ``missing signature``, ``malformed signature``,
                 ``unknown key id 'k1'`` or ``bad signature``; consumers quarantine with it.
         """
-        if not signature:
+        if signature is None or signature == "":
             raise MessageError("missing signature")
+        if not isinstance(signature, str):
+            raise MessageError(f"malformed signature (a {type(signature).__name__}, expected "
+                               "KEY_ID:64 hex digits)")
         key_id, _, mac = signature.partition(":")
         if not _KEY_ID_RE.fullmatch(key_id) or not _MAC_RE.fullmatch(mac):
             raise MessageError("malformed signature (expected KEY_ID:64 hex digits)")

@@ -74,6 +74,18 @@ class Snapshot:
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _unserializable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: The C encoder behind ``_CANONICAL``, made once: ``JSONEncoder.encode`` builds a new one on
+#: every call, which is a third of its cost for a small body, and a catch-up encodes 100,000.
+#: No circular-reference markers: bodies come from JSON, so they cannot contain themselves.
+_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODER = None if _MAKE_ENCODER is None else _MAKE_ENCODER(
+    None, _unserializable, json.encoder.encode_basestring, None, ":", ",", True, False, True)
 _UPSERT = ("INSERT INTO objects(kind, name, body, seq) VALUES(?,?,?,?) ON CONFLICT(kind, name) "
            "DO UPDATE SET body=excluded.body, seq=excluded.seq")
 _DELETE = "DELETE FROM objects WHERE kind=? AND name=?"
@@ -81,7 +93,9 @@ _DELETE = "DELETE FROM objects WHERE kind=? AND name=?"
 
 def canonical(body: Any) -> str:
     """The one JSON spelling of a value: sorted keys, no spaces; equal data, equal bytes."""
-    return _CANONICAL.encode(body)
+    if _C_ENCODER is None or isinstance(body, str):
+        return _CANONICAL.encode(body)
+    return "".join(_C_ENCODER(body, 0))
 
 
 class NodeStore:
@@ -314,6 +328,11 @@ class NodeStore:
             if self._checksum is None or fresh:
                 self._checksum = hashlib.sha256(self.export_bytes()).hexdigest()
             return self._checksum
+
+    @property
+    def cached_checksum(self) -> str | None:
+        """The checksum if it is still valid (nothing written since it was computed), else None."""
+        return self._checksum
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)

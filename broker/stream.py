@@ -24,6 +24,7 @@ import amqp.exceptions
 
 from broker import topology
 from broker.connection import close_quietly, connect
+from broker.consumer import message_body
 from broker.epochs import EpochHistory, EpochMark
 from broker.errors import MessageError, TasyncError
 from broker.fastdecode import decode_entry
@@ -100,7 +101,7 @@ def read_changelog(settings: Settings, *, offset: Offset,
             if done:
                 return
             try:
-                item = _decode_entry(message.body, settings)
+                item = _decode_entry(message_body(message), settings)
             except MessageError as exc:
                 result.refused += 1
                 log.warning("skipped an invalid change-log entry: %s", exc)

@@ -13,6 +13,8 @@ from typing import Any
 import amqp
 
 from broker import audit, topology
+from broker.consumer import message_body
+from broker.errors import MessageError
 
 log = logging.getLogger("tasync.quarantine")
 
@@ -27,7 +29,10 @@ def quarantine(channel: Any, message: amqp.Message, *, reason: str, node: str,
         "x-tasync-source-queue": source,
         "x-tasync-quarantined-at": audit.utc_now(),
     })
-    body = message.body if isinstance(message.body, bytes) else bytes(message.body)
+    try:
+        body = message_body(message)
+    except MessageError:
+        body = str(message.body).encode("utf-8", "replace")  # keep what can be kept
     channel.basic_publish(
         amqp.Message(body, delivery_mode=2, application_headers=headers,
                      content_type=message.properties.get("content_type", "application/json")),

@@ -128,7 +128,9 @@ class Recovery:
         store = self.ctx.store
         with self.rpc() as rpc:
             try:
-                head = rpc.call_one(topology.MASTER, "head", timeout_s=2.0)
+                # The master's checksum is only compared at an equal seq (``_drifted``).
+                head = rpc.call_one(topology.MASTER, "head", {"checksum_at": store.last_seq},
+                                    timeout_s=2.0)
             except (NoAnswer, RemoteError, amqp.exceptions.NotFound):
                 head = None  # NotFound: no control exchange yet, a network's very first start
         if head is not None and head.get("node") != self.ctx.node \

@@ -29,6 +29,7 @@ from broker.epochs import EpochHistory, EpochMark, Era
 from broker.errors import BrokerUnreachable, ConfigError, NoAnswer, RemoteError, TasyncError
 from broker.store import ApplyResult
 from broker.stream import UnfillableGap
+from consumers.admission import Admission
 from consumers.context import NodeContext
 from consumers.recovery import RecoveryReport
 from consumers.replay import Since, replay_into
@@ -76,8 +77,11 @@ class ControlSeat(Protocol):
 class Roles:
     """Promotion, step-down and the recovery requests of one node."""
 
-    def __init__(self, ctx: NodeContext, sync: SyncConsumer, seat: ControlSeat) -> None:
+    def __init__(self, ctx: NodeContext, sync: SyncConsumer, seat: ControlSeat, *,
+                 admission: Admission | None = None) -> None:
         self.ctx = ctx
+        #: This node's allow-lists: a node its own tasync.hosts denies is never promoted.
+        self.admission = admission or Admission()
         self.sync = sync
         self.seat = seat
         self.recovery = sync.recovery
@@ -156,6 +160,7 @@ class Roles:
         if ctx.is_master:
             return {"node": ctx.node, "epoch": store.epoch, "base_seq": store.last_seq,
                     "already": True, "previous": None, "drained": 0}
+        self._check_may_be_master()
         with self.sync.locked():
             if store.diverged:
                 raise ConfigError(f"{ctx.node} holds changes the network never accepted; run "
@@ -182,6 +187,18 @@ class Roles:
         self._changed()
         return {"node": ctx.node, "epoch": epoch, "base_seq": store.last_seq, "already": False,
                 "previous": old["node"] if old else None, "drained": drained}
+
+    def _check_may_be_master(self) -> None:
+        """Refuse, before fencing anyone, a promotion this node's tasync.hosts forbids.
+
+        Promoting it anyway would step the current master down and then leave the network
+        with a master whose changes every node that shares the list rejects.
+        """
+        decision = self.admission.may_be_master(self.ctx.node)
+        if decision is not None and not decision.allowed:
+            self.ctx.trail.event("promotion_refused", reason=decision.reason)
+            raise ConfigError(f"{self.ctx.node} may not act as master: {decision.reason} "
+                              "(its tasync.hosts or --master); nothing was changed")
 
     def _fence(self, timeout_s: float) -> dict[str, Any] | None:
         """Ask the current master to step down; returns its head, or None when none runs.
@@ -241,12 +258,20 @@ class Roles:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _head(self, _args: dict[str, Any]) -> dict[str, Any]:
+    def _head(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Where this node stands; the checksum only when the asker can use it.
+
+        A checksum hashes the whole configuration (most of a second at 100,000 objects), and
+        an asker compares it only when it holds the same seq (recovery's drift check): with
+        ``checksum_at`` set, it is computed only when that seq is this node's.
+        """
         store = self.ctx.store
         seq = store.published_seq
+        wanted = args.get("checksum_at")
+        useful = seq == store.last_seq and (wanted is None or wanted == seq)
         return {"node": self.ctx.node, "seq": seq, "committed": store.last_seq,
                 "epoch": store.epoch, "eras": store.history.to_list(),
-                "checksum": store.checksum() if seq == store.last_seq else None}
+                "checksum": store.checksum() if useful else None}
 
     def _snapshot(self, _args: dict[str, Any]) -> dict[str, Any]:
         store = self.ctx.store

@@ -25,18 +25,18 @@ from typing import Any
 import amqp
 
 from broker import topology
-from broker.consumer import ConsumerLoop
+from broker.consumer import ConsumerLoop, message_body
 from broker.epochs import EpochMark
 from broker.errors import MessageError, TasyncError
 from broker.fastdecode import decode_entry
 from broker.messages import ChangeBatch
+from broker.signing import SIGNATURE_HEADER
 from broker.store import ApplyResult, GapError
 from consumers.context import NodeContext
 from consumers.quarantine import quarantine
 from consumers.recovery import Recovery
 
 log = logging.getLogger("tasync.sync")
-SIGNATURE_HEADER = "tasync-sig"
 #: How often a diverged node that could not recover tries again.
 RETRY_S = 10.0
 
@@ -110,7 +110,10 @@ class SyncConsumer(ConsumerLoop):
     def _on_message(self, message: amqp.Message) -> None:
         try:
             item = self._decode(message)
-        except MessageError as exc:
+        except Exception as exc:  # a poison message must not wedge the node: quarantine it
+            if not isinstance(exc, MessageError):
+                log.exception("could not judge a message; quarantining it")
+                exc = MessageError(f"unreadable message ({type(exc).__name__})")
             quarantine(self.channel, message, reason=str(exc), node=self.ctx.node,
                        source=topology.sync_queue(self.ctx.node))
             self.ctx.trail.event("quarantined", queue=topology.sync_queue(self.ctx.node),
@@ -138,12 +141,13 @@ class SyncConsumer(ConsumerLoop):
             self.apply_batch(batch, replayed=False)
 
     def _decode(self, message: amqp.Message) -> ChangeBatch | EpochMark:
-        item = decode_entry(bytes(message.body), max_bytes=self.settings.max_message_bytes)
+        body = message_body(message)
+        item = decode_entry(body, max_bytes=self.settings.max_message_bytes)
         if not isinstance(item, ChangeBatch | EpochMark):
             raise MessageError(f"unexpected {type(item).__name__} message on a sync queue")
         if self.ctx.keyring is not None:
             headers = message.properties.get("application_headers") or {}
-            self.ctx.keyring.verify(bytes(message.body), headers.get(SIGNATURE_HEADER))
+            self.ctx.keyring.verify(body, headers.get(SIGNATURE_HEADER))
         if isinstance(item, EpochMark):
             self.admit(ChangeBatch(epoch=item.epoch, origin=item.origin, changes=()), message)
         else:

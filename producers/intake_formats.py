@@ -73,6 +73,10 @@ def load_json(body: bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise BadRequest(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
                          ) from None
+    except RecursionError:
+        raise BadRequest("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise BadRequest(f"invalid JSON: {str(exc)[:120]}") from None
 
 
 def _str(obj: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:

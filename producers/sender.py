@@ -34,17 +34,16 @@ from typing import Any
 import amqp.exceptions
 
 from broker import messages, topology
-from broker.alerts import SIGNATURE_HEADER, Alert, HostList, encode_alert, validated
-from broker.connection import close_quietly, ensure
-from broker.errors import ConfigError, NoAnswer, RemoteError
+from broker.alerts import Alert, HostList, encode_alert, validated
+from broker.connection import RECOVERABLE, BlockedGuard, close_quietly, ensure
+from broker.errors import ConfigError, NoAnswer, PublishError, RemoteError
 from broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
 from broker.rpc import RpcClient
 from broker.settings import Settings
-from broker.signing import KeyRing
+from broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
 
 log = logging.getLogger("tasync.sender")
 
-SENDER_HEADER = "x-tasync-sender"
 ENV_CACHE_DIR = "TASYNC_CACHE_DIR"
 #: How long the first send to a new list waits for the list's nodes to subscribe.
 NEW_LIST_GRACE_S = 1.0
@@ -105,11 +104,14 @@ class AlertSender:
         self._ready_lists: set[str] = set()
         self._nodes: set[str] | None = None
         self._known_targets: set[tuple[str, str]] = set()
+        self._guard: BlockedGuard | None = None
 
     def close(self) -> None:
         """Close the connection."""
+        if self._guard is not None:
+            self._guard.cancel()
         close_quietly(self._conn)
-        self._conn = self._publisher = self._rpc = None
+        self._conn = self._publisher = self._rpc = self._guard = None
 
     def __enter__(self) -> AlertSender:
         return self
@@ -120,12 +122,28 @@ class AlertSender:
     # -- the connection -----------------------------------------------------------------------
 
     def _run(self, fn: Any) -> Any:
-        """Run ``fn()`` on a live connection, reconnecting (next URL) after a loss."""
+        """Run ``fn()`` on a live connection, reconnecting (next URL) after a loss.
+
+        Raises:
+            PublishError: the broker blocked the connection (a resource alarm) for longer
+                than the confirm timeout; a send fails then instead of hanging.
+        """
         def attempt(conn: Any) -> Any:
             if conn is not self._conn:
+                if self._guard is not None:
+                    self._guard.cancel()
                 self._conn, self._publisher, self._rpc = conn, None, None
+                self._guard = BlockedGuard(conn, self.settings.confirm_timeout_s)
                 self._ready_lists.clear()
-            return fn()
+            try:
+                return fn()
+            except RECOVERABLE:
+                if self._guard is not None and self._guard.expired:
+                    raise PublishError(
+                        "the broker blocked publishing for more than "
+                        f"{self._guard.limit_s:g} s (a disk or memory alarm, see the broker's "
+                        "log); the alert may not have been queued") from None
+                raise
         result, self._conn = ensure(self.settings, attempt, name="tasync-sender",
                                     conn=self._conn)
         return result

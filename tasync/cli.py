@@ -10,10 +10,8 @@ from typing import Any
 
 import click
 
-from broker.connection import connect
-from broker.settings import Settings
-from broker.topology import declare_all
 from tasync.cli_alerts import ALERT_COMMANDS, normalise_host_args
+from tasync.cli_broker import broker
 from tasync.cli_config import config
 from tasync.cli_hosts import hosts
 from tasync.cli_recover import promote, recover
@@ -45,6 +43,7 @@ def cli() -> None:
     """
 
 
+cli.add_command(broker)
 cli.add_command(config)
 cli.add_command(hosts)
 cli.add_command(recover)
@@ -80,25 +79,6 @@ def status(*, timeout_s: float, as_json: bool, broker_url: str) -> None:
 
 def _yes(value: Any) -> str:
     return "yes" if value else "no"
-
-
-@cli.group()
-def broker() -> None:
-    """Prepare the broker for a tasync network."""
-
-
-@broker.command("setup")
-@broker_option
-@handle_errors
-def broker_setup(*, broker_url: str) -> None:
-    """Declare the exchanges, the change-log stream and the shared queues (idempotent)."""
-    settings: Settings = make_settings(broker_url)
-    conn = connect(settings, name="tasync-setup", retry_s=5.0)
-    try:
-        declare_all(conn.channel(), settings)
-    finally:
-        conn.release()
-    click.echo(f"topology declared on {settings.display_urls}")
 
 
 def main(argv: list[str] | None = None) -> None:

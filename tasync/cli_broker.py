@@ -24,7 +24,7 @@ from broker.connection import close_quietly, connect
 from broker.errors import ConfigError
 from broker.permissions import Account
 from broker.settings import Settings
-from broker.tls import check_tls_urls, tls_extra
+from broker.tls import tls_extra
 from broker.users import (
     ENV_RABBITMQCTL,
     BrokerAdminError,
@@ -73,17 +73,12 @@ def tls_options(fn: F) -> F:
 
 def tls_settings(broker_url: str, ca_file: Path | None, cert_file: Path | None,
                  key_file: Path | None, **overrides: Any) -> Settings:
-    """Settings from ``--broker`` and the TLS options; bad TLS input is a usage error."""
+    """Settings from ``--broker`` and the TLS options (else ``$TASYNC_SSL_*``); usage errors."""
     try:
         extra = tls_extra(ca_file, cert_file, key_file)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    settings = make_settings(broker_url, extra=extra, **overrides)
-    try:
-        check_tls_urls(settings.broker_urls, settings.extra)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    return settings
+    return make_settings(broker_url, extra=extra, **overrides)
 
 
 @click.group()

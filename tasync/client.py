@@ -10,8 +10,8 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import click
 
@@ -21,15 +21,26 @@ from broker.errors import NoAnswer
 from broker.rpc import RpcClient
 from broker.settings import Settings
 
+Client = TypeVar("Client", bound=RpcClient)
+
 
 @contextlib.contextmanager
-def rpc_client(settings: Settings) -> Iterator[RpcClient]:
-    """A connected request client for one command; the connection closes afterwards."""
+def connected_client(settings: Settings,
+                     factory: Callable[..., Client]) -> Iterator[Client]:
+    """A connected client made by ``factory`` for one command; the connection closes afterwards.
+
+    A command fails fast (5 s at most) when no broker answers: a person is waiting.
+    """
     conn = connect(settings, name="tasync-cli", retry_s=min(settings.connect_retry_s, 5.0))
     try:
-        yield RpcClient(conn, sender=f"cli@{socket.gethostname()}:{os.getpid()}")
+        yield factory(conn, sender=f"cli@{socket.gethostname()}:{os.getpid()}")
     finally:
         close_quietly(conn)
+
+
+def rpc_client(settings: Settings) -> contextlib.AbstractContextManager[RpcClient]:
+    """A connected request client for one command; the connection closes afterwards."""
+    return connected_client(settings, RpcClient)
 
 
 def target_key(node: str | None) -> str:

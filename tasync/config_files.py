@@ -18,8 +18,44 @@ from broker.errors import ConfigError
 MAX_FILE_BYTES = 512 << 20
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain YAML (and JSON) keep the last of two equal keys, so a copied block whose name was
+    not changed would silently replace the object above it.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"duplicate key {key!r}")
+        data[key] = value
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_import_file(path: Path) -> Any:
-    """Parse ``path`` as JSON (``.json``) or YAML (anything else; YAML also reads JSON)."""
+    """Parse ``path`` as JSON (``.json``) or YAML (anything else; YAML also reads JSON).
+
+    Raises:
+        ConfigError: one line naming the file and, where known, the line: too large, not
+            UTF-8, invalid syntax, a key given twice, ``NaN``, or nested too deeply.
+    """
     if path.stat().st_size > MAX_FILE_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB")
     try:
@@ -28,14 +64,22 @@ def load_import_file(path: Path) -> Any:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(text)
-        return yaml.safe_load(text)
+            return json.loads(text, object_pairs_hook=_unique_pairs,
+                              parse_constant=_no_constant)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    except ValueError as exc:  # from the hooks above
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
+        if isinstance(exc, yaml.constructor.ConstructorError) and exc.problem:
+            # a duplicate key or a tag such as !!python/object: say which, it is not syntax
+            raise ConfigError(f"{path}: {exc.problem}{where}") from None
         raise ConfigError(f"{path}: invalid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration file") from None
 
 
 def _raw_ops(data: Any) -> list[Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import amqp
 
 from broker import messages, topology
-from broker.consumer import ConsumerLoop
+from broker.consumer import ConsumerLoop, message_body
 from broker.errors import MessageError, TasyncError
 from broker.messages import Reply, Request
 from broker.rpc import reply_to
@@ -153,7 +153,8 @@ class ControlServer(ConsumerLoop):
     def _on_request(self, message: amqp.Message) -> None:
         try:
             request: Request = messages.decode(
-                message.body, max_bytes=self.settings.max_message_bytes, expect="request")
+                message_body(message), max_bytes=self.settings.max_message_bytes,
+                expect="request")
         except MessageError as exc:
             log.warning("refused a control message: %s", exc)
             self.channel.basic_ack(message.delivery_tag)

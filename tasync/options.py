@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 import click
 
-from broker.errors import ExitCode, TasyncError
+from broker.errors import ConfigError, ExitCode, TasyncError
 from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL, Settings
+from broker.tls import TLS_KEYS, check_tls_urls, tls_extra
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,11 +47,27 @@ def timeout_option(default_s: float) -> Callable[[F], F]:
 
 
 def make_settings(broker_url: str, **overrides: Any) -> Settings:
-    """Settings from ``--broker``; a bad URL is a usage error, not a traceback."""
+    """Settings from ``--broker`` and the TLS environment; bad input is a usage error.
+
+    Every command and the worker build their settings here, so ``$TASYNC_SSL_CA_FILE``,
+    ``$TASYNC_SSL_CERT_FILE`` and ``$TASYNC_SSL_KEY_FILE`` reach each of them the same way: a
+    process pointed at ``amqps://`` in its environment needs no TLS options on its command
+    line. TLS files given as options (``extra=tls_extra(...)``) win over the environment.
+    """
+    extra = dict(overrides.pop("extra", None) or {})
     try:
-        return Settings.from_env(broker_url, **overrides)
+        if not any(extra.get(key) for key in TLS_KEYS):
+            extra.update(tls_extra())
+        settings = Settings.from_env(broker_url, extra=extra, **overrides)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--broker") from None
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        check_tls_urls(settings.broker_urls, settings.extra)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    return settings
 
 
 def handle_errors(fn: F) -> F:

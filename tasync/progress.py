@@ -9,22 +9,20 @@ needs no guessed total timeout: ``idle_timeout_s`` bounds the silence between tw
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import amqp
 
 from broker import messages, topology
-from broker.connection import close_quietly, connect
 from broker.errors import NoAnswer, RemoteError
 from broker.messages import Request
 from broker.rpc import REPLY_TO, RpcClient
 from broker.settings import Settings
+from tasync.client import connected_client
 
 OnProgress = Callable[[dict[str, Any]], None]
 
@@ -77,14 +75,9 @@ class ProgressRpc(RpcClient):
             self._returned.discard(corr)
 
 
-@contextlib.contextmanager
-def progress_rpc(settings: Settings) -> Iterator[ProgressRpc]:
+def progress_rpc(settings: Settings) -> contextlib.AbstractContextManager[ProgressRpc]:
     """A connected ``ProgressRpc`` for one command; the connection closes afterwards."""
-    conn = connect(settings, name="tasync-cli", retry_s=min(settings.connect_retry_s, 5.0))
-    try:
-        yield ProgressRpc(conn, sender=f"cli@{socket.gethostname()}:{os.getpid()}")
-    finally:
-        close_quietly(conn)
+    return connected_client(settings, ProgressRpc)
 
 
 class ProgressBar:

@@ -26,7 +26,8 @@ from tasync.options import broker_option, handle_errors, make_settings
 @click.option("--conf-hosts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="telaconf.hosts allow-list (on the master): who may change configuration.")
 @click.option("--alert-hosts-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="telalert.hosts allow-list: who may send alerts.")
+              default=None, help="telalert.hosts allow-list: who may send alerts "
+                                 "(default: <data-dir>/telalert.hosts when it exists).")
 @click.option("--key-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               default=None, envvar="TASYNC_CLUSTER_KEY_FILE",
               help="Cluster key file: sign and verify every change.")

@@ -28,14 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Options the docs and compose use that the named command does not have yet, with the click
 #: command that already implements them where one exists (the line must parse with it
 #: meanwhile). Remove an entry when it lands; ``test_pending_lists_are_not_stale`` says when.
-PENDING_OPTIONS: dict[str, dict[str, str | None]] = {
-    # tasync.cli_broker.broker (with --users and TLS) is to replace the group in tasync.cli.
-    "tasync broker setup": dict.fromkeys(
-        ["--users", "--node", "--hosts-file", "--master", "--admin", "--sender",
-         "--senders-create-lists", "--credentials-out", "--show-passwords", "--reset-passwords",
-         "--rabbitmqctl", "--json", "--ca-file", "--cert-file", "--key-file"],
-        "tasync.cli_broker:broker_setup"),
-}
+PENDING_OPTIONS: dict[str, dict[str, str | None]] = {}
 
 _SHELL_OPERATORS = re.compile(r"^[|&;<>()]+$")
 _PATH_MISSING = re.compile(r"does not exist", re.IGNORECASE)

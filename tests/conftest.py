@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import secret_registry
 from tests.network import BrokerAdmin, Network
 
 
@@ -24,6 +25,18 @@ def _port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leak_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end of every session, fail if a registered secret is in any log-like file.
+
+    Tests register the passwords and keys they make (``tests.harness.secret_registry``); the
+    worker logs, trails, stderr captures and command outputs of the whole session live under
+    pytest's base temporary directory, and are all scanned here, whichever tests ran.
+    """
+    yield
+    secret_registry.check_tree(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from broker.audit import read_trail
+from broker.settings import redact_url
 from tests.waiting import wait_for
 
 
@@ -145,6 +146,15 @@ class Network:
         cmd = [sys.executable, "-m", "tasync", *args]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                              env=self.env, input=input)
+        # Kept for the session's secret scan (tests/harness/secret_registry.py): every output
+        # an operator could see must be free of passwords and keys.
+        # The command line is the test's own input, so its URLs are shown as an operator's
+        # would be; what the command printed is recorded as it was.
+        shown = " ".join(";".join(redact_url(u) if "://" in u else u for u in a.split(";"))
+                         for a in args)
+        with open(self.root / "cli.out", "a", encoding="utf-8") as record:
+            record.write(f"$ tasync {shown}\nexit {out.returncode}\n{out.stdout}"
+                         f"{out.stderr}\n")
         if check and out.returncode != 0:
             raise AssertionError(f"tasync {' '.join(args)} exited {out.returncode}: "
                                  f"{out.stderr.strip()}")

@@ -6,10 +6,12 @@ runs a small network with them through normal paths and error paths (wrong vhost
 login, unreachable port, bad input, a broken key file), then searches every output and every
 log-like file for the secrets in any spelling.
 
-It also guards the whole session: the session-scoped ``leak_guard`` fixture scans every
-log-like file under pytest's base temporary directory at the very end of the session for every
-secret any test registered (``tests.harness.secret_registry``), so a leak in a test that runs
-after this one is caught too (reported as an error at teardown).
+The whole session is guarded too: the autouse, session-scoped ``leak_guard`` fixture of
+``tests/conftest.py`` scans every log-like file under pytest's base temporary directory (worker
+logs, trails, stderr captures, every ``tasync`` command's output recorded by
+``tests.network.Network.cli``) at the very end of the session for every secret any test
+registered (``tests.harness.secret_registry``), so a leak in any test is caught (reported as
+an error at teardown).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -36,15 +37,6 @@ from tests.network import BrokerAdmin, Network
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def leak_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """At the end of the session, fail if any registered secret is in any log-like file."""
-    yield
-    root = tmp_path_factory.getbasetemp()
-    leaks = secret_registry.scan_files(root, secret_registry.registered())
-    assert not leaks, "secrets leaked into logs or outputs:\n" + "\n".join(leaks)
 
 
 class Outputs:
@@ -175,6 +167,18 @@ def _check_reprs(node_url: str, key_file: Path, secrets: dict[str, str]) -> None
                  f"broker unreachable at {settings.display_urls}")))]
     leaks = secret_registry.find_leaks(texts, secrets)
     assert not leaks, "\n".join(leaks)
+
+
+def test_the_session_guard_fails_on_a_planted_secret(tmp_path: Path) -> None:
+    secret = "planted-" + uuid.uuid4().hex
+    secret_registry.register("a planted key", secret)
+    try:
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x" / "cli.out").write_text(f"$ tasync status\nexit 3\nkey={secret}\n")
+        with pytest.raises(secret_registry.SecretLeak, match=r"cli\.out: contains a planted key"):
+            secret_registry.check_tree(tmp_path)
+    finally:
+        (tmp_path / "x" / "cli.out").write_text("scrubbed\n")  # the real guard runs at the end
 
 
 def test_the_scanner_finds_a_planted_secret(tmp_path: Path) -> None:

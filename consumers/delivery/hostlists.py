@@ -23,7 +23,7 @@ import amqp
 
 from broker import messages, topology
 from broker.alerts import HostList
-from broker.consumer import ConsumerLoop
+from broker.consumer import ConsumerLoop, message_body
 from broker.errors import MessageError
 from consumers.context import NodeContext
 from consumers.totals import open_db
@@ -75,7 +75,7 @@ class HostListWatcher(ConsumerLoop):
         self.channel.basic_ack(message.delivery_tag)
         self.records_read += 1
         try:
-            record = messages.decode(message.body, max_bytes=_MAX_RECORD_BYTES,
+            record = messages.decode(message_body(message), max_bytes=_MAX_RECORD_BYTES,
                                      expect="hostlist")
         except MessageError as exc:
             log.warning("skipped an invalid host-list record: %s", exc)

@@ -83,13 +83,21 @@ class FaultRun:
         alerts = self.load.confirmed(started_after=self.healed_at)
         return bool(alerts) and alerts[0].key in self.load.delivered()
 
-    def finish(self) -> dict[str, Any]:
-        """Wait for recovery, stop the load, check every guarantee, record the row, assert."""
+    def wait_recovered(self) -> float:
+        """Wait for end-to-end recovery after the last ``healing()``; return its seconds."""
+        assert self.healed_at, "call healing() first"
+        wait_for(self._recovered, timeout_s=RECOVER_TIMEOUT_S, interval_s=0.25,
+                 what="end-to-end recovery after the heal")
+        return time.monotonic() - self.healed_at
+
+    def finish(self, *, recover_s: float | None = None) -> dict[str, Any]:
+        """Wait for recovery, stop the load, check every guarantee, record the row, assert.
+
+        RECOVER_S, when given, is the recovery time already measured (the soak's slowest).
+        """
         assert self.healed_at, "call healing() before finish()"
         try:
-            wait_for(self._recovered, timeout_s=RECOVER_TIMEOUT_S, interval_s=0.25,
-                     what="end-to-end recovery after the heal")
-            self.recover_s = time.monotonic() - self.healed_at
+            self.recover_s = self.wait_recovered() if recover_s is None else recover_s
         finally:
             self.load.stop()
         verdict = self._verify()

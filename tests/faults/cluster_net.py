@@ -34,6 +34,9 @@ NODES = ("a", "b", "c")
 MASTER = "a"
 #: Alert sources and their precedence lists: different orders share the load (design §1).
 SOURCES: dict[str, tuple[str, ...]] = {"remedy": ("a", "b", "c"), "nms": ("c", "b", "a")}
+#: Sources that address their list by a named route (``--route``; the route has the source's
+#: name); the others name the servers (``--host``). Both paths are under load in every test.
+ROUTED = frozenset({"remedy"})
 HEARTBEAT_S = 3.0
 
 
@@ -84,6 +87,8 @@ class ClusterNetwork(Network):
         for source in SOURCES:
             self.cli("config", "set", "destination", destination(source),
                      "--url", self.delivery_file(source).as_uri(), "--wait-applied")
+        for source in ROUTED:
+            self.cli("config", "set", "route", source, *host_args(source), "--wait-applied")
         self.settle()
 
     def delivery_file(self, source: str) -> Path:
@@ -199,3 +204,13 @@ def store_meta(data_dir: Path) -> tuple[int, int]:
 def destination(source: str) -> str:
     """The destination name alerts of SOURCE are sent to."""
     return f"{source}-out"
+
+
+def host_args(source: str) -> list[str]:
+    """How SOURCE names its precedence list: ``--host A B C``, each node its own option."""
+    return [arg for host in SOURCES[source] for arg in ("--host", host)]
+
+
+def list_args(source: str) -> list[str]:
+    """The ``tasync send`` arguments that address SOURCE's list: its route, or its hosts."""
+    return ["--route", source] if source in ROUTED else host_args(source)

@@ -34,7 +34,7 @@ from broker.connection import close_quietly, connect
 from broker.rpc import RpcClient
 from broker.settings import Settings
 from producers.sender import AlertSender
-from tests.faults.cluster_net import SOURCES, ClusterNetwork, destination
+from tests.faults.cluster_net import ROUTED, SOURCES, ClusterNetwork, destination, list_args
 
 _COMMITTED_RE = re.compile(r"committed seq (\d+)\.\.(\d+)")
 
@@ -185,6 +185,7 @@ class AlertLoad(PacedLoad):
         self.hosts = SOURCES[source]
         self.run_tag = uuid.uuid4().hex[:6]
         self._sender: AlertSender | None = None
+        self._hosts = self.hosts
 
     def attempt(self, n: int) -> Attempt:
         alert_id = f"{self.source}-{self.run_tag}-{n:06d}"
@@ -200,16 +201,23 @@ class AlertLoad(PacedLoad):
 
     def _by_cli(self, alert_id: str, n: int) -> str:
         out = self.net.cli("send", "-i", destination(self.source), "-m", f"alert {n}",
-                           "--host", *self.hosts, "--source", self.source, "--id", alert_id,
+                           *list_args(self.source), "--source", self.source, "--id", alert_id,
                            check=False, timeout=120)
         return "" if out.returncode == 0 else f"exit {out.returncode}: {out.stderr[-300:]}"
 
     def _by_library(self, alert_id: str, n: int) -> str:
         if self._sender is None:
-            self._sender = AlertSender(Settings.from_url(self.net.broker_url), name=self.source)
+            sender = AlertSender(Settings.from_url(self.net.broker_url), name=self.source)
+            try:  # a long-lived integration resolves its route once per connection
+                self._hosts = (sender.resolve_route(self.source) if self.source in ROUTED
+                               else self.hosts)
+            except Exception:
+                sender.close()
+                raise
+            self._sender = sender
         self._sender.send(Alert(id=alert_id, source=self.source, target_kind="destination",
                                 target=destination(self.source), text=f"alert {n}",
-                                hosts=self.hosts))
+                                hosts=self._hosts))
         return ""
 
     def close(self) -> None:

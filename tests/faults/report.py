@@ -1,11 +1,11 @@
-"""Render docs/reliability.md's tables from the recorded fault and soak runs.
+"""Render docs/reliability.md's tables and the soak plot from the recorded fault and soak runs.
 
-    python -m tests.faults.report            # rewrite the generated parts of the document
-    python -m tests.faults.report --print    # print them instead
+    python -m tests.faults.report            # rewrite the tables and docs/img/soak-memory.png
+    python -m tests.faults.report --print    # print the tables instead
 
 The document's prose is written by hand; only the text between the ``<!-- faults:begin -->`` /
 ``<!-- faults:end -->`` and ``<!-- soak:begin -->`` / ``<!-- soak:end -->`` markers is generated.
-The fault table shows the newest run of every test in ``benchmarks/results/faults.json``.
+The fault table shows the newest run of every test in ``tests/faults/runs/faults.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from tests.faults import results
 
 DOC = results.REPO / "docs" / "reliability.md"
+PLOT = results.REPO / "docs" / "img" / "soak-memory.png"
 HEADER = ("| fault | load held: changes committed / tried (during fault) | alerts confirmed / "
           "tried (during fault) | changes lost | alerts lost | duplicates | time to recover "
           "| longest stall: changes / alerts | result |")
@@ -56,7 +57,7 @@ def fault_table(rows: list[dict[str, Any]]) -> str:
     when = max((r["when"] for r in ordered), default="never")
     notes = sorted({n for r in ordered for n in r.get("notes", [])})
     lines += ["", f"Newest run: {when} (UTC). {len(rows)} runs recorded in "
-              "`benchmarks/results/faults.json`."]
+              "`tests/faults/runs/faults.json`."]
     lines += [f"Note: {note}." for note in notes]
     return "\n".join(lines)
 
@@ -77,8 +78,47 @@ def soak_section(soak: dict[str, Any] | None) -> str:
     for name, item in sorted(summary.items()):
         lines.append(f"| {name} | {item['warm_mb']:.1f} MB | {item['end_mb']:.1f} MB | "
                      f"{item['peak_mb']:.1f} MB | {item['slope_mb_per_min']:+.2f} MB/min |")
+    if any("recover_s" in f for f in soak["faults"]):
+        lines += ["", "| minute | fault | fault held for | time to recover |", "|---|---|---|---|"]
+        lines += [f"| {f['t'] / 60:.1f} | {f['fault']} | {f['fault_s']} s | {f['recover_s']} s |"
+                  for f in soak["faults"]]
+    row = soak.get("row")
+    if row:
+        lines += ["", f"Load over the whole soak: {row['changes_committed']} of "
+                  f"{row['changes_tried']} changes committed, {row['alerts_confirmed']} of "
+                  f"{row['alerts_tried']} alerts confirmed; changes lost {row['changes_lost']}, "
+                  f"alerts lost {row['alerts_lost']}, duplicates {row['alert_duplicates']}, "
+                  f"workers restarted: {len(row['workers_restarted'])}."]
     lines += ["", "![worker memory during the soak](img/soak-memory.png)"]
     return "\n".join(lines)
+
+
+def plot_soak(data: dict[str, Any], path: Path = PLOT) -> None:
+    """RSS per worker over time, faults as vertical lines, warm-up shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    samples = data["samples"]
+    for name in data["workers"]:
+        ax.plot([s["t"] / 60 for s in samples], [s.get(name) for s in samples], label=name)
+    ax.axvspan(0, data["warm_s"] / 60, color="0.9", label="warm-up")
+    for i, fault in enumerate(data["faults"]):
+        ax.axvline(fault["t"] / 60, color="0.5", linestyle=":",
+                   label="fault" if i == 0 else None)
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"tasync workers during a {data['duration_s'] / 60:.0f}-minute soak "
+                 f"({data['alert_rate']:g} alerts/s, {data['change_rate']:g} changes/s)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def replace_between(text: str, name: str, body: str) -> str:
@@ -95,10 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc", type=Path, default=DOC)
     args = parser.parse_args(argv)
     table = fault_table(results.load_rows())
-    soak = soak_section(results.load_soak())
+    data = results.load_soak()
+    soak = soak_section(data)
     if args.print:
         print(table + "\n\n" + soak)
         return
+    if data:
+        plot_soak(data)
+        print(f"wrote {PLOT}")
     text = args.doc.read_text()
     text = replace_between(replace_between(text, "faults", table), "soak", soak)
     args.doc.write_text(text)

@@ -1,8 +1,10 @@
-"""Where fault and soak runs leave their numbers: JSON files under ``benchmarks/results``.
+"""Where fault and soak runs leave their numbers: JSON files under ``tests/faults/runs``.
 
-Each fault run appends one row to ``faults.json`` (a JSON list, newest last); the soak writes
-``soak.json`` whole. ``python -m tests.faults.report`` turns both into docs/reliability.md's
-tables. ``$TASYNC_FAULTS_RESULTS_DIR`` sends them elsewhere (for example a CI artifact dir).
+Each fault run appends one row to ``faults.json`` (a JSON list, newest last; only the newest
+``KEEP_PER_TEST`` rows of each test are kept, so the default run does not grow it forever); the
+soak writes ``soak.json`` whole. ``python -m tests.faults.report`` turns both into
+docs/reliability.md's tables and plot. ``$TASYNC_FAULTS_RESULTS_DIR`` sends them elsewhere (for
+example a CI artifact dir).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 ENV_DIR = "TASYNC_FAULTS_RESULTS_DIR"
 _lock = threading.Lock()
+#: Rows kept per test in ``faults.json``: enough history to see a flaky run, bounded size.
+KEEP_PER_TEST = 10
 
 
 def results_dir() -> Path:
     """The directory the result files live in (created on demand)."""
-    path = Path(os.environ.get(ENV_DIR) or REPO / "benchmarks" / "results")
+    path = Path(os.environ.get(ENV_DIR) or Path(__file__).resolve().parent / "runs")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -52,7 +56,10 @@ def append_row(row: dict[str, Any]) -> None:
     """Add one fault run's row to ``faults.json``."""
     with _lock:
         path = faults_file()
-        _write(path, [*load_rows(path), row])
+        rows = [*load_rows(path), row]
+        same = [r for r in rows if r.get("test") == row.get("test")]
+        drop = {id(r) for r in same[:-KEEP_PER_TEST]}
+        _write(path, [r for r in rows if id(r) not in drop])
 
 
 def write_soak(data: dict[str, Any]) -> None:

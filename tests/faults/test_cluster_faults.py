@@ -89,9 +89,9 @@ def ended_since(run: FaultRun, since: float) -> bool:
 
 
 def broker_node_kill(net: ClusterNetwork, request: pytest.FixtureRequest, *,
-                     alert_rate: float) -> None:
+                     alert_rate: float, label: str = "") -> None:
     """SIGKILL the broker node every client tries first; load must go on; bring it back."""
-    run = start(net, request, "SIGKILL one broker node", alert_rate=alert_rate)
+    run = start(net, request, f"SIGKILL one broker node{label}", alert_rate=alert_rate)
     run.injected()
     net.cluster.kill_node(0)
     run.wait_progress(run.injected_at, changes=3, alerts=20, what="load on two broker nodes")
@@ -101,10 +101,11 @@ def broker_node_kill(net: ClusterNetwork, request: pytest.FixtureRequest, *,
     assert row["changes_committed_during_fault"] > 0
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_ci_broker_node_kill(cluster_net: ClusterNetwork, request: pytest.FixtureRequest) -> None:
     """The short version CI runs: one broker-node kill under modest load."""
-    broker_node_kill(cluster_net, request, alert_rate=2.0)
+    broker_node_kill(cluster_net, request, alert_rate=2.0, label=" (short, default run)")
 
 
 @pytest.mark.faults

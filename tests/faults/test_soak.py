@@ -4,10 +4,13 @@
 
 Defaults: 20 minutes, 50 alerts/s (two sources) and 5 changes/s (through the master's commit
 request, the code behind ``tasync config set``; names cycle through a pool of 200 so the
-configuration stays the same size), a fault every 4 minutes, cycling through a broker-node
-SIGKILL, a SIGSTOP of a backup and a disk alarm. Each worker's RSS is sampled every 5 s with
-psutil. At the end the usual checks run (nothing committed or confirmed lost), the samples go to
-``benchmarks/results/soak.json``, and the plot to ``docs/img/soak-memory.png``.
+configuration stays the same size), a fault every 3 minutes, cycling through a SIGKILL of broker
+node 0, a SIGSTOP of backup ``c``, a disk alarm, a SIGKILL of broker node 1 and a SIGSTOP of the
+master ``a``; each fault is healed once it has taken effect, and the time until the network is
+whole again is measured. Each worker's RSS is sampled every 5 s with
+psutil. At the end the usual checks run (nothing committed or confirmed lost) and the samples go to
+``tests/faults/runs/soak.json``; ``python -m tests.faults.report`` then draws
+``docs/img/soak-memory.png`` and the tables of docs/reliability.md from it.
 
 It only runs when asked for by marker (``-m soak``), so ``-m "faults or not faults"`` does not
 start a 20-minute run by accident.
@@ -29,14 +32,14 @@ from tests.faults import results
 from tests.faults.checks import FaultRun
 from tests.faults.cluster_net import ClusterNetwork
 from tests.faults.load import Load
-from tests.faults.test_cluster_faults import alarm_raised, delivered_since
+from tests.faults.test_cluster_faults import alarm_raised, delivered_since, publishers_blocked
 from tests.harness.rabbit_cluster import DEFAULT_DISK_FREE_LIMIT
 from tests.waiting import wait_for
 
 DURATION_S = float(os.environ.get("TASYNC_SOAK_SECONDS", "1200"))
 ALERT_RATE = float(os.environ.get("TASYNC_SOAK_ALERTS_PER_S", "50"))
 CHANGE_RATE = float(os.environ.get("TASYNC_SOAK_CHANGES_PER_S", "5"))
-FAULT_EVERY_S = float(os.environ.get("TASYNC_SOAK_FAULT_EVERY_S", "240"))
+FAULT_EVERY_S = float(os.environ.get("TASYNC_SOAK_FAULT_EVERY_S", "180"))
 SAMPLE_EVERY_S = 5.0
 #: Memory before this share of the run is warm-up (imports, caches, SQLite pages, buffers).
 WARM_UP_SHARE = 0.25
@@ -82,66 +85,45 @@ def summarize(samples: list[dict[str, Any]], names: list[str], warm_s: float) ->
     return summary
 
 
-def plot(data: dict[str, Any]) -> None:
-    """RSS per worker over time, faults as vertical lines, warm-up shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    samples = data["samples"]
-    for name in data["workers"]:
-        ax.plot([s["t"] / 60 for s in samples], [s.get(name) for s in samples], label=name)
-    ax.axvspan(0, data["warm_s"] / 60, color="0.9", label="warm-up")
-    for i, fault in enumerate(data["faults"]):
-        ax.axvline(fault["t"] / 60, color="0.5", linestyle=":",
-                   label="fault" if i == 0 else None)
-    ax.set_xlabel("minutes")
-    ax.set_ylabel("RSS (MB)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"tasync workers during a {data['duration_s'] / 60:.0f}-minute soak "
-                 f"({data['alert_rate']:g} alerts/s, {data['change_rate']:g} changes/s)")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    path = results.REPO / "docs" / "img" / "soak-memory.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+Fault = tuple[str, Callable[[], None], Callable[[], None]]
 
 
-def fault_cycle(net: ClusterNetwork, run: FaultRun) -> list[tuple[str, Callable[[], None]]]:
-    """The faults the soak cycles through; each returns once healed and load flows again."""
+def fault_cycle(net: ClusterNetwork, run: FaultRun) -> list[Fault]:
+    """The faults the soak cycles through: (name, inject, heal).
+
+    ``inject`` returns once the fault has visibly taken effect under load (progress on the
+    surviving broker nodes, alerts taken over, the alarm raised); ``heal`` undoes it.
+    """
     cluster = net.cluster
 
-    def broker_kill(index: int) -> Callable[[], None]:
+    def broker_kill(index: int) -> Fault:
         def inject() -> None:
             since = time.monotonic()
             cluster.kill_node(index)
             run.wait_progress(since, changes=5, alerts=50, what="load on two broker nodes")
-            cluster.start_node(index)
-        return inject
+        return f"SIGKILL broker node {index}", inject, lambda: cluster.start_node(index)
 
-    def sigstop(name: str) -> Callable[[], None]:
+    def sigstop(name: str, source: str) -> Fault:
         def inject() -> None:
             since = time.monotonic() + 2 * net.heartbeat_s
             net.sigstop(name)
-            wait_for(lambda: delivered_since(run, "nms", since), timeout_s=300,
-                     what=f"alerts taken over from {name}")
-            net.sigcont(name)
-        return inject
+            wait_for(lambda: delivered_since(run, source, since), timeout_s=300,
+                     what=f"{source} alerts delivered while {name} hangs")
+        return f"SIGSTOP worker {name}", inject, lambda: net.sigcont(name)
 
-    def disk_alarm() -> None:
+    def alarm() -> None:
         cluster.set_disk_free_limit(0, "1000000GB")
         wait_for(lambda: alarm_raised(cluster), timeout_s=120, interval_s=1.0, what="alarm")
+        wait_for(lambda: publishers_blocked(net, len(run.load.alerts)), timeout_s=300,
+                 interval_s=1.0, what="the broker blocking the change path and both sources")
+
+    def clear() -> None:
         cluster.set_disk_free_limit(0, DEFAULT_DISK_FREE_LIMIT)
         wait_for(lambda: not alarm_raised(cluster), timeout_s=120, interval_s=1.0,
                  what="alarm cleared")
 
-    return [("SIGKILL broker node 0", broker_kill(0)), ("SIGSTOP worker c", sigstop("c")),
-            ("disk alarm", disk_alarm), ("SIGKILL broker node 1", broker_kill(1)),
-            ("SIGSTOP worker b", sigstop("b"))]
+    return [broker_kill(0), sigstop("c", "nms"), ("disk alarm", alarm, clear), broker_kill(1),
+            sigstop("a", "remedy")]
 
 
 @pytest.mark.soak
@@ -163,12 +145,16 @@ def test_soak(cluster_net: ClusterNetwork, request: pytest.FixtureRequest) -> No
     end = sampler.t0 + DURATION_S
     while (due := sampler.t0 + FAULT_EVERY_S * (len(faults) + 1)) < end - FAULT_EVERY_S / 2:
         time.sleep(max(0.0, due - time.monotonic()))  # the soak's clock, not a wait for state
-        name, inject = cycle[len(faults) % len(cycle)]
-        faults.append({"t": round(time.monotonic() - sampler.t0, 1), "fault": name})
-        if len(faults) == 1:
-            run.injected()
+        name, inject, heal = cycle[len(faults) % len(cycle)]
+        began = time.monotonic()
+        run.injected()
         inject()
         run.healing()
+        heal()
+        recover_s = run.wait_recovered()
+        faults.append({"t": round(began - sampler.t0, 1), "fault": name,
+                       "fault_s": round(run.healed_at - began, 1),
+                       "recover_s": round(recover_s, 1)})
     if not faults:  # a run too short for a fault: check the load alone
         run.injected()
         run.healing()
@@ -182,8 +168,7 @@ def test_soak(cluster_net: ClusterNetwork, request: pytest.FixtureRequest) -> No
             "samples": sampler.samples,
             "summary": summarize(sampler.samples, sorted(net.first_pids), warm_s)}
     results.write_soak(data)
-    plot(data)
-    row = run.finish()
+    row = run.finish(recover_s=max((f["recover_s"] for f in faults), default=None))
     data["row"] = row
     results.write_soak(data)
     for name, item in data["summary"].items():

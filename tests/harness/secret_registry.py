@@ -65,3 +65,22 @@ def scan_files(root: Path, secrets: dict[str, str]) -> list[str]:
     """Leaks in the log-like files below ``root``."""
     texts = ((str(path), path.read_text(errors="replace")) for path in log_files(root))
     return find_leaks(texts, secrets)
+
+
+class SecretLeak(AssertionError):
+    """A registered secret was found in a log or an output."""
+
+
+def check_tree(root: Path, secrets: dict[str, str] | None = None) -> int:
+    """Scan every log-like file below ``root`` for ``secrets`` (default: all registered).
+
+    Returns how many files were scanned.
+
+    Raises:
+        SecretLeak: naming each file and the secret found in it (never the secret itself).
+    """
+    chosen = registered() if secrets is None else secrets
+    leaks = scan_files(root, chosen)
+    if leaks:
+        raise SecretLeak("secrets leaked into logs or outputs:\n" + "\n".join(leaks))
+    return len(log_files(root))

@@ -14,8 +14,9 @@ from broker.audit import read_trail
 from broker.connection import connect
 from broker.messages import Change, ChangeBatch
 from broker.settings import Settings
-from broker.signing import KeyRing
+from broker.signing import SIGNATURE_HEADER, KeyRing
 from tasync.client import rpc_client
+from tests.harness import secret_registry
 from tests.network import Network
 from tests.waiting import wait_for
 
@@ -84,6 +85,7 @@ def test_unsigned_or_forged_changes_are_rejected(network: Network, tmp_path: Pat
     key_file = tmp_path / "cluster.key"
     key_file.write_text(KeyRing.generate("k1"))
     key_file.chmod(0o600)
+    secret_registry.register("test_security's cluster key", KeyRing.load(key_file).keys[0][1].hex())
     args = ("--key-file", str(key_file))
     network.start("a", role="master", args=args).wait_ready()
     b = network.start("b", args=args)
@@ -97,9 +99,9 @@ def test_unsigned_or_forged_changes_are_rejected(network: Network, tmp_path: Pat
     body = messages.encode(forged)
     other = KeyRing.parse(KeyRing.generate("k1"))
     _publish(broker_url, topology.sync_queue("b"), body, {})
-    _publish(broker_url, topology.sync_queue("b"), body, {"tasync-sig": other.sign(body)})
+    _publish(broker_url, topology.sync_queue("b"), body, {SIGNATURE_HEADER: other.sign(body)})
     _publish(broker_url, topology.sync_queue("b"), body + b" ", {
-        "tasync-sig": KeyRing.load(key_file).sign(body)})
+        SIGNATURE_HEADER: KeyRing.load(key_file).sign(body)})
     wait_for(lambda: sum(e["event"] == "quarantined" for e in read_trail(b.data_dir)) >= 3,
              timeout_s=30, what="three rejected changes")
     reasons = " ".join(e.get("reason", "") for e in read_trail(b.data_dir))
@@ -109,3 +111,20 @@ def test_unsigned_or_forged_changes_are_rejected(network: Network, tmp_path: Pat
                 "--wait-applied")
     export = json.loads(network.export("b"))
     assert "forged" not in export["destination"] and "d2" in export["destination"]
+
+
+def test_promote_refuses_a_node_its_hosts_file_denies(network: Network, tmp_path: Path) -> None:
+    hosts = tmp_path / "tasync.hosts"
+    hosts.write_text("a\n!c\n")
+    network.start("a", role="master", args=("--hosts-file", str(hosts))).wait_ready()
+    c = network.start("c", args=("--hosts-file", str(hosts)))
+    c.wait_ready()
+    out = network.cli("promote", "c", check=False)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("tasync: c may not act as master: denied by line 2 '!c'")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert trail_has(c.data_dir, "promotion_refused", "denied by line 2")
+    roles = {r["node"]: r["role"] for r in network.status()}
+    assert roles == {"a": "master", "c": "backup"}  # nobody was fenced
+    network.cli("config", "set", "destination", "still", "--url", "file:///tmp/s",
+                "--wait-applied")

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from broker import topology
 from broker.errors import MessageError
 from broker.messages import Change, ChangeBatch, decode, encode
-from broker.signing import KeyRing
-from producers.relay import SIGNATURE_HEADER, batch_messages, chunk
+from broker.signing import SIGNATURE_HEADER, KeyRing
+from producers.relay import batch_messages, chunk, encoded_chunks
 
 RING = KeyRing.parse("k1:" + "ab" * 32)
 
@@ -127,3 +127,17 @@ def test_signature_does_not_verify_another_body_or_key() -> None:
         RING.verify(second.body, first.headers[SIGNATURE_HEADER])
     with pytest.raises(MessageError, match="bad signature"):
         KeyRing.parse("k1:" + "cd" * 32).verify(first.body, first.headers[SIGNATURE_HEADER])
+
+
+# -- encoded_chunks -----------------------------------------------------------------------------
+
+
+def test_encoded_chunks_are_byte_identical_to_encoding_each_batch() -> None:
+    cs = changes(25, body_size=40)
+    cs[3] = dataclasses.replace(cs[3], op="delete", body=None)
+    cs[7] = dataclasses.replace(cs[7], body={"url": "file:///é/✓", "subject": "ünï \"q\"\n"})
+    pairs = encoded_chunks(cs, max_changes=10, max_bytes=2_000)
+    assert [b for b, _ in pairs] == chunk(cs, max_changes=10, max_bytes=2_000)
+    for batch, body in pairs:
+        assert body == encode(batch)
+        assert len(body) <= 2_000

@@ -1,0 +1,369 @@
+"""Issue 4, alerts: end-to-end throughput against raw py-amqp, and failover time.
+
+    python -m benchmarks.alerts             # full: 20,000 alerts x 3 runs, 20 failovers
+    python -m benchmarks.alerts --quick     # 2,000 alerts x 1 run, 5 failovers
+
+Every scenario runs in a fresh vhost with real ``tasync-worker`` processes.
+
+Throughput
+    A master ``a`` and a backup ``b``, a ``file://`` destination, the precedence list ``a b``.
+    The benchmark process sends N alerts with the sender API (``AlertSender.send_many``, what
+    ``tasync send`` and the HTTP intake use: schema check, confirmed publish), in calls of
+    ``--batch`` alerts. The time runs from the first send until the ``delivered_at`` of the
+    last line the file channel wrote. Baseline, same run, same broker, own vhost: the very
+    alert bodies published by py-amqp (persistent, confirms, 1,000 in flight) to one quorum
+    queue and consumed by one consumer process with manual acks and the workers' prefetch (64).
+    The target is tasync's rate >= 0.5 of the raw rate.
+
+Failover
+    A master ``m`` (not in the list, so configuration stays up) and nodes ``p`` and ``s`` with
+    the list ``p s``. A thread sends one alert every ``--interval`` ms. Once ``p`` delivered a
+    few, ``p`` is killed with SIGKILL; the trial's time runs from just before ``kill`` to the
+    ``delivered_at`` of the first line ``s`` wrote (the file is shared, so nothing is missed).
+    ``p`` is restarted and, once it delivers again, the next trial begins. Target: p99 <= 200 ms
+    over 20 trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks import raw
+from benchmarks.common import Broker, Network, Worker, log, wait_for
+from benchmarks.measure import (
+    IMG_DIR,
+    RESULTS_DIR,
+    LoadMonitor,
+    code_version,
+    machine_info,
+    median,
+    run_quiet,
+    shown,
+    summarize,
+    write_json,
+)
+from broker import topology
+from broker.alerts import Alert, encode_alert
+from broker.settings import Settings
+from broker.signing import SENDER_HEADER
+from producers.sender import AlertSender
+from tasync.client import rpc_client
+
+TARGETS = {"throughput_ratio": 0.5, "failover_p99_ms": 200.0}
+#: The delivery worker's prefetch (``Settings.prefetch``), given to the raw consumer too.
+PREFETCH = Settings().prefetch
+
+
+class LineCounter:
+    """Counts the lines of an append-only file as it grows, reading only what is new."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.count = 0
+
+    def poll(self) -> int:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return 0
+        complete = data.rfind(b"\n") + 1
+        self.offset += complete
+        self.count += data.count(b"\n", 0, complete)
+        return self.count
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """Every alert the file channel wrote."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def make_alerts(count: int, hosts: tuple[str, ...], *, prefix: str) -> list[Alert]:
+    """``count`` alerts of 60-odd characters of text, to the ``out`` destination."""
+    now = time.time()
+    return [Alert(id=f"{prefix}-{i:07d}", source="bench", target_kind="destination",
+                  target="out", text=f"disk /var on host{i % 97:02d} is 91% full ({i})",
+                  created_at=now, hosts=hosts) for i in range(count)]
+
+
+def configure(url: str, out: Path, nodes: tuple[str, ...]) -> None:
+    """Commit the ``out`` destination and wait until the master knows every node."""
+    with rpc_client(Settings.from_url(url)) as rpc:
+        rpc.call_one(topology.MASTER, "commit", {"ops": [
+            {"op": "set", "kind": "destination", "name": "out",
+             "body": {"url": f"file://{out}"}}]}, timeout_s=30)
+
+        def registered() -> bool:
+            data = rpc.call_one(topology.MASTER, "show", {"kind": "node"}, timeout_s=10)
+            return set(nodes) <= {o["name"] for o in data.get("objects", [])}
+
+        wait_for(registered, timeout_s=60, what="every node registered", interval_s=0.2)
+
+
+# -- throughput -------------------------------------------------------------------------------
+
+
+def measure_throughput(broker: Broker, *, count: int, batch: int) -> dict[str, Any]:
+    """Sender API -> file channel, N alerts; see the module docstring."""
+    with broker.fresh_vhost("alerts") as url, Network(url) as net, LoadMonitor() as load:
+        out = net.root / "out.jsonl"
+        net.start(1)
+        configure(url, out, ("master", "b1"))
+        net.wait_in_sync()
+        hosts = ("master", "b1")
+        counter = LineCounter(out)
+        with AlertSender(Settings.from_url(url), name="bench") as sender:
+            sender.send(make_alerts(1, hosts, prefix="warm")[0])  # creates the list's queue
+            wait_for(lambda: counter.poll() >= 1, timeout_s=30, what="the warm-up alert")
+            alerts = make_alerts(count, hosts, prefix="a")
+            cpu = {w.name: w.cpu_s() for w in net.workers.values()}
+            t_cpu, t0 = time.process_time(), time.time()
+            for start in range(0, count, batch):
+                sender.send_many(alerts[start:start + batch])
+            t_sent, sender_cpu = time.time(), time.process_time() - t_cpu
+        wait_for(lambda: counter.poll() >= count + 1, timeout_s=600,
+                 what=f"{count} alerts written", interval_s=0.05)
+        cpu = {w.name: round(w.cpu_s() - cpu[w.name], 2) for w in net.workers.values()}
+        lines = read_lines(out)[1:]
+    t_end = max(line["delivered_at"] for line in lines)
+    by_node: dict[str, int] = {}
+    for line in lines:
+        by_node[line["node"]] = by_node.get(line["node"], 0) + 1
+    wall = t_end - t0
+    return {"alerts": count, "batch": batch, "wall_s": round(wall, 3),
+            "send_s": round(t_sent - t0, 3), "alerts_per_s": round(count / wall),
+            "unique_ids": len({line["id"] for line in lines}), "by_node": by_node,
+            "cpu_s": {**cpu, "sender": round(sender_cpu, 2)}, "load": load.summary()}
+
+
+def measure_raw(broker: Broker, *, count: int) -> dict[str, Any]:
+    """The same alert bodies through one quorum queue with py-amqp alone."""
+    alerts = make_alerts(count, ("a", "b"), prefix="a")
+    bodies = [encode_alert(a) for a in alerts]
+    headers = [{SENDER_HEADER: "bench"} for _ in alerts]
+    with broker.fresh_vhost("rawalerts") as url, LoadMonitor() as load:
+        result = raw.fanout_run(url, bodies, headers=headers, queues=1, prefetch=PREFETCH)
+    return {"alerts": count, "prefetch": PREFETCH, "wall_s": round(result.wall_s, 3),
+            "publish_s": round(result.published - result.started, 3),
+            "alerts_per_s": round(count / result.wall_s), "load": load.summary()}
+
+
+# -- failover ---------------------------------------------------------------------------------
+
+
+class Trickle:
+    """Sends one alert every ``interval_s`` from a thread, with its own sender connection."""
+
+    def __init__(self, url: str, hosts: tuple[str, ...], interval_s: float) -> None:
+        self.url, self.hosts, self.interval_s = url, hosts, interval_s
+        self.sent = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trickle", daemon=True)
+
+    def _ids(self) -> Iterator[Alert]:
+        while True:
+            self.sent += 1
+            yield make_alerts(1, self.hosts, prefix=f"f{self.sent}")[0]
+
+    def _run(self) -> None:
+        with AlertSender(Settings.from_url(self.url), name="bench-trickle") as sender:
+            for alert in self._ids():
+                if self._stop.wait(self.interval_s):
+                    return
+                try:
+                    sender.send(alert)
+                except Exception as exc:  # recorded; the trial shows whether it mattered
+                    self.errors.append(repr(exc)[:200])
+
+    def __enter__(self) -> Trickle:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def first_by(lines: list[dict[str, Any]], node: str, after: float) -> float | None:
+    """``delivered_at`` of the first line ``node`` wrote at or after ``after``."""
+    times = [line["delivered_at"] for line in lines
+             if line["node"] == node and line["delivered_at"] >= after]
+    return min(times, default=None)
+
+
+def one_failover(primary: Worker, out: Path, *, warm: int) -> dict[str, Any]:
+    """Kill ``primary`` once it delivers, time the secondary's first delivery, restart it."""
+    counter = LineCounter(out)
+    counter.poll()
+    mark = time.time()
+    wait_for(lambda: (first_by(read_lines(out), primary.name, mark) is not None
+                      and counter.poll() >= warm), timeout_s=60,
+             what=f"{primary.name} delivering", interval_s=0.02)
+    t_kill = time.time()
+    os.kill(primary.pid, signal.SIGKILL)
+    primary.proc.wait(10)  # type: ignore[union-attr]
+    t_taken = wait_for(lambda: first_by(read_lines(out), "s", t_kill), timeout_s=30,
+                       what="the secondary's first delivery", interval_s=0.01)
+    primary.start()
+    primary.wait_ready(60)
+    return {"failover_ms": round(1000 * (t_taken - t_kill), 2)}
+
+
+def measure_failover(broker: Broker, *, trials: int, interval_s: float) -> dict[str, Any]:
+    """``trials`` SIGKILLs of the primary while alerts flow; see the module docstring."""
+    with broker.fresh_vhost("failover") as url, Network(url) as net, LoadMonitor() as load:
+        out = net.root / "out.jsonl"
+        net.start_worker("m", role="master").wait_ready(120)
+        primary = net.start_worker("p")
+        secondary = net.start_worker("s")
+        primary.wait_ready(120)
+        secondary.wait_ready(120)
+        configure(url, out, ("m", "p", "s"))
+        net.wait_in_sync()
+        runs = []
+        with Trickle(url, ("p", "s"), interval_s) as trickle:
+            for number in range(1, trials + 1):
+                runs.append(one_failover(primary, out, warm=5))
+                log(f"failover {number}/{trials}: {runs[-1]['failover_ms']} ms")
+        lines = read_lines(out)
+    samples = [r["failover_ms"] for r in runs]
+    ids = [line["id"] for line in lines]
+    return {"trials": trials, "interval_ms": interval_s * 1000, "failover_ms": summarize(samples),
+            "samples_ms": samples, "alerts_sent": trickle.sent, "send_errors": trickle.errors[:5],
+            "lines_written": len(ids), "duplicate_lines": len(ids) - len(set(ids)),
+            "load": load.summary()}
+
+
+# -- the whole benchmark ----------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput (interleaved with its baseline) ``args.runs`` times, then the failovers."""
+    broker = Broker()
+
+    def quiet(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return run_quiet(measure, max_cpu=args.quiet_cpu, wait_s=args.quiet_wait)
+
+    results: dict[str, Any] = {
+        "benchmark": "alerts", "command": "python -m benchmarks.alerts " + " ".join(sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(broker),
+        "code": code_version(), "targets": TARGETS, "quick": args.quick,
+        "parameters": {"runs": args.runs, "alerts": args.alerts, "batch": args.batch,
+                       "trials": args.trials, "interval_ms": args.interval * 1000,
+                       "quiet_cpu_percent": args.quiet_cpu}}
+    tasync_runs, raw_runs = [], []
+    for number in range(1, args.runs + 1):
+        log(f"run {number}/{args.runs}: {args.alerts:,} alerts through tasync")
+        tasync_runs.append(quiet(lambda: measure_throughput(broker, count=args.alerts,
+                                                            batch=args.batch)))
+        log(f"run {number}/{args.runs}: raw baseline")
+        raw_runs.append(quiet(lambda: measure_raw(broker, count=args.alerts)))
+    rate = median([r["alerts_per_s"] for r in tasync_runs], digits=0)
+    raw_rate = median([r["alerts_per_s"] for r in raw_runs], digits=0)
+    ratios = [t["alerts_per_s"] / r["alerts_per_s"] for t, r in zip(tasync_runs, raw_runs,
+                                                                     strict=True)]
+    results["throughput"] = {"alerts_per_s": rate, "raw_alerts_per_s": raw_rate,
+                             "ratio": median(ratios, digits=3), "runs": tasync_runs,
+                             "raw_runs": raw_runs}
+    log(f"failover: {args.trials} trials")
+    results["failover"] = quiet(lambda: measure_failover(broker, trials=args.trials,
+                                                         interval_s=args.interval))
+    results["verdict"] = [
+        {"target": "alerts/s vs raw py-amqp, same run (median of per-run ratios)",
+         "value": results["throughput"]["ratio"], "limit": ">= 0.5",
+         "pass": results["throughput"]["ratio"] >= TARGETS["throughput_ratio"]},
+        {"target": f"failover SIGKILL -> first delivery by the secondary, p99 over "
+                   f"{args.trials} (ms)", "value": results["failover"]["failover_ms"]["p99"],
+         "limit": "<= 200",
+         "pass": results["failover"]["failover_ms"]["p99"] <= TARGETS["failover_p99_ms"]}]
+    return results
+
+
+def plot(results: dict[str, Any], img_dir: Path, suffix: str) -> list[Path]:
+    """Rates of tasync and raw per run; the failover times, sorted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    fig, (rates, fail) = plt.subplots(1, 2, figsize=(11, 4.2))
+    thr = results["throughput"]
+    runs = range(1, len(thr["runs"]) + 1)
+    rates.bar([r - 0.2 for r in runs], [x["alerts_per_s"] for x in thr["runs"]], 0.4,
+              label="tasync: sender API -> file channel")
+    rates.bar([r + 0.2 for r in runs], [x["alerts_per_s"] for x in thr["raw_runs"]], 0.4,
+              label="raw py-amqp: publish + consume", color="tab:grey")
+    rates.set_xticks(list(runs), [f"run {r}" for r in runs])
+    rates.set_ylabel("alerts per second")
+    rates.set_title(f"{results['parameters']['alerts']:,} alerts, ratio {thr['ratio']:.2f} "
+                    f"(target >= {TARGETS['throughput_ratio']})")
+    rates.legend(fontsize="small")
+    samples = sorted(results["failover"]["samples_ms"])
+    fail.plot(range(1, len(samples) + 1), samples, marker="o")
+    fail.axhline(TARGETS["failover_p99_ms"], color="grey", linestyle="--", label="p99 target")
+    fail.set_xlabel("trial (sorted)")
+    fail.set_ylabel("SIGKILL -> first delivery by secondary (ms)")
+    stats = results["failover"]["failover_ms"]
+    fail.set_title(f"Failover: p50 {stats['p50']} ms, p99 {stats['p99']} ms")
+    fail.set_ylim(bottom=0)
+    fail.legend(fontsize="small")
+    fig.tight_layout()
+    path = img_dir / f"alerts{suffix}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.alerts",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2,000 alerts, 1 run, 5 failovers")
+    parser.add_argument("--runs", type=int, help="throughput repetitions (default 3)")
+    parser.add_argument("--alerts", type=int, help="alerts per throughput run (default 20,000)")
+    parser.add_argument("--batch", type=int, default=1000, help="alerts per send_many call")
+    parser.add_argument("--trials", type=int, help="failovers (default 20)")
+    parser.add_argument("--interval", type=lambda s: float(s) / 1000, default=0.005,
+                        metavar="MS", help="pause between two failover alerts (default 5)")
+    parser.add_argument("--quiet-cpu", type=float, default=50.0, metavar="PERCENT",
+                        help="wait for the machine's CPU use to drop to this (100 disables)")
+    parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument("--img-dir", type=Path, default=IMG_DIR)
+    args = parser.parse_args(argv)
+    defaults = ({"runs": 1, "alerts": 2_000, "trials": 5} if args.quick
+                else {"runs": 3, "alerts": 20_000, "trials": 20})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = run(args)
+    suffix = "-quick" if args.quick else ""
+    results["plots"] = [shown(p) for p in plot(results, args.img_dir, suffix)]
+    path = RESULTS_DIR / f"alerts{suffix}.json"
+    write_json(path, results)
+    for row in results["verdict"]:
+        print(f"{'PASS' if row['pass'] else 'FAIL'}  {row['target']}: {row['value']} "
+              f"(target {row['limit']})")
+    log(f"results in {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The fast alert check accepts only what marshmallow's ``AlertSchema`` accepts, built the same.
+
+``broker.alerts.fast_load`` and ``decode_alert`` exist for speed; these tests hold them to the
+schema: every mutation of a valid alert gets the same verdict from both paths.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import messages
+from broker.alerts import Alert, alert_to_dict, decode_alert, fast_load, validated
+from broker.errors import MessageError
+from broker.errors import ValidationError as TasyncValidationError
+
+MAX = 1 << 20
+
+
+def good() -> dict[str, Any]:
+    alert = Alert(id="a-1", source="nms", target_kind="destination", target="ops",
+                  text="disk full", subject="disk", priority=7, created_at=1.7e9,
+                  hosts=("a", "b"))
+    return alert_to_dict(alert)
+
+
+def outcome(body: bytes, decoder: Any) -> Any:
+    try:
+        return ("ok", decoder(body, max_bytes=MAX))
+    except MessageError as exc:
+        return ("refused", str(exc))
+
+
+def same(data: Any) -> None:
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    fast = outcome(body, decode_alert)
+    slow = outcome(body, lambda b, max_bytes: messages.decode(b, max_bytes=max_bytes,
+                                                               expect="alert"))
+    assert fast == slow
+
+
+def test_a_valid_alert_takes_the_fast_path_and_equals_marshmallows() -> None:
+    data = good()
+    fast = fast_load(data)
+    assert fast is not None
+    assert fast == messages.decode(json.dumps(data).encode(), max_bytes=MAX, expect="alert")
+    assert decode_alert(json.dumps(data).encode()) == fast
+    assert validated(fast) == fast
+
+
+MUTATIONS: list[tuple[str, Any]] = [
+    ("v", 2), ("v", 1.0), ("v", True), ("v", "1"), ("type", "alerts"), ("id", ""),
+    ("id", "has space"), ("id", "x" * 129), ("id", 5), ("source", "-bad"), ("source", "s" * 65),
+    ("target_kind", "route"), ("target_kind", None), ("target", ""), ("target", "ok name"),
+    ("target", "-x"), ("text", ""), ("text", "   "), ("text", "x" * 32_769), ("text", 3),
+    ("subject", None), ("subject", "s" * 513), ("subject", 1), ("priority", 10),
+    ("priority", -1), ("priority", True), ("priority", 5.0), ("priority", "5"),
+    ("created_at", -1), ("created_at", "1.5"), ("created_at", True), ("created_at", 7),
+    ("created_at", float("inf")), ("created_at", float("nan")), ("created_at", 10**400),
+    ("hosts", []), ("hosts", ["a", "a"]), ("hosts", ["a"] * 17), ("hosts", "a"),
+    ("hosts", ["bad name"]), ("hosts", [1]), ("hosts", ["n" * 64]), ("extra", 1),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), MUTATIONS)
+def test_mutations_get_the_same_verdict(key: str, value: Any) -> None:
+    data = good()
+    data[key] = value
+    same(data)
+
+
+def test_missing_keys_and_other_messages_agree() -> None:
+    for key in good():
+        data = good()
+        del data[key]
+        same(data)
+    same(b"{not json")
+    same(b"[1]")
+    same({"v": 1, "type": "request", "op": "status", "sender": "x"})
+    with pytest.raises(MessageError, match="oversized"):
+        decode_alert(b"x" * 20, max_bytes=10)
+
+
+def test_validated_still_names_the_bad_field() -> None:
+    bad = Alert(id="a", source="nms", target_kind="destination", target="ops", text=" ",
+                hosts=("a",))
+    with pytest.raises(TasyncValidationError, match="text: the message is empty"):
+        validated(bad)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True)
+    | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                  max_size=2),
+    max_leaves=4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([*sorted(good()), "new"]), json_values)
+def test_random_values_agree(key: str, value: Any) -> None:
+    data = good()
+    data[key] = value
+    same(data)
