@@ -25,6 +25,7 @@ from broker.settings import Settings
 from broker.tls import check_tls_urls, tls_extra
 from tests.harness.rabbit_cluster import unavailable_reason
 from tests.harness.tls_broker import Pki, TlsBroker
+from tests.network import Network
 
 pytestmark = pytest.mark.integration
 
@@ -164,3 +165,21 @@ def test_tls_files_need_an_amqps_url(tmp_path: Path, pki: Pki) -> None:
     check_tls_urls(("amqps://h/",), {"ssl_ca_file": "x"})
     with pytest.raises(ConfigError):
         check_tls_urls(("amqp://h/",), {"ssl_ca_file": "x"})
+
+
+def test_a_network_runs_over_tls_from_the_environment_alone(tls_broker: TlsBroker, pki: Pki,
+                                                            tmp_path: Path) -> None:
+    """Workers and commands find the TLS files in ``$TASYNC_SSL_*``; no option names them."""
+    network = Network(broker_url=tls_broker.tls_url(), root=tmp_path)
+    network.env.update({"TASYNC_SSL_CA_FILE": str(pki.ca),
+                        "TASYNC_SSL_CERT_FILE": str(pki.client_cert),
+                        "TASYNC_SSL_KEY_FILE": str(pki.client_key)})
+    try:
+        network.start("tlsa", role="master").wait_ready()
+        network.start("tlsb").wait_ready()
+        network.cli("config", "set", "destination", "over-tls", "--url",
+                    f"file://{tmp_path}/out.jsonl", "--wait-applied")
+        assert network.export("tlsa") == network.export("tlsb")
+        assert "over-tls" in network.export("tlsb")
+    finally:
+        network.close()
