@@ -175,9 +175,10 @@ class Trickle:
         self._thread = threading.Thread(target=self._run, name="trickle", daemon=True)
 
     def _ids(self) -> Iterator[Alert]:
+        number = 0
         while True:
-            self.sent += 1
-            yield make_alerts(1, self.hosts, prefix=f"f{self.sent}")[0]
+            number += 1
+            yield make_alerts(1, self.hosts, prefix=f"f{number}")[0]
 
     def _run(self) -> None:
         with AlertSender(Settings.from_url(self.url), name="bench-trickle") as sender:
@@ -188,6 +189,8 @@ class Trickle:
                     sender.send(alert)
                 except Exception as exc:  # recorded; the trial shows whether it mattered
                     self.errors.append(repr(exc)[:200])
+                else:
+                    self.sent += 1  # confirmed by the broker
 
     def __enter__(self) -> Trickle:
         self._thread.start()

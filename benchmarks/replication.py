@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ def destination(index: int) -> tuple[str, dict[str, Any]]:
     return f"bench-{index:06d}", {"url": f"file:///var/tmp/tasync-bench/{index}.jsonl"}
 
 
+def applied_everywhere(followers: Iterable[TrailFollower], seq: int) -> bool:
+    """Whether every followed trail shows ``seq`` applied (reads what is new)."""
+    return all(f.poll() >= seq for f in followers)
+
+
 def rss_mb(workers: Iterable[Any]) -> dict[str, float]:
     return {w.name: round(w.rss_bytes() / MB, 1) for w in workers}
 
@@ -106,7 +112,7 @@ def measure_latency(broker: Broker, *, backups: int, changes: int, keep: bool) -
                 reply = rpc.call_one(topology.MASTER, "commit", {"ops": [op]}, timeout_s=30)
                 t_reply = time.time()
                 seq = int(reply["last_seq"])
-                wait_for(lambda s=seq: all(f.poll() >= s for f in followers.values()),
+                wait_for(partial(applied_everywhere, followers.values(), seq),
                          timeout_s=60, what=f"seq {seq} on every backup", interval_s=0.002)
                 sent.append((seq, t_send, t_reply))
                 time.sleep(GAP_S)
@@ -302,16 +308,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for number in range(1, args.runs + 1):
         for backups in args.backups if args.changes else ():
             log(f"run {number}/{args.runs}: latency, {backups} backups, {args.changes} changes")
-            latency[backups].append(scenario(args, lambda b=backups: measure_latency(
-                broker, backups=b, changes=args.changes, keep=args.keep)))
-            raw_latency[backups].append(scenario(args, lambda b=backups: measure_raw_latency(
-                broker, queues=b, count=args.changes)))
+            latency[backups].append(scenario(args, partial(
+                measure_latency, broker, backups=backups, changes=args.changes, keep=args.keep)))
+            raw_latency[backups].append(scenario(args, partial(
+                measure_raw_latency, broker, queues=backups, count=args.changes)))
         if not args.objects:
             continue
         log(f"run {number}/{args.runs}: import of {args.objects} objects, 3 backups")
         profile_dir = args.profile if number == 1 else None
-        imports.append(scenario(args, lambda p=profile_dir: measure_import(
-            broker, objects=args.objects, keep=args.keep, profile_dir=p)))
+        imports.append(scenario(args, partial(
+            measure_import, broker, objects=args.objects, keep=args.keep,
+            profile_dir=profile_dir)))
         log(f"run {number}/{args.runs}: raw baselines")
         raw_batched.append(scenario(args, lambda: measure_raw_import(
             broker, batched, changes=args.objects, prefetch=64, label="batched")))

@@ -43,8 +43,8 @@ TARGET_KINDS = ("destination", "group")
 PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
 
 #: An idempotency key: printable ASCII without spaces, so it survives shells, URLs and logs.
-ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
-SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
+ID_RE = re.compile(r"^[\x21-\x7e]{1,128}\Z")
+SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}\Z")
 
 
 def new_alert_id() -> str:

@@ -19,7 +19,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 from broker.errors import ValidationError as TasyncValidationError
 from broker.topology import NODE_NAME_RE
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}\Z")
 URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 HHMM_RE = re.compile(r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]\Z|^24:00\Z")
@@ -136,6 +136,9 @@ def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
     check_name(kind, name)
     if not isinstance(body, Mapping):
         raise TasyncValidationError(f"{kind} {name}: the body must be a JSON object")
+    fast = _fast_destination(body) if kind == "destination" else None
+    if fast is not None:
+        return fast
     try:
         loaded: dict[str, Any] = SCHEMAS[kind].load(dict(body))
     except ValidationError as exc:
@@ -144,6 +147,30 @@ def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
             f"{kind} {name}: {_one_line(errors)}", errors=dict(errors)
         ) from exc
     return loaded
+
+
+_DESTINATION_KEYS = frozenset({"url", "schedule", "subject"})
+
+
+def _fast_destination(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What ``DestinationSchema`` loads from ``body``, when it certainly accepts it; else None.
+
+    A bulk import checks every body twice (the CLI before sending, the master on arrival) and
+    marshmallow spends about 17 µs on each: 100,000 destinations cost seconds on both sides.
+    Destinations are what imports are made of, and their rules are few: this applies them by
+    hand (only plain strings and None; anything else goes to marshmallow, which decides and
+    explains). ``tests/unit/test_kinds_fast.py`` holds it to the schema.
+    """
+    if type(body) is not dict or not body.keys() <= _DESTINATION_KEYS:
+        return None
+    url, schedule, subject = body.get("url"), body.get("schedule"), body.get("subject")
+    if type(url) is not str or not 3 <= len(url) <= 2048 or not URL_SCHEME_RE.match(url):
+        return None
+    if schedule is not None and type(schedule) is not str:
+        return None
+    if subject is not None and (type(subject) is not str or len(subject) > 512):
+        return None
+    return {"url": url, "schedule": schedule, "subject": subject}
 
 
 def _one_line(errors: Mapping[str, Any] | list[Any] | str, prefix: str = "") -> str:

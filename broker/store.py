@@ -17,6 +17,7 @@ import itertools
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,10 @@ class NodeStore:
         self._db.executescript(_SCHEMA)
         self.lock = threading.RLock()
         self._checksum: str | None = None
+        #: How long the last checksum took, and the seq it was computed at: callers that would
+        #: compute it often (after every applied batch) do so only while it is cheap.
+        self.checksum_seconds = 0.0
+        self.checksum_seq = 0
 
     def close(self) -> None:
         """Close the database file."""
@@ -191,11 +196,15 @@ class NodeStore:
         """
         with self.lock, self._tx():
             last = self.last_seq
-            todo = list(batch.changes) if force else [c for c in batch.changes if c.seq > last]
+            if force or batch.first_seq > last:  # the usual case: every change is new
+                todo = list(batch.changes)
+            else:
+                todo = [c for c in batch.changes if c.seq > last]
             if todo and todo[0].seq > last + 1:
                 raise GapError(last + 1, todo[0].seq)
             self._write_changes(todo, published=1)
-            fresh = [c for c in todo if c.seq > last]
+            fresh = todo if not force or batch.first_seq > last else [
+                c for c in todo if c.seq > last]
             if fresh:
                 self._set_meta_locked({
                     "last_seq": fresh[-1].seq, "last_ts": fresh[-1].ts,
@@ -222,8 +231,13 @@ class NodeStore:
         bodies = [None if c.body is None else canonical(c.body) for c in changes]
         # Runs of sets and runs of deletes, in order: one statement per run (a bulk catch-up
         # spends its time here), and a later change to the same object still wins.
-        for is_set, run in itertools.groupby(zip(changes, bodies, strict=True),
-                                             key=lambda cb: cb[0].op == "set"):
+        if all(c.op == "set" for c in changes):  # an import or a catch-up: a single run
+            runs: Iterable[tuple[bool, Iterable[tuple[Change, str | None]]]] = [
+                (True, zip(changes, bodies, strict=True))]
+        else:
+            runs = itertools.groupby(zip(changes, bodies, strict=True),
+                                     key=lambda cb: cb[0].op == "set")
+        for is_set, run in runs:
             if is_set:
                 self._db.executemany(_UPSERT, [(c.kind, c.name, b or "null", c.seq)
                                                for c, b in run])
@@ -326,7 +340,10 @@ class NodeStore:
         """
         with self.lock:
             if self._checksum is None or fresh:
+                started = time.perf_counter()
                 self._checksum = hashlib.sha256(self.export_bytes()).hexdigest()
+                self.checksum_seconds = time.perf_counter() - started
+                self.checksum_seq = self.last_seq
             return self._checksum
 
     @property

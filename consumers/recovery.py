@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tasync.sync")
 #: How far before the last applied change a change-log read starts (clock skew between hosts).
 REWIND_S = 300.0
+#: Most changes a catch-up applies in one transaction (consecutive change-log batches merged).
+MERGE_CHANGES = 10_000
 #: Progress callbacks are called at most this often.
 PROGRESS_EVERY_S = 0.25
 Progress = Callable[[dict[str, Any]], None]
@@ -221,27 +223,55 @@ class Recovery:
         return dt.datetime.fromtimestamp(max(0.0, store.last_ts - REWIND_S), dt.UTC)
 
     def _read_from(self, offset: Any, target: int, ticker: Ticker) -> int:
+        """Apply the log from ``offset`` until ``target``, consecutive batches merged.
+
+        The master sends up to 1,000 changes a message; a catch-up applies up to
+        ``MERGE_CHANGES`` consecutive ones (same epoch and origin, seqs without a hole) in one
+        transaction, which saves a commit and its fsync, and the judging and logging, per
+        message. Anything else (a mark, a repeat, another era) first applies what is pending,
+        so the order of the log is kept exactly.
+        """
         store = self.ctx.store
         applied = 0
+        pending: list[ChangeBatch] = []
 
-        def on_batch(batch: ChangeBatch) -> bool:
+        def flush() -> bool:
+            """Apply what is pending as one batch; returns whether to keep reading."""
             nonlocal applied
-            if batch.last_seq <= store.last_seq:
-                return True
-            try:
-                result = self.sync.apply_batch(batch, replayed=True, notify=False)
-            except GapError:
-                return False  # started too late in the log, or the log no longer reaches back
-            applied += result.applied
-            ticker.add(result.applied)
+            if pending:
+                merged = pending[0] if len(pending) == 1 else ChangeBatch(
+                    epoch=pending[0].epoch, origin=pending[0].origin,
+                    changes=tuple(c for b in pending for c in b.changes))
+                pending.clear()
+                try:
+                    result = self.sync.apply_batch(merged, replayed=True, notify=False)
+                except GapError:
+                    return False  # started too late in the log, or it no longer reaches back
+                applied += result.applied
+                ticker.add(result.applied)
             return store.last_seq < target and not store.diverged
 
+        def on_batch(batch: ChangeBatch) -> bool:
+            if not pending and batch.last_seq <= store.last_seq:
+                return True
+            if pending and not _follows(pending[-1], batch) and not flush():
+                return False
+            pending.append(batch)
+            if sum(len(b.changes) for b in pending) >= MERGE_CHANGES or batch.last_seq >= target:
+                return flush()
+            return True
+
         def on_mark(mark: EpochMark) -> bool:
+            if pending and not flush():
+                return False  # what was pending reached the target, or hit a gap
             self.sync.accept_mark(mark)
             return not store.diverged
 
-        read_changelog(self.settings, offset=offset, on_batch=on_batch, on_mark=on_mark,
-                       idle_s=2.0)
+        try:
+            read_changelog(self.settings, offset=offset, on_batch=on_batch, on_mark=on_mark,
+                           idle_s=2.0)
+        finally:
+            flush()  # the log went quiet (or broke) with changes still pending
         return applied
 
     # -- the one recovery procedure -----------------------------------------------------------
@@ -332,3 +362,9 @@ class Recovery:
             tail = self.catch_up(view.seq, progress=progress)
         info = {"source": data["node"], "seq": int(data["seq"]), "objects": len(objects)}
         return info, tail, kept
+
+
+def _follows(prev: ChangeBatch, batch: ChangeBatch) -> bool:
+    """Whether ``batch`` continues ``prev`` exactly: same era, the next seq on."""
+    return (batch.epoch == prev.epoch and batch.origin == prev.origin
+            and batch.first_seq == prev.last_seq + 1)

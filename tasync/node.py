@@ -31,9 +31,13 @@ from producers.relay import ChangeRelay
 from tasync.control import ControlServer
 
 log = logging.getLogger("tasync.node")
-#: How long the configuration must stay unchanged before status.json gets a fresh checksum:
-#: hashing 100,000 objects takes most of a second of CPU, which during a bulk import would be
-#: taken from applying it. ``tasync status`` asks the node and always gets a fresh one.
+#: status.json gets a fresh checksum after every change only while the last one took at most
+#: this long and fewer than ``STATUS_EAGER_CHANGES`` changes came since: hashing 100,000
+#: objects takes most of a second of CPU, which during a bulk import would be taken from
+#: applying it (100 batches, 100 hashes). ``tasync status`` always gets a fresh one.
+STATUS_CHEAP_S = 0.05
+STATUS_EAGER_CHANGES = 1000
+#: How long the configuration must then stay unchanged before status.json gets the checksum.
 STATUS_SETTLE_S = 3.0
 
 
@@ -163,12 +167,15 @@ class Node:
                 ctx.trail.event("node_ready", seq=ctx.store.last_seq)
                 self._dirty.set()
             if self._dirty.is_set():
-                # Seq and readiness now; the checksum (a hash of the whole configuration) once
-                # changes stop arriving: computing it after every applied batch made a bulk
-                # import quadratic (100 batches of 1,000 objects, 100 hashes of up to 100,000).
+                # Seq and readiness now; the checksum (a hash of the whole configuration) now
+                # while it is cheap, else once changes stop arriving: computing it after every
+                # applied batch made a bulk import quadratic (100 hashes of up to 100,000).
                 self._dirty.clear()
-                ctx.write_status_file(checksum=False)
-                settle_at = time.monotonic() + STATUS_SETTLE_S
+                store = ctx.store
+                cheap = (store.checksum_seconds <= STATUS_CHEAP_S
+                         and store.last_seq - store.checksum_seq < STATUS_EAGER_CHANGES)
+                ctx.write_status_file(checksum=cheap)
+                settle_at = None if cheap else time.monotonic() + STATUS_SETTLE_S
             elif settle_at is not None and time.monotonic() >= settle_at:
                 settle_at = None
                 ctx.write_status_file()

@@ -45,6 +45,11 @@ def test_hostlist_record_round_trip() -> None:
     ({"target_kind": "route"}, "target_kind"),
     ({"priority": 10}, "priority"),
     ({"source": ""}, "source"),
+    # Names and ids are matched whole: no trailing junk, not even a newline.
+    ({"target": "ops junk"}, "not a valid destination or group name"),
+    ({"target": "ops\n"}, "not a valid destination or group name"),
+    ({"id": "INC42\n"}, "id: an alert id is"),
+    ({"source": "remedy\n"}, "source"),
 ])
 def test_invalid_alerts_are_refused_with_the_field_named(overrides: dict[str, object],
                                                          reason: str) -> None:

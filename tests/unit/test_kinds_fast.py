@@ -1,0 +1,58 @@
+"""The fast destination check gives marshmallow's verdict and result, or defers to it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import kinds
+from broker.errors import ValidationError
+
+
+def slow(body: Any) -> Any:
+    try:
+        return ("ok", kinds.SCHEMAS["destination"].load(dict(body)))
+    except Exception as exc:  # marshmallow's ValidationError, or a TypeError on odd input
+        return ("refused", type(exc).__name__)
+
+
+def check(body: Any) -> None:
+    fast = kinds._fast_destination(body)
+    if fast is not None:
+        assert ("ok", fast) == slow(body)
+
+
+def test_a_plain_destination_takes_the_fast_path() -> None:
+    body = {"url": "file:///var/spool/ops.jsonl"}
+    assert kinds._fast_destination(body) == {"url": body["url"], "schedule": None,
+                                             "subject": None}
+    assert kinds.load_body("destination", "ops", body) == slow(body)[1]
+
+
+@pytest.mark.parametrize("body", [
+    {"url": "x:"}, {"url": "ab"}, {"url": "no-scheme"}, {"url": "1http://x"},
+    {"url": "file:///" + "x" * 2041}, {"url": "file:///" + "x" * 2040}, {"url": None},
+    {"url": 5}, {}, {"url": "file:///x", "extra": 1}, {"url": "file:///x", "schedule": 3},
+    {"url": "file:///x", "subject": "s" * 512}, {"url": "file:///x", "subject": "s" * 513},
+    {"url": "file:///x", "schedule": None, "subject": None},
+    {"url": "file:///x", "schedule": "weekdays", "subject": "{text}"},
+])
+def test_edge_cases_agree(body: dict[str, Any]) -> None:
+    check(body)
+    fast = kinds._fast_destination(body)
+    if fast is None and slow(body)[0] == "refused":
+        with pytest.raises(ValidationError):
+            kinds.load_body("destination", "d", body)
+
+
+values = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(
+    max_size=12) | st.lists(st.text(max_size=2), max_size=2)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["url", "schedule", "subject", "other"]), values))
+def test_random_bodies_agree(body: dict[str, Any]) -> None:
+    check(body)
