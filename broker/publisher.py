@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,15 +68,21 @@ class ConfirmedPublisher:
         self.channel.events["basic_return"].add(self._on_return)
         self._next_tag = 1
         self._pending: set[int] = set()
+        # Tags in the order sent (increasing), so a multiple ack settles a prefix without
+        # scanning the whole window; entries settled singly are dropped when reached.
+        self._sent: deque[int] = deque()
         self._nacked = 0
         self._returned: list[str] = []
         self.user_id = connection_user(conn)
 
     def _settle(self, tag: int, multiple: bool) -> None:
         if multiple:
-            self._pending = {t for t in self._pending if t > tag}
-        else:
-            self._pending.discard(tag)
+            while self._sent and self._sent[0] <= tag:
+                self._pending.discard(self._sent.popleft())
+            return
+        self._pending.discard(tag)
+        while self._sent and self._sent[0] not in self._pending:
+            self._sent.popleft()
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
         self._settle(tag, multiple)
@@ -134,6 +141,7 @@ class ConfirmedPublisher:
             mandatory=message.mandatory,
         )
         self._pending.add(self._next_tag)
+        self._sent.append(self._next_tag)
         self._next_tag += 1
 
     def _drain(self, deadline: float) -> None:
