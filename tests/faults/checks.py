@@ -45,6 +45,7 @@ class FaultRun:
     def __init__(self, net: ClusterNetwork, load: Load, *, fault: str, test: str) -> None:
         self.net, self.load, self.fault, self.test = net, load, fault, test
         self.injected_at = self.healed_at = 0.0
+        self.windows: list[tuple[float, float]] = []  # (injected, healed) of every fault
         self.recover_s: float | None = None
         self.row: dict[str, Any] = {}
         self.notes: list[str] = []
@@ -65,6 +66,7 @@ class FaultRun:
     def healing(self) -> None:
         """Mark the moment the heal begins (before a node restart, which takes a while)."""
         self.healed_at = time.monotonic()
+        self.windows.append((self.injected_at, self.healed_at))
 
     def wait_progress(self, since: float, *, changes: int = 1, alerts: int = 1,
                       what: str = "load progressing") -> None:
@@ -173,14 +175,16 @@ class FaultRun:
         changes, alerts = load.changes.attempts(), load.alert_attempts()
 
         def during(attempts: list[Attempt]) -> int:
-            return sum(a.ok and self.injected_at <= a.started < self.healed_at for a in attempts)
+            return sum(a.ok and any(lo <= a.started < hi for lo, hi in self.windows)
+                       for a in attempts)
 
         self.row = {
             "fault": self.fault, "test": self.test,
             "when": dt.datetime.fromtimestamp(self.wall_start, dt.UTC).isoformat(
                 timespec="seconds"),
             "load_s": round(end - start, 1),
-            "fault_s": round(self.healed_at - self.injected_at, 1),
+            "fault_s": round(sum(hi - lo for lo, hi in self.windows), 1),
+            "fault_windows": len(self.windows),
             "changes_tried": len(changes), "changes_committed": sum(a.ok for a in changes),
             "changes_committed_during_fault": during(changes), "changes_lost": changes_lost,
             "alerts_tried": len(alerts), "alerts_confirmed": sum(a.ok for a in alerts),

@@ -38,6 +38,9 @@ SOURCES: dict[str, tuple[str, ...]] = {"remedy": ("a", "b", "c"), "nms": ("c", "
 #: name); the others name the servers (``--host``). Both paths are under load in every test.
 ROUTED = frozenset({"remedy"})
 HEARTBEAT_S = 3.0
+#: Connection names of the clients that submit changes: ``tasync config set``, and the load's
+#: library client (``tests.faults.load.ChangeLoad``, the same commit request).
+CHANGE_CLIENTS = frozenset({"tasync-cli", "fault-change-load"})
 
 
 class ClusterNetwork(Network):
@@ -172,17 +175,48 @@ class ClusterNetwork(Network):
                 if row.get("type") in ("quorum", "stream")}
 
 
-    def blocked_connections(self) -> list[str]:
-        """Names of this vhost's connections the broker is blocking (resource alarm)."""
-        out = self.cluster.rabbitmqctl(0, "list_connections", "vhost", "state",
+    def connection_states(self) -> list[tuple[str, str]]:
+        """``(connection name, state)`` of every connection of this vhost, e.g. ``blocked``."""
+        out = self.cluster.rabbitmqctl(self._live_node(), "list_connections", "vhost", "state",
                                        "client_properties", "--formatter", "json").stdout
         rows: list[dict[str, Any]] = json.loads(out[out.find("["):] or "[]")
-        names = []
+        states = []
         for row in rows:
-            if row.get("vhost") == self.vhost and row.get("state") == "blocked":
+            if row.get("vhost") == self.vhost:
                 props = {p[0]: p[2] for p in row.get("client_properties", []) if len(p) == 3}
-                names.append(str(props.get("connection_name", "?")))
-        return names
+                states.append((str(props.get("connection_name", "?")), str(row.get("state"))))
+        return states
+
+    def _live_node(self) -> int:
+        return min(set(range(self.cluster.size)) - self.cluster.down)
+
+
+class BlockedSeen:
+    """Whom the broker has been seen blocking during an alarm, gathered over several polls.
+
+    A client the broker blocks for longer than its confirm timeout gives up and reconnects
+    (``tasync send`` must end), so its connection is not blocked at every instant; what the
+    test needs to see is that the change path was blocked, and that every alert source was
+    blocked at once, at some point.
+    """
+
+    def __init__(self, net: ClusterNetwork, senders: int) -> None:
+        self.net, self.senders = net, senders
+        self.change_path = False
+        self.most_senders = 0
+        self.last: list[tuple[str, str]] = []
+
+    def __call__(self) -> bool:
+        self.last = self.net.connection_states()
+        blocked = [name for name, state in self.last if state == "blocked"]
+        self.change_path |= any(n in CHANGE_CLIENTS or n.startswith("tasync-relay")
+                                for n in blocked)
+        self.most_senders = max(self.most_senders, blocked.count("tasync-sender"))
+        return self.change_path and self.most_senders >= self.senders
+
+    def __repr__(self) -> str:
+        return (f"change path blocked: {self.change_path}, most alert senders blocked at once: "
+                f"{self.most_senders} of {self.senders}, last states: {sorted(self.last)}")
 
 
 def store_meta(data_dir: Path) -> tuple[int, int]:

@@ -32,7 +32,11 @@ from tests.faults import results
 from tests.faults.checks import FaultRun
 from tests.faults.cluster_net import ClusterNetwork
 from tests.faults.load import Load
-from tests.faults.test_cluster_faults import alarm_raised, delivered_since, publishers_blocked
+from tests.faults.test_cluster_faults import (
+    alarm_raised,
+    delivered_since,
+    wait_publishers_blocked,
+)
 from tests.harness.rabbit_cluster import DEFAULT_DISK_FREE_LIMIT
 from tests.waiting import wait_for
 
@@ -114,8 +118,7 @@ def fault_cycle(net: ClusterNetwork, run: FaultRun) -> list[Fault]:
     def alarm() -> None:
         cluster.set_disk_free_limit(0, "1000000GB")
         wait_for(lambda: alarm_raised(cluster), timeout_s=120, interval_s=1.0, what="alarm")
-        wait_for(lambda: publishers_blocked(net, len(run.load.alerts)), timeout_s=300,
-                 interval_s=1.0, what="the broker blocking the change path and both sources")
+        wait_publishers_blocked(net, len(run.load.alerts))
 
     def clear() -> None:
         cluster.set_disk_free_limit(0, DEFAULT_DISK_FREE_LIMIT)
