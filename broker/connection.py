@@ -222,6 +222,17 @@ def connection_user(conn: Connection) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
+def _socket_of(raw: Any) -> Any:
+    """The socket of a py-amqp connection, or ``None`` once it is closed; never reconnects.
+
+    py-amqp's ``transport`` property connects again when the connection has none (it warns
+    that this is deprecated). After the broker closed a connection (a node shutting down, a
+    forced close) py-amqp has already dropped its transport, so reading that property would
+    open a new, never-used connection to the broker at every loss; ``_transport`` does not.
+    """
+    return getattr(getattr(raw, "_transport", None), "sock", None)
+
+
 def close_quietly(conn: Connection | None, *, timeout_s: float = 2.0) -> None:
     """Close a connection that may already be broken, without ever hanging.
 
@@ -232,8 +243,7 @@ def close_quietly(conn: Connection | None, *, timeout_s: float = 2.0) -> None:
     if conn is None:
         return
     try:
-        raw = getattr(conn, "_connection", None)
-        sock = getattr(getattr(raw, "transport", None), "sock", None)
+        sock = _socket_of(getattr(conn, "_connection", None))
         if sock is not None:
             sock.settimeout(timeout_s)
         conn.release()

@@ -3,7 +3,9 @@
 The CLI asks one node (``node.<name>``), the master (``master``) or every node (``all``) and
 collects the answers; a request to a routing key no running node binds comes back as a
 ``basic.return`` at once, so "no master is running" is reported immediately, not after a
-timeout.
+timeout. A request to one named node is sent again for a few seconds first: that node's
+control queue is exclusive to its connection, so it is briefly unbound whenever the node
+reconnects (a missed heartbeat on a busy machine), and "the node is down" would be wrong.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from broker.errors import MessageError, NoAnswer, RemoteError
 from broker.messages import Reply, Request
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+
+#: How long a request to one named node is re-sent while no queue is bound for it.
+NODE_UNROUTED_GRACE_S = 5.0
+_RESEND_INTERVAL_S = 0.25
 
 
 class RpcClient:
@@ -42,6 +48,7 @@ class RpcClient:
         self.channel.basic_consume(REPLY_TO, no_ack=True, callback=self._on_reply)
         self._replies: dict[str, list[Reply]] = {}
         self._returned: set[str] = set()
+        self._sent_at: dict[str, float] = {}
         #: The broker-validated identity of every request (telaconf.hosts checks it).
         self.user_id = connection_user(conn)
 
@@ -60,6 +67,28 @@ class RpcClient:
         if corr:
             self._returned.add(corr)
 
+    def send(self, corr: str, routing_key: str, body: bytes, *, ttl_s: float) -> None:
+        """Publish one request, ``mandatory`` so that an unbound key comes back at once."""
+        props: dict[str, Any] = {"user_id": self.user_id} if self.user_id else {}
+        self.channel.basic_publish(
+            amqp.Message(body, content_type="application/json", reply_to=REPLY_TO,
+                         correlation_id=corr, expiration=str(int(ttl_s * 1000)), **props),
+            exchange=topology.CONTROL_EXCHANGE, routing_key=routing_key, mandatory=True,
+        )
+        self._sent_at.setdefault(corr, time.monotonic())
+
+    def check_routed(self, corr: str, routing_key: str, body: bytes, *, ttl_s: float) -> None:
+        """Resend a returned request to one node within the grace; else raise ``NoAnswer``."""
+        if corr not in self._returned:
+            return
+        self._returned.discard(corr)
+        first = self._sent_at.get(corr, 0.0)
+        if (routing_key in (topology.MASTER, topology.ALL)
+                or time.monotonic() - first >= NODE_UNROUTED_GRACE_S):
+            raise NoAnswer(f"no running node answers to {routing_key!r}")
+        time.sleep(_RESEND_INTERVAL_S)
+        self.send(corr, routing_key, body, ttl_s=ttl_s)
+
     def call(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
              timeout_s: float, expect: int | None = 1) -> list[Reply]:
         """Send one request and return the replies that came in time.
@@ -77,17 +106,11 @@ class RpcClient:
         corr = uuid.uuid4().hex
         self._replies[corr] = []
         body = messages.encode(Request(op=op, sender=self.sender, args=args or {}))
-        props: dict[str, Any] = {"user_id": self.user_id} if self.user_id else {}
-        self.channel.basic_publish(
-            amqp.Message(body, content_type="application/json", reply_to=REPLY_TO,
-                         correlation_id=corr, expiration=str(int(timeout_s * 1000)), **props),
-            exchange=topology.CONTROL_EXCHANGE, routing_key=routing_key, mandatory=True,
-        )
+        self.send(corr, routing_key, body, ttl_s=timeout_s)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
-                if corr in self._returned:
-                    raise NoAnswer(f"no running node answers to {routing_key!r}")
+                self.check_routed(corr, routing_key, body, ttl_s=timeout_s)
                 if expect is not None and len(self._replies[corr]) >= expect:
                     break
                 wait_s = min(0.25, max(0.01, deadline - time.monotonic()))
@@ -95,11 +118,16 @@ class RpcClient:
                     self.conn.drain_events(timeout=wait_s)
             replies = self._replies[corr]
         finally:
-            self._replies.pop(corr, None)
-            self._returned.discard(corr)
+            self.forget(corr)
         if not replies and expect:
             raise NoAnswer(f"no answer to {op!r} from {routing_key!r} within {timeout_s:g} s")
         return replies
+
+    def forget(self, corr: str) -> None:
+        """Drop the bookkeeping of a finished request; late replies are then ignored."""
+        self._replies.pop(corr, None)
+        self._returned.discard(corr)
+        self._sent_at.pop(corr, None)
 
     def call_one(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
                  timeout_s: float) -> dict[str, Any]:

@@ -17,6 +17,7 @@ broker, and the process must stay small; threads serve requests, one lock guards
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -42,6 +43,9 @@ from producers.sender import AlertSender
 
 log = logging.getLogger("tasync.intake")
 DEFAULT_MAX_BODY = 1 << 20
+#: A refused body is read on for at most this much and this long, so its sender sees the 413.
+LINGER_MAX_BYTES = 16 << 20
+LINGER_TIMEOUT_S = 2.0
 ROUTE_CACHE_S = 10.0
 
 
@@ -53,7 +57,7 @@ class IntakeConfig:
         routes: source -> route name.
         default_route: route for sources without a mapping.
         default_hosts: precedence list for sources without a mapping or default route.
-        max_body_bytes: larger requests get 413 without being read.
+        max_body_bytes: larger requests get 413 without being parsed.
         token: when set, requests need ``Authorization: Bearer <token>`` (never logged).
         allow: when set, the client's address must be allowed (``telalert.hosts``).
     """
@@ -168,6 +172,22 @@ class Intake:
         return hosts
 
 
+def linger(handler: BaseHTTPRequestHandler, length: int) -> None:
+    """Read and drop some of a refused body before closing (a "lingering close").
+
+    A client still sending when the socket closes gets a reset instead of the 413 and its
+    reason; reading on for a moment, within a bound, lets it read the answer.
+    """
+    remaining = min(length, LINGER_MAX_BYTES)
+    handler.connection.settimeout(LINGER_TIMEOUT_S)
+    with contextlib.suppress(OSError):
+        while remaining > 0:
+            chunk = handler.rfile.read1(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+
 def make_handler(intake: Intake) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to ``intake``."""
 
@@ -192,6 +212,7 @@ def make_handler(intake: Intake) -> type[BaseHTTPRequestHandler]:
             if length > limit or length < 0:
                 self._reply(413, {"error": f"request of {length} bytes; the limit is {limit}"},
                             close=True)
+                linger(self, length)
                 return
             self._serve(self.rfile.read(length))
 

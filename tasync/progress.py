@@ -15,12 +15,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import amqp
-
-from broker import messages, topology
+from broker import messages
 from broker.errors import NoAnswer, RemoteError
 from broker.messages import Request
-from broker.rpc import REPLY_TO, RpcClient
+from broker.rpc import RpcClient
 from broker.settings import Settings
 from tasync.client import connected_client
 
@@ -42,17 +40,12 @@ class ProgressRpc(RpcClient):
         corr = uuid.uuid4().hex
         self._replies[corr] = []
         body = messages.encode(Request(op=op, sender=self.sender, args={**args, "progress": True}))
-        self.channel.basic_publish(
-            amqp.Message(body, content_type="application/json", reply_to=REPLY_TO,
-                         correlation_id=corr, expiration=str(int(idle_timeout_s * 1000))),
-            exchange=topology.CONTROL_EXCHANGE, routing_key=routing_key, mandatory=True,
-        )
+        self.send(corr, routing_key, body, ttl_s=idle_timeout_s)
         deadline = time.monotonic() + idle_timeout_s
         seen = 0
         try:
             while True:
-                if corr in self._returned:
-                    raise NoAnswer(f"no running node answers to {routing_key!r}")
+                self.check_routed(corr, routing_key, body, ttl_s=idle_timeout_s)
                 replies = self._replies[corr]
                 while seen < len(replies):
                     reply = replies[seen]
@@ -71,8 +64,7 @@ class ProgressRpc(RpcClient):
                     self.conn.drain_events(timeout=0.25)
                 self.conn.heartbeat_check()
         finally:
-            self._replies.pop(corr, None)
-            self._returned.discard(corr)
+            self.forget(corr)
 
 
 def progress_rpc(settings: Settings) -> contextlib.AbstractContextManager[ProgressRpc]:
