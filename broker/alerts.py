@@ -300,9 +300,8 @@ def decode_alert(body: bytes, *, max_bytes: int = MAX_ALERT_BYTES) -> Alert:
             data = json.loads(body)
         except (ValueError, RecursionError):
             data = None
-        if type(data) is dict and data.get("v") == messages.SCHEMA_VERSION:
-            alert = fast_load(data)
-            if alert is not None:
-                return alert
+        alert = fast_load(data)
+        if alert is not None:
+            return alert
     decoded: Alert = messages.decode(body, max_bytes=max_bytes, expect="alert")
     return decoded

@@ -273,7 +273,7 @@ class BlockedGuard:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         raw = getattr(conn, "connection", None)  # the py-amqp connection (already connected)
-        self._sock = getattr(getattr(raw, "transport", None), "sock", None)
+        self._sock = _socket_of(raw)
         if raw is not None:
             raw.on_blocked = self._on_blocked
             raw.on_unblocked = self._on_unblocked

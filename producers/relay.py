@@ -59,8 +59,12 @@ def batch_messages(batches: Iterable[ChangeBatch], keyring: KeyRing | None) -> l
 
 
 def _message(batch: ChangeBatch, body: bytes, keyring: KeyRing | None) -> Outgoing:
-    headers: dict[str, object] = {"tasync-type": "changes", "first-seq": batch.first_seq,
-                                  "last-seq": batch.last_seq}
+    return _signed(body, {"tasync-type": "changes", "first-seq": batch.first_seq,
+                          "last-seq": batch.last_seq}, keyring)
+
+
+def _signed(body: bytes, headers: dict[str, object], keyring: KeyRing | None) -> Outgoing:
+    """A persistent message to the config fanout, with its signature when a key ring is set."""
     if keyring is not None:
         headers[SIGNATURE_HEADER] = keyring.sign(body)
     return Outgoing(exchange=topology.CONFIG_EXCHANGE, routing_key="", body=body,
@@ -148,12 +152,8 @@ class ChangeRelay:
 
     def publish_mark(self, mark: EpochMark) -> None:
         """Publish a promotion's epoch mark with confirms, signed like the changes."""
-        body = messages.encode(mark)
-        headers: dict[str, object] = {"tasync-type": "epoch", "epoch": mark.epoch}
-        if self.keyring is not None:
-            headers[SIGNATURE_HEADER] = self.keyring.sign(body)
-        self._send([Outgoing(exchange=topology.CONFIG_EXCHANGE, routing_key="", body=body,
-                             headers=headers)])
+        self._send([_signed(messages.encode(mark), {"tasync-type": "epoch", "epoch": mark.epoch},
+                            self.keyring)])
 
     def _send(self, outgoing: list[Outgoing]) -> None:
         def send(conn: Connection) -> int:

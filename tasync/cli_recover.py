@@ -34,8 +34,9 @@ class NotIdentical(TasyncError):
     """After recovery the node still differs from the master (exit 1)."""
 
 
-def _ask(rpc: ProgressRpc, node: str, op: str, args: dict[str, Any], *, timeout_s: float,
+def ask_node(rpc: ProgressRpc, node: str, op: str, args: dict[str, Any], *, timeout_s: float,
          bar: ProgressBar) -> dict[str, Any]:
+    """Ask ``node`` to run ``op`` with progress on ``bar``; say plainly when it does not answer."""
     try:
         return rpc.call_with_progress(topology.node_key(node), op, args,
                                       idle_timeout_s=timeout_s, on_progress=bar.update)
@@ -166,7 +167,7 @@ def recover(*, node: str, source: str | None, force_snapshot: bool, resubmit: bo
     args = {"source": source, "snapshot": force_snapshot}
     with progress_rpc(settings) as rpc:
         with ProgressBar(not as_json, f"recovering {node}") as bar:
-            report = _ask(rpc, node, "recover", args, timeout_s=timeout_s, bar=bar)
+            report = ask_node(rpc, node, "recover", args, timeout_s=timeout_s, bar=bar)
         done: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         if resubmit and report["conflicts"]:
@@ -219,7 +220,7 @@ def promote(*, node: str, timeout_s: float, as_json: bool, broker_url: str) -> N
     settings = make_settings(broker_url)
     with progress_rpc(settings) as rpc, ProgressBar(not as_json, f"promoting {node}") as bar:
         fence_s = min(FENCE_TIMEOUT_S, timeout_s / 2)  # leaves time to drain and answer
-        result = _ask(rpc, node, "promote", {"fence_timeout_s": fence_s}, timeout_s=timeout_s,
+        result = ask_node(rpc, node, "promote", {"fence_timeout_s": fence_s}, timeout_s=timeout_s,
                       bar=bar)
         knowing, behind = _wait_epoch(rpc, int(result["epoch"]), timeout_s=min(timeout_s, 15.0))
     result = {**result, "nodes_at_epoch": knowing, "nodes_behind": behind}

@@ -21,7 +21,7 @@ from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError
 from broker.messages import Change, ChangeBatch
 from broker.settings import Settings
 from consumers.replay import Since, read_since
-from tasync.cli_recover import NotIdentical, compare_with_master
+from tasync.cli_recover import NotIdentical, ask_node, compare_with_master
 from tasync.client import gather_status, print_table
 from tasync.options import (
     broker_option,
@@ -74,11 +74,7 @@ def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
 def _replay_node(rpc: ProgressRpc, node: str, since: Since, *, timeout_s: float,
                  as_json: bool) -> dict[str, Any]:
     with ProgressBar(not as_json, f"replaying into {node}") as bar:
-        try:
-            result = rpc.call_with_progress(topology.node_key(node), "replay", since.to_args(),
-                                            idle_timeout_s=timeout_s, on_progress=bar.update)
-        except NoAnswer as exc:
-            raise NoAnswer(f"{node} does not answer ({exc}); is its worker running?") from None
+        result = ask_node(rpc, node, "replay", since.to_args(), timeout_s=timeout_s, bar=bar)
     verdict = compare_with_master(rpc, node, timeout_s=timeout_s)
     if not as_json:
         click.echo(f"{node}: replayed {result['changes']:,} changes since {result['since']} "

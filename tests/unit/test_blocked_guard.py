@@ -13,7 +13,7 @@ from broker.connection import BlockedGuard
 def fake_conn() -> tuple[Any, socket.socket, socket.socket]:
     """A stand-in for a kombu connection whose py-amqp connection owns one end of a pair."""
     ours, peer = socket.socketpair()
-    raw = SimpleNamespace(transport=SimpleNamespace(sock=ours), on_blocked=None,
+    raw = SimpleNamespace(_transport=SimpleNamespace(sock=ours), on_blocked=None,
                           on_unblocked=None)
     return SimpleNamespace(connection=raw), ours, peer
 
