@@ -17,8 +17,7 @@ from broker import messages
 from broker.alerts import Alert, alert_to_dict, decode_alert, fast_load, validated
 from broker.errors import MessageError
 from broker.errors import ValidationError as TasyncValidationError
-
-MAX = 1 << 20
+from tests.unit.fastpaths import MAX, json_values, outcome
 
 
 def good() -> dict[str, Any]:
@@ -27,12 +26,6 @@ def good() -> dict[str, Any]:
                   hosts=("a", "b"))
     return alert_to_dict(alert)
 
-
-def outcome(body: bytes, decoder: Any) -> Any:
-    try:
-        return ("ok", decoder(body, max_bytes=MAX))
-    except MessageError as exc:
-        return ("refused", str(exc))
 
 
 def same(data: Any) -> None:
@@ -92,12 +85,6 @@ def test_validated_still_names_the_bad_field() -> None:
         validated(bad)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True)
-    | st.text(max_size=4),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
-                                                                  max_size=2),
-    max_leaves=4)
 
 
 @settings(max_examples=400, deadline=None)

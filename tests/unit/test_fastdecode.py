@@ -13,8 +13,7 @@ from broker import messages
 from broker.errors import MessageError
 from broker.fastdecode import decode_entry
 from broker.messages import Change, ChangeBatch, encode
-
-MAX = 1 << 20
+from tests.unit.fastpaths import MAX, json_values, outcome
 
 
 def good(n: int = 3) -> dict[str, Any]:
@@ -25,12 +24,6 @@ def good(n: int = 3) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(encode(batch))
     return data
 
-
-def outcome(body: bytes, decoder: Any) -> Any:
-    try:
-        return ("ok", decoder(body, max_bytes=MAX))
-    except MessageError as exc:
-        return ("refused", str(exc))
 
 
 def same(data: Any) -> None:
@@ -89,12 +82,6 @@ def test_missing_keys_holes_and_other_types_agree() -> None:
         decode_entry(b"x" * 20, max_bytes=10)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True)
-    | st.text(max_size=3),
-    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner,
-                                                                  max_size=2),
-    max_leaves=4)
 
 
 @settings(max_examples=300, deadline=None)
