@@ -14,14 +14,16 @@ Catch-up
     alone: from the ``catching up from seq`` line of its ``tasync.log`` to ``caught_up``.
 Raw stream read
     The same change log read from ``first`` with py-amqp alone (prefetch 200, manual acks,
-    ``json.loads`` of every body, nothing else): the floor any reader pays. The catch-up's rate
-    in changes per second is reported as a fraction of this one, for the whole catch-up
-    (``ratio_to_raw``, the target) and for the replay alone (``replay_ratio_to_raw``).
+    ``json.loads`` of every body, nothing else). The catch-up's rate in changes per second is
+    reported as a fraction of this one, for the whole catch-up (``ratio_to_raw``, the target)
+    and for the replay alone (``replay_ratio_to_raw``). This baseline is the one the target was
+    first measured against and is kept as it was. For context the same read is also timed
+    decoding with msgspec (``raw_read_msgspec_s``, ``ratio_to_raw_msgspec``), the parser tasync's
+    catch-up uses: against it the ratio is what reading plus checking plus storing costs
+    over reading alone with the fastest parser at hand.
 Store floor
     The bodies the raw read got, decoded beforehand, written by ``NodeStore.apply`` into a
-    fresh store: what keeping each change durably costs at least. ``best_possible_ratio`` is
-    the raw read's time over the raw read plus this: the ratio a reader that did nothing but
-    read and store could reach.
+    fresh store: what keeping each change durably costs on its own (``store_floor_s``).
 Snapshot bootstrap
     The change log is deleted and recreated empty (what retention does to old entries), and a
     new node ``d`` starts: it cannot replay, so it installs a snapshot of the N objects from the
@@ -40,8 +42,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from benchmarks import raw
 from benchmarks.common import Broker, Network, log, trail_time, wait_for
@@ -93,7 +98,8 @@ def trail_span(data_dir: Path, start: str, *ends: str) -> dict[str, float]:
     return spans
 
 
-def raw_stream_read(url: str, expected: int) -> tuple[float, list[bytes]]:
+def raw_stream_read(url: str, expected: int, *,
+                    loads: Callable[[bytes], Any] = json.loads) -> tuple[float, list[bytes]]:
     """Seconds for py-amqp to read and JSON-decode ``expected`` changes of the change log.
 
     Also returns the bodies read, for ``store_floor``.
@@ -108,7 +114,7 @@ def raw_stream_read(url: str, expected: int) -> tuple[float, list[bytes]]:
         def on_message(message: Any) -> None:
             nonlocal seen
             channel.basic_ack(message.delivery_tag)
-            seen += len(json.loads(message.body).get("changes", ()))
+            seen += len(loads(message.body).get("changes", ()))
             bodies.append(bytes(message.body))
 
         t0 = time.perf_counter()
@@ -178,6 +184,7 @@ def one_run(broker: Broker, count: int) -> dict[str, Any]:
         caught = trail_time(next(e for e in reversed(events) if e["event"] == "caught_up")["ts"])
         replay_s = caught - replay_started(b.data_dir)
         raw_s, bodies = raw_stream_read(url, count)
+        raw_msgspec_s, _ = raw_stream_read(url, count, loads=msgspec.json.decode)
         floor_s = store_floor(bodies, net.root)
         del bodies
         log("snapshot bootstrap")
@@ -198,8 +205,9 @@ def one_run(broker: Broker, count: int) -> dict[str, Any]:
         "raw_read_s": round(raw_s, 3), "raw_changes_per_s": round(count / raw_s),
         "ratio_to_raw": round(raw_s / catch_up_s, 3),
         "replay_ratio_to_raw": round(raw_s / replay_s, 3),
+        "raw_read_msgspec_s": round(raw_msgspec_s, 3),
+        "ratio_to_raw_msgspec": round(raw_msgspec_s / catch_up_s, 3),
         "store_floor_s": round(floor_s, 3),
-        "best_possible_ratio": round(raw_s / (raw_s + floor_s), 3),
         "snapshot_installed_s": snapshot["snapshot_installed"],
         "snapshot_ready_s": snapshot["node_ready"],
         "recover_snapshot_cli_s": round(recover_cli_s, 3), "load": load.summary(),

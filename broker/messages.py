@@ -1,4 +1,4 @@
-"""Wire messages: frozen dataclasses inside, versioned JSON validated by marshmallow at the edge.
+"""Wire messages: frozen records inside, versioned JSON validated by marshmallow at the edge.
 
 Every body is a JSON object with ``v`` (schema version) and ``type``. ``decode`` is the only way
 a consumer turns bytes into a message: it checks size, JSON, version, type and schema, and raises
@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from marshmallow import Schema, ValidationError, fields, post_load, validate
 
 from broker.errors import MessageError
@@ -20,17 +21,23 @@ SCHEMA_VERSION = 1
 OPS = ("set", "delete")
 
 
-@dataclass(frozen=True, kw_only=True)
-class Change:
-    """One validated configuration mutation; ``seq`` is cluster-wide and gap-free."""
+class Change(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One validated configuration mutation; ``seq`` is cluster-wide and gap-free.
 
-    epoch: int
-    seq: int
+    The one message record that is a msgspec ``Struct`` rather than a frozen dataclass: a
+    catch-up decodes 100,000 of them, and msgspec builds and checks them in C, at a sixth of
+    what making the dataclasses cost (``broker.fastdecode``). It behaves like one: keyword
+    construction that checks nothing, immutable, equal by value. The limits annotated here are
+    ``ChangeSchema``'s; only msgspec's decoding enforces them.
+    """
+
+    epoch: Annotated[int, msgspec.Meta(ge=1)]
+    seq: Annotated[int, msgspec.Meta(ge=1)]
     ts: float
-    origin: str
+    origin: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     op: str
-    kind: str
-    name: str
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     body: dict[str, Any] | None = None
 
 
@@ -163,11 +170,11 @@ def register(type_name: str, cls: type, schema: Schema) -> None:
 
 
 def change_to_dict(change: Change) -> dict[str, Any]:
-    """The wire form of one change, equal to ``dataclasses.asdict(change)``.
+    """The wire form of one change, as ``ChangeSchema`` reads it back.
 
-    ``asdict`` deep-copies every body; the master encodes each change twice (to size its
-    batch, then to send it), and for a 100,000-object import those copies cost seconds.
-    Bodies are not copied here: they are encoded at once and never changed.
+    Bodies are not copied (``dataclasses.asdict`` would deep-copy them, which for the master's
+    100,000-object import, encoded twice to size its batches, cost seconds): they are encoded
+    at once and never changed.
     """
     return {"epoch": change.epoch, "seq": change.seq, "ts": change.ts, "origin": change.origin,
             "op": change.op, "kind": change.kind, "name": change.name, "body": change.body}

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from broker.audit import Trail, utc_now
 from broker.errors import ConfigError
-from broker.messages import Change
+from broker.messages import Change, change_to_dict
 
 CONFLICTS_FILE = "conflicts.json"
 OPEN = "open"
@@ -71,7 +70,7 @@ class ConflictFile:
             known = {conflict_key(e) for e in entries}
             added = []
             for change in changes:
-                entry = {**asdict(change), "reason": reason, "kept_at": utc_now(),
+                entry = {**change_to_dict(change), "reason": reason, "kept_at": utc_now(),
                          "status": OPEN, "resubmitted_as": None}
                 if conflict_key(entry) in known:
                     continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from dataclasses import asdict
 from typing import Any
 
 import click
@@ -18,7 +17,7 @@ import click
 from broker import topology
 from broker.epochs import EpochHistory
 from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError
-from broker.messages import Change, ChangeBatch
+from broker.messages import Change, ChangeBatch, change_to_dict
 from broker.settings import Settings
 from consumers.replay import Since, read_since
 from tasync.cli_recover import NotIdentical, ask_node, compare_with_master
@@ -59,7 +58,7 @@ def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
                       until_seq=int(head["seq"]) or None if head else None)
     if as_json:
         print_json({"since": since.describe(), "complete": read.complete,
-                    "rejected": read.rejected, "changes": [asdict(c) for c in found]})
+                    "rejected": read.rejected, "changes": [change_to_dict(c) for c in found]})
     else:
         print_table(["seq", "epoch", "time (UTC)", "origin", "op", "kind", "name"], [
             [c.seq, c.epoch, dt.datetime.fromtimestamp(c.ts, dt.UTC).isoformat(

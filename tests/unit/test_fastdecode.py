@@ -46,6 +46,8 @@ CHANGE_MUTATIONS: list[tuple[str, Any]] = [
     ("ts", float("nan")), ("ts", float("inf")), ("ts", 10**400), ("ts", 7), ("ts", True),
     ("op", "put"), ("op", ["set"]), ("kind", ""), ("kind", "k" * 33), ("name", "n" * 129),
     ("body", []), ("body", {"1": 2}), ("body", None), ("extra", 1), ("origin", None),
+    ("body", {"n": 10**30}), ("body", {"f": float("nan")}), ("body", {"x": [1, {"y": -0.0}]}),
+    ("name", "é" * 128), ("name", "é" * 129), ("ts", 2**60), ("seq", 10**30),
 ]
 
 

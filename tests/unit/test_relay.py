@@ -1,9 +1,9 @@
 """Batching and signing of the master's changes (producers/relay.py: chunk, batch_messages)."""
 
-import dataclasses
 import itertools
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,7 +65,7 @@ def test_max_bytes_is_respected_and_order_and_seqs_are_kept() -> None:
 
 def test_a_change_larger_than_max_bytes_travels_alone() -> None:
     cs = changes(3, body_size=50)
-    big = dataclasses.replace(cs[1], body={"url": "file:///" + "y" * 5_000})
+    big = msgspec.structs.replace(cs[1], body={"url": "file:///" + "y" * 5_000})
     batches = chunk([cs[0], big, cs[2]], max_changes=100, max_bytes=1_000)
     assert [[c.seq for c in b.changes] for b in batches] == [[1], [2], [3]]
 
@@ -134,8 +134,8 @@ def test_signature_does_not_verify_another_body_or_key() -> None:
 
 def test_encoded_chunks_are_byte_identical_to_encoding_each_batch() -> None:
     cs = changes(25, body_size=40)
-    cs[3] = dataclasses.replace(cs[3], op="delete", body=None)
-    cs[7] = dataclasses.replace(cs[7], body={"url": "file:///é/✓", "subject": "ünï \"q\"\n"})
+    cs[3] = msgspec.structs.replace(cs[3], op="delete", body=None)
+    cs[7] = msgspec.structs.replace(cs[7], body={"url": "file:///é/✓", "subject": "ünï \"q\"\n"})
     pairs = encoded_chunks(cs, max_changes=10, max_bytes=2_000)
     assert [b for b, _ in pairs] == chunk(cs, max_changes=10, max_bytes=2_000)
     for batch, body in pairs:

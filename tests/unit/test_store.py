@@ -128,6 +128,35 @@ def test_delete_removes_the_object(store: NodeStore) -> None:
 # -- the outbox -------------------------------------------------------------------------------
 
 
+def test_sets_and_deletes_of_one_object_in_one_batch_end_in_the_last(store: NodeStore) -> None:
+    """The objects are derived from the history rows run by run: the order must hold."""
+    store.apply(batch(
+        setc(1, "destination", "x", {"url": "file:///1"}), delc(2, "destination", "x"),
+        setc(3, "destination", "x", {"url": "file:///3"}), setc(4, "destination", "y", {}),
+        setc(5, "destination", "y", {"url": "file:///5"}), delc(6, "destination", "y"),
+        delc(7, "destination", "never-set"), setc(8, "node", "n", {"description": "n"}),
+    ))
+    assert store.get("destination", "x") == {"url": "file:///3"}
+    assert store.get("destination", "y") is None
+    assert [(k, n) for k, n, _ in store.objects()] == [("destination", "x"), ("node", "n")]
+
+
+def test_forced_replay_rewrites_held_rows_and_restores_objects(store: NodeStore) -> None:
+    store.apply(batch(*history()))
+    with store._tx():  # an object changed behind the history's back
+        store._db.execute("UPDATE objects SET body='{}' WHERE name='d1'")
+    result = store.apply(batch(*history()[4:6]), force=True)
+    assert (result.applied, result.reapplied, store.last_seq) == (0, 2, 8)
+    assert store.get("destination", "d1") == history()[4].body
+    assert store.changes_between(0) == history()
+
+
+def test_writing_changes_with_a_hole_is_refused(store: NodeStore) -> None:
+    with pytest.raises(ValueError, match="consecutive"):
+        store.commit([setc(1, "node", "a", {}), setc(3, "node", "b", {})])
+    assert (store.last_seq, store.count()) == (0, 0)
+
+
 def test_commit_unpublished_mark_published_cycle(store: NodeStore) -> None:
     h = history()
     store.commit(h[:3])
@@ -290,13 +319,11 @@ def test_referrers_via_sql(store: NodeStore) -> None:
     assert store.referrers("route", "r") == []
 
 
-def test_changes_between_and_since_ts(store: NodeStore) -> None:
+def test_changes_between(store: NodeStore) -> None:
     store.apply(batch(*history()))
     assert [c.seq for c in store.changes_between(3)] == [4, 5, 6, 7, 8]
     assert [c.seq for c in store.changes_between(3, 5)] == [4, 5]
     assert store.changes_between(8) == []
-    assert [c.seq for c in store.changes_since_ts(1006.0)] == [6, 7, 8]
-    assert store.changes_since_ts(5000.0) == []
     assert store.changes_between(0) == history()
 
 
