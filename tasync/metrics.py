@@ -26,7 +26,15 @@ Metrics (every sample has a ``node`` label; one scrape target is one node):
 ``tasync_changes_applied_total``     counter changes applied by this process
 ``tasync_alerts_<counter>_total``    counter per ``source``: received, delivered, failed,
                                              taken_over, skipped, redelivered, duplicates
+``tasync_sqlite_memory_bytes``       gauge   memory SQLite holds in the process (page caches)
+``tasync_python_allocated_blocks``   gauge   live Python memory blocks
+``tasync_malloc_in_use_bytes``       gauge   glibc heap handed out and not freed
+``tasync_malloc_free_held_bytes``    gauge   freed bytes glibc keeps for reuse
 =================================== ======= ==================================================
+
+The memory gauges (``tasync.memory``) split the process's RSS into the parts that grow for
+different reasons, so a rising RSS can be told apart as caches filling, objects kept, or the
+allocator's high-water mark; each is absent where its source is (no glibc, say).
 
 The alert counters come from ``totals.db``, so they survive restarts like ``tasync totals``.
 A part of the state that cannot be read (the store is closing, the totals layer is absent) is
@@ -47,6 +55,7 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from broker.errors import ConfigError
+from tasync import memory
 
 log = logging.getLogger("tasync.metrics")
 
@@ -99,7 +108,8 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Every metric whose source could be read during this scrape."""
         name = str(self.node.ctx.node)
-        for part in (self._node_state, self._progress, self._consumers, self._alerts):
+        for part in (self._node_state, self._progress, self._consumers, self._alerts,
+                     self._memory):
             try:
                 yield from part(name)
             except Exception as exc:  # one unreadable part must not fail the whole scrape
@@ -172,6 +182,25 @@ class NodeCollector(Collector):
                 if counter in counts:
                     family.add_metric([name, str(source)], float(counts[counter]))
             yield family
+
+    def _memory(self, name: str) -> Iterator[Metric]:
+        """Process memory by pool: what the soak plots beside RSS (see ``tasync.memory``)."""
+        sqlite_bytes = memory.sqlite_memory_bytes()
+        if sqlite_bytes is not None:
+            yield _gauge("tasync_sqlite_memory_bytes",
+                         "Memory SQLite has allocated in this process, page caches included.",
+                         name, float(sqlite_bytes))
+        yield _gauge("tasync_python_allocated_blocks",
+                     "Memory blocks the Python allocator has handed out and not freed.",
+                     name, float(memory.python_allocated_blocks()))
+        heap = memory.malloc_stats()
+        if heap is not None:
+            yield _gauge("tasync_malloc_in_use_bytes",
+                         "glibc heap handed out and not freed (all arenas, mmap blocks too).",
+                         name, float(heap.in_use_bytes))
+            yield _gauge("tasync_malloc_free_held_bytes",
+                         "Freed bytes glibc keeps in its arenas for reuse.",
+                         name, float(heap.free_held_bytes))
 
 
 def _gauge(metric: str, documentation: str, node: str, value: float) -> GaugeMetricFamily:

@@ -19,6 +19,7 @@ from broker.settings import Settings
 from broker.store import NodeStore
 from consumers.context import NodeContext
 from consumers.totals import Totals
+from tasync import memory
 from tasync.metrics import DEFAULT_HOST, start_metrics_server
 
 
@@ -134,3 +135,27 @@ def test_own_registry_and_loopback_by_default(node: SimpleNamespace, server: Any
 def test_port_in_use_is_a_clear_error(node: SimpleNamespace, server: Any) -> None:
     with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{server.port}"):
         start_metrics_server(server.port, node)
+
+
+def test_memory_gauges_read_this_process(node: SimpleNamespace, server: Any) -> None:
+    samples = scrape(server.port)
+    label = (("node", "b"),)
+    # The node's store and totals connections are open, so SQLite holds their schemas and pages.
+    assert samples["tasync_sqlite_memory_bytes"][label] > 10_000
+    assert samples["tasync_python_allocated_blocks"][label] > 10_000
+    if memory.malloc_stats() is not None:
+        assert samples["tasync_malloc_in_use_bytes"][label] > samples[
+            "tasync_sqlite_memory_bytes"][label]  # SQLite allocates from that heap
+        assert samples["tasync_malloc_free_held_bytes"][label] >= 0
+
+
+def test_memory_gauges_without_their_library_are_absent(node: SimpleNamespace, server: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "_sqlite_memory_used", lambda: None)
+    monkeypatch.setattr(memory, "_libc", lambda: None)
+    samples = scrape(server.port)
+    assert "tasync_sqlite_memory_bytes" not in samples
+    assert "tasync_malloc_in_use_bytes" not in samples
+    assert "tasync_malloc_free_held_bytes" not in samples
+    assert samples["tasync_python_allocated_blocks"][(("node", "b"),)] > 0
+    assert samples["tasync_applied_seq"] == {(("node", "b"),): 0.0}
