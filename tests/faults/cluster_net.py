@@ -55,6 +55,8 @@ class ClusterNetwork(Network):
         self.node_urls: dict[str, str] = {}
         self.proxies: dict[str, TcpProxy] = {}
         self.first_pids: dict[str, int] = {}
+        #: Options added to one worker's command line (the soak's ``--metrics-port``).
+        self.extra_args: dict[str, tuple[str, ...]] = {}
         self.stopped: set[str] = set()
         self.outbox = root / "deliveries"
         self.outbox.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,8 @@ class ClusterNetwork(Network):
     def worker_args(self, name: str, *, role: str | None, args: tuple[str, ...] = ()) -> list[str]:
         """The base command, with this worker's own broker URL and the short heartbeat."""
         cmd = super().worker_args(name, role=role,
-                                  args=("--heartbeat", f"{self.heartbeat_s:g}", *args))
+                                  args=("--heartbeat", f"{self.heartbeat_s:g}",
+                                        *self.extra_args.get(name, ()), *args))
         cmd[cmd.index("--broker") + 1] = self.node_urls.get(name, self.broker_url)
         return cmd
 
@@ -159,8 +162,10 @@ class ClusterNetwork(Network):
             same = len(set(seqs.values())) == 1 and seqs[MASTER] >= at_least
             return seqs[MASTER] if ready and same else None
 
-        return int(wait_for(converged, timeout_s=timeout_s, interval_s=0.2,
-                            what=f"every worker at the master's seq ({self.applied()})"))
+        seq = wait_for(converged, timeout_s=timeout_s, interval_s=0.2,
+                       what=f"every worker at the master's seq ({self.applied()})")
+        assert seq is not None  # wait_for returns only a truthy value
+        return seq
 
     def exports(self) -> dict[str, str]:
         """Each worker's canonical export, read from its own store."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults import results
+from tests.faults.soak_memory import POOLS, series, summarize
 
 DOC = results.REPO / "docs" / "reliability.md"
 PLOT = results.REPO / "docs" / "img" / "soak-memory.png"
@@ -69,22 +70,55 @@ def fault_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pool_cell(key: str, item: dict[str, Any] | None) -> str:
+    """``warm -> end (slope/min)`` of one pool; blocks in thousands, the rest in MB."""
+    if not item:
+        return "n/a"
+    if key == "py_blocks":
+        return (f"{item['warm'] / 1000:.0f}k -> {item['end'] / 1000:.0f}k "
+                f"({item['slope_per_min'] / 1000:+.1f}k/min)")
+    return f"{item['warm']:.1f} -> {item['end']:.1f} ({item['slope_per_min']:+.3f}/min)"
+
+
+def pools_table(summary: dict[str, Any]) -> list[str]:
+    """Per worker, each pool after warm-up -> at the end (trend); empty for runs without."""
+    if not any(item.get("gauges") for item in summary.values()):
+        return []
+    lines = ["", "Where the memory is (MB after warm-up -> at the end, trend per minute after "
+                 "warm-up; from each worker's metrics endpoint):", "",
+             "| worker | " + " | ".join(POOLS.values()) + " |",
+             "|---|" + "---|" * len(POOLS)]
+    for name, item in sorted(summary.items()):
+        gauges = item.get("gauges") or {}
+        lines.append(f"| {name} | " + " | ".join(_pool_cell(key, gauges.get(key))
+                                                 for key in POOLS) + " |")
+    return lines
+
+
 def soak_section(soak: dict[str, Any] | None) -> str:
     """Per-worker memory after warm-up and at the end of the soak, and the run's parameters."""
     if not soak:
         return "No soak run recorded yet (`pytest tests/faults/test_soak.py -m soak`)."
-    summary = soak["summary"]
+    summary = summarize(soak["samples"], soak["workers"], soak["warm_s"])
+    window = soak.get("dedup_window_s")
     lines = [
         f"Soak of {soak['duration_s'] / 60:.0f} min on {soak['when']} (UTC): "
         f"{soak['alert_rate']:g} alerts/s and {soak['change_rate']:g} changes/s offered, "
-        f"{len(soak['faults'])} faults ({', '.join(f['fault'] for f in soak['faults'])}).",
+        f"{len(soak['faults'])} faults ({', '.join(f['fault'] for f in soak['faults'])})."
+        + (f" Duplicate window {window / 60:g} min; warm-up the first "
+           f"{soak['warm_s'] / 60:.0f} min." if window else ""),
         "",
-        "| worker | RSS after warm-up | RSS at end | peak | trend after warm-up |",
-        "|---|---|---|---|---|",
+        "| worker | RSS after warm-up | RSS at end | peak | trend after warm-up "
+        "| trend in the last quarter | trend of RSS minus SQLite after warm-up |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, item in sorted(summary.items()):
+        rest = item["gauges"].get("rss_minus_sqlite_mb")
+        rest_cell = f"{rest['slope_per_min']:+.3f} MB/min" if rest else "n/a"
         lines.append(f"| {name} | {item['warm_mb']:.1f} MB | {item['end_mb']:.1f} MB | "
-                     f"{item['peak_mb']:.1f} MB | {item['slope_mb_per_min']:+.2f} MB/min |")
+                     f"{item['peak_mb']:.1f} MB | {item['slope_mb_per_min']:+.3f} MB/min "
+                     f"| {item['tail_slope_mb_per_min']:+.3f} MB/min | {rest_cell} |")
+    lines += pools_table(summary)
     if any("recover_s" in f for f in soak["faults"]):
         lines += ["", "| minute | fault | fault held for | time to recover |", "|---|---|---|---|"]
         lines += [f"| {f['t'] / 60:.1f} | {f['fault']} | {f['fault_s']} s | {f['recover_s']} s |"
@@ -101,27 +135,41 @@ def soak_section(soak: dict[str, Any] | None) -> str:
 
 
 def plot_soak(data: dict[str, Any], path: Path = PLOT) -> None:
-    """RSS per worker over time, faults as vertical lines, warm-up shaded."""
+    """RSS per worker over time and, when sampled, each memory pool; faults as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    samples = data["samples"]
-    for name in data["workers"]:
-        ax.plot([s["t"] / 60 for s in samples], [s.get(name) for s in samples], label=name)
-    ax.axvspan(0, data["warm_s"] / 60, color="0.9", label="warm-up")
-    for i, fault in enumerate(data["faults"]):
-        ax.axvline(fault["t"] / 60, color="0.5", linestyle=":",
-                   label="fault" if i == 0 else None)
-    ax.set_xlabel("minutes")
-    ax.set_ylabel("RSS (MB)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"tasync workers during a {data['duration_s'] / 60:.0f}-minute soak "
+    pools = any(s.get("mem") for s in data["samples"])
+    panels = [("rss", "RSS (MB)"), *((key, label + (" (thousands)" if key == "py_blocks"
+                                                     else " (MB)"))
+                                     for key, label in POOLS.items())] if pools else [
+        ("rss", "RSS (MB)")]
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2 if pools else 1, figsize=(11, 3 * rows + 0.8) if pools
+                             else (9, 4.5), squeeze=False, sharex=True)
+    flat = list(axes.flat)
+    for ax, (key, label) in zip(flat, panels, strict=False):
+        for name in data["workers"]:
+            points = series(data["samples"], name, key)
+            scale = 1000 if key == "py_blocks" else 1
+            ax.plot([t / 60 for t, _ in points], [v / scale for _, v in points], label=name,
+                    linewidth=1)
+        ax.axvspan(0, data["warm_s"] / 60, color="0.9", label="warm-up")
+        for i, fault in enumerate(data["faults"]):
+            ax.axvline(fault["t"] / 60, color="0.5", linestyle=":", linewidth=0.8,
+                       label="fault" if i == 0 else None)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("minutes")
+    flat[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"tasync workers during a {data['duration_s'] / 60:.0f}-minute soak "
                  f"({data['alert_rate']:g} alerts/s, {data['change_rate']:g} changes/s)")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

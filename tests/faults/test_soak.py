@@ -7,10 +7,18 @@ request, the code behind ``tasync config set``; names cycle through a pool of 20
 configuration stays the same size), a fault every 3 minutes, cycling through a SIGKILL of broker
 node 0, a SIGSTOP of backup ``c``, a disk alarm, a SIGKILL of broker node 1 and a SIGSTOP of the
 master ``a``; each fault is healed once it has taken effect, and the time until the network is
-whole again is measured. Each worker's RSS is sampled every 5 s with
-psutil. At the end the usual checks run (nothing committed or confirmed lost) and the samples go to
-``tests/faults/runs/soak.json``; ``python -m tests.faults.report`` then draws
-``docs/img/soak-memory.png`` and the tables of docs/reliability.md from it.
+whole again is measured. Each worker's RSS is sampled every 5 s with psutil, and beside it the
+memory gauges of its metrics endpoint (``--metrics-port``; see ``tests/faults/soak_memory.py``),
+so the report can say which pool grows. At the end the usual checks run (nothing committed or
+confirmed lost) and the samples go to ``tests/faults/runs/soak.json``; ``python -m
+tests.faults.report`` then draws ``docs/img/soak-memory.png`` and the tables of
+docs/reliability.md from it.
+
+The workers run with a duplicate window of 5 minutes (``$TASYNC_DEDUP_WINDOW_S``, the default is
+an hour; ``$TASYNC_SOAK_DEDUP_WINDOW_S`` changes it): the table of seen alert ids, and with it the
+page cache over it, only stops growing once the window has passed, and a soak shorter than the
+window would show that filling as a trend. Redeliveries in the soak come seconds after a fault,
+well inside 5 minutes, so the duplicate check is as strict as with the default.
 
 It only runs when asked for by marker (``-m soak``), so ``-m "faults or not faults"`` does not
 start a 20-minute run by accident.
@@ -20,18 +28,18 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import threading
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
 import pytest
 
 from tests.faults import results
 from tests.faults.checks import FaultRun
 from tests.faults.cluster_net import ClusterNetwork
 from tests.faults.load import Load
+from tests.faults.soak_memory import MemorySampler, summarize
 from tests.faults.test_cluster_faults import (
     alarm_raised,
     delivered_since,
@@ -44,49 +52,17 @@ DURATION_S = float(os.environ.get("TASYNC_SOAK_SECONDS", "1200"))
 ALERT_RATE = float(os.environ.get("TASYNC_SOAK_ALERTS_PER_S", "50"))
 CHANGE_RATE = float(os.environ.get("TASYNC_SOAK_CHANGES_PER_S", "5"))
 FAULT_EVERY_S = float(os.environ.get("TASYNC_SOAK_FAULT_EVERY_S", "180"))
+DEDUP_WINDOW_S = os.environ.get("TASYNC_SOAK_DEDUP_WINDOW_S", "300")
 SAMPLE_EVERY_S = 5.0
 #: Memory before this share of the run is warm-up (imports, caches, SQLite pages, buffers).
 WARM_UP_SHARE = 0.25
-MB = 1 << 20
 
 
-class MemorySampler(threading.Thread):
-    """Samples each worker's RSS (MB) every ``SAMPLE_EVERY_S`` seconds until stopped."""
-
-    def __init__(self, net: ClusterNetwork) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self.net = net
-        self.stop_event = threading.Event()
-        self.t0 = time.monotonic()
-        self.samples: list[dict[str, Any]] = []
-
-    def run(self) -> None:
-        procs = {name: psutil.Process(pid) for name, pid in self.net.first_pids.items()}
-        while not self.stop_event.wait(SAMPLE_EVERY_S):
-            row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 1)}
-            for name, proc in procs.items():
-                try:
-                    row[name] = round(proc.memory_info().rss / MB, 2)
-                except psutil.Error:
-                    row[name] = None
-            self.samples.append(row)
-
-
-def summarize(samples: list[dict[str, Any]], names: list[str], warm_s: float) -> dict[str, Any]:
-    """Per worker: RSS at the end of warm-up and at the end, peak, least-squares slope after."""
-    summary = {}
-    for name in names:
-        points = [(s["t"], s[name]) for s in samples if s.get(name) is not None]
-        after = [(t, v) for t, v in points if t >= warm_s] or points
-        n = len(after)
-        mean_t = sum(t for t, _ in after) / n
-        mean_v = sum(v for _, v in after) / n
-        var = sum((t - mean_t) ** 2 for t, _ in after) or 1.0
-        slope = sum((t - mean_t) * (v - mean_v) for t, v in after) / var
-        summary[name] = {"warm_mb": after[0][1], "end_mb": after[-1][1],
-                         "peak_mb": max(v for _, v in points),
-                         "slope_mb_per_min": round(slope * 60, 3)}
-    return summary
+def free_port() -> int:
+    """A TCP port nothing listens on now (the worker binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 Fault = tuple[str, Callable[[], None], Callable[[], None]]
@@ -135,12 +111,16 @@ def test_soak(cluster_net: ClusterNetwork, request: pytest.FixtureRequest) -> No
     if "soak" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the soak runs only when selected by marker: -m soak")
     net = cluster_net
+    net.env["TASYNC_DEDUP_WINDOW_S"] = DEDUP_WINDOW_S
+    ports = {name: free_port() for name in ("a", "b", "c")}
+    for name, port in ports.items():
+        net.extra_args[name] = ("--metrics-port", str(port))
     net.start_trio()
     load = Load(net, change_rate=CHANGE_RATE, alert_rate=ALERT_RATE / 2, change_via="library",
                 pool=200)
     run = FaultRun(net, load, fault=f"soak {DURATION_S / 60:.0f} min, faults every "
                                    f"{FAULT_EVERY_S / 60:g} min", test="test_soak")
-    sampler = MemorySampler(net)
+    sampler = MemorySampler(net.first_pids, ports, every_s=SAMPLE_EVERY_S)
     sampler.start()
     run.begin()
     faults: list[dict[str, Any]] = []
@@ -165,11 +145,13 @@ def test_soak(cluster_net: ClusterNetwork, request: pytest.FixtureRequest) -> No
     sampler.stop_event.set()
     sampler.join()
     warm_s = DURATION_S * WARM_UP_SHARE
-    data = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "duration_s": DURATION_S, "alert_rate": ALERT_RATE, "change_rate": CHANGE_RATE,
-            "warm_s": warm_s, "workers": sorted(net.first_pids), "faults": faults,
-            "samples": sampler.samples,
-            "summary": summarize(sampler.samples, sorted(net.first_pids), warm_s)}
+    data: dict[str, Any] = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                            "duration_s": DURATION_S, "alert_rate": ALERT_RATE,
+                            "change_rate": CHANGE_RATE, "warm_s": warm_s,
+                            "dedup_window_s": float(DEDUP_WINDOW_S),
+                            "workers": sorted(net.first_pids), "faults": faults,
+                            "samples": sampler.samples,
+                            "summary": summarize(sampler.samples, sorted(net.first_pids), warm_s)}
     results.write_soak(data)
     row = run.finish(recover_s=max((f["recover_s"] for f in faults), default=None))
     data["row"] = row
