@@ -10,6 +10,7 @@ worker never needs a manual restart after a broker outage.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 from typing import Any
@@ -128,7 +129,12 @@ class ConsumerLoop:
             finally:
                 self.connected.clear()
                 close_quietly(self.conn)
-                self.conn = None
+                self.conn = self.channel = None
+            # A lost connection's py-amqp objects (connection, channels, transport, their
+            # callbacks) refer to each other: only the cycle collector frees them, and an idle
+            # worker may not run it for a long time (40 reconnects of an idle backup kept about
+            # 4 MB). A reconnect is rare and a collection costs milliseconds.
+            gc.collect()
             self.stop_event.wait(delay)
 
     def _drain_until_stopped(self) -> None:

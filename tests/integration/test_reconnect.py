@@ -8,6 +8,7 @@ one (with its socket and py-amqp objects) left behind for the garbage collector.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,3 +85,15 @@ def test_each_forced_close_costs_exactly_one_new_connection(
     # One connection to start with and one per forced close: closing the broken connection
     # must not open another (py-amqp's ``transport`` property reconnects a closed connection).
     assert len(connects) == ROUNDS + 1
+
+
+def test_a_lost_connection_is_freed_at_once(probe: Probe, broker_admin: BrokerAdmin,
+                                            vhost: str) -> None:
+    """Its objects refer to each other; the loop collects them rather than leave them waiting."""
+    wait_for(lambda: probe.subscribed == 1 and probe.connected.is_set(), what="subscribed")
+    assert probe.conn is not None
+    lost = weakref.ref(probe.conn.connection)  # the py-amqp connection under kombu's
+    pid = wait_for(lambda: probe_connection(broker_admin, vhost), what="connection listed")
+    broker_admin.rabbitmqctl("close_connection", pid, "forced close (test)")
+    wait_for(lambda: probe.subscribed == 2 and probe.connected.is_set(), what="resubscribed")
+    assert lost() is None
