@@ -5,8 +5,10 @@ and manual acks; ``x-stream-offset`` takes ``first``, ``last``, ``next``, an int
 timestamp; offsets have gaps; a stream error closes the whole connection, so each read uses a
 connection of its own and ends by closing it rather than cancelling a consumer with a backlog.
 A stream has no end marker over AMQP 0-9-1: a read ends when the caller says so (it reached its
-target seq), or after the stream has been quiet for ``idle_s``. Besides change batches the log
-holds the epoch marks of promotions (``broker.epochs``), in order with the changes.
+target seq), or after the stream has been quiet for ``idle_s``. A master that writes more often
+than that keeps a stream from ever being quiet, so a read that only wants the log as it stood
+(``log_head``) also ends at an offset or a while after its first message. Besides change
+batches the log holds the epoch marks of promotions (``broker.epochs``), in order with the changes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from broker.settings import Settings
 log = logging.getLogger("tasync.sync")
 
 Offset = str | int | dt.datetime
+#: How long the head query's read of the log's newest chunk goes on after its first entry.
+HEAD_READ_S = 2.0
 
 
 class UnfillableGap(TasyncError):
@@ -50,6 +54,8 @@ class StreamRead:
     max_epoch: int = 0
     refused: int = 0
     marks: list[EpochMark] = field(default_factory=list)
+    #: The stream offset of the last entry seen (RabbitMQ's ``x-stream-offset`` header).
+    last_offset: int | None = None
 
     def record(self, item: ChangeBatch | EpochMark) -> None:
         """Count one entry of the log."""
@@ -73,7 +79,8 @@ def _decode_entry(body: bytes, settings: Settings) -> ChangeBatch | EpochMark:
 def read_changelog(settings: Settings, *, offset: Offset,
                    on_batch: Callable[[ChangeBatch], bool], idle_s: float = 1.0,
                    prefetch: int = 200,
-                   on_mark: Callable[[EpochMark], bool] | None = None) -> StreamRead:
+                   on_mark: Callable[[EpochMark], bool] | None = None,
+                   until_offset: int | None = None, max_s: float | None = None) -> StreamRead:
     """Hand every valid batch from ``offset`` on to ``on_batch`` until done.
 
     Args:
@@ -83,12 +90,15 @@ def read_changelog(settings: Settings, *, offset: Offset,
         idle_s: end after this long without a message (the end of the stream).
         prefetch: messages in flight; the stream protocol requires a limit.
         on_mark: called for each epoch mark; returning False ends the read.
+        until_offset: end after the entry at this stream offset (or a later one).
+        max_s: end this long after the first entry arrived, even if more keep coming.
 
     Returns:
         The summary of the read. Invalid messages are counted and skipped: the stream is the
         master's own output, already validated, so such a message is logged, not quarantined.
     """
     result = StreamRead()
+    first_at: float | None = None
     conn = connect(settings, name="tasync-changelog-reader")
     try:
         channel = conn.channel()
@@ -96,10 +106,15 @@ def read_changelog(settings: Settings, *, offset: Offset,
         done = False
 
         def on_message(message: amqp.Message) -> None:
-            nonlocal done
+            nonlocal done, first_at
             channel.basic_ack(message.delivery_tag)
             if done:
                 return
+            first_at = first_at or time.monotonic()
+            position = (message.headers or {}).get("x-stream-offset")
+            if isinstance(position, int):
+                result.last_offset = position
+                done = until_offset is not None and position >= until_offset
             try:
                 item = _decode_entry(message_body(message), settings)
             except MessageError as exc:
@@ -108,9 +123,9 @@ def read_changelog(settings: Settings, *, offset: Offset,
                 return
             result.record(item)
             if isinstance(item, EpochMark):
-                done = on_mark is not None and not on_mark(item)
+                done = (on_mark is not None and not on_mark(item)) or done
             else:
-                done = not on_batch(item)
+                done = not on_batch(item) or done
 
         channel.basic_consume(topology.CHANGELOG_STREAM, no_ack=False, callback=on_message,
                               arguments={"x-stream-offset": _offset_arg(offset)})
@@ -120,9 +135,12 @@ def read_changelog(settings: Settings, *, offset: Offset,
             with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=0.1)
             count = result.batches + result.refused + len(result.marks)
+            now = time.monotonic()
+            if max_s is not None and first_at is not None and now - first_at > max_s:
+                break
             if count != seen:
-                seen, quiet_since = count, time.monotonic()
-            elif time.monotonic() - quiet_since > idle_s:
+                seen, quiet_since = count, now
+            elif now - quiet_since > idle_s:
                 break
     finally:
         close_quietly(conn)
@@ -165,16 +183,22 @@ def log_head(settings: Settings, history: EpochHistory) -> tuple[int, EpochHisto
     Legitimate seqs only grow along the log, so its newest chunk usually answers, by its last
     legitimate batch or a promotion's mark (whose base is the head until the new master
     changes something). When that chunk holds nothing legitimate (a stale master published
-    last) or an epoch whose mark it lacks, the whole log is read. ``(0, history)`` when the
-    log does not exist yet.
+    last) or an epoch whose mark it lacks, the whole log is read, up to where the first read
+    ended. Neither read waits for a busy log to fall quiet: the first ends ``HEAD_READ_S``
+    after its first entry (what comes later is newer still), the second at the first's last
+    offset. ``(0, history)`` when the log does not exist yet.
     """
+    scan = _HeadScan(history)
+    until: int | None = None
     for offset, idle_s in (("last", 0.5), ("first", 1.0)):
         scan = _HeadScan(history)
         try:
-            read_changelog(settings, offset=offset, on_batch=scan.batch, on_mark=scan.mark,
-                           idle_s=idle_s)
+            read = read_changelog(settings, offset=offset, on_batch=scan.batch,
+                                  on_mark=scan.mark, idle_s=idle_s, until_offset=until,
+                                  max_s=HEAD_READ_S if until is None else None)
         except amqp.exceptions.NotFound:
             return 0, history
         if not scan.unsure and (scan.found or not scan.seen):
             break
+        until = read.last_offset
     return scan.seq, scan.history
