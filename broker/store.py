@@ -254,11 +254,8 @@ class NodeStore:
             self._db.executemany(_INSERT_CHANGE, rows)
         except sqlite3.IntegrityError:  # a replay of seqs this node holds: rewrite them
             self._db.executemany(_REPLACE_CHANGE, rows)
-        if all(c.op == "set" for c in changes):  # an import or a catch-up: a single run
-            self._db.execute(_SETS_FROM_CHANGES, (changes[0].seq, changes[-1].seq))
-            return
         for is_set, run in itertools.groupby(changes, key=lambda c: c.op == "set"):
-            seqs = [c.seq for c in run]
+            seqs = [c.seq for c in run]  # an import or a catch-up is a single run
             self._db.execute(_SETS_FROM_CHANGES if is_set else _DELETES_FROM_CHANGES,
                              (seqs[0], seqs[-1]))
 

@@ -188,7 +188,6 @@ def log_head(settings: Settings, history: EpochHistory) -> tuple[int, EpochHisto
     after its first entry (what comes later is newer still), the second at the first's last
     offset. ``(0, history)`` when the log does not exist yet.
     """
-    scan = _HeadScan(history)
     until: int | None = None
     for offset, idle_s in (("last", 0.5), ("first", 1.0)):
         scan = _HeadScan(history)
