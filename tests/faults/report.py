@@ -141,14 +141,15 @@ def plot_soak(data: dict[str, Any], path: Path = PLOT) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [("rss", "RSS (MB)")]
     pools = any(s.get("mem") for s in data["samples"])
-    panels = [("rss", "RSS (MB)"), *((key, label + (" (thousands)" if key == "py_blocks"
-                                                     else " (MB)"))
-                                     for key, label in POOLS.items())] if pools else [
-        ("rss", "RSS (MB)")]
-    rows = (len(panels) + 1) // 2
-    fig, axes = plt.subplots(rows, 2 if pools else 1, figsize=(11, 3 * rows + 0.8) if pools
-                             else (9, 4.5), squeeze=False, sharex=True)
+    if pools:  # runs that sampled the memory gauges get a panel per pool
+        panels += [(key, f"{label} ({'thousands' if key == 'py_blocks' else 'MB'})")
+                   for key, label in POOLS.items()]
+    cols = 2 if pools else 1
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3 * rows + 0.8) if pools else (9, 4.5),
+                             squeeze=False, sharex=True)
     flat = list(axes.flat)
     for ax, (key, label) in zip(flat, panels, strict=False):
         for name in data["workers"]:

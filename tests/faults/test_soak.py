@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +45,7 @@ from tests.faults.test_cluster_faults import (
     wait_publishers_blocked,
 )
 from tests.harness.rabbit_cluster import DEFAULT_DISK_FREE_LIMIT
+from tests.harness.rabbit_env import free_ports
 from tests.waiting import wait_for
 
 DURATION_S = float(os.environ.get("TASYNC_SOAK_SECONDS", "1200"))
@@ -56,13 +56,6 @@ DEDUP_WINDOW_S = os.environ.get("TASYNC_SOAK_DEDUP_WINDOW_S", "300")
 SAMPLE_EVERY_S = 5.0
 #: Memory before this share of the run is warm-up (imports, caches, SQLite pages, buffers).
 WARM_UP_SHARE = 0.25
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the worker binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 Fault = tuple[str, Callable[[], None], Callable[[], None]]
@@ -112,7 +105,7 @@ def test_soak(cluster_net: ClusterNetwork, request: pytest.FixtureRequest) -> No
         pytest.skip("the soak runs only when selected by marker: -m soak")
     net = cluster_net
     net.env["TASYNC_DEDUP_WINDOW_S"] = DEDUP_WINDOW_S
-    ports = {name: free_port() for name in ("a", "b", "c")}
+    ports = dict(zip(("a", "b", "c"), free_ports(3), strict=True))
     for name, port in ports.items():
         net.extra_args[name] = ("--metrics-port", str(port))
     net.start_trio()
