@@ -10,8 +10,11 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      +-- BrokerUnreachable      no broker URL answered (exit 3)
      +-- PublishError           the broker nacked or did not confirm in time (exit 1)
      +-- RemoteError            another node answered a request with an error (exit 1)
+     +-- ImportIncomplete       an import's parts did not all reach the master (resent)
+     +-- ConnectionLost         the broker connection broke in the middle of a command (exit 3)
      +-- NoAnswer               nobody answered a request in time (exit 1)
      +-- FencedError            a change carries a stale epoch (rejected, audited)
+     |    +-- SeatLost          the master lost the broker's master seat (no commit reported)
 
 ``ExitCode`` holds the command-line contract of design section 6.
 """
@@ -67,7 +70,36 @@ class PublishError(TasyncError):
 
 
 class RemoteError(TasyncError):
-    """Another node answered a request with an error, which is carried in the message."""
+    """Another node answered a request with an error, which is carried in the message.
+
+    Attributes:
+        error_type: the class name of the error on the answering node (``ValidationError``).
+        data: what the node sent with it: ``errors`` (field -> messages) and the like.
+    """
+
+    def __init__(self, message: str, *, error_type: str | None = None,
+                 data: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.data = data or {}
+
+
+class ImportIncomplete(TasyncError):
+    """The master does not hold every part of an import (it restarted, or another took over).
+
+    Attributes:
+        data: ``{"missing": [part, ...]}``, the parts the client has to send again.
+    """
+
+    def __init__(self, message: str, *, missing: list[int]) -> None:
+        super().__init__(message)
+        self.data = {"missing": missing}
+
+
+class ConnectionLost(TasyncError):
+    """The connection to the broker broke in the middle of a command (exit 3)."""
+
+    exit_code = ExitCode.BROKER_UNREACHABLE
 
 
 class NoAnswer(TasyncError):
@@ -76,3 +108,12 @@ class NoAnswer(TasyncError):
 
 class FencedError(TasyncError):
     """A change or request carries an epoch older than the one this node knows."""
+
+
+class SeatLost(FencedError):
+    """This node does not (or no longer) hold the master's seat on the broker (``broker.seat``).
+
+    A change is reported committed only while its master holds the seat, so a master that
+    lost it refuses to commit, and a commit caught by the loss is answered with this error,
+    never with "committed".
+    """

@@ -23,10 +23,20 @@ import msgspec
 
 from broker import messages
 from broker.errors import MessageError
-from broker.messages import OPS, SCHEMA_VERSION, Change, ChangeBatch
+from broker.messages import (
+    MAX_BATCH_REQUESTS,
+    MAX_REQUEST_ID_CHARS,
+    OPS,
+    SCHEMA_VERSION,
+    Change,
+    ChangeBatch,
+)
 
 MAX_CHANGES = 100_000
 _OPS = frozenset(OPS)
+
+
+_RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID_CHARS)]
 
 
 class _WireBatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -37,6 +47,8 @@ class _WireBatch(msgspec.Struct, forbid_unknown_fields=True):
     epoch: Annotated[int, msgspec.Meta(ge=1)]
     origin: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     changes: Annotated[list[Change], msgspec.Meta(min_length=1, max_length=MAX_CHANGES)]
+    requests: Annotated[list[tuple[_RequestId, Annotated[int, msgspec.Meta(ge=1)]]],
+                        msgspec.Meta(max_length=MAX_BATCH_REQUESTS)] = []
 
 
 _read_batch = msgspec.json.Decoder(_WireBatch).decode
@@ -55,7 +67,8 @@ def _batch(body: bytes) -> ChangeBatch | None:
     for seq, change in enumerate(changes, changes[0].seq):
         if change.seq != seq or change.epoch != epoch or change.op not in _OPS:
             return None
-    return ChangeBatch(epoch=epoch, origin=wire.origin, changes=tuple(changes))
+    return ChangeBatch(epoch=epoch, origin=wire.origin, changes=tuple(changes),
+                       requests=tuple((r, f) for r, f in wire.requests))
 
 
 def decode_entry(body: bytes, *, max_bytes: int) -> Any:

@@ -20,6 +20,14 @@ from broker.errors import ValidationError as TasyncValidationError
 from broker.topology import NODE_NAME_RE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}\Z")
+#: C0 and C1 control characters and DEL: never part of a URL, a subject or a name, and a NUL or
+#: a line break in one would reach every node and fail at every delivery.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Nesting deeper than any kind's schema (a schedule's windows are three levels down) is
+#: refused before a schema sees it, so hostile input cannot exhaust the recursion limit.
+MAX_BODY_DEPTH = 8
+#: How much of a refused value an error message quotes.
+QUOTE_CHARS = 40
 URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 HHMM_RE = re.compile(r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]\Z|^24:00\Z")
@@ -115,10 +123,23 @@ KINDS = tuple(SCHEMAS)
 DEPENDENCY_ORDER = {"node": 0, "schedule": 1, "destination": 2, "group": 3, "route": 4}
 
 
+def quote(value: object) -> str:
+    """``repr`` of a value for an error message, cut to ``QUOTE_CHARS`` characters.
+
+    Refused input can be huge or hostile: a message quotes a short prefix and says how long
+    the value was, so the error stays one readable line.
+    """
+    text = repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    return f"{text[:QUOTE_CHARS]}... ({size})"
+
+
 def check_kind(kind: str) -> str:
     """Return ``kind`` if tasync knows it, else raise a validation error listing the kinds."""
     if kind not in SCHEMAS:
-        raise TasyncValidationError(f"unknown kind {kind!r}; kinds are: {', '.join(KINDS)}")
+        raise TasyncValidationError(f"unknown kind {quote(kind)}; kinds are: {', '.join(KINDS)}")
     return kind
 
 
@@ -126,8 +147,36 @@ def check_name(kind: str, name: str) -> str:
     """Return ``name`` if it may name an object of ``kind``."""
     pattern = NODE_NAME_RE if kind == "node" else NAME_RE
     if not isinstance(name, str) or not pattern.fullmatch(name):
-        raise TasyncValidationError(f"invalid {kind} name {name!r}")
+        raise TasyncValidationError(f"invalid {kind} name {quote(name)}")
     return name
+
+
+def check_plain(where: str, value: Any) -> None:
+    """Refuse control characters in every string of ``value`` and nesting past the limit.
+
+    Iterative, so a value nested thousands deep is refused, not a ``RecursionError``.
+
+    Raises:
+        ValidationError: naming the field path and the character.
+    """
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]
+    while stack:
+        path, item, depth = stack.pop()
+        if depth > MAX_BODY_DEPTH:
+            raise TasyncValidationError(f"{where}: nested more than {MAX_BODY_DEPTH} levels deep")
+        if isinstance(item, str):
+            bad = CONTROL_RE.search(item)
+            if bad is not None:
+                field = f" {path.lstrip('.')}" if path else ""
+                raise TasyncValidationError(
+                    f"{where}:{field} contains a control character (U+{ord(bad.group()):04X}) "
+                    f"at position {bad.start()}")
+        elif isinstance(item, Mapping):
+            for key, sub in item.items():
+                stack.append((f"{path}.{quote(key)} (a key)", key, depth + 1))
+                stack.append((f"{path}.{key}", sub, depth + 1))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{path}[{i}]", sub, depth + 1) for i, sub in enumerate(item))
 
 
 def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,6 +185,7 @@ def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
     check_name(kind, name)
     if not isinstance(body, Mapping):
         raise TasyncValidationError(f"{kind} {name}: the body must be a JSON object")
+    check_plain(f"{kind} {name}", body)
     fast = _fast_destination(body) if kind == "destination" else None
     if fast is not None:
         return fast

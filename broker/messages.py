@@ -41,13 +41,25 @@ class Change(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     body: dict[str, Any] | None = None
 
 
+#: Most request ids one batch may name, and the longest id (``ChangeBatch.requests``).
+MAX_BATCH_REQUESTS = 1000
+MAX_REQUEST_ID_CHARS = 128
+
+
 @dataclass(frozen=True, kw_only=True)
 class ChangeBatch:
-    """Consecutive changes that travel in one message; each keeps its own seq."""
+    """Consecutive changes that travel in one message; each keeps its own seq.
+
+    ``requests`` names the client requests whose last change is this batch's last change, each
+    with the seq of its first change, so every node learns which requests were committed (a
+    client asking again after a lost answer is answered from that record rather than
+    committing twice).
+    """
 
     epoch: int
     origin: str
     changes: tuple[Change, ...]
+    requests: tuple[tuple[str, int], ...] = ()
 
     @property
     def first_seq(self) -> int:
@@ -111,6 +123,10 @@ class ChangeBatchSchema(_Strict):
     origin = fields.String(required=True, validate=validate.Length(min=1, max=64))
     changes = fields.List(fields.Nested(ChangeSchema), required=True,
                           validate=validate.Length(min=1, max=100_000))
+    requests = fields.List(
+        fields.Tuple((fields.String(validate=validate.Length(min=1, max=MAX_REQUEST_ID_CHARS)),
+                      fields.Integer(strict=True, validate=validate.Range(min=1)))),
+        load_default=list, validate=validate.Length(max=MAX_BATCH_REQUESTS))
 
     @post_load
     def _make(self, data: dict[str, Any], **_: Any) -> ChangeBatch:
@@ -120,7 +136,8 @@ class ChangeBatchSchema(_Strict):
                 raise ValidationError(f"seq {nxt.seq} does not follow {prev.seq}", "changes")
         if any(c.epoch != data["epoch"] for c in changes):
             raise ValidationError("a change's epoch differs from its batch's", "changes")
-        return ChangeBatch(epoch=data["epoch"], origin=data["origin"], changes=changes)
+        return ChangeBatch(epoch=data["epoch"], origin=data["origin"], changes=changes,
+                           requests=tuple((str(r), int(f)) for r, f in data["requests"]))
 
 
 class RequestSchema(_Strict):
@@ -186,9 +203,12 @@ def to_dict(message: Any) -> dict[str, Any]:
     # The bulk paths build the same dict without asdict's deep copies: a change batch holds
     # 1,000 bodies, an import request 1,000 objects, a snapshot reply the whole configuration.
     if type(message) is ChangeBatch:
-        return {"v": SCHEMA_VERSION, "type": type_name, "epoch": message.epoch,
-                "origin": message.origin,
-                "changes": [change_to_dict(c) for c in message.changes]}
+        batch = {"v": SCHEMA_VERSION, "type": type_name, "epoch": message.epoch,
+                 "origin": message.origin,
+                 "changes": [change_to_dict(c) for c in message.changes]}
+        if message.requests:
+            batch["requests"] = [list(r) for r in message.requests]
+        return batch
     if type(message) is Request:
         return {"v": SCHEMA_VERSION, "type": type_name, "op": message.op,
                 "sender": message.sender, "args": message.args}

@@ -17,7 +17,8 @@ each operation needs was measured on RabbitMQ 3.10.8 and shapes every expression
 * A publish whose ``user_id`` property is not the connection's user is refused by the broker
   (``PRECONDITION_FAILED``): that property is the identity receivers check.
 
-Resulting guarantees: only master-capable node users can write to ``tasync.config``; a backup's
+Resulting guarantees: only master-capable node users can write to ``tasync.config`` and take
+the master's seat (an exclusive queue, which needs *configure*); a backup's
 user reads only its own sync and control queues, the alert queues of precedence lists that name
 it, the change-log and host-list streams; it may bind its control queue to ``all`` and
 ``node.<itself>`` but not to ``master``, so it cannot receive what is meant for the master
@@ -136,8 +137,10 @@ def node_permissions(node: str, *, master_capable: bool) -> Permissions:
            alert_queues_of(node)]
     writable = [_name(DEFAULT_EXCHANGE), _name(topology.CONTROL_EXCHANGE),
                 _name(topology.DEAD_LETTER_EXCHANGE), *own]
+    configurable = list(own)
     if master_capable:
         writable.insert(0, _name(topology.CONFIG_EXCHANGE))
+        configurable.append(_name(topology.MASTER_SEAT))  # only it may take the master's seat
     readable = [_name(topology.CONFIG_EXCHANGE), _name(topology.CONTROL_EXCHANGE),
                 _name(topology.ALERTS_EXCHANGE), _name(topology.CHANGELOG_STREAM),
                 _name(topology.HOSTLISTS_QUEUE), *own]
@@ -151,7 +154,7 @@ def node_permissions(node: str, *, master_capable: bool) -> Permissions:
     sends = [_name(topology.MASTER), _name(topology.ALL), peer_key]
     control = TopicPermission(topology.CONTROL_EXCHANGE, write=_one_of(*sends),
                               read=_one_of(*binds))
-    return Permissions(configure=_one_of(*own), write=_one_of(*writable),
+    return Permissions(configure=_one_of(*configurable), write=_one_of(*writable),
                        read=_one_of(*readable), topics=(control,), tags=ROLE_TAGS["node"])
 
 

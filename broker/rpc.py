@@ -77,21 +77,33 @@ class RpcClient:
         )
         self._sent_at.setdefault(corr, time.monotonic())
 
-    def check_routed(self, corr: str, routing_key: str, body: bytes, *, ttl_s: float) -> None:
-        """Resend a returned request to one node within the grace; else raise ``NoAnswer``."""
+    def check_routed(self, corr: str, routing_key: str, body: bytes, *, ttl_s: float,
+                     grace_s: float | None = None) -> None:
+        """Resend a returned request within its grace; else raise ``NoAnswer``.
+
+        The grace is how long "nobody is bound for this key" is taken as a passing state:
+        ``NODE_UNROUTED_GRACE_S`` for one node (it may be reconnecting), none for the master
+        or every node, unless the caller gives one (an idempotent request that waits for a
+        master to come back).
+        """
         if corr not in self._returned:
             return
         self._returned.discard(corr)
         first = self._sent_at.get(corr, 0.0)
-        if (routing_key in (topology.MASTER, topology.ALL)
-                or time.monotonic() - first >= NODE_UNROUTED_GRACE_S):
+        if grace_s is None:
+            grace_s = 0.0 if routing_key in (topology.MASTER, topology.ALL) \
+                else NODE_UNROUTED_GRACE_S
+        if time.monotonic() - first >= grace_s:
             raise NoAnswer(f"no running node answers to {routing_key!r}")
         time.sleep(_RESEND_INTERVAL_S)
         self.send(corr, routing_key, body, ttl_s=ttl_s)
 
     def call(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
-             timeout_s: float, expect: int | None = 1) -> list[Reply]:
+             timeout_s: float, expect: int | None = 1, resend_s: float | None = None,
+             unrouted_grace_s: float | None = None) -> list[Reply]:
         """Send one request and return the replies that came in time.
+
+        The connection's heartbeats are kept while waiting, however long the wait.
 
         Args:
             routing_key: ``topology.MASTER``, ``topology.ALL`` or ``topology.node_key(n)``.
@@ -99,6 +111,10 @@ class RpcClient:
             args: request arguments.
             timeout_s: how long to wait in all.
             expect: return as soon as this many replies arrived; ``None`` waits the full time.
+            resend_s: send the request again this often while no reply came (only for
+                requests that are idempotent by their request id: a node that was stopped,
+                or whose queue vanished with its connection, gets another copy).
+            unrouted_grace_s: see ``check_routed``.
 
         Raises:
             NoAnswer: nobody is subscribed to ``routing_key`` or nobody answered in time.
@@ -107,15 +123,25 @@ class RpcClient:
         self._replies[corr] = []
         body = messages.encode(Request(op=op, sender=self.sender, args=args or {}))
         self.send(corr, routing_key, body, ttl_s=timeout_s)
-        deadline = time.monotonic() + timeout_s
+        now = time.monotonic()
+        deadline = now + timeout_s
+        sent_at = now
+        routed = False  # a copy reached a queue: a node had the key, so wait for it to return
         try:
-            while time.monotonic() < deadline:
-                self.check_routed(corr, routing_key, body, ttl_s=timeout_s)
+            while now < deadline:
+                self.check_routed(corr, routing_key, body, ttl_s=deadline - now,
+                                  grace_s=deadline - now if routed else unrouted_grace_s)
                 if expect is not None and len(self._replies[corr]) >= expect:
                     break
-                wait_s = min(0.25, max(0.01, deadline - time.monotonic()))
+                if resend_s is not None and now - sent_at >= resend_s:
+                    routed = True  # not returned in all that time: it was routed
+                    self.send(corr, routing_key, body, ttl_s=deadline - now)
+                    sent_at = now
+                wait_s = min(0.25, max(0.01, deadline - now))
                 with contextlib.suppress(TimeoutError):
                     self.conn.drain_events(timeout=wait_s)
+                self.conn.heartbeat_check()
+                now = time.monotonic()
             replies = self._replies[corr]
         finally:
             self.forget(corr)
@@ -130,11 +156,14 @@ class RpcClient:
         self._sent_at.pop(corr, None)
 
     def call_one(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
-                 timeout_s: float) -> dict[str, Any]:
+                 timeout_s: float, resend_s: float | None = None,
+                 unrouted_grace_s: float | None = None) -> dict[str, Any]:
         """Send a request to one node and return its data, raising ``RemoteError`` on failure."""
-        reply = self.call(routing_key, op, args, timeout_s=timeout_s, expect=1)[0]
+        reply = self.call(routing_key, op, args, timeout_s=timeout_s, expect=1,
+                          resend_s=resend_s, unrouted_grace_s=unrouted_grace_s)[0]
         if not reply.ok:
-            raise RemoteError(reply.error or f"{reply.node} failed without a reason")
+            raise RemoteError(reply.error or f"{reply.node} failed without a reason",
+                              error_type=reply.error_type, data=reply.data)
         return reply.data
 
 

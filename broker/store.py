@@ -41,7 +41,39 @@ CREATE TABLE IF NOT EXISTS changes (
     published INTEGER NOT NULL DEFAULT 1);
 CREATE INDEX IF NOT EXISTS changes_unpublished ON changes (published) WHERE published = 0;
 DROP INDEX IF EXISTS changes_ts;
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS staged (
+    import_id TEXT NOT NULL, part INTEGER NOT NULL, parts INTEGER NOT NULL, ops TEXT NOT NULL,
+    ts REAL NOT NULL, PRIMARY KEY (import_id, part)) WITHOUT ROWID;
 """
+#: Committed request ids are kept this long: a client asks again within seconds or minutes.
+REQUESTS_KEEP_S = 7 * 86400.0
+
+
+class StoreDamaged(TasyncError):
+    """``node.db`` cannot be read as a database (overwritten, truncated mid-page, not SQLite)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} is unreadable: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class CommittedRequest:
+    """A client request the network committed: its id and the seqs it became."""
+
+    request_id: str
+    first_seq: int
+    last_seq: int
+    epoch: int
+
+    @property
+    def count(self) -> int:
+        """How many changes the request committed."""
+        return self.last_seq - self.first_seq + 1
 
 
 class GapError(TasyncError):
@@ -114,13 +146,33 @@ def canonical(body: Any) -> str:
 class NodeStore:
     """Thread-safe access to one node's SQLite file; every method is one short transaction."""
 
-    def __init__(self, data_dir: Path | str, *, durable: bool = True) -> None:
+    def __init__(self, data_dir: Path | str, *, durable: bool = True,
+                 verify: bool = False) -> None:
+        """Open (or create) the store.
+
+        Args:
+            data_dir: the node's data directory.
+            durable: ``synchronous=FULL`` (the master's outbox) rather than ``NORMAL``.
+            verify: also read every page once (``PRAGMA quick_check``): a worker does this at
+                start, so damage is found before the node acts on its state, not mid-apply.
+
+        Raises:
+            StoreDamaged: the file is not a readable SQLite database.
+        """
         self.path = Path(data_dir) / DB_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._db.executescript(_SCHEMA)
+            if verify:
+                verdict = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if verdict != "ok":
+                    raise sqlite3.DatabaseError(str(verdict))
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreDamaged(self.path, str(exc).splitlines()[0][:200]) from None
         self.lock = threading.RLock()
         self._checksum: str | None = None
         #: How long the last checksum took, and the seq it was computed at: callers that would
@@ -224,17 +276,99 @@ class NodeStore:
                 })
             if history is not None:
                 self._set_history_locked(history)
+            if batch.requests and fresh:
+                self._record_requests([(r, first, batch.last_seq, batch.epoch)
+                                       for r, first in batch.requests])
         return ApplyResult(len(fresh), len(batch.changes) - len(todo),
                            max(last, batch.last_seq), reapplied=len(todo) - len(fresh))
 
-    def commit(self, changes: list[Change]) -> None:
-        """The master's transactional outbox: objects, history and unpublished rows at once."""
+    def commit(self, changes: list[Change], *, request_id: str | None = None,
+               staged: str | None = None) -> None:
+        """The master's transactional outbox: objects, history and unpublished rows at once.
+
+        Args:
+            changes: consecutive changes from the next seq on.
+            request_id: the client's request id, remembered with the seqs it became.
+            staged: an import whose staged parts these changes are: dropped in the same
+                transaction, so an import is either staged or committed, never both.
+        """
         with self.lock, self._tx():
             if changes and changes[0].seq != self.last_seq + 1:
                 raise GapError(self.last_seq + 1, changes[0].seq)
             self._write_changes(changes, published=0)
             if changes:
                 self._set_meta_locked({"last_seq": changes[-1].seq, "last_ts": changes[-1].ts})
+                if request_id is not None:
+                    self._record_requests([(request_id, changes[0].seq, changes[-1].seq,
+                                            changes[0].epoch)])
+            if staged is not None:
+                self._db.execute("DELETE FROM staged WHERE import_id=?", (staged,))
+
+    def _record_requests(self, rows: list[tuple[str, int, int, int]]) -> None:
+        now = time.time()
+        self._db.executemany("INSERT OR IGNORE INTO requests(id, first_seq, last_seq, epoch, ts) "
+                             "VALUES(?,?,?,?,?)", [(*row, now) for row in rows])
+        self._db.execute("DELETE FROM requests WHERE ts < ?", (now - REQUESTS_KEEP_S,))
+
+    def request(self, request_id: str) -> CommittedRequest | None:
+        """What a request id was committed as, if this node knows it committed."""
+        with self.lock:
+            row = self._db.execute("SELECT id, first_seq, last_seq, epoch FROM requests "
+                                   "WHERE id=?", (request_id,)).fetchone()
+        return None if row is None else CommittedRequest(*row)
+
+    def requests_ending_in(self, first_seq: int, last_seq: int) -> list[CommittedRequest]:
+        """Requests whose last change lies in ``first_seq..last_seq`` (an outbox being sent)."""
+        with self.lock:
+            rows = self._db.execute("SELECT id, first_seq, last_seq, epoch FROM requests "
+                                    "WHERE last_seq BETWEEN ? AND ?",
+                                    (first_seq, last_seq)).fetchall()
+        return [CommittedRequest(*row) for row in rows]
+
+    # -- staged imports -----------------------------------------------------------------------
+
+    def stage(self, import_id: str, part: int, parts: int, ops_json: str) -> list[int]:
+        """Keep one part of an import durably; returns the parts staged so far, in order.
+
+        A part sent again replaces itself; parts staged under another total are dropped,
+        because they belong to an attempt the client has given up.
+        """
+        now = time.time()
+        with self.lock, self._tx():
+            self._db.execute("DELETE FROM staged WHERE import_id=? AND parts<>?",
+                             (import_id, parts))
+            self._db.execute("INSERT OR REPLACE INTO staged(import_id, part, parts, ops, ts) "
+                             "VALUES(?,?,?,?,?)", (import_id, part, parts, ops_json, now))
+            return self._staged_parts(import_id)
+
+    def staged_parts(self, import_id: str) -> list[int]:
+        """The parts of an import staged so far, in order."""
+        with self.lock:
+            return self._staged_parts(import_id)
+
+    def _staged_parts(self, import_id: str) -> list[int]:
+        rows = self._db.execute("SELECT part FROM staged WHERE import_id=? ORDER BY part",
+                                (import_id,)).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def staged_ops(self, import_id: str) -> Iterator[str]:
+        """The staged parts' operations (JSON text), in part order."""
+        with self.lock:
+            rows = self._db.execute("SELECT ops FROM staged WHERE import_id=? ORDER BY part",
+                                    (import_id,)).fetchall()
+        for (ops,) in rows:
+            yield ops
+
+    def drop_staged(self, *, import_id: str | None = None, older_than_s: float | None = None
+                    ) -> None:
+        """Forget one import's parts, or every import untouched for ``older_than_s``."""
+        with self.lock:
+            if import_id is not None:
+                self._db.execute("DELETE FROM staged WHERE import_id=?", (import_id,))
+            if older_than_s is not None:
+                self._db.execute("DELETE FROM staged WHERE import_id IN (SELECT import_id FROM "
+                                 "staged GROUP BY import_id HAVING max(ts) < ?)",
+                                 (time.time() - older_than_s,))
 
     def _write_changes(self, changes: list[Change], *, published: int) -> None:
         """Write history rows, then bring the objects they touch up to date.

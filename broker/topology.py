@@ -38,6 +38,8 @@ DEAD_LETTER_EXCHANGE = "tasync.dead"
 DEAD_LETTER_QUEUE = "tasync.dead-letter"
 QUARANTINE_QUEUE = "tasync.quarantine"
 HOSTLISTS_QUEUE = "tasync.hostlists"
+#: The master's seat: an exclusive queue only one connection can hold (``broker.seat``).
+MASTER_SEAT = "tasync.master.seat"
 
 #: Control routing keys: every node binds ``ALL`` and ``node_key(name)``; the master also
 #: binds ``MASTER``.

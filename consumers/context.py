@@ -6,10 +6,12 @@ reach for globals and tests can build a context around a temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,34 @@ from broker.signing import KeyRing
 from broker.store import NodeStore
 
 STATUS_FILE = "status.json"
+
+
+class RequestProgress:
+    """Interim answers to the control request being handled, for handlers that run long.
+
+    The control server attaches the request's reply channel while a handler runs; a long
+    handler (a recovery, a promotion waiting for the seat) calls this object with
+    ``{"stage", "done", "total"}``, which both informs the asker and keeps the server's
+    connection alive. Outside a request, or when the asker wanted no progress, it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._sink: Callable[[dict[str, Any]], None] | None = None
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        """Send ``data`` to the attached request, if any."""
+        sink = self._sink
+        if sink is not None:
+            sink(data)
+
+    @contextlib.contextmanager
+    def attached(self, sink: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+        """Send progress to ``sink`` until the block ends."""
+        self._sink = sink
+        try:
+            yield
+        finally:
+            self._sink = None
 
 
 @dataclass(kw_only=True)
@@ -33,8 +63,10 @@ class NodeContext:
         store: the node's SQLite state.
         trail: the audit trail.
         keyring: the cluster key ring, or None when messages are not signed.
-        ready: set once the node has caught up (design guarantee 4).
+        ready: set once the node has caught up (it holds every change committed before it
+            started).
         started_at: when the process started (seconds since the epoch).
+        progress: interim answers to the control request being handled.
     """
 
     settings: Settings
@@ -45,6 +77,7 @@ class NodeContext:
     keyring: KeyRing | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     started_at: float = field(default_factory=time.time)
+    progress: RequestProgress = field(default_factory=RequestProgress)
 
     @property
     def role(self) -> str:

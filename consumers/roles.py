@@ -1,17 +1,29 @@
-"""Who is master: promotion with fencing, stepping down, and the requests recovery answers.
+"""Who is master: the seat, starting as master, promotion, stepping down, recovery requests.
 
-``tasync promote N`` asks N to take over. N first fences the current master, if one answers:
-that node steps down at once (it refuses changes from then on and unbinds ``master``) and says
-how far its confirmed changes go. N then drains every confirmed change from the change log,
-opens a new era ``(epoch + 1, its last seq, N)`` and publishes its epoch mark before it accepts
-a change. Every node learns the era from its own sync queue, in order with the changes; a
-master that missed the fence steps down when the mark reaches it; and whatever a replaced
-master numbered after the era's base is rejected everywhere (``broker.epochs``) and, on that
-master, kept in ``conflicts.json`` rather than lost (``consumers.recovery``).
+One master per epoch rests on two things every node checks (``broker.seat``, ``broker.epochs``):
 
-A node started with ``--role master`` looks before it publishes its outbox: when the network
-already runs a newer epoch, it steps down instead and keeps its unconfirmed changes as
-conflicts; they are never published.
+* **The seat.** A master holds the broker's master seat for as long as it acts as master, and
+  publishes its changes on the seat's connection. The broker gives the seat to one connection
+  at a time and takes it back when that connection ends (a crash, or a hung process whose
+  heartbeats stopped), so two nodes can never both be master, and a master that lost the seat
+  (it was stopped for a while, or cut off) finds out before it acts: it takes the seat back
+  only when nobody else took it and the change log shows no newer era, and steps down
+  otherwise.
+* **The era.** A master commits only in an era it owns: the newest era it knows must be its
+  own. ``--role master`` therefore means "may start as master when no era says otherwise": a
+  node whose store or change log says another node owns the newest era starts as a backup and
+  says why, whatever its command line.
+
+``tasync promote N`` makes N take the seat: at once when no master holds it; otherwise N asks
+the master to step down (it releases the seat) and, when the master does not answer (hung, cut
+off), waits for the broker to drop the master's connection. Concurrent promotions settle on
+whichever candidate the broker gives the seat; the others say so and stay backups. With the
+seat, N reads the change log to its end (everything the old master reported committed is
+there, because its confirms came on the seat's connection), drains it, opens a new era
+``(epoch + 1, its last seq, N)`` and publishes the era's mark before it accepts a change.
+Every node learns the era from its own sync queue, in order with the changes; whatever a
+replaced master numbered after the era's base is rejected everywhere and, on that master, kept
+in ``conflicts.json`` rather than lost (``consumers.recovery``).
 """
 
 from __future__ import annotations
@@ -21,17 +33,26 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from broker import topology
 from broker.connection import RECOVERABLE, describe
 from broker.epochs import EpochHistory, EpochMark, Era
-from broker.errors import BrokerUnreachable, ConfigError, NoAnswer, RemoteError, TasyncError
+from broker.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    NoAnswer,
+    RemoteError,
+    SeatLost,
+    TasyncError,
+)
+from broker.rpc import RpcClient
+from broker.seat import MasterSeat
 from broker.store import ApplyResult
 from broker.stream import UnfillableGap
 from consumers.admission import Admission
 from consumers.context import NodeContext
-from consumers.recovery import RecoveryReport
+from consumers.recovery import Progress, RecoveryReport
 from consumers.replay import Since, replay_into
 from consumers.sync import SyncConsumer
 from producers.relay import ChangeRelay
@@ -40,8 +61,19 @@ log = logging.getLogger("tasync.roles")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: Failures inside a request that become its error answer (``_answering``).
 _FAILURES: tuple[type[BaseException], ...] = (*RECOVERABLE, sqlite3.Error)
-#: How long a promotion waits for the current master to step down.
-FENCE_TIMEOUT_S = 30.0
+#: The broker could not be asked: a decision about the seat waits until it can be.
+_UNREACHABLE: tuple[type[BaseException], ...] = (BrokerUnreachable, *RECOVERABLE)
+#: Asking who the master is failed: nobody is known.
+_UNKNOWN: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
+#: How long a promotion waits for the seat when a master holds it, by default. It covers the
+#: broker noticing a hung master (about two seat heartbeats) with room to spare.
+SEAT_WAIT_S = 30.0
+#: How long the current master has to answer a promotion's request to step down. A live
+#: master answers within milliseconds; a silent one is hung or cut off, and the promotion
+#: then waits for the broker instead of for it.
+STEP_DOWN_ASK_S = 2.0
+#: How often a promotion waiting for the seat asks the broker again.
+SEAT_POLL_S = 0.2
 
 
 def _answering(op: str, handler: Handler) -> Handler:
@@ -62,30 +94,39 @@ def _answering(op: str, handler: Handler) -> Handler:
     return wrapped
 
 
-class ControlSeat(Protocol):
-    """What roles need from the control server (``tasync.control.ControlServer``)."""
-
-    relay: ChangeRelay | None
-
-    def role_changed(self) -> None:
-        """Rebind ``master`` by the stored role; drop the relay of a former master."""
-
-    def progress(self, data: dict[str, Any]) -> None:
-        """Send an interim answer to the request being handled."""
+def _name_of_master(rpc: RpcClient) -> str | None:
+    """The node that answers as master within a second, or None."""
+    try:
+        head = rpc.call_one(topology.MASTER, "head", timeout_s=1.0)
+    except (NoAnswer, RemoteError):
+        return None
+    return str(head.get("node") or "") or None
 
 
 class Roles:
-    """Promotion, step-down and the recovery requests of one node."""
+    """The seat, promotion, step-down and the recovery requests of one node.
 
-    def __init__(self, ctx: NodeContext, sync: SyncConsumer, seat: ControlSeat, *,
-                 admission: Admission | None = None) -> None:
+    Args:
+        ctx: the node context.
+        sync: the node's sync consumer (its lock serialises applying).
+        seat: the node's hold on the master's seat.
+        relay: commits and publishes when this node is the master.
+        admission: this node's allow-lists: a node its own tasync.hosts denies never becomes
+            master.
+    """
+
+    def __init__(self, ctx: NodeContext, sync: SyncConsumer, *, seat: MasterSeat,
+                 relay: ChangeRelay, admission: Admission | None = None) -> None:
         self.ctx = ctx
-        #: This node's allow-lists: a node its own tasync.hosts denies is never promoted.
         self.admission = admission or Admission()
         self.sync = sync
         self.seat = seat
+        self.relay = relay
+        self.progress: Progress = ctx.progress
         self.recovery = sync.recovery
         self.recovery.on_newer_epoch = self._on_newer_epoch
+        #: Serialises decisions about the seat (start, regain, promotion, step-down).
+        self._lock = threading.RLock()
 
     def handlers(self) -> dict[str, Handler]:
         """The control requests served here (``head`` and ``step_down`` on the master only)."""
@@ -97,42 +138,131 @@ class Roles:
         return {op: _answering(op, fn) for op, fn in handlers.items()}
 
     def status_extra(self) -> dict[str, Any]:
-        """``status`` fields: open conflicts kept by this node."""
-        return {"conflicts": len(self.recovery.conflicts.open_entries())}
+        """``status`` fields: open conflicts kept by this node, and whether it has the seat."""
+        return {"conflicts": len(self.recovery.conflicts.open_entries()),
+                "seat": self.seat.held}
 
-    # -- the master's start -------------------------------------------------------------------
+    # -- starting as master -------------------------------------------------------------------
 
     def start(self, stop: threading.Event) -> None:
-        """On a node started as master: step down when a newer epoch runs, else publish the outbox.
+        """On a node asked to start as master: take the seat and the era, or become a backup.
 
-        Called before the consumers start, so a replaced master never binds ``master`` nor
-        publishes a change the network has moved past; while the broker is unreachable it
-        waits (until ``stop``), because publishing unchecked could spread stale changes.
+        Called before the consumers start, so a node that may not be master never binds
+        ``master`` nor publishes anything. While the broker is unreachable it waits (until
+        ``stop``): deciding without the broker could make a second master.
         """
-        store = self.ctx.store
-        if not self.ctx.is_master:
-            return
-        while True:
+        while self.ctx.is_master:
             try:
-                self.check_epoch()
-                break
-            except BrokerUnreachable as exc:
-                log.warning("cannot check the network's epoch before serving as master: %s",
-                            exc)
+                self._claim()
+                return
+            except _UNREACHABLE as exc:
+                log.warning("cannot check the master's seat and the network's eras before "
+                            "serving as master: %s; retrying", describe(exc))
                 if stop.wait(2.0):
                     return
-        if not self.ctx.is_master:
-            return
-        if store.history.era(store.epoch) is None:
-            base = 0 if store.epoch <= 1 else store.last_seq
-            store.set_history(store.history.learn(Era(store.epoch, base, self.ctx.node)))
-        if self.seat.relay is not None:
-            self.seat.relay.publish_outbox()
 
-    def check_epoch(self) -> None:
-        """Learn the network's eras; a master that finds a newer epoch steps down here."""
-        view = self.recovery.network_view()
+    def _claim(self) -> None:
+        """Start as master if no era says otherwise (see the module docstring)."""
+        node, store = self.ctx.node, self.ctx.store
+        era = store.history.current
+        if era is not None and era.origin != node:
+            self._refuse(f"the newest era it knows is {era.origin}'s (epoch {era.epoch})",
+                         owner=era.origin)
+            return
+        if not self.seat.take():
+            holder = self._master_name()
+            self._refuse("another node holds the master's seat"
+                         + (f" ({holder} is the master)" if holder else ""), owner=holder)
+            return
+        try:
+            self._keep_era(catch_up=True)
+        except BaseException:
+            self.seat.release()
+            raise
+
+    def _keep_era(self, *, catch_up: bool) -> bool:
+        """With the seat: stay master if the change log's eras leave this node the newest one.
+
+        Reads the log's head and eras; a newer era of another node makes this node step down
+        (``_on_newer_epoch``). Else it opens the network's first era if there is none, catches
+        up with what the log holds beyond its store (a master whose data directory was lost),
+        and publishes its own unconfirmed changes. Returns whether it is still the master.
+        """
+        node, store = self.ctx.node, self.ctx.store
+        view = self.recovery.log_view()
         self.recovery.learn(view.history, reason="committed by a master that had been replaced")
+        era = store.history.current
+        if not self.ctx.is_master:
+            return False  # a newer era: stepped down while learning it
+        if era is not None and era.origin != node:
+            self.step_down(reason=f"the change log says {era.origin} owns epoch {era.epoch}",
+                           by=era.origin)
+            return False
+        if catch_up and view.seq > store.last_seq:
+            log.warning("the change log holds changes up to seq %d that this master's store "
+                        "lacks (from %d): catching up first", view.seq, store.last_seq)
+            self.recovery.catch_up(view.seq)
+        if era is None:
+            self._open_era(max(store.epoch, 1))
+        self.relay.publish_outbox()
+        return True
+
+    def _refuse(self, reason: str, *, owner: str | None) -> None:
+        """Start as a backup although asked to start as master, and say why."""
+        with self.ctx.store.lock:
+            self.ctx.store.set_meta(role="backup")
+        self.ctx.trail.event("master_refused", reason=reason, owner=owner)
+        log.warning("not starting as master: %s; running as a backup (promote it with "
+                    "`tasync promote %s` if it should take over)", reason, self.ctx.node)
+
+    def _master_name(self) -> str | None:
+        """The name of the node bound as master, if one answers at once."""
+        try:
+            with self.recovery.rpc() as rpc:
+                return _name_of_master(rpc)
+        except _UNKNOWN:
+            return None
+
+    # -- keeping the seat ---------------------------------------------------------------------
+
+    def keep_seat(self) -> bool:
+        """Before acting as master: check the seat, take it back if it was lost, or step down.
+
+        The control server calls this before it binds ``master`` and before every request
+        that only the master answers, so a master that was stopped or cut off never acts on
+        a request from before: it finds the seat gone and either takes it back (nobody else
+        took it, and the log shows no newer era) or steps down first.
+
+        Returns:
+            Whether this node is (still) the master.
+
+        Raises:
+            BrokerUnreachable, OSError, amqp errors: the broker could not be asked; the caller
+                retries once it can reach the broker again.
+        """
+        with self._lock:
+            if not self.ctx.is_master:
+                return False
+            if self.seat.held:
+                try:
+                    self.seat.check()
+                    return True
+                except SeatLost:
+                    pass
+            reason = self.seat.lost_reason or "the seat was lost"
+            if not self.seat.take():
+                self.step_down(reason=f"lost the master's seat ({reason}) and another node "
+                                      "holds it now", by=self._master_name())
+                return False
+            try:
+                kept = self._keep_era(catch_up=False)
+            except BaseException:
+                self.seat.release()
+                raise
+            if kept:
+                self.ctx.trail.event("seat_regained", reason=reason, epoch=self.ctx.store.epoch)
+                log.warning("took the master's seat back (%s)", reason)
+            return kept
 
     def _on_newer_epoch(self, history: EpochHistory) -> None:
         era = history.current
@@ -140,15 +270,16 @@ class Roles:
             self.step_down(reason=f"epoch {era.epoch} of {era.origin} is newer", by=era.origin)
 
     def step_down(self, *, reason: str, by: str | None = None) -> None:
-        """Become a backup: refuse changes from now on, unbind ``master``, drop the relay."""
+        """Become a backup: refuse changes from now on and give the seat up."""
         store = self.ctx.store
-        with store.lock:
-            store.set_meta(role="backup")
+        with self._lock:
+            with store.lock:
+                store.set_meta(role="backup")
+            self.seat.release()
         self.ctx.trail.event("stepped_down", reason=reason, by=by, epoch=store.epoch,
                              seq=store.last_seq, unconfirmed=len(store.unpublished()) or None)
         log.warning("stepped down to backup: %s", reason)
         self._changed()
-        self.seat.role_changed()
 
     def _changed(self) -> None:
         self.sync.on_applied(ApplyResult(0, 0, self.ctx.store.last_seq))
@@ -157,39 +288,42 @@ class Roles:
 
     def _promote(self, args: dict[str, Any]) -> dict[str, Any]:
         ctx, store = self.ctx, self.ctx.store
-        if ctx.is_master:
+        if ctx.is_master and self.keep_seat():
             return {"node": ctx.node, "epoch": store.epoch, "base_seq": store.last_seq,
-                    "already": True, "previous": None, "drained": 0}
+                    "already": True, "previous": None, "fenced": "free", "drained": 0,
+                    "waited_s": 0.0}
         self._check_may_be_master()
-        with self.sync.locked():
-            if store.diverged:
-                raise ConfigError(f"{ctx.node} holds changes the network never accepted; run "
-                                  f"tasync recover --node {ctx.node} first")
-            old = self._fence(float(args.get("fence_timeout_s") or FENCE_TIMEOUT_S))
-            view = self.recovery.network_view()
-            history = view.history
-            if old is not None:
-                history = history.merge(EpochHistory.from_list(old.get("eras", [])))
-            self.recovery.learn(history, reason="disowned by a newer epoch")
-            target = max(view.seq, int(old["seq"]) if old else 0)
-            try:
-                drained = self.recovery.catch_up(target, progress=self.seat.progress)
-            except UnfillableGap as exc:
-                raise ConfigError(f"{ctx.node} cannot drain every confirmed change ({exc}); "
-                                  f"run tasync recover --node {ctx.node} first") from None
-            epoch = max(store.epoch, store.history.max_epoch,
-                        int(old["epoch"]) if old else 0) + 1
-            history = store.history.learn(Era(epoch, store.last_seq, ctx.node))
-            self._open_era(epoch, history)
-        self.ctx.trail.event("promoted", epoch=epoch, base_seq=store.last_seq,
-                             previous=old["node"] if old else None, drained=drained)
+        if store.diverged:
+            raise ConfigError(f"{ctx.node} holds changes the network never accepted; run "
+                              f"tasync recover --node {ctx.node} first")
+        started = time.monotonic()
+        previous, fenced = self._take_seat(float(args.get("seat_wait_s") or SEAT_WAIT_S))
+        try:
+            with self.sync.locked():
+                view = self.recovery.log_view()
+                self.recovery.learn(view.history, reason="disowned by a newer epoch")
+                self.progress({"stage": "draining", "done": store.last_seq, "total": view.seq})
+                try:
+                    drained = self.recovery.catch_up(view.seq, progress=self.progress)
+                except UnfillableGap as exc:
+                    raise ConfigError(f"{ctx.node} cannot drain every confirmed change "
+                                      f"({exc}); run tasync recover --node {ctx.node} first"
+                                      ) from None
+                epoch = self._open_era(max(store.epoch, store.history.max_epoch) + 1)
+        except BaseException:
+            self.seat.release()
+            raise
+        ctx.trail.event("promoted", epoch=epoch, base_seq=store.last_seq, previous=previous,
+                        drained=drained)
         log.warning("promoted to master: epoch %d from seq %d", epoch, store.last_seq)
         self._changed()
+        self.relay.publish_outbox()  # its own committed rows the broker never confirmed, if any
         return {"node": ctx.node, "epoch": epoch, "base_seq": store.last_seq, "already": False,
-                "previous": old["node"] if old else None, "drained": drained}
+                "previous": previous, "fenced": fenced, "drained": drained,
+                "waited_s": round(time.monotonic() - started, 3)}
 
     def _check_may_be_master(self) -> None:
-        """Refuse, before fencing anyone, a promotion this node's tasync.hosts forbids.
+        """Refuse, before touching the seat, a promotion this node's tasync.hosts forbids.
 
         Promoting it anyway would step the current master down and then leave the network
         with a master whose changes every node that shares the list rejects.
@@ -200,57 +334,95 @@ class Roles:
             raise ConfigError(f"{self.ctx.node} may not act as master: {decision.reason} "
                               "(its tasync.hosts or --master); nothing was changed")
 
-    def _fence(self, timeout_s: float) -> dict[str, Any] | None:
-        """Ask the current master to step down; returns its head, or None when none runs.
+    def _take_seat(self, wait_s: float) -> tuple[str | None, str]:
+        """Take the seat for a promotion.
 
-        A master that is bound but silent (hung, or cut off while the broker still holds its
-        connection) stops the promotion: going ahead would make two masters. The broker drops
-        such a connection after two missed heartbeats, and a retry then finds no master.
+        Returns:
+            The master it replaces when that one answered, and how the seat was freed:
+            ``free`` (nobody held it), ``stepped_down`` (the master gave it up when asked) or
+            ``dropped`` (the master did not answer; the broker dropped its connection).
+
+        Raises:
+            ConfigError: another candidate became master meanwhile, or the seat stayed taken
+                for ``wait_s`` (nothing was changed).
         """
+        if self.seat.take():
+            return None, "free"
+        epoch_before = self.ctx.store.history.max_epoch
         started = time.monotonic()
-        try:
-            with self.recovery.rpc() as rpc:
-                head = rpc.call_one(topology.MASTER, "step_down",
-                                    {"by": self.ctx.node, "expires_at": time.time() + timeout_s},
-                                    timeout_s=timeout_s)
-            if head.get("ignored"):  # its clock is ahead of ours: it is still the master
-                raise ConfigError(f"the master {head.get('node')} refused to step down (its "
-                                  "clock says the request expired); check the clocks and retry")
-            return head
-        except NoAnswer:
-            if time.monotonic() - started < timeout_s:
-                return None  # returned at once: no node holds the master's binding
-            raise ConfigError(f"the current master did not answer within {timeout_s:g} s; "
-                              "it may be hung or cut off: stop it, or retry once the broker "
-                              "has dropped its connection") from None
-        except RemoteError as exc:
-            raise ConfigError(f"the current master did not step down: {exc}") from None
+        with self.recovery.rpc() as rpc:
+            previous = self._ask_master_to_step_down(rpc)
+            next_look = 0.0
+            while not self.seat.take():
+                waited = time.monotonic() - started
+                newer = self.ctx.store.history.current
+                if (newer is not None and newer.epoch > epoch_before
+                        and newer.origin != self.ctx.node):
+                    raise ConfigError(f"{newer.origin} became the master meanwhile (epoch "
+                                      f"{newer.epoch}); {self.ctx.node} stays a backup")
+                if waited >= next_look:  # who answers as master now? (a concurrent winner)
+                    next_look = waited + 1.0
+                    holder = _name_of_master(rpc)
+                    if holder is not None and holder not in (previous, self.ctx.node):
+                        raise ConfigError(f"{holder} took the master's seat first; "
+                                          f"{self.ctx.node} stays a backup")
+                if waited > wait_s:
+                    raise ConfigError(f"the master's seat was still held after {wait_s:g} s: "
+                                      "the master neither stepped down nor lost its "
+                                      "connection; nothing was changed")
+                self.progress({"stage": "waiting for the master's seat",
+                               "done": round(waited, 1), "total": wait_s})
+                time.sleep(SEAT_POLL_S)
+        return previous, "stepped_down" if previous else "dropped"
 
-    def _open_era(self, epoch: int, history: EpochHistory) -> None:
-        """Publish the epoch mark, then take the master's seat (nothing changes if it fails)."""
+    def _ask_master_to_step_down(self, rpc: RpcClient) -> str | None:
+        """Ask the current master to step down; its name when it did, None when silent.
+
+        The request expires quickly: a master that was hung and resumes much later must not
+        act on it (it finds its seat gone instead, ``keep_seat``).
+        """
+        known = self.ctx.store.history.max_epoch
+        try:
+            head = rpc.call_one(topology.MASTER, "step_down",
+                                {"by": self.ctx.node, "epoch": known,
+                                 "expires_at": time.time() + STEP_DOWN_ASK_S},
+                                timeout_s=STEP_DOWN_ASK_S)
+        except (NoAnswer, RemoteError) as exc:
+            self.progress({"stage": "the master does not answer (hung or cut off): waiting "
+                                    "for the broker to drop its connection",
+                           "done": 0, "total": 0})
+            log.warning("the master did not step down (%s); waiting for the broker to free "
+                        "its seat", exc)
+            return None
+        if head.get("ignored") and int(head.get("epoch", 0)) > known:
+            raise ConfigError(f"{head.get('node')} became the master meanwhile (epoch "
+                              f"{head.get('epoch')}); {self.ctx.node} stays a backup")
+        return str(head.get("node") or "") or None
+
+    def _open_era(self, epoch: int) -> int:
+        """Publish a new era's mark on the seat's connection, then take the master's role."""
         store = self.ctx.store
-        relay = ChangeRelay(self.ctx.settings, store, node=self.ctx.node, keyring=self.ctx.keyring)
+        history = store.history.learn(Era(epoch, store.last_seq, self.ctx.node))
         mark = EpochMark(epoch=epoch, base_seq=store.last_seq, origin=self.ctx.node,
                          ts=time.time(), eras=tuple(
                              (e.epoch, e.base, e.origin) for e in history.eras))
-        try:
-            relay.publish_mark(mark)
-        except BaseException:
-            relay.close()
-            raise
+        self.relay.publish_mark(mark)
         with store.lock:
             store.set_history(history)
             store.set_meta(role="master")
-        if self.seat.relay is not None:
-            self.seat.relay.close()
-        self.seat.relay = relay
-        self.seat.role_changed()
-        relay.publish_outbox()  # its own committed rows the broker never confirmed, if any
+        self.ctx.trail.event("era_opened", epoch=epoch, base_seq=store.last_seq)
+        return epoch
 
     def _step_down(self, args: dict[str, Any]) -> dict[str, Any]:
         by = str(args.get("by") or "") or None
+        if int(args.get("epoch") or 0) < self.ctx.store.epoch:
+            # Asked by a candidate that looked before this node's own promotion: two
+            # promotions at once, and this one won. The other one stops.
+            self.ctx.trail.event("step_down_ignored", by=by, reason="asked about an older epoch")
+            return {**self._head({}), "ignored": True}
         if time.time() > float(args.get("expires_at") or "inf"):
-            # The promotion that asked gave up long ago (this node was hung): stay master.
+            # The promotion that asked gave up long ago (this node was hung): it does not
+            # act on it; if it lost its seat meanwhile, keep_seat already settled that.
             self.ctx.trail.event("step_down_ignored", by=by, reason="expired request")
             return {**self._head({}), "ignored": True}
         self.step_down(reason=f"{by} is being promoted" if by else "asked to", by=by)
@@ -287,7 +459,7 @@ class Roles:
 
     def _recover(self, args: dict[str, Any]) -> dict[str, Any]:
         ctx, store = self.ctx, self.ctx.store
-        if ctx.is_master:
+        if ctx.is_master and self.keep_seat():
             report = RecoveryReport(node=ctx.node, before_seq=store.last_seq,
                                     after_seq=store.last_seq, target_seq=store.last_seq,
                                     note=f"{ctx.node} is the master: its state is the reference")
@@ -295,7 +467,7 @@ class Roles:
             source = args.get("source")
             report = self.recovery.recover(source=str(source) if source else None,
                                            snapshot=bool(args.get("snapshot")),
-                                           progress=self.seat.progress, reason="request")
+                                           progress=self.progress, reason="request")
         return {**report.to_dict(), "role": ctx.role, "epoch": store.epoch,
                 "seq": store.last_seq, "checksum": store.checksum(),
                 "conflicts": self.recovery.conflicts.open_entries(),
@@ -305,7 +477,7 @@ class Roles:
         if self.ctx.is_master:
             raise ConfigError(f"{self.ctx.node} is the master: the change log is its own "
                               "output, there is nothing to replay into it")
-        return replay_into(self.recovery, Since.from_args(args), progress=self.seat.progress)
+        return replay_into(self.recovery, Since.from_args(args), progress=self.progress)
 
     def _conflicts(self, _args: dict[str, Any]) -> dict[str, Any]:
         return {"node": self.ctx.node, "conflicts": self.recovery.conflicts.entries(),

@@ -7,10 +7,17 @@ queue and the change-log stream at once) and returns only after the broker confi
 between commit and confirm leaves the rows unpublished; ``publish_outbox`` at start sends them
 again, and backups skip what they already have by seq.
 
-A relay commits only while its node is the master: after a step-down (``consumers.roles``) a
-late request is refused inside the same lock that guards the commit, so no change can be
-numbered in an epoch the node no longer owns. A promotion's epoch mark goes out through the
-same confirmed, signed path as the changes (``publish_mark``).
+A relay commits only while its node is the master of the newest era it knows and holds the
+master's seat on the broker (``broker.seat``): the store's role, the era and a round trip to the
+broker are checked inside the same lock that guards the commit, so no change is numbered in an
+epoch the node does not own, and none is reported committed unless the broker confirmed it on
+the seat's connection. A promotion's epoch mark goes out through the same confirmed, signed
+path as the changes (``publish_mark``).
+
+Every request may carry an id. The master keeps the ids it committed, with the seqs they
+became, and the batches carry them to every backup: a client that lost its answer asks again
+with the same id and gets the first result instead of a second commit, whichever node is the
+master by then.
 """
 
 from __future__ import annotations
@@ -21,17 +28,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kombu import Connection
-
 from broker import messages, topology
-from broker.connection import close_quietly, ensure
 from broker.epochs import EpochMark
 from broker.errors import FencedError
 from broker.messages import Change, ChangeBatch
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
+from broker.publisher import Outgoing
+from broker.seat import MasterSeat
 from broker.signing import SIGNATURE_HEADER, KeyRing
-from broker.store import NodeStore
+from broker.store import CommittedRequest, NodeStore
 from producers.changes import Op, check_references
 
 log = logging.getLogger("tasync.relay")
@@ -45,12 +49,21 @@ FAILPOINT_ENV = "TASYNC_FAILPOINT"
 
 @dataclass(frozen=True)
 class Committed:
-    """What a ``submit`` committed and the broker confirmed."""
+    """What a ``submit`` committed and the broker confirmed.
+
+    ``repeated`` is set when the request id had been committed before: nothing new was.
+    """
 
     first_seq: int
     last_seq: int
     count: int
     epoch: int
+    repeated: bool = False
+
+    @classmethod
+    def from_request(cls, done: CommittedRequest) -> Committed:
+        """The answer a request id got the first time it was committed."""
+        return cls(done.first_seq, done.last_seq, done.count, done.epoch, repeated=True)
 
 
 def batch_messages(batches: Iterable[ChangeBatch], keyring: KeyRing | None) -> list[Outgoing]:
@@ -104,6 +117,22 @@ def _encoded(changes: list[Change], parts: list[bytes]) -> tuple[ChangeBatch, by
     return batch, head[:-1] + b',"changes":[' + b",".join(parts) + b"]}"
 
 
+def with_requests(encoded: list[tuple[ChangeBatch, bytes]],
+                  requests: tuple[tuple[str, int], ...]) -> list[tuple[ChangeBatch, bytes]]:
+    """The same batches, the last one also naming the request ids its last change completes.
+
+    Backups record them, so a later master can answer a client that asks again after a
+    promotion (``NodeStore.request``).
+    """
+    if not requests or not encoded:
+        return encoded
+    batch, body = encoded[-1]
+    last = ChangeBatch(epoch=batch.epoch, origin=batch.origin, changes=batch.changes,
+                       requests=requests)
+    tail = messages.encode_value([list(r) for r in requests])
+    return [*encoded[:-1], (last, body[:-1] + b',"requests":' + tail + b"}")]
+
+
 def chunk(changes: list[Change], *, max_changes: int, max_bytes: int) -> list[ChangeBatch]:
     """Split consecutive changes into batches under both limits; each keeps its own seq."""
     return [batch for batch, _ in encoded_chunks(changes, max_changes=max_changes,
@@ -115,91 +144,109 @@ def _batch(changes: list[Change]) -> ChangeBatch:
 
 
 class ChangeRelay:
-    """Owns the master's publisher connection; used from one thread (the control server's).
+    """Commits and publishes the master's changes; used from one thread (the control server's).
 
     Args:
-        settings: broker settings (batch limits, confirm timeout).
         store: the master's store, opened with ``durable=True``.
         node: the master's node name, the ``origin`` of every change.
+        seat: the master's seat; changes are published on its connection.
         keyring: signs every batch when set.
+        batch_max_changes: changes per replication message.
+        batch_max_bytes: upper bound of one replication message's body.
     """
 
-    def __init__(self, settings: Settings, store: NodeStore, *, node: str,
-                 keyring: KeyRing | None = None) -> None:
-        self.settings = settings
+    def __init__(self, store: NodeStore, *, node: str, seat: MasterSeat,
+                 keyring: KeyRing | None = None, batch_max_changes: int = 1000,
+                 batch_max_bytes: int = 1 << 20) -> None:
         self.store = store
         self.node = node
+        self.seat = seat
         self.keyring = keyring
-        self._conn: Connection | None = None
-        self._publisher: ConfirmedPublisher | None = None
-
-    def close(self) -> None:
-        """Close the publisher connection."""
-        close_quietly(self._conn)
-        self._conn = self._publisher = None
-
-    def heartbeat(self) -> None:
-        """Keep the idle publisher connection alive between changes."""
-        if self._conn is not None:
-            try:
-                self._conn.heartbeat_check()
-            except Exception:
-                self.close()
+        self.batch_max_changes = batch_max_changes
+        self.batch_max_bytes = batch_max_bytes
 
     def _publish(self, encoded: list[tuple[ChangeBatch, bytes]]) -> None:
-        self._send([_message(batch, body, self.keyring) for batch, body in encoded])
+        self.seat.publish([_message(batch, body, self.keyring) for batch, body in encoded])
         self.store.mark_published(encoded[-1][0].last_seq)
 
     def publish_mark(self, mark: EpochMark) -> None:
         """Publish a promotion's epoch mark with confirms, signed like the changes."""
-        self._send([_signed(messages.encode(mark), {"tasync-type": "epoch", "epoch": mark.epoch},
-                            self.keyring)])
-
-    def _send(self, outgoing: list[Outgoing]) -> None:
-        def send(conn: Connection) -> int:
-            if self._publisher is None or self._publisher.conn is not conn:
-                self._publisher = ConfirmedPublisher(
-                    conn, timeout_s=self.settings.confirm_timeout_s)
-            return self._publisher.publish_many(outgoing)
-
-        try:
-            _, self._conn = ensure(self.settings, send, name=f"tasync-relay-{self.node}",
-                                   conn=self._conn)
-        except BaseException:
-            self.close()
-            raise
+        self.seat.publish([_signed(messages.encode(mark),
+                                   {"tasync-type": "epoch", "epoch": mark.epoch}, self.keyring)])
 
     def publish_outbox(self) -> int:
-        """Publish every committed but unconfirmed change, in seq order; returns how many."""
+        """Publish every committed but unconfirmed change, in seq order; returns how many.
+
+        The request ids those changes complete go with them, so a backup knows them too.
+        """
         pending = self.store.unpublished()
         if pending:
             log.info("publishing %d unconfirmed changes from the outbox (seq %d..%d)",
                      len(pending), pending[0].seq, pending[-1].seq)
+            requests = self.store.requests_ending_in(pending[0].seq, pending[-1].seq)
             by_epoch: dict[int, list[Change]] = {}
             for change in pending:
                 by_epoch.setdefault(change.epoch, []).append(change)
             for group in by_epoch.values():
-                self._publish(self._chunk(group))
+                self._publish_group(group, [r for r in requests
+                                            if group[0].seq <= r.last_seq <= group[-1].seq])
         return len(pending)
 
-    def _chunk(self, changes: list[Change]) -> list[tuple[ChangeBatch, bytes]]:
-        return encoded_chunks(changes, max_changes=self.settings.batch_max_changes,
-                              max_bytes=self.settings.batch_max_bytes)
+    def _publish_group(self, changes: list[Change], requests: list[CommittedRequest]) -> None:
+        """Publish consecutive changes, each request id on the batch holding its last change."""
+        tagged: list[tuple[ChangeBatch, bytes]] = []
+        for batch, body in self._chunk(changes):
+            ids = tuple((r.request_id, r.first_seq) for r in requests
+                        if batch.first_seq <= r.last_seq <= batch.last_seq)
+            tagged += with_requests([(batch, body)], ids)
+        self._publish(tagged)
 
-    def submit(self, parsed: list[Op]) -> Committed:
+    def _chunk(self, changes: list[Change]) -> list[tuple[ChangeBatch, bytes]]:
+        return encoded_chunks(changes, max_changes=self.batch_max_changes,
+                              max_bytes=self.batch_max_bytes)
+
+    def check_may_commit(self) -> None:
+        """Refuse unless this node is the master of the newest era it knows, with the seat.
+
+        Raises:
+            FencedError: the store says backup, or the newest era is another node's.
+            SeatLost: the broker no longer holds the seat for this node.
+        """
+        store = self.store
+        if store.get_meta("role") != "master":
+            raise FencedError(f"{self.node} is no longer the master (epoch {store.epoch}); "
+                              "send changes to the current master")
+        era = store.history.current
+        if era is None or era.origin != self.node or era.epoch != store.epoch:
+            owner = f"{era.origin}'s epoch {era.epoch}" if era else "no era"
+            raise FencedError(f"{self.node} does not own the newest era ({owner}); it refuses "
+                              "to commit")
+        self.seat.check()
+
+    def submit(self, parsed: list[Op], *, request_id: str | None = None,
+               staged: str | None = None) -> Committed:
         """Check references, commit and publish operations; returns once the broker confirmed.
 
         ``parsed`` comes from ``producers.changes.parse_ops``, which checked each body's schema.
+        A ``request_id`` committed before returns that first result and commits nothing.
+        ``staged`` names an import whose staged parts the commit drops in its transaction.
 
         Raises:
             ValidationError: nothing was committed.
-            BrokerUnreachable, PublishError: committed locally but not confirmed; the rows stay
-                in the outbox and are published when the broker is back.
+            FencedError, SeatLost: this node may not commit; nothing was committed.
+            SeatLost: committed locally, then the seat was lost before the broker confirmed:
+                the change is not reported; it reaches the network only if this node keeps
+                (or regains) the seat, else it becomes a conflict of this node.
+            PublishError: committed locally but not confirmed; the rows stay in the outbox.
         """
         with self.store.lock:
-            if self.store.get_meta("role") != "master":
-                raise FencedError(f"{self.node} is no longer the master (epoch "
-                                  f"{self.store.epoch}); send changes to the current master")
+            done = self.store.request(request_id) if request_id else None
+            if done is not None:
+                if done.last_seq > self.store.published_seq:
+                    self.check_may_commit()
+                    self.publish_outbox()
+                return Committed.from_request(done)
+            self.check_may_commit()
             ops = check_references(self.store, parsed)
             epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
             changes = [
@@ -207,7 +254,7 @@ class ChangeRelay:
                        kind=o.kind, name=o.name, body=o.body)
                 for i, o in enumerate(ops)
             ]
-            self.store.commit(changes)
+            self.store.commit(changes, request_id=request_id, staged=staged)
         if not changes:
             return Committed(seq, seq, 0, epoch)
         if os.environ.get(FAILPOINT_ENV) == "before-publish":
@@ -216,7 +263,9 @@ class ChangeRelay:
         if self.store.published_seq == changes[0].seq - 1:
             # The outbox holds exactly these changes: publish them from memory rather than
             # reading 100,000 rows back and decoding their bodies again.
-            self._publish(self._chunk(changes))
+            this = [] if request_id is None else [CommittedRequest(
+                request_id, changes[0].seq, changes[-1].seq, epoch)]
+            self._publish_group(changes, this)
         else:
             self.publish_outbox()  # older rows are still unconfirmed: they go first, in order
         log.info("committed seq %d..%d (%d changes)", changes[0].seq, changes[-1].seq,

@@ -16,11 +16,12 @@ from typing import Any
 
 import click
 
-from broker import kinds, topology
-from broker.errors import ConfigError, NoAnswer, ValidationError
+from broker import kinds
+from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError, ValidationError
+from broker.rpc import RpcClient
 from broker.settings import Settings
 from broker.store import NodeStore
-from tasync.client import gather_status, rpc_client, target_key
+from tasync.client import MasterSession, gather_status, rpc_client, target_key
 from tasync.config_files import load_import_file, objects_to_ops
 from tasync.options import (
     broker_option,
@@ -35,18 +36,33 @@ KIND_CHOICE = click.Choice(list(kinds.KINDS))
 IMPORT_PART = 1000
 
 
+class ImportMismatch(TasyncError):
+    """What the master committed differs from the import file (exit 1)."""
+
+
 @click.group()
 def config() -> None:
     """Change the master's configuration, or look at what a node holds."""
 
 
+#: Largest ``--json`` body: an object's fields, not a bulk load (that is ``config import``).
+MAX_JSON_OPTION_BYTES = 1 << 20
+
+
 def _body_from_options(kind: str, body_json: str | None, fields: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if body_json:
+        if len(body_json.encode()) > MAX_JSON_OPTION_BYTES:
+            raise ConfigError(f"--json is larger than {MAX_JSON_OPTION_BYTES >> 10} KiB; use "
+                              "tasync config import FILE for bulk loads")
         try:
             body = json.loads(body_json)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--json is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError("--json is nested too deeply to be an object's fields") from None
+        except ValueError as exc:  # an integer of more than 4,300 digits
+            raise ConfigError(f"--json is not valid JSON: {str(exc)[:120]}") from None
         if not isinstance(body, dict):
             raise ConfigError("--json must be a JSON object")
     for key, value in fields.items():
@@ -57,15 +73,44 @@ def _body_from_options(kind: str, body_json: str | None, fields: dict[str, Any])
 
 def _commit(settings: Settings, ops: list[dict[str, Any]], *, wait_applied: bool,
             timeout_s: float) -> dict[str, Any]:
-    with rpc_client(settings) as rpc:
-        try:
-            result = rpc.call_one(topology.MASTER, "commit", {"ops": ops},
-                                  timeout_s=max(timeout_s, settings.confirm_timeout_s))
-        except NoAnswer as exc:
-            raise NoAnswer(f"{exc} (is a node running with --role master?)") from None
-        if wait_applied and result["count"]:
+    """Commit ``ops`` on the master exactly once, across a lost connection or a restart."""
+    request_id = uuid.uuid4().hex
+    session = MasterSession(settings, timeout_s=max(timeout_s, settings.confirm_timeout_s))
+
+    def step(rpc: RpcClient, resumed: bool) -> dict[str, Any]:
+        if resumed:
+            known = _committed(session, rpc, request_id)
+            if known is not None:
+                return known
+        return session.call(rpc, "commit", {"ops": ops, "request_id": request_id})
+
+    result = _no_master_hint(session, step)
+    if wait_applied and result["count"]:
+        with rpc_client(settings) as rpc:
             _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s)
     return result
+
+
+def _no_master_hint(session: MasterSession, step: Any) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = session.run(step)
+    except NoAnswer as exc:
+        if session.resumed or session.answered:
+            raise NoAnswer(f"{exc}; the change may or may not have been committed: check "
+                           "with tasync config show") from None
+        raise NoAnswer(f"{exc} (is a node running with --role master?)") from None
+    return result
+
+
+def _committed(session: MasterSession, rpc: RpcClient, request_id: str) -> dict[str, Any] | None:
+    """The result of an earlier attempt of this request, once the broker confirmed it."""
+    while True:
+        status = session.call(rpc, "request", {"request_id": request_id})
+        if status["state"] != "committed":
+            return None
+        if status["confirmed"]:
+            return {**status, "repeated": True}
+        time.sleep(0.2)  # committed, not yet confirmed: the master is publishing it
 
 
 def _wait_applied(rpc: Any, seq: int, *, timeout_s: float) -> None:
@@ -163,24 +208,91 @@ def config_import(*, file: Path, wait_applied: bool, timeout_s: float, as_json: 
     """
     ops = objects_to_ops(load_import_file(file))
     settings = make_settings(broker_url)
-    import_id = uuid.uuid4().hex
-    parts = [ops[i:i + IMPORT_PART] for i in range(0, len(ops), IMPORT_PART)] or [[]]
     show = sys.stderr.isatty() and not as_json
-    with rpc_client(settings) as rpc, _progress(len(ops), show) as advance:
-        result: dict[str, Any] = {}
-        for index, part in enumerate(parts):
-            final = index == len(parts) - 1
-            result = rpc.call_one(topology.MASTER, "import",
-                                  {"import_id": import_id, "ops": part, "final": final},
-                                  timeout_s=timeout_s)
-            advance(len(part))
-        if wait_applied and result.get("count"):
+    with _progress(len(ops), show) as shown:
+        result = _import(settings, ops, timeout_s=timeout_s, shown=shown)
+    _check_import(result, ops)
+    if wait_applied and result.get("count"):
+        with rpc_client(settings) as rpc:
             _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s)
     _report(result, f"imported {len(ops)} objects from {file.name}", as_json)
 
 
+def _import(settings: Settings, ops: list[dict[str, Any]], *, timeout_s: float,
+            shown: Any) -> dict[str, Any]:
+    """Send ``ops`` in parts, then have the master commit them all at once (``_Import``)."""
+    session = MasterSession(settings, timeout_s=timeout_s)
+    return _no_master_hint(session, _Import(session, ops, shown).step)
+
+
+class _Import:
+    """One import's parts, sent to the master and committed there in one transaction.
+
+    The master stages each part durably. After a lost connection ``step`` first asks what it
+    holds: the import already committed (done), some parts staged (send the rest), or nothing
+    (the master changed, or dropped the parts: send everything again). The commit is refused
+    unless every part is there, so the import is applied whole or not at all.
+    """
+
+    def __init__(self, session: MasterSession, ops: list[dict[str, Any]], shown: Any) -> None:
+        self.session = session
+        self.ops = ops
+        self.shown = shown
+        self.import_id = uuid.uuid4().hex
+        self.parts = [ops[i:i + IMPORT_PART] for i in range(0, len(ops), IMPORT_PART)] or [[]]
+
+    def step(self, rpc: RpcClient, resumed: bool) -> dict[str, Any]:
+        """Send what the master lacks, then commit; see the class docstring."""
+        have: set[int] = set()
+        if resumed:
+            status = self.session.call(rpc, "request", {"request_id": self.import_id})
+            known = _committed(self.session, rpc, self.import_id) \
+                if status["state"] == "committed" else None
+            if known is not None:
+                return {**known, "ops": len(self.ops)}
+            if status["state"] == "staged":
+                have = set(status["staged"])
+            else:
+                click.echo("tasync: the master holds no part of this import (it changed or "
+                           "restarted without them); sending it again from the start", err=True)
+        self._send(rpc, [i for i in range(len(self.parts)) if i not in have], have)
+        while True:
+            try:
+                return self.session.call(rpc, "import_commit", {
+                    "import_id": self.import_id, "parts": len(self.parts), "ops": len(self.ops)})
+            except RemoteError as exc:
+                if exc.error_type != "ImportIncomplete":
+                    raise
+                missing = [int(str(i)) for i in exc.data.get("missing") or []]  # type: ignore[attr-defined]
+                click.echo(f"tasync: {exc}; sending those parts again", err=True)
+                self._send(rpc, missing, have - set(missing))
+
+    def _send(self, rpc: RpcClient, todo: list[int], have: set[int]) -> None:
+        for index in todo:
+            self.session.call(rpc, "import", {"import_id": self.import_id, "part": index,
+                                              "parts": len(self.parts), "ops": self.parts[index]})
+            have.add(index)
+            self.shown(sum(len(self.parts[i]) for i in have))
+
+
+def _check_import(result: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """Fail unless the master committed what the file holds (never report a part as whole)."""
+    received = result.get("ops")
+    if received != len(ops):
+        raise ImportMismatch(f"the master received {received} of the file's {len(ops)} "
+                             "operations; the import is not complete")
+    if all(op["op"] == "set" for op in ops):
+        expected = len({(op["kind"], op["name"]) for op in ops})
+        if result.get("count") != expected:
+            raise ImportMismatch(f"the master committed {result.get('count')} changes for the "
+                                 f"file's {expected} objects")
+
+
 class _progress:
-    """A rich progress bar on a terminal; nothing when piped or with ``--json``."""
+    """A rich progress bar on a terminal; nothing when piped or with ``--json``.
+
+    Entering gives a function that sets how many operations the master holds so far.
+    """
 
     def __init__(self, total: int, show: bool) -> None:
         self.total, self.show = total, show
@@ -194,7 +306,7 @@ class _progress:
         self._bar = Progress(transient=True)
         self._bar.start()
         task = self._bar.add_task("sending", total=self.total)
-        return lambda n: self._bar.advance(task, n)
+        return lambda n: self._bar.update(task, completed=n)
 
     def __exit__(self, *_: object) -> None:
         if self._bar is not None:

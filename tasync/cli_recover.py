@@ -17,7 +17,7 @@ import click
 from broker import topology
 from broker.errors import NoAnswer, RemoteError, TasyncError
 from consumers.conflicts import as_op
-from consumers.roles import FENCE_TIMEOUT_S
+from consumers.roles import SEAT_WAIT_S
 from tasync.client import gather_status
 from tasync.options import (
     broker_option,
@@ -206,11 +206,13 @@ def _wait_epoch(rpc: ProgressRpc, epoch: int, *, timeout_s: float) -> tuple[list
 def promote(*, node: str, timeout_s: float, as_json: bool, broker_url: str) -> None:
     """Make NODE the master (epoch + 1) once it has drained every confirmed change.
 
-    The current master, if it is alive, steps down first and refuses changes from then on;
-    NODE then applies every change the broker confirmed, opens a new epoch and announces it
-    to every node through the change stream. Changes a replaced master makes later carry the
-    old epoch and are rejected everywhere; its unconfirmed ones are kept in its
-    conflicts.json (see tasync recover).
+    NODE takes the broker's master seat, which only one node holds at a time: the current
+    master, if it answers, steps down and gives it up; if it does not answer (hung, cut off),
+    NODE waits for the broker to drop its connection (a few seconds). NODE then applies every
+    change the broker confirmed, opens a new epoch and announces it to every node through the
+    change stream. A replaced master that comes back finds its seat gone and stays a backup;
+    its unconfirmed changes are kept in its conflicts.json (see tasync recover). Of two
+    promotions at once, one wins; the other says so and changes nothing.
 
     \b
     Examples:
@@ -219,9 +221,9 @@ def promote(*, node: str, timeout_s: float, as_json: bool, broker_url: str) -> N
     """
     settings = make_settings(broker_url)
     with progress_rpc(settings) as rpc, ProgressBar(not as_json, f"promoting {node}") as bar:
-        fence_s = min(FENCE_TIMEOUT_S, timeout_s / 2)  # leaves time to drain and answer
-        result = ask_node(rpc, node, "promote", {"fence_timeout_s": fence_s}, timeout_s=timeout_s,
-                      bar=bar)
+        seat_s = min(SEAT_WAIT_S, timeout_s / 2)  # leaves time to drain and answer
+        result = ask_node(rpc, node, "promote", {"seat_wait_s": seat_s}, timeout_s=timeout_s,
+                          bar=bar)
         knowing, behind = _wait_epoch(rpc, int(result["epoch"]), timeout_s=min(timeout_s, 15.0))
     result = {**result, "nodes_at_epoch": knowing, "nodes_behind": behind}
     if as_json:
@@ -230,8 +232,12 @@ def promote(*, node: str, timeout_s: float, as_json: bool, broker_url: str) -> N
     if result["already"]:
         click.echo(f"{node} already is the master (epoch {result['epoch']})")
         return
-    previous = f"; {result['previous']} stepped down" if result["previous"] else \
-        "; no master was running"
+    previous = {
+        "stepped_down": f"; {result['previous']} stepped down",
+        "dropped": f"; the old master did not answer (hung or cut off): the broker dropped its "
+                   f"connection after {result.get('waited_s', 0):.1f} s, and it stays a backup "
+                   "if it comes back",
+    }.get(str(result.get("fenced")), "; no master was running")
     click.echo(f"{node} is the master now: epoch {result['epoch']} from seq "
                f"{result['base_seq']:,} (drained {result['drained']:,} changes){previous}")
     click.echo(f"nodes at epoch {result['epoch']}: {', '.join(knowing) or 'none'}")

@@ -10,18 +10,26 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import click
 
 from broker import topology
-from broker.connection import close_quietly, connect
-from broker.errors import NoAnswer
+from broker.connection import RECOVERABLE, close_quietly, connect, describe
+from broker.errors import BrokerUnreachable, ConnectionLost, NoAnswer
 from broker.rpc import RpcClient
 from broker.settings import Settings
 
 Client = TypeVar("Client", bound=RpcClient)
+T = TypeVar("T")
+#: What ends a session's connection: it connects again and resumes.
+_LOST: tuple[type[BaseException], ...] = (BrokerUnreachable, ConnectionLost, *RECOVERABLE)
+#: How often an idempotent request to the master is sent again while no answer comes: a
+#: master that was stopped, or whose control queue went with a dropped connection, gets it
+#: again once it serves (it answers a repeat from its record of the first).
+RESEND_S = 5.0
 
 
 @contextlib.contextmanager
@@ -41,6 +49,66 @@ def connected_client(settings: Settings,
 def rpc_client(settings: Settings) -> contextlib.AbstractContextManager[RpcClient]:
     """A connected request client for one command; the connection closes afterwards."""
     return connected_client(settings, RpcClient)
+
+
+class MasterSession:
+    """Idempotent requests to the master that survive a lost connection and a master's restart.
+
+    A configuration request carries a request id, so sending it again is safe: the master
+    answers a repeat from its record of the first. ``run`` calls a step with a connected
+    client; when the connection breaks (the broker restarted, the command was paused and the
+    broker dropped it) it connects again and calls the step again with ``resumed=True``, until
+    the deadline. Once a master has answered, or after a loss, "no master is bound" is waited
+    out rather than reported, because a master that restarts or a promotion in progress comes
+    back within seconds; only a command whose very first request finds no master fails at
+    once.
+
+    Args:
+        settings: broker settings.
+        timeout_s: the whole command's budget.
+    """
+
+    def __init__(self, settings: Settings, *, timeout_s: float) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.resumed = False
+        self.answered = False
+
+    def remaining(self) -> float:
+        """Seconds left of the budget (at least a tenth, so a last attempt can be made)."""
+        return max(0.1, self.deadline - time.monotonic())
+
+    def run(self, step: Callable[[RpcClient, bool], T]) -> T:
+        """Run ``step(client, resumed)`` until it returns, reconnecting after a lost connection.
+
+        Raises:
+            ConnectionLost: the connection broke and could not be made again in time.
+        """
+        while True:
+            try:
+                with rpc_client(self.settings) as rpc:
+                    return step(rpc, self.resumed)
+            except _LOST as exc:
+                if isinstance(exc, BrokerUnreachable) and not self.resumed:
+                    raise  # no broker at all: say so at once (exit 3)
+                if time.monotonic() >= self.deadline:
+                    raise ConnectionLost(
+                        f"lost the connection to the broker ({describe(exc)}) and could not "
+                        f"make it again within {self.timeout_s:g} s") from None
+                click.echo(f"tasync: connection to the broker lost ({describe(exc)}); "
+                           "connecting again", err=True)
+                self.resumed = True
+                time.sleep(min(1.0, self.remaining()))
+
+    def call(self, rpc: RpcClient, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Ask the master; re-sent while unanswered, and after a loss wait for a master."""
+        waits = self.resumed or self.answered
+        data = rpc.call_one(topology.MASTER, op, args, timeout_s=self.remaining(),
+                            resend_s=RESEND_S,
+                            unrouted_grace_s=self.remaining() if waits else None)
+        self.answered = True
+        return data
 
 
 def target_key(node: str | None) -> str:

@@ -19,11 +19,21 @@ MAX_FILE_BYTES = 512 << 20
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error.
+    """YAML's safe loader, except that a key given twice in one mapping and aliases are errors.
 
     Plain YAML (and JSON) keep the last of two equal keys, so a copied block whose name was
-    not changed would silently replace the object above it.
+    not changed would silently replace the object above it. Aliases (``*name``) are refused
+    where the parser meets them, before anything is built: nested aliases ("billion laughs")
+    make a few hundred bytes stand for gigabytes, and a configuration file has no need of them.
     """
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted in configuration files",
+                event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -74,7 +84,8 @@ def load_import_file(path: Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        if isinstance(exc, yaml.constructor.ConstructorError) and exc.problem:
+        if isinstance(exc, yaml.constructor.ConstructorError | yaml.composer.ComposerError) \
+                and exc.problem:
             # a duplicate key or a tag such as !!python/object: say which, it is not syntax
             raise ConfigError(f"{path}: {exc.problem}{where}") from None
         raise ConfigError(f"{path}: invalid YAML{where}") from None

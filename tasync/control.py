@@ -5,49 +5,80 @@ exchange; the master binds ``master`` too, so ``tasync config set`` reaches whic
 master without knowing its name, and learns at once (a returned message) when none runs. The
 queue is exclusive, so it disappears with the node's connection and never collects requests for
 a dead node.
+
+Before it binds ``master``, and before it answers any request only a master answers, the
+server has the node's roles confirm that it still holds the master's seat (``keep_seat``): a
+master that was stopped or cut off never acts on a request addressed to the role it lost.
+
+Configuration requests are idempotent by their request id: a client that lost its answer
+sends the same request again and gets the first result (``producers.relay``). A bulk import
+arrives part by part; each part is checked and staged durably in the master's store, so a
+restart of the master loses nothing the client sent, and the import commits only when every
+part is there, all of it in one transaction.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import amqp
 
 from broker import messages, topology
 from broker.consumer import ConsumerLoop, message_body
-from broker.errors import MessageError, TasyncError
-from broker.messages import Reply, Request
+from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
+from broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request
 from broker.rpc import reply_to
 from consumers.context import NodeContext
 from producers.changes import Op, parse_ops
-from producers.relay import ChangeRelay
+from producers.relay import ChangeRelay, Committed
 
 log = logging.getLogger("tasync.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: Requests only the master answers (a backup refuses them).
-MASTER_OPS = frozenset({"commit", "import", "head", "hello", "step_down"})
+MASTER_OPS = frozenset({"commit", "import", "import_commit", "request", "head", "hello",
+                        "step_down"})
 #: Requests that change configuration, checked against telaconf.hosts.
-CONFIG_OPS = frozenset({"commit", "import"})
-#: A bulk import waits at most this long between two of its parts before it is dropped.
-IMPORT_STALE_S = 600.0
+CONFIG_OPS = frozenset({"commit", "import", "import_commit"})
+#: Staged parts of an import nobody touched for this long are dropped.
+IMPORT_STALE_S = 24 * 3600.0
 #: How often a node not yet registered asks the master again.
 HELLO_EVERY_S = 3.0
 
 
 class ControlServer(ConsumerLoop):
-    """Dispatches control requests to handlers; other components add theirs to ``handlers``."""
+    """Dispatches control requests to handlers.
+
+    Args:
+        ctx: the node context.
+        relay: commits and publishes changes while this node is the master.
+        keep_seat: confirms (or regains) the master's seat; False when the node is not the
+            master (``consumers.roles.Roles.keep_seat``).
+        handlers: requests other parts of the node answer (roles, delivery), by name.
+        authorize: checks a configuration request's sender (telaconf.hosts); raises
+            ``MessageError`` to refuse.
+        on_committed: called after a commit, so the runtime refreshes ``status.json``.
+        status_extra: more fields for ``status`` answers.
+    """
 
     name = "tasync-control"
 
-    def __init__(self, ctx: NodeContext, *, relay: ChangeRelay | None) -> None:
+    def __init__(self, ctx: NodeContext, *, relay: ChangeRelay, keep_seat: Callable[[], bool],
+                 handlers: Mapping[str, Handler] | None = None,
+                 authorize: Callable[[Request, amqp.Message], None] | None = None,
+                 on_committed: Callable[[], None] | None = None,
+                 status_extra: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__(ctx.settings, prefetch=16)
         self.ctx = ctx
         self.name = f"tasync-control-{ctx.node}"
         self.relay = relay
+        self.keep_seat = keep_seat
+        self.authorize = authorize or (lambda _r, _m: None)
+        self.on_committed = on_committed or (lambda: None)
+        self.status_extra = status_extra or dict
         self.handlers: dict[str, Handler] = {
             "status": self._status,
             "export": lambda _a: {"export": ctx.store.export_bytes().decode()},
@@ -55,33 +86,23 @@ class ControlServer(ConsumerLoop):
             "head": lambda _a: {"seq": ctx.store.last_seq, "epoch": ctx.store.epoch},
             "commit": self._commit,
             "import": self._import,
+            "import_commit": self._import_commit,
+            "request": self._request,
             "hello": self._hello,
+            **(handlers or {}),
         }
-        self.on_committed: Callable[[], None] = lambda: None
-        #: Checks a configuration request's sender (telaconf.hosts); raises MessageError.
-        self.authorize: Callable[[Request, amqp.Message], None] = lambda _r, _m: None
-        #: More fields for ``status`` answers (conflicts kept, ...).
-        self.status_extra: Callable[[], dict[str, Any]] = dict
-        #: Run before binding ``master`` on every (re)connect; may step the node down.
-        self.before_master_bind: Callable[[], None] = lambda: None
-        self._imports: dict[str, tuple[float, list[Op]]] = {}
         self._next_hello = 0.0
-        #: The request being handled, when its sender asked for progress answers.
-        self._progress_to: amqp.Message | None = None
-        self._role_changed = threading.Event()
+        self._bound_master = False
 
     def setup(self, channel: Any) -> None:
-        """Declare the exclusive control queue and bind it by this node's roles."""
+        """Declare the exclusive control queue and bind it by this node's role."""
         topology.declare_control(channel)
         queue = topology.control_queue(self.ctx.node)
         channel.queue_declare(queue, exclusive=True, auto_delete=True)
-        if self.ctx.is_master:
-            self.before_master_bind()  # after a partition, a newer epoch may run: step down
-        keys = [topology.ALL, topology.node_key(self.ctx.node)]
-        if self.ctx.is_master:
-            keys.append(topology.MASTER)
-        for key in keys:
+        self._bound_master = False
+        for key in (topology.ALL, topology.node_key(self.ctx.node)):
             channel.queue_bind(queue, topology.CONTROL_EXCHANGE, key)
+        self._follow_role()
         channel.basic_consume(queue, callback=self._on_request, on_cancel=self.cancelled)
 
     def on_connected(self) -> None:
@@ -89,47 +110,33 @@ class ControlServer(ConsumerLoop):
         self.send_hello()
 
     def on_idle(self) -> None:
-        """Follow a role change; keep the master's publisher connection alive."""
-        if self._role_changed.is_set():
-            self._apply_role()
-        if self.relay is not None:
-            self.relay.heartbeat()
+        """Follow role changes and the seat; announce this node until it is registered."""
+        self._follow_role()
         if time.monotonic() >= self._next_hello:
             self.send_hello()
 
-    def role_changed(self) -> None:
-        """The node's role changed (promotion, step-down): rebind ``master``, drop the relay.
+    def _follow_role(self) -> None:
+        """Bind ``master`` while this node is the master with the seat, else unbind it.
 
-        Safe from any thread: the binding changes in this server's own thread, at once when
-        called from a request handler, else within ``poll_s``. Requests for the master are
-        refused from the moment the store says so, whatever the binding still is.
+        A master whose seat was lost takes it back or steps down here (``keep_seat``), within
+        ``poll_s`` of noticing, before it binds or answers anything.
         """
-        self._role_changed.set()
-        if threading.current_thread() is self._thread and self.channel is not None:
-            self._apply_role()
-
-    def _apply_role(self) -> None:
-        self._role_changed.clear()
-        queue = topology.control_queue(self.ctx.node)
-        if self.ctx.is_master:
-            self.channel.queue_bind(queue, topology.CONTROL_EXCHANGE, topology.MASTER)
+        master = self.ctx.is_master and self.keep_seat()
+        if master == self._bound_master:
             return
-        self.channel.queue_unbind(queue, topology.CONTROL_EXCHANGE, topology.MASTER)
-        if self.relay is not None:
-            self.relay.close()
-            self.relay = None
+        queue = topology.control_queue(self.ctx.node)
+        if master:
+            self.channel.queue_bind(queue, topology.CONTROL_EXCHANGE, topology.MASTER)
+        else:
+            self.channel.queue_unbind(queue, topology.CONTROL_EXCHANGE, topology.MASTER)
+        self._bound_master = master
 
-    def progress(self, data: dict[str, Any]) -> None:
-        """Send an interim answer to the request being handled, if its sender asked for them.
-
-        A long recovery reports how far it got this way, and the answers keep this server's
-        connection alive while the handler runs.
-        """
+    def _progress(self, request: amqp.Message, data: dict[str, Any]) -> None:
+        """Send an interim answer to ``request``; it also keeps this connection alive."""
         if self.conn is not None:
             self.conn.heartbeat_check()
-        if self._progress_to is not None:
-            reply_to(self.channel, self._progress_to,
-                     Reply(ok=True, node=self.ctx.node, data={"progress": data}))
+        reply_to(self.channel, request, Reply(ok=True, node=self.ctx.node,
+                                              data={"progress": data}))
 
     def send_hello(self) -> None:
         """Ask the master to register this node (a ``node`` object), unless it already exists.
@@ -141,7 +148,7 @@ class ControlServer(ConsumerLoop):
         if self.ctx.store.get("node", self.ctx.node) is not None:
             self._next_hello = float("inf")
             return
-        if self.ctx.is_master:
+        if self._bound_master:
             self._hello({"node": self.ctx.node})
             return
         body = messages.encode(Request(op="hello", sender=self.ctx.node,
@@ -168,29 +175,28 @@ class ControlServer(ConsumerLoop):
                                                       error=str(exc), error_type="MessageError"))
                 self.channel.basic_ack(message.delivery_tag)
                 return
-        self._progress_to = message if request.args.get("progress") else None
-        try:
+        if request.args.get("progress"):
+            with self.ctx.progress.attached(lambda data: self._progress(message, data)):
+                reply = self._dispatch(request)
+        else:
             reply = self._dispatch(request)
-        finally:
-            self._progress_to = None
         reply_to(self.channel, message, reply)
         self.channel.basic_ack(message.delivery_tag)
-        if self._role_changed.is_set():
-            self._apply_role()
+        self._follow_role()
 
     def _dispatch(self, request: Request) -> Reply:
         handler = self.handlers.get(request.op)
         if handler is None:
             return Reply(ok=False, node=self.ctx.node, error=f"unknown request {request.op!r}",
                          error_type="ConfigError")
-        if request.op in MASTER_OPS and not self.ctx.is_master:
-            return Reply(ok=False, node=self.ctx.node, error_type="RemoteError",
-                         error=f"{self.ctx.node} is not the master")
-        log.debug("request %s from %s", request.op, request.sender)
         try:
+            if request.op in MASTER_OPS and not (self.ctx.is_master and self.keep_seat()):
+                return Reply(ok=False, node=self.ctx.node, error_type="RemoteError",
+                             error=f"{self.ctx.node} is not the master")
+            log.debug("request %s from %s", request.op, request.sender)
             return Reply(ok=True, node=self.ctx.node, data=handler(request.args))
         except TasyncError as exc:
-            data = {"errors": getattr(exc, "errors", {})}
+            data = {"errors": getattr(exc, "errors", {}), **getattr(exc, "data", {})}
             return Reply(ok=False, node=self.ctx.node, error=str(exc), data=data,
                          error_type=type(exc).__name__)
 
@@ -208,53 +214,134 @@ class ControlServer(ConsumerLoop):
         ]
         return {"objects": objects, "applied_seq": self.ctx.store.last_seq}
 
+    # -- configuration changes ----------------------------------------------------------------
+
     def _commit(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.relay is not None
         ops = args.get("ops")
         if not isinstance(ops, list):
             raise MessageError("commit needs a list of operations")
-        return self._submit(parse_ops(ops))
+        return self._submit(parse_ops(ops), request_id=_request_id(args, "request_id"))
 
-    def _submit(self, ops: list[Op]) -> dict[str, Any]:
-        assert self.relay is not None
-        committed = self.relay.submit(ops)
-        if committed.count:
+    def _submit(self, ops: list[Op], *, request_id: str | None,
+                staged: str | None = None) -> dict[str, Any]:
+        try:
+            committed = self.relay.submit(ops, request_id=request_id, staged=staged)
+        except SeatLost as exc:
+            committed = self._after_seat_lost(exc, request_id)
+        if committed.count and not committed.repeated:
             self.on_committed()
         return {"first_seq": committed.first_seq, "last_seq": committed.last_seq,
-                "count": committed.count, "epoch": committed.epoch}
+                "count": committed.count, "epoch": committed.epoch,
+                "repeated": committed.repeated}
+
+    def _after_seat_lost(self, exc: SeatLost, request_id: str | None) -> Committed:
+        """A commit lost the seat before its confirm: report it only if the seat came back.
+
+        Regaining the seat publishes the outbox, the commit included; otherwise the node
+        stepped down and its unconfirmed change becomes a conflict, never "committed".
+        """
+        done = self.ctx.store.request(request_id) if request_id else None
+        if done is not None and self.keep_seat() and done.last_seq <= self.ctx.store.published_seq:
+            return Committed.from_request(done)
+        raise SeatLost(f"{self.ctx.node} lost the master's seat before the broker confirmed "
+                       f"the change ({exc}); it was not committed to the network (see tasync "
+                       f"recover --node {self.ctx.node} for changes it kept)") from None
 
     def _import(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Stage a bulk import part by part; commit all of it in one transaction at the end.
+        """Check one part of a bulk import and stage it durably; nothing is committed yet.
 
         Each part's schema is checked when it arrives, so a bad object is reported before the
-        client sends the rest; references are checked and everything is committed only with
-        the final part, so an import is applied whole or not at all.
+        client sends the rest; references are checked and everything is committed only by
+        ``import_commit``, so an import is applied whole or not at all.
         """
-        now = time.monotonic()
-        for key in [k for k, (ts, _) in self._imports.items() if now - ts > IMPORT_STALE_S]:
-            del self._imports[key]
-        import_id = str(args.get("import_id", ""))
-        ops = args.get("ops")
-        if not import_id or not isinstance(ops, list):
-            raise MessageError("import needs an import_id and a list of operations")
+        import_id = _request_id(args, "import_id", required=True)
+        assert import_id is not None
+        part, parts, ops = args.get("part"), args.get("parts"), args.get("ops")
+        if not (_count(parts) and _count(part, zero=True) and part < parts  # type: ignore[operator]
+                and isinstance(ops, list)):
+            raise MessageError("import needs import_id, part (0-based) < parts, and a list ops")
         try:
             parsed = parse_ops(ops)
         except TasyncError:
-            self._imports.pop(import_id, None)
+            self.ctx.store.drop_staged(import_id=import_id)
             raise
-        staged = self._imports.setdefault(import_id, (now, []))[1]
-        staged.extend(parsed)
-        self._imports[import_id] = (now, staged)
-        if not args.get("final"):
-            return {"staged": len(staged)}
-        del self._imports[import_id]
-        return self._submit(staged)
+        self.ctx.store.drop_staged(older_than_s=IMPORT_STALE_S)
+        staged = self.ctx.store.stage(import_id, int(part), int(parts),  # type: ignore[arg-type]
+                                      json.dumps([_op_json(o) for o in parsed]))
+        return {"import_id": import_id, "staged": staged, "parts": parts}
+
+    def _import_commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Commit a staged import in one transaction, only when every part is there."""
+        import_id = _request_id(args, "import_id", required=True)
+        assert import_id is not None
+        parts, expected = args.get("parts"), args.get("ops")
+        if not (_count(parts) and _count(expected, zero=True)):
+            raise MessageError("import_commit needs import_id, parts and ops (counts)")
+        done = self.ctx.store.request(import_id)
+        if done is not None:
+            return {**self._submit([], request_id=import_id), "ops": expected}
+        staged = self.ctx.store.staged_parts(import_id)
+        missing = sorted(set(range(int(parts))) - set(staged))  # type: ignore[arg-type]
+        if missing:
+            raise ImportIncomplete(
+                f"import {import_id[:12]}: {self.ctx.node} holds {len(staged)} of {parts} "
+                f"parts (the master may have restarted or changed); missing part "
+                f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
+                missing=missing)
+        ops = [_op_from_json(o) for text in self.ctx.store.staged_ops(import_id)
+               for o in json.loads(text)]
+        if len(ops) != expected:
+            self.ctx.store.drop_staged(import_id=import_id)
+            raise ImportIncomplete(f"import {import_id[:12]}: {len(ops)} operations arrived, "
+                                   f"the client sent {expected}; nothing was committed",
+                                   missing=list(range(int(parts))))  # type: ignore[arg-type]
+        return {**self._submit(ops, request_id=import_id, staged=import_id), "ops": len(ops)}
+
+    def _request(self, args: dict[str, Any]) -> dict[str, Any]:
+        """What became of a request id: committed (with its seqs), staged parts, or unknown."""
+        request_id = _request_id(args, "request_id", required=True)
+        assert request_id is not None
+        store = self.ctx.store
+        done = store.request(request_id)
+        if done is not None:
+            return {"state": "committed", "first_seq": done.first_seq,
+                    "last_seq": done.last_seq, "count": done.count, "epoch": done.epoch,
+                    "confirmed": done.last_seq <= store.published_seq}
+        staged = store.staged_parts(request_id)
+        if staged:
+            return {"state": "staged", "staged": staged}
+        return {"state": "unknown"}
 
     def _hello(self, args: dict[str, Any]) -> dict[str, Any]:
         node = str(args.get("node", ""))
-        if self.relay is None or self.ctx.store.get("node", node) is not None:
+        if self.ctx.store.get("node", node) is not None:
             return {}
         topology.check_node_name(node)
         self._commit({"ops": [{"op": "set", "kind": "node", "name": node, "body": {}}]})
         self.ctx.trail.event("node_registered", name=node)
         return {}
+
+
+def _request_id(args: dict[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = args.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_REQUEST_ID_CHARS \
+            or not value.isprintable():
+        raise MessageError(f"{key} must be 1-{MAX_REQUEST_ID_CHARS} printable characters")
+    return value
+
+
+def _count(value: Any, *, zero: bool = False) -> bool:
+    return type(value) is int and value >= (0 if zero else 1)
+
+
+def _op_json(op: Op) -> list[Any]:
+    """An operation checked by ``parse_ops``, as staged: its body is already normalised."""
+    return [op.op, op.kind, op.name, op.body]
+
+
+def _op_from_json(item: list[Any]) -> Op:
+    """A staged operation back; it was checked before it was staged, so it is not again."""
+    op, kind, name, body = item
+    return Op(op=op, kind=kind, name=name, body=body)

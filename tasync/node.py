@@ -4,11 +4,16 @@ A node opens its store, decides its role, then runs one consumer per concern, ea
 connection and thread (sync, control, delivery). The main thread only waits for a signal and
 refreshes ``status.json``; SIGTERM stops the consumers, lets in-flight work finish and closes
 the store, so a clean stop never leaves a half-applied batch.
+
+A store that cannot be read (overwritten, truncated) is moved aside on a backup, kept for
+inspection, and the node rebuilds its state from the network like a new node; a node asked to
+start as master refuses to, because its store is the only copy of what it had not published.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -19,14 +24,17 @@ from typing import Any
 from broker.allowlist import ALERT_HOSTS_FILE
 from broker.audit import Trail, setup_sync_log
 from broker.errors import ConfigError
+from broker.seat import MasterSeat
 from broker.settings import Settings
 from broker.signing import KeyRing
-from broker.store import ApplyResult, NodeStore
+from broker.store import DB_NAME, ApplyResult, NodeStore, StoreDamaged
 from broker.topology import check_node_name
 from consumers.admission import Admission
 from consumers.context import NodeContext
+from consumers.delivery.worker import DeliveryConsumer
 from consumers.roles import Roles
 from consumers.sync import SyncConsumer
+from consumers.totals import Totals
 from producers.relay import ChangeRelay
 from tasync.control import ControlServer
 
@@ -62,40 +70,40 @@ class Node:
         data_dir = options.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         setup_sync_log(data_dir, options.node, verbose=options.verbose)
-        store = NodeStore(data_dir, durable=True)
+        trail = Trail(data_dir, options.node)
+        store = _open_store(data_dir, options, trail)
         keyring = KeyRing.load(options.key_file) if options.key_file else None
         self.ctx = NodeContext(settings=settings, node=options.node, data_dir=data_dir,
-                               store=store, trail=Trail(data_dir, options.node), keyring=keyring)
+                               store=store, trail=trail, keyring=keyring)
         self._init_role(options.role)
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self.changes_applied = 0
-        self.totals: Any = None
-        relay = None
-        if self.ctx.is_master:
-            relay = ChangeRelay(settings, store, node=options.node, keyring=keyring)
-        self.relay = relay
+        self.seat = MasterSeat(settings, node=options.node)
+        self.relay = ChangeRelay(store, node=options.node, seat=self.seat, keyring=keyring,
+                                 batch_max_changes=settings.batch_max_changes,
+                                 batch_max_bytes=settings.batch_max_bytes)
         self.admission = self._admission(options)
+        self.totals = Totals(self.ctx)
+        self.delivery = DeliveryConsumer(self.ctx, totals=self.totals,
+                                         senders=self.admission.senders)
         self.sync = SyncConsumer(self.ctx, on_applied=self._applied,
                                  admit=self.admission.admit_batch)
-        self.control = ControlServer(self.ctx, relay=relay)
-        self.control.authorize = self.admission.admit_config_request
-        self.control.on_committed = self._dirty.set
-        self.roles = Roles(self.ctx, self.sync, self.control, admission=self.admission)
-        self.control.handlers.update(self.roles.handlers())
-        self.control.status_extra = self.roles.status_extra
-        self.control.before_master_bind = self.roles.check_epoch
-        self.consumers: list[Any] = [self.sync, self.control]
-        self._add_delivery()
+        self.roles = Roles(self.ctx, self.sync, seat=self.seat, relay=self.relay,
+                           admission=self.admission)
+        self.control = ControlServer(
+            self.ctx, relay=self.relay, keep_seat=self.roles.keep_seat,
+            handlers={**self.roles.handlers(), **self.delivery.control_handlers()},
+            authorize=self.admission.admit_config_request, on_committed=self._dirty.set,
+            status_extra=self.roles.status_extra)
+        self.consumers: list[Any] = [self.sync, self.control, self.delivery]
 
     def _init_role(self, role: str | None) -> None:
-        store = self.ctx.store
+        """Take the command line's role as a wish: ``master`` is checked at start (``Roles``)."""
         if role not in (None, "master", "backup"):
             raise ConfigError(f"unknown role {role!r}: use master or backup")
         if role is not None:
-            store.set_meta(role=role)
-        if self.ctx.is_master and store.epoch == 0:
-            store.set_meta(epoch=1)
+            self.ctx.store.set_meta(role=role)
 
     def _admission(self, options: NodeOptions) -> Admission:
         extra = options.extra or {}
@@ -117,26 +125,10 @@ class Node:
                                  reason="no --hosts-file or --master: any master is accepted")
         return admission
 
-    def _add_delivery(self) -> None:
-        """Start alert delivery when that layer is installed (it arrives with issue 4)."""
-        try:
-            from consumers.delivery.worker import DeliveryConsumer
-            from consumers.totals import Totals
-        except ImportError:
-            return
-        totals = Totals(self.ctx)
-        self.totals = totals
-        delivery = DeliveryConsumer(self.ctx, totals=totals, senders=self.admission.senders)
-        self.control.handlers.update(delivery.control_handlers())
-        self._delivery = delivery
-        self.consumers.append(delivery)
-
     def _applied(self, result: ApplyResult) -> None:
         self.changes_applied += result.applied
         self._dirty.set()
-        delivery = getattr(self, "_delivery", None)
-        if delivery is not None:
-            delivery.config_changed()
+        self.delivery.config_changed()
 
     def run(self) -> None:
         """Start every consumer and serve until SIGTERM or SIGINT."""
@@ -153,7 +145,7 @@ class Node:
                         seq=ctx.store.last_seq)
         log.info("starting as %s (epoch %d, seq %d)", ctx.role, ctx.store.epoch,
                  ctx.store.last_seq)
-        self.roles.start(self._stop)  # a master steps down here when a newer epoch runs
+        self.roles.start(self._stop)  # takes the seat, or starts as a backup and says why
         for consumer in self.consumers:
             consumer.start()
         was_ready = False
@@ -188,9 +180,45 @@ class Node:
             consumer.stop_event.set()
         for consumer in self.consumers:
             consumer.stop()
-        if self.control.relay is not None:  # the relay changes with promotions
-            self.control.relay.close()
+        self.seat.close()
         self.ctx.trail.event("node_stopped", seq=self.ctx.store.last_seq)
         self.ctx.ready.clear()
         self.ctx.write_status_file()
         self.ctx.store.close()
+
+
+def _open_store(data_dir: Path, options: NodeOptions, trail: Trail) -> NodeStore:
+    """Open the node's store; a backup's unreadable store is moved aside and started afresh.
+
+    A backup holds nothing the network lacks, so an empty store that catches up (from the
+    change log, or a snapshot) rebuilds it exactly. A master may hold committed changes the
+    broker never confirmed, so a node asked to start as master refuses instead.
+
+    Raises:
+        ConfigError: the store is unreadable and the node was asked to start as master.
+    """
+    try:
+        return NodeStore(data_dir, durable=True, verify=True)
+    except StoreDamaged as exc:
+        if options.role == "master":
+            raise ConfigError(
+                f"{exc}; it will not start as master on a store it cannot read. To rebuild it "
+                "from the network, start it as a backup (without --role master): it moves the "
+                "damaged file aside and catches up; meanwhile make another node the master "
+                "with tasync promote NODE") from None
+        aside = _move_aside(data_dir)
+        trail.event("store_damaged", reason=exc.reason, moved_to=aside.name)
+        log.error("%s; moved it aside to %s and rebuilding this node's state from the network",
+                  exc, aside)
+        return NodeStore(data_dir, durable=True)
+
+
+def _move_aside(data_dir: Path) -> Path:
+    """Rename ``node.db`` and its WAL files to ``node.db.damaged-<time>``; return the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = data_dir / f"{DB_NAME}.damaged-{stamp}"
+    for suffix in ("", "-wal", "-shm"):
+        source = data_dir / f"{DB_NAME}{suffix}"
+        if source.exists():
+            os.replace(source, data_dir / f"{target.name}{suffix}")
+    return target

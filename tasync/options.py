@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from broker.connection import RECOVERABLE, describe
 from broker.errors import ConfigError, ExitCode, TasyncError
 from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL, Settings
 from broker.tls import TLS_KEYS, check_tls_urls, tls_extra
@@ -71,7 +72,12 @@ def make_settings(broker_url: str, **overrides: Any) -> Settings:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn ``TasyncError`` into ``tasync: <message>`` on stderr and the error's exit code."""
+    """Turn ``TasyncError`` into ``tasync: <message>`` on stderr and the error's exit code.
+
+    A connection that breaks in the middle of a command (the broker restarted or dropped it)
+    surfaces from the client library as an ``OSError`` or an AMQP connection error: it is the
+    broker being unreachable, exit 3, said in one line.
+    """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -79,6 +85,9 @@ def handle_errors(fn: F) -> F:
         except TasyncError as exc:
             click.echo(f"tasync: {exc}", err=True)
             sys.exit(int(exc.exit_code))
+        except RECOVERABLE as exc:
+            click.echo(f"tasync: lost the connection to the broker ({describe(exc)})", err=True)
+            sys.exit(int(ExitCode.BROKER_UNREACHABLE))
         except KeyboardInterrupt:
             click.echo("tasync: interrupted", err=True)
             sys.exit(int(ExitCode.FAILED))

@@ -279,7 +279,7 @@ def test_nasty_import_files_fail_in_one_line(network: Network, tmp_path: Path) -
         "nan.json": ('{"destination": {"x": {"url": NaN}}}', "NaN"),
         "tag.yaml": ("!!python/object/apply:os.system ['true']\n",
                      "could not determine a constructor for the tag"),
-        "laughs.yaml": (laughs, "expected a mapping of name to object"),
+        "laughs.yaml": (laughs, "YAML aliases (*name) are not accepted"),
         "latin1.json": (b'{"destination": {"\xe9": {}}}', "not UTF-8"),
         "huge.json": (None, f"larger than {MAX_FILE_BYTES >> 20} MiB"),
     }

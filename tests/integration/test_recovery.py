@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,9 @@ def test_promote_change_on_the_new_master_and_hand_back(network: Network,
     import_objects(network, tmp_path, 100, "on-b-")  # --wait-applied: c follows
 
     a = network.start("a", role="master")
-    assert a.wait_ready()["role"] == "backup"
-    assert events(network, "a", "stepped_down")
+    assert a.wait_ready()["role"] == "backup"  # b holds the seat and owns the newest era
+    refused = events(network, "a", "master_refused")
+    assert refused and refused[-1]["owner"] == "b", refused
     result = recover(network, "a")
     assert result["recovery"]["conflicts"] == []
     assert_identical(network)
@@ -241,9 +243,13 @@ def test_unconfirmed_change_of_a_dead_master_is_kept_and_resubmitted(network: Ne
 
 def test_a_stale_master_is_rejected_everywhere(network: Network, tmp_path: Path,
                                                broker_url: str) -> None:
+    from broker.errors import SeatLost
+    from broker.messages import Change, ChangeBatch
+    from broker.publisher import ConfirmedPublisher
+    from broker.seat import MasterSeat
     from broker.store import NodeStore
     from producers.changes import parse_ops
-    from producers.relay import ChangeRelay
+    from producers.relay import ChangeRelay, batch_messages
 
     start_trio(network)
     import_objects(network, tmp_path, 20, "pre-")
@@ -252,16 +258,33 @@ def test_a_stale_master_is_rejected_everywhere(network: Network, tmp_path: Path,
     stale_dir = tmp_path / "a-stale"
     shutil.copytree(a.data_dir, stale_dir)
     network.cli("promote", "b")
-    network.start("a").wait_ready()  # its stored role is master: it steps down at start
+    network.start("a").wait_ready()  # its stored role is master: it starts as a backup
 
-    store = NodeStore(stale_dir)  # a copy that still believes it is the master of epoch 1
-    relay = ChangeRelay(Settings.from_url(broker_url), store, node="a")
+    # A copy that still believes it is the master of epoch 1 cannot take the seat b holds,
+    # so it commits nothing at all.
+    settings = Settings.from_url(broker_url)
+    store = NodeStore(stale_dir)
+    seat = MasterSeat(settings, node="a")
     try:
-        relay.submit(parse_ops([{"op": "set", "kind": "destination", "name": "stale",
-                                 "body": {"url": "file:///tmp/stale"}}]))
+        assert not seat.take()
+        with pytest.raises(SeatLost):
+            ChangeRelay(store, node="a", seat=seat).submit(parse_ops([
+                {"op": "set", "kind": "destination", "name": "stale",
+                 "body": {"url": "file:///tmp/stale"}}]))
+        seq = store.last_seq + 1
     finally:
-        relay.close()
+        seat.close()
         store.close()
+    # What such a master published anyway (an old version, a forged writer) is fenced by
+    # every receiver: epoch 1 no longer owns seqs after b's era began.
+    stale = ChangeBatch(epoch=1, origin="a", changes=(Change(
+        epoch=1, seq=seq, ts=time.time(), origin="a", op="set", kind="destination",
+        name="stale", body={"url": "file:///tmp/stale", "schedule": None, "subject": None}),))
+    conn = connect(settings)
+    try:
+        ConfirmedPublisher(conn).publish_many(batch_messages([stale], None))
+    finally:
+        conn.release()
     for name in ("a", "b", "c"):
         wait_for(lambda name=name: any(e.get("reason") == "stale-epoch" for e in
                                        events(network, name, "change_rejected")),

@@ -15,7 +15,6 @@ from broker.connection import connect
 from broker.messages import Change, ChangeBatch
 from broker.settings import Settings
 from broker.signing import SIGNATURE_HEADER, KeyRing
-from tasync.client import rpc_client
 from tests.harness import secret_registry
 from tests.network import Network
 from tests.waiting import wait_for
@@ -27,11 +26,22 @@ def trail_has(data_dir: Path, event: str, text: str = "") -> bool:
     return any(e["event"] == event and text in " ".join(e.values()) for e in read_trail(data_dir))
 
 
-def rogue_commit(broker_url: str, node: str, name: str) -> dict[str, object]:
-    """Ask one node directly to commit a change, as a second master would."""
-    with rpc_client(Settings.from_url(broker_url)) as rpc:
-        ops = [{"op": "set", "kind": "destination", "name": name, "body": {"url": "file:///x"}}]
-        return rpc.call_one(topology.node_key(node), "commit", {"ops": ops}, timeout_s=30)
+def rogue_publish(broker_url: str, node: str, name: str, seq: int) -> None:
+    """Publish a change batch of origin ``node`` straight to the config fanout.
+
+    A node cannot become a second master (the seat is taken), so this is what a rogue process
+    with broker access to ``tasync.config`` could still do.
+    """
+    change = Change(epoch=1, seq=seq, ts=time.time(), origin=node, op="set",
+                    kind="destination", name=name,
+                    body={"url": "file:///x", "schedule": None, "subject": None})
+    body = messages.encode(ChangeBatch(epoch=1, origin=node, changes=(change,)))
+    conn = connect(Settings.from_url(broker_url))
+    try:
+        conn.channel().basic_publish(amqp.Message(body), exchange=topology.CONFIG_EXCHANGE,
+                                     routing_key="")
+    finally:
+        conn.release()
 
 
 def test_master_not_in_hosts_file_is_rejected(network: Network, tmp_path: Path,
@@ -54,15 +64,18 @@ def test_master_not_in_hosts_file_is_rejected(network: Network, tmp_path: Path,
     assert denied.proc is not None and denied.proc.wait(60) == 1
     assert "may not act as master" in denied.log_path.read_text()
 
-    # ...and when started without one, every backup rejects what it publishes.
+    # ...started without one, it cannot take the master's seat from a and runs as a backup...
     rogue = network.start("rogue2", role="master")
-    rogue.wait_ready()
-    rogue_commit(broker_url, "rogue2", "evil")
+    assert rogue.wait_ready()["role"] == "backup"
+    assert trail_has(rogue.data_dir, "master_refused", "a")
+    network.settle()  # it registered itself as a node, like any backup
+    before = {n: network.export(n) for n in ("b", "c")}
+    # ...and what a rogue publishes anyway is rejected by every backup with an allow-list.
+    rogue_publish(broker_url, "rogue2", "evil", int(b.status()["applied_seq"]) + 1)
     for node in (b, c):
         wait_for(lambda node=node: trail_has(node.data_dir, "quarantined", "rogue2"),
                  timeout_s=30, what=f"{node.name} rejecting rogue2")
     assert {n: network.export(n) for n in ("b", "c")} == before
-    assert "evil" in json.loads(network.export("rogue2"))["destination"]
     network.cli("config", "set", "destination", "good2", "--url", "file:///tmp/g2")
     seq = network.nodes["a"].status()["applied_seq"]
     b.wait_seq(seq)
