@@ -7,6 +7,7 @@ compares state: `status`, exports, the store's staged parts, never log wording.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,7 +47,7 @@ def no_traceback(out: subprocess.CompletedProcess[str]) -> None:
     assert out.stderr.count("\n") <= 3, out.stderr
 
 
-# -- a node asked to start as master while another owns the era ---------------------------------
+# -- a node asked to start as master while another owns the era ------------------------------------
 
 
 def test_old_master_restarted_with_role_master_after_promote_stays_backup(
@@ -215,7 +216,7 @@ def test_paused_import_across_a_master_failure_is_whole_or_nothing(
     assert_identical(network)
 
 
-# -- a hung master ----------------------------------------------------------------------------------
+# -- a hung master ---------------------------------------------------------------------------------
 
 
 def test_promote_while_the_master_hangs_then_it_resumes_as_backup(network: Network,
@@ -251,10 +252,8 @@ def hung_master_commit(network: Network, hang_s: float) -> None:
                              "waited", "--url", "file:///tmp/w", "--timeout", "90"],
                             env=network.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(hang_s)
-    except subprocess.TimeoutExpired:
-        pass
     a.signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err
@@ -278,7 +277,7 @@ def test_config_set_against_a_master_hung_for_a_minute(network: Network) -> None
     hung_master_commit(network, hang_s=60)
 
 
-# -- a damaged store ---------------------------------------------------------------------------------
+# -- a damaged store -------------------------------------------------------------------------------
 
 
 def damage(path: Path) -> None:
