@@ -187,10 +187,14 @@ def recover(*, node: str, source: str | None, force_snapshot: bool, resubmit: bo
 
 
 def _wait_epoch(rpc: ProgressRpc, epoch: int, *, timeout_s: float) -> tuple[list[str], list[str]]:
-    """Wait until every live node reports ``epoch``; returns (nodes that do, nodes that don't)."""
+    """Wait until every live node reports ``epoch``; returns (nodes that do, nodes that don't).
+
+    A node that does not answer within a second (a replaced master that hangs) is not waited
+    for: it is not live, and it learns the epoch from its sync queue when it resumes.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = [r for r in gather_status(rpc, timeout_s=2.0) if r.get("alive")]
+        rows = [r for r in gather_status(rpc, timeout_s=1.0) if r.get("alive")]
         behind = sorted(r["node"] for r in rows if int(r.get("epoch", 0)) < epoch)
         if not behind or time.monotonic() > deadline:
             return sorted(r["node"] for r in rows if r["node"] not in behind), behind

@@ -208,3 +208,24 @@ def test_entry_without_a_name_is_reported_by_position() -> None:
     with pytest.raises(ConfigError) as info:
         objects_to_ops(data)
     assert "entry 3" in str(info.value)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    import resource
+
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}]\n" for i in range(9))
+    path = tmp_path / "laughs.yaml"
+    path.write_text(laughs)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=r"YAML aliases \(\*name\) are not accepted .* line 2"):
+        load_import_file(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+
+
+def test_an_anchor_without_alias_is_harmless(tmp_path: Path) -> None:
+    path = tmp_path / "anchor.yaml"
+    path.write_text("destination:\n  d1: &d {url: 'file:///tmp/d1'}\n")
+    assert load_import_file(path) == {"destination": {"d1": {"url": "file:///tmp/d1"}}}

@@ -93,3 +93,14 @@ def test_random_values_in_a_change_agree(key: str, value: Any) -> None:
     data = good(2)
     data["changes"][0][key] = value
     same(data)
+
+
+def test_request_ids_decode_the_same_on_both_paths() -> None:
+    data = good()
+    data["requests"] = [["req-1", 5], ["req-2", 7]]
+    same(data)
+    decoded = decode_entry(json.dumps(data).encode(), max_bytes=MAX)
+    assert decoded.requests == (("req-1", 5), ("req-2", 7))
+    for bad in ([["", 5]], [["r", 0]], [["r"]], [["r", "5"]], [["r" * 129, 5]], "r"):
+        data["requests"] = bad
+        same(data)

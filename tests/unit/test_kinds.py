@@ -290,3 +290,37 @@ def test_dependency_order_puts_referenced_kinds_first() -> None:
     assert set(order) == set(kinds.KINDS)
     assert order["schedule"] < order["destination"] < order["group"]
     assert order["node"] < order["route"]
+
+
+# -- hostile values -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "body", "field"), [
+    ("destination", {"url": "file:///a\x00b"}, "url"),
+    ("destination", {"url": "file:///a", "subject": "Alert\r\nBcc: x@y"}, "subject"),
+    ("node", {"description": "tab\tbell\x07"}, "description"),
+    ("schedule", {"timezone": "UTC", "windows": [{"days": ["mon"], "start": "08:00",
+                                                  "end": "09:00\x85"}]}, "windows[0].end"),
+    ("group", {"members": ["ok", "bad\x1b[31m"]}, "members[1]"),
+])
+def test_control_characters_are_refused_in_every_field(kind: str, body: dict[str, Any],
+                                                       field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        kinds.load_body(kind, "x", body)
+    message = str(caught.value)
+    assert "control character" in message and field in message, message
+    assert "\n" not in message and "\x00" not in message
+
+
+def test_deep_nesting_is_refused_without_recursion() -> None:
+    deep: Any = "leaf"
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(ValidationError, match="nested more than"):
+        kinds.load_body("destination", "x", {"url": "file:///a", "subject": deep})
+
+
+def test_a_long_name_is_quoted_short() -> None:
+    with pytest.raises(ValidationError) as caught:
+        kinds.load_body("destination", "n" * 10_000 + "\x00", {"url": "file:///a"})
+    assert len(str(caught.value)) < 120 and "10001 characters" in str(caught.value)

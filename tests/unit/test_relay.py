@@ -141,3 +141,17 @@ def test_encoded_chunks_are_byte_identical_to_encoding_each_batch() -> None:
     for batch, body in pairs:
         assert body == encode(batch)
         assert len(body) <= 2_000
+
+
+def test_request_ids_ride_on_the_last_batch_byte_for_byte() -> None:
+    from broker import messages
+    from producers.relay import with_requests
+
+    changes = [Change(epoch=1, seq=s, ts=1.0, origin="m", op="set", kind="node", name=f"n{s}",
+                      body={}) for s in range(1, 2501)]
+    encoded = with_requests(encoded_chunks(changes, max_changes=1000, max_bytes=1 << 20),
+                            (("req", 1),))
+    assert [b.requests for b, _ in encoded] == [(), (), (("req", 1),)]
+    for batch, body in encoded:
+        assert body == messages.encode(batch)
+        assert messages.decode(body, max_bytes=1 << 22) == batch

@@ -345,3 +345,63 @@ def test_everything_persists_across_reopen(tmp_path: Path) -> None:
         assert again.apply(batch(*history()[:4])).skipped == 4
     finally:
         again.close()
+
+
+# -- request ids and staged imports --------------------------------------------------------------
+
+
+def test_a_committed_request_is_remembered_with_its_seqs(store: NodeStore) -> None:
+    store.commit([setc(1, "node", "a", {}), setc(2, "node", "b", {})], request_id="r1")
+    done = store.request("r1")
+    assert done is not None and (done.first_seq, done.last_seq, done.count) == (1, 2, 2)
+    assert store.request("r2") is None
+    assert [r.request_id for r in store.requests_ending_in(2, 2)] == ["r1"]
+    assert store.requests_ending_in(1, 1) == []
+
+
+def test_a_backup_learns_request_ids_from_the_batch_that_ends_them(store: NodeStore) -> None:
+    changes = (setc(1, "node", "a", {}), setc(2, "node", "b", {}))
+    store.apply(ChangeBatch(epoch=1, origin="m", changes=changes, requests=(("r9", 1),)))
+    done = store.request("r9")
+    assert done is not None and (done.first_seq, done.last_seq) == (1, 2)
+    store.apply(ChangeBatch(epoch=1, origin="m", changes=changes, requests=(("r10", 1),)))
+    assert store.request("r10") is None  # a repeat applies nothing, so it records nothing
+
+
+def test_staged_parts_survive_a_reopen_and_go_with_the_commit(tmp_path: Path) -> None:
+    first = NodeStore(tmp_path, durable=False)
+    assert first.stage("imp", 1, 3, "[]") == [1]
+    assert first.stage("imp", 0, 3, '[["set","node","n",{}]]') == [0, 1]
+    assert first.stage("imp", 0, 3, '[["set","node","n",{}]]') == [0, 1]  # a resend replaces
+    first.close()
+    again = NodeStore(tmp_path, durable=False)
+    assert again.staged_parts("imp") == [0, 1]
+    assert list(again.staged_ops("imp")) == ['[["set","node","n",{}]]', "[]"]
+    assert again.stage("imp", 0, 4, "[]") == [0]  # another total: the old attempt is dropped
+    again.commit([setc(1, "node", "n", {})], request_id="imp", staged="imp")
+    assert again.staged_parts("imp") == []
+    again.close()
+
+
+def test_stale_staged_imports_are_dropped(store: NodeStore) -> None:
+    store.stage("old", 0, 2, "[]")
+    store.drop_staged(older_than_s=3600)
+    assert store.staged_parts("old") == [0]
+    store.drop_staged(older_than_s=-1)
+    assert store.staged_parts("old") == []
+
+
+# -- a damaged file ------------------------------------------------------------------------------
+
+
+def test_a_damaged_file_is_reported_not_a_traceback(tmp_path: Path) -> None:
+    from broker.store import StoreDamaged
+
+    s = NodeStore(tmp_path, durable=False)
+    s.commit([setc(1, "node", "a", {})])
+    s.close()
+    with open(tmp_path / DB_NAME, "r+b") as db:
+        db.write(b"\xff" * 4096)
+    with pytest.raises(StoreDamaged) as caught:
+        NodeStore(tmp_path, durable=False, verify=True)
+    assert "is unreadable" in str(caught.value) and "\n" not in str(caught.value)
