@@ -25,12 +25,20 @@ import enum
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes; other tools drive tasync by these numbers."""
+    """Process exit codes; other tools drive tasync by these numbers.
+
+    ``tasync status`` is a health check: 0 when every known node is alive, ready and in
+    sync, else the first of the degraded states below that applies (most severe first).
+    """
 
     OK = 0
     FAILED = 1
     USAGE = 2
     BROKER_UNREACHABLE = 3
+    NO_MASTER = 4
+    NODE_DOWN = 5
+    NOT_IN_SYNC = 6
+    STRANDED_LISTS = 7
 
 
 class TasyncError(Exception):

@@ -20,6 +20,7 @@ from broker.audit import Trail
 from broker.settings import Settings
 from broker.signing import KeyRing
 from broker.store import NodeStore
+from consumers.peers import Peers
 
 STATUS_FILE = "status.json"
 
@@ -67,6 +68,7 @@ class NodeContext:
             started).
         started_at: when the process started (seconds since the epoch).
         progress: interim answers to the control request being handled.
+        peers: the latest beacon of every node, this one included.
     """
 
     settings: Settings
@@ -78,6 +80,16 @@ class NodeContext:
     ready: threading.Event = field(default_factory=threading.Event)
     started_at: float = field(default_factory=time.time)
     progress: RequestProgress = field(default_factory=RequestProgress)
+    peers: Peers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.peers = Peers(self.node)
+
+    @property
+    def lag_changes(self) -> int | None:
+        """Changes the master's last beacon is ahead of this node; None when no master speaks."""
+        head = self.peers.master_seq()
+        return None if head is None else max(0, head - self.store.last_seq)
 
     @property
     def role(self) -> str:
@@ -97,10 +109,12 @@ class NodeContext:
                 whole configuration, so callers that write status often (after every applied
                 batch) pass False and get the cached value or None.
         """
+        era = self.store.history.current
         return {
             "node": self.node,
             "role": self.role,
             "epoch": self.store.epoch,
+            "era_owner": era.origin if era else None,
             "applied_seq": self.store.last_seq,
             "ready": self.ready.is_set(),
             "checksum": self.store.checksum() if checksum else self.store.cached_checksum,

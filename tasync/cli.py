@@ -16,8 +16,9 @@ from tasync.cli_config import config
 from tasync.cli_hosts import hosts
 from tasync.cli_recover import promote, recover
 from tasync.cli_replay import replay
-from tasync.client import gather_status, print_table, rpc_client
+from tasync.client import print_table, rpc_client
 from tasync.demo import demo
+from tasync.health import ago, gather_status
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -55,26 +56,44 @@ for _command in ALERT_COMMANDS:
 
 
 @cli.command()
+@click.option("--max-lag", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="CHANGES", help="How far behind the master a node may be and still "
+                                      "count as in sync (changes in flight).")
 @timeout_option(2.0)
 @json_option
 @broker_option
 @handle_errors
-def status(*, timeout_s: float, as_json: bool, broker_url: str) -> None:
-    """Every node: role, epoch, applied seq, lag, alive, ready, config checksum."""
+def status(*, max_lag: int, timeout_s: float, as_json: bool, broker_url: str) -> None:
+    """Every node the network knows: role, epoch, seq, lag, alive, ready, in sync, last seen.
+
+    A health check by exit code: 0 when every known node is alive, ready and in sync;
+    4 no master answers; 5 a known node does not answer; 6 a node is not ready, behind,
+    diverged or differs from the master; 7 a precedence list holds alerts no live node of
+    it consumes; 3 the broker is unreachable. The first that applies, in that order.
+
+    \b
+    Examples:
+      tasync status
+      tasync status --json | jq .health
+      tasync status --timeout 5 --max-lag 10 || page-the-oncall
+    """
     with rpc_client(make_settings(broker_url)) as rpc:
-        rows = gather_status(rpc, timeout_s=timeout_s)
+        report = gather_status(rpc, timeout_s=timeout_s, max_lag=max_lag)
     if as_json:
-        print_json(rows)
-        return
-    if not rows:
-        click.echo("no node answered", err=True)
-    print_table(
-        ["node", "role", "epoch", "seq", "lag", "alive", "ready", "in sync", "checksum"],
-        [[r["node"], r.get("role", "?"), r.get("epoch", ""), r.get("applied_seq", ""),
-          r.get("lag", ""), _yes(r.get("alive")), _yes(r.get("ready")),
-          _yes(r.get("in_sync")) if r.get("alive") else "", str(r.get("checksum", ""))[:12]]
-         for r in rows],
-    )
+        print_json(report.to_json())
+    else:
+        print_table(
+            ["node", "role", "epoch", "seq", "lag", "alive", "ready", "in sync", "checksum",
+             "last seen"],
+            [[r["node"], r.get("role", "?"), r.get("epoch", ""), r.get("applied_seq", ""),
+              r.get("lag", ""), _yes(r.get("alive")), _yes(r.get("ready")),
+              _yes(r.get("in_sync")) if r.get("alive") else "", str(r.get("checksum") or "")[:12],
+              "now" if r.get("alive") else ago(r.get("last_seen")) or "never"]
+             for r in report.rows],
+        )
+        for code, what in report.problems:
+            click.echo(f"tasync: {code.name.lower().replace('_', ' ')}: {what}", err=True)
+    sys.exit(int(report.code))
 
 
 def _yes(value: Any) -> str:

@@ -21,8 +21,9 @@ from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError, Valid
 from broker.rpc import RpcClient
 from broker.settings import Settings
 from broker.store import NodeStore
-from tasync.client import MasterSession, gather_status, rpc_client, target_key
+from tasync.client import MasterSession, rpc_client, target_key
 from tasync.config_files import load_import_file, objects_to_ops
+from tasync.health import ago, gather_status
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -38,6 +39,10 @@ IMPORT_PART = 1000
 
 class ImportMismatch(TasyncError):
     """What the master committed differs from the import file (exit 1)."""
+
+
+class NotApplied(TasyncError):
+    """Committed, but a known backup did not answer and ``--strict`` was given (exit 1)."""
 
 
 @click.group()
@@ -72,7 +77,7 @@ def _body_from_options(kind: str, body_json: str | None, fields: dict[str, Any])
 
 
 def _commit(settings: Settings, ops: list[dict[str, Any]], *, wait_applied: bool,
-            timeout_s: float) -> dict[str, Any]:
+            strict: bool, timeout_s: float) -> dict[str, Any]:
     """Commit ``ops`` on the master exactly once, across a lost connection or a restart."""
     request_id = uuid.uuid4().hex
     session = MasterSession(settings, timeout_s=max(timeout_s, settings.confirm_timeout_s))
@@ -87,7 +92,7 @@ def _commit(settings: Settings, ops: list[dict[str, Any]], *, wait_applied: bool
     result = _no_master_hint(session, step)
     if wait_applied and result["count"]:
         with rpc_client(settings) as rpc:
-            _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s)
+            _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s, strict=strict)
     return result
 
 
@@ -113,16 +118,31 @@ def _committed(session: MasterSession, rpc: RpcClient, request_id: str) -> dict[
         time.sleep(0.2)  # committed, not yet confirmed: the master is publishing it
 
 
-def _wait_applied(rpc: Any, seq: int, *, timeout_s: float) -> None:
+def _wait_applied(rpc: Any, seq: int, *, timeout_s: float, strict: bool) -> None:
+    """Wait until every live backup applied ``seq``; name the known nodes that did not answer.
+
+    A node that does not answer (down, or hung) is not waited for: it applies the change from
+    its sync queue when it returns. It is named on stderr, or, with ``strict``, the command
+    fails (exit 1) so that a script knows not every backup has the change yet.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = [r for r in gather_status(rpc, timeout_s=1.0) if r.get("alive")]
-        behind = [r["node"] for r in rows if int(r.get("applied_seq", 0)) < seq]
+        report = gather_status(rpc, timeout_s=1.0)
+        behind = [r["node"] for r in report.live() if int(r.get("applied_seq") or 0) < seq]
         if not behind:
-            return
+            break
         if time.monotonic() > deadline:
             raise ConfigError(f"committed, but not yet applied on: {', '.join(behind)}")
         time.sleep(0.05)
+    silent = [f"{r['node']} (does not answer: down or hung"
+              + (f", last seen {ago(r['last_seen'])})" if r.get("last_seen") else ")")
+              for r in report.rows if not r.get("alive")]
+    if not silent:
+        return
+    if strict:
+        raise NotApplied(f"committed, but not applied everywhere: {', '.join(silent)}")
+    click.echo(f"tasync: warning: committed; not waited for {', '.join(silent)}: a node "
+               "applies the change from its sync queue when it returns", err=True)
 
 
 def _report(result: dict[str, Any], what: str, as_json: bool) -> None:
@@ -135,8 +155,14 @@ def _report(result: dict[str, Any], what: str, as_json: bool) -> None:
         click.echo(f"{what}: nothing to change")
 
 
-wait_option = click.option("--wait-applied", is_flag=True,
-                           help="Also wait until every live backup has applied the change.")
+def wait_option(fn: Any) -> Any:
+    """``--wait-applied`` and ``--strict`` for the commands that change configuration."""
+    fn = click.option("--strict", is_flag=True,
+                      help="With --wait-applied: fail (exit 1) when a known backup does not "
+                           "answer, instead of naming it and going on.")(fn)
+    return click.option("--wait-applied", is_flag=True,
+                        help="Also wait until every live backup has applied the change; "
+                             "backups that do not answer are named.")(fn)
 
 
 @config.command("set")
@@ -156,7 +182,7 @@ wait_option = click.option("--wait-applied", is_flag=True,
 @broker_option
 @handle_errors
 def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: bool,
-               timeout_s: float, broker_url: str, **fields: Any) -> None:
+               strict: bool, timeout_s: float, broker_url: str, **fields: Any) -> None:
     """Create or replace one object on the master.
 
     \b
@@ -170,7 +196,7 @@ def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: boo
     body = kinds.load_body(kind, name, _body_from_options(kind, body_json, fields))
     settings = make_settings(broker_url)
     result = _commit(settings, [{"op": "set", "kind": kind, "name": name, "body": body}],
-                     wait_applied=wait_applied, timeout_s=timeout_s)
+                     wait_applied=wait_applied, strict=strict, timeout_s=timeout_s)
     _report(result, f"{kind} {name}", False)
 
 
@@ -182,12 +208,12 @@ def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: boo
 @json_option
 @broker_option
 @handle_errors
-def config_delete(*, kind: str, name: str, wait_applied: bool, timeout_s: float, as_json: bool,
-                  broker_url: str) -> None:
+def config_delete(*, kind: str, name: str, wait_applied: bool, strict: bool,
+                  timeout_s: float, as_json: bool, broker_url: str) -> None:
     """Delete one object on the master (refused while others refer to it)."""
     kinds.check_name(kind, name)
     result = _commit(make_settings(broker_url), [{"op": "delete", "kind": kind, "name": name}],
-                     wait_applied=wait_applied, timeout_s=timeout_s)
+                     wait_applied=wait_applied, strict=strict, timeout_s=timeout_s)
     _report(result, f"{kind} {name} deleted", as_json)
 
 
@@ -198,8 +224,8 @@ def config_delete(*, kind: str, name: str, wait_applied: bool, timeout_s: float,
 @json_option
 @broker_option
 @handle_errors
-def config_import(*, file: Path, wait_applied: bool, timeout_s: float, as_json: bool,
-                  broker_url: str) -> None:
+def config_import(*, file: Path, wait_applied: bool, strict: bool, timeout_s: float,
+                  as_json: bool, broker_url: str) -> None:
     """Load many objects from a JSON or YAML file, all or nothing.
 
     The file is either an export (``{kind: {name: body}}``) or a list of
@@ -214,7 +240,7 @@ def config_import(*, file: Path, wait_applied: bool, timeout_s: float, as_json: 
     _check_import(result, ops)
     if wait_applied and result.get("count"):
         with rpc_client(settings) as rpc:
-            _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s)
+            _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s, strict=strict)
     _report(result, f"imported {len(ops)} objects from {file.name}", as_json)
 
 

@@ -18,7 +18,7 @@ from broker import topology
 from broker.errors import NoAnswer, RemoteError, TasyncError
 from consumers.conflicts import as_op
 from consumers.roles import SEAT_WAIT_S
-from tasync.client import gather_status
+from tasync.health import gather_status
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -194,7 +194,7 @@ def _wait_epoch(rpc: ProgressRpc, epoch: int, *, timeout_s: float) -> tuple[list
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = [r for r in gather_status(rpc, timeout_s=1.0) if r.get("alive")]
+        rows = [r for r in gather_status(rpc, timeout_s=1.0).rows if r.get("alive")]
         behind = sorted(r["node"] for r in rows if int(r.get("epoch", 0)) < epoch)
         if not behind or time.monotonic() > deadline:
             return sorted(r["node"] for r in rows if r["node"] not in behind), behind

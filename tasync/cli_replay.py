@@ -21,7 +21,8 @@ from broker.messages import Change, ChangeBatch, change_to_dict
 from broker.settings import Settings
 from consumers.replay import Since, read_since
 from tasync.cli_recover import NotIdentical, ask_node, compare_with_master
-from tasync.client import gather_status, print_table
+from tasync.client import print_table
+from tasync.health import gather_status
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -123,7 +124,7 @@ def replay(*, since: Since, node: str | None, all_nodes: bool, dry_run: bool, ti
         raise click.UsageError("give exactly one of --node NAME, --all or --dry-run")
     with progress_rpc(settings) as rpc:
         targets = [node] if node else [
-            r["node"] for r in gather_status(rpc, timeout_s=2.0)
+            r["node"] for r in gather_status(rpc, timeout_s=2.0).rows
             if r.get("alive") and r.get("role") != "master"]
         if not targets:
             raise NoAnswer("no live backup answers")

@@ -18,7 +18,7 @@ import click
 
 from broker import topology
 from broker.connection import RECOVERABLE, close_quietly, connect, describe
-from broker.errors import BrokerUnreachable, ConnectionLost, NoAnswer
+from broker.errors import BrokerUnreachable, ConnectionLost
 from broker.rpc import RpcClient
 from broker.settings import Settings
 
@@ -114,36 +114,6 @@ class MasterSession:
 def target_key(node: str | None) -> str:
     """The routing key for ``--node N``, or the master when no node is named."""
     return topology.node_key(node) if node else topology.MASTER
-
-
-def gather_status(rpc: RpcClient, *, timeout_s: float) -> list[dict[str, Any]]:
-    """Every node's status, answering or not, with lag and sync state against the master.
-
-    Waits until every node the master knows has answered, or ``timeout_s``.
-    """
-    master: dict[str, Any] | None = None
-    known: list[str] = []
-    with contextlib.suppress(NoAnswer):
-        master = rpc.call_one(topology.MASTER, "status", timeout_s=min(timeout_s, 2.0))
-        known = [str(n) for n in master.get("nodes", [])]
-    expect = len(known) if known else None
-    try:
-        replies = rpc.call(topology.ALL, "status", timeout_s=timeout_s, expect=expect)
-    except NoAnswer:
-        replies = []
-    rows: dict[str, dict[str, Any]] = {}
-    for reply in replies:
-        if reply.ok:
-            rows[reply.node] = {**reply.data, "alive": True}
-    for name in known:
-        rows.setdefault(name, {"node": name, "alive": False, "ready": False})
-    head = int(master["applied_seq"]) if master is not None else max(
-        (r.get("applied_seq", 0) for r in rows.values()), default=0)
-    for row in rows.values():
-        if row["alive"]:
-            row["lag"] = head - int(row.get("applied_seq", 0))
-            row["in_sync"] = master is not None and row.get("checksum") == master["checksum"]
-    return [rows[n] for n in sorted(rows)]
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,

@@ -33,6 +33,7 @@ from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request
 from broker.rpc import reply_to
 from consumers.context import NodeContext
+from consumers.peers import BEACON_EVERY_S
 from producers.changes import Op, parse_ops
 from producers.relay import ChangeRelay, Committed
 
@@ -47,6 +48,8 @@ CONFIG_OPS = frozenset({"commit", "import", "import_commit"})
 IMPORT_STALE_S = 24 * 3600.0
 #: How often a node not yet registered asks the master again.
 HELLO_EVERY_S = 3.0
+#: Requests that want no answer.
+NO_ANSWER_OPS = frozenset({"beacon"})
 
 
 class ControlServer(ConsumerLoop):
@@ -89,9 +92,11 @@ class ControlServer(ConsumerLoop):
             "import_commit": self._import_commit,
             "request": self._request,
             "hello": self._hello,
+            "beacon": self._beacon,
             **(handlers or {}),
         }
         self._next_hello = 0.0
+        self._next_beacon = 0.0
         self._bound_master = False
 
     def setup(self, channel: Any) -> None:
@@ -110,10 +115,31 @@ class ControlServer(ConsumerLoop):
         self.send_hello()
 
     def on_idle(self) -> None:
-        """Follow role changes and the seat; announce this node until it is registered."""
+        """Follow role changes and the seat; beacon; announce this node until registered."""
         self._follow_role()
-        if time.monotonic() >= self._next_hello:
+        now = time.monotonic()
+        if now >= self._next_beacon:
+            self._next_beacon = now + BEACON_EVERY_S
+            self.send_beacon()
+        if now >= self._next_hello:
             self.send_hello()
+
+    def send_beacon(self) -> None:
+        """Tell every node (this one included) who this node is and where it stands.
+
+        A request to ``all`` that wants no answer (``consumers.peers``): peers learn when
+        this node was last seen, and from the master's beacon how far behind they are.
+        """
+        store = self.ctx.store
+        master = self._bound_master
+        args = {"node": self.ctx.node, "role": "master" if master else "backup",
+                "epoch": store.epoch, "ready": self.ctx.ready.is_set(),
+                "seq": store.published_seq if master else store.last_seq}
+        body = messages.encode(Request(op="beacon", sender=self.ctx.node, args=args))
+        self.channel.basic_publish(
+            amqp.Message(body, content_type="application/json",
+                         expiration=str(int(BEACON_EVERY_S * 5000))),
+            exchange=topology.CONTROL_EXCHANGE, routing_key=topology.ALL)
 
     def _follow_role(self) -> None:
         """Bind ``master`` while this node is the master with the seat, else unbind it.
@@ -193,7 +219,8 @@ class ControlServer(ConsumerLoop):
             if request.op in MASTER_OPS and not (self.ctx.is_master and self.keep_seat()):
                 return Reply(ok=False, node=self.ctx.node, error_type="RemoteError",
                              error=f"{self.ctx.node} is not the master")
-            log.debug("request %s from %s", request.op, request.sender)
+            if request.op not in NO_ANSWER_OPS:
+                log.debug("request %s from %s", request.op, request.sender)
             return Reply(ok=True, node=self.ctx.node, data=handler(request.args))
         except TasyncError as exc:
             data = {"errors": getattr(exc, "errors", {}), **getattr(exc, "data", {})}
@@ -203,7 +230,11 @@ class ControlServer(ConsumerLoop):
     def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
         nodes = [name for _k, name, _b in self.ctx.store.objects("node")]
         return {**self.ctx.status(), "nodes": nodes, "diverged": self.ctx.store.diverged,
-                **self.status_extra()}
+                "peers": self.ctx.peers.view(), **self.status_extra()}
+
+    def _beacon(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.ctx.peers.saw(args)
+        return {}
 
     def _show(self, args: dict[str, Any]) -> dict[str, Any]:
         kind, name = args.get("kind"), args.get("name")

@@ -20,6 +20,8 @@ Metrics (every sample has a ``node`` label; one scrape target is one node):
 ``tasync_applied_seq``               gauge   highest seq applied (backup) or committed (master)
 ``tasync_outbox_pending_changes``    gauge   master: committed changes not yet confirmed
 ``tasync_lag_changes``               gauge   changes behind the master, when the node knows it
+``tasync_peer_seen_age_seconds``     gauge   per ``peer``: seconds since its last beacon (a dead
+                                             or hung node's grows; its own stays near 0)
 ``tasync_config_objects``            gauge   configuration objects held
 ``tasync_consumer_connected``        gauge   per consumer (``sync``, ``control``, ``delivery``)
 ``tasync_start_time_seconds``        gauge   when the process started (Unix time)
@@ -108,8 +110,8 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Every metric whose source could be read during this scrape."""
         name = str(self.node.ctx.node)
-        for part in (self._node_state, self._progress, self._consumers, self._alerts,
-                     self._memory):
+        for part in (self._node_state, self._progress, self._peers, self._consumers,
+                     self._alerts, self._memory):
             try:
                 yield from part(name)
             except Exception as exc:  # one unreadable part must not fail the whole scrape
@@ -152,6 +154,18 @@ class NodeCollector(Collector):
         if lag is not None:
             yield _gauge("tasync_lag_changes", "Configuration changes this node is behind.",
                          name, lag)
+
+    def _peers(self, name: str) -> Iterator[Metric]:
+        """How long ago each node was last heard of: a dead or hung peer stands out here."""
+        ages = self.node.ctx.peers.ages()
+        if not ages:
+            return
+        gauge = GaugeMetricFamily("tasync_peer_seen_age_seconds",
+                                  "Seconds since this node last received the peer's beacon.",
+                                  labels=["node", "peer"])
+        for peer, age in sorted(ages.items()):
+            gauge.add_metric([name, peer], age)
+        yield gauge
 
     def _consumers(self, name: str) -> Iterator[Metric]:
         consumers = list(getattr(self.node, "consumers", ()) or ())

@@ -125,6 +125,11 @@ class Node:
                                  reason="no --hosts-file or --master: any master is accepted")
         return admission
 
+    @property
+    def lag_changes(self) -> int | None:
+        """How many changes this node is behind the master (metrics); None when unknown."""
+        return self.ctx.lag_changes
+
     def _applied(self, result: ApplyResult) -> None:
         self.changes_applied += result.applied
         self._dirty.set()

@@ -62,7 +62,7 @@ def test_every_kind_replicates_and_exports_match(network: Network, tmp_path: Pat
     assert export["group"]["oncall"] == {"members": ["hook"], "mode": "sequence"}
     assert export["route"]["nms"] == {"hosts": ["b", "a"]}
     assert len(export["destination"]) == 10_001
-    status = json.loads(cli("status", "--json").stdout)
+    status = network.status()
     assert {row["node"] for row in status} == {"a", "b", "c"}
     assert len({row["checksum"] for row in status}) == 1
     assert all(row["ready"] and row["in_sync"] and row["lag"] == 0 for row in status)
@@ -72,7 +72,7 @@ def test_invalid_objects_change_nothing(network: Network) -> None:
     start_trio(network)
     network.cli("config", "set", "destination", "d1", "--url", "file:///tmp/x",
                 "--wait-applied")
-    before = json.loads(network.cli("status", "--json").stdout)
+    before = network.status()
     bad = [
         ("config", "set", "gadget", "x", "--json", "{}"),
         ("config", "set", "destination", "d2", "--json", "{}"),
@@ -87,6 +87,6 @@ def test_invalid_objects_change_nothing(network: Network) -> None:
         assert "Traceback" not in out.stderr
         if out.returncode == 1:
             assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    after = json.loads(network.cli("status", "--json").stdout)
+    after = network.status()
     assert [(r["node"], r["applied_seq"], r["checksum"]) for r in after] == \
         [(r["node"], r["applied_seq"], r["checksum"]) for r in before]

@@ -1,0 +1,43 @@
+"""``tasync status`` as a health check: a row for every known node, an exit code per state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.test_replication import start_trio
+from tests.network import Network
+
+pytestmark = pytest.mark.integration
+
+
+def rows(network: Network) -> dict[str, dict[str, object]]:
+    return {r["node"]: r for r in network.status()}
+
+
+def test_status_exit_codes_follow_the_network(network: Network) -> None:
+    start_trio(network)
+    code, health = network.health()
+    assert (code, health["state"]) == (0, "ok"), health
+
+    network.nodes["c"].kill()
+    code, health = network.health()
+    assert (code, health["state"]) == (5, "node_down"), health
+    row = rows(network)["c"]
+    assert row["alive"] is False and row["role"] == "backup"
+    assert isinstance(row["last_seen"], float)  # from its peers' beacons
+
+    network.nodes["a"].kill()  # the master
+    code, health = network.health()
+    assert (code, health["state"]) == (4, "no_master"), health
+    master = rows(network)["a"]
+    assert master["alive"] is False and master["role"] == "master", master
+    out = network.cli("status", check=False)
+    assert out.returncode == 4
+    assert "a" in out.stdout and "no master" in out.stderr
+
+    network.nodes["b"].stop()
+    out = network.cli("status", "--json", check=False)
+    assert out.returncode == 4 and json.loads(out.stdout)["health"]["problems"][0]["what"] \
+        == "no node answers"
