@@ -61,9 +61,13 @@ class ConsumerLoop:
     name = "consumer"
     poll_s = 0.5
 
-    def __init__(self, settings: Settings, *, prefetch: int | None = None) -> None:
+    def __init__(self, settings: Settings, *, prefetch: int | None = None,
+                 heartbeat_s: float | None = None) -> None:
         self.settings = settings
         self.prefetch = settings.prefetch if prefetch is None else prefetch
+        #: This loop's connection heartbeat (default: the settings'); a loop whose silence
+        #: must be noticed sooner than others' (alert delivery) has a shorter one.
+        self.heartbeat_s = settings.heartbeat_s if heartbeat_s is None else heartbeat_s
         self.conn: Connection | None = None
         self.channel: Any = None
         self.connected = threading.Event()
@@ -104,7 +108,8 @@ class ConsumerLoop:
         delay = 0.1
         while not self.stop_event.is_set():
             try:
-                self.conn = connect(self.settings, name=self.name, retry_s=5.0)
+                self.conn = connect(self.settings, name=self.name, retry_s=5.0,
+                                    heartbeat_s=self.heartbeat_s)
             except BrokerUnreachable as exc:
                 log.warning("%s: %s; retrying", self.name, exc)
                 self.stop_event.wait(delay)

@@ -56,6 +56,8 @@ class Settings:
         heartbeat_s: AMQP heartbeat; a hung peer is detected after about two of these.
         seat_heartbeat_s: heartbeat of the master seat's connection: a hung master loses the
             seat (and a promotion can proceed) within about twice this.
+        delivery_heartbeat_s: heartbeat of a node's alert-delivery connection: the broker moves
+            a hung node's alerts to the next node of their list within about twice this.
         connect_timeout_s: how long one connection attempt may take.
         connect_retry_s: how long a process keeps retrying before it reports the broker down.
         confirm_timeout_s: how long a publish may wait for the broker's confirm.
@@ -72,6 +74,7 @@ class Settings:
     broker_urls: tuple[str, ...] = (DEFAULT_BROKER_URL,)
     heartbeat_s: float = 10.0
     seat_heartbeat_s: float = 2.0
+    delivery_heartbeat_s: float = 1.0
     connect_timeout_s: float = 5.0
     connect_retry_s: float = 30.0
     confirm_timeout_s: float = 30.0

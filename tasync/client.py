@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import amqp.exceptions
 import click
 
 from broker import topology
@@ -39,7 +40,7 @@ def connected_client(settings: Settings,
 
     A command fails fast (5 s at most) when no broker answers: a person is waiting.
     """
-    conn = connect(settings, name="tasync-cli", retry_s=min(settings.connect_retry_s, 5.0))
+    conn = connect(settings, name="tasync-cli", retry_s=settings.connect_retry_s)
     try:
         yield factory(conn, sender=f"cli@{socket.gethostname()}:{os.getpid()}")
     finally:
@@ -89,6 +90,8 @@ class MasterSession:
             try:
                 with rpc_client(self.settings) as rpc:
                     return step(rpc, self.resumed)
+            except amqp.exceptions.NotFound:
+                raise  # the topology is missing: reconnecting cannot help (handle_errors says so)
             except _LOST as exc:
                 if isinstance(exc, BrokerUnreachable) and not self.resumed:
                     raise  # no broker at all: say so at once (exit 3)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import amqp.exceptions
 import click
 
 from broker.connection import RECOVERABLE, describe
@@ -23,13 +24,41 @@ from broker.tls import TLS_KEYS, check_tls_urls, tls_extra
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def broker_option(fn: F) -> F:
+#: Where ``--connect-timeout`` keeps its value for ``make_settings`` (the click context's meta).
+_CONNECT_TIMEOUT_KEY = "tasync.connect_timeout_s"
+#: A person is waiting: give up on an unreachable broker after this long (loopback answers
+#: or refuses within milliseconds; a remote broker within a second or so).
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+
+
+def _remember_connect_timeout(ctx: click.Context, _param: click.Parameter,
+                              value: float) -> float:
+    ctx.meta[_CONNECT_TIMEOUT_KEY] = value
+    return value
+
+
+def broker_url_option(fn: F) -> F:
     """``--broker URL``: several URLs separated by ``;`` are tried in order."""
     return click.option(
         "--broker", "broker_url", envvar=ENV_BROKER_URL, default=DEFAULT_BROKER_URL,
         show_default="$TASYNC_BROKER_URL or " + DEFAULT_BROKER_URL.replace("guest:guest@", ""),
         metavar="URL", help="Broker URL(s); separate several with ';' to fail over in order.",
     )(fn)
+
+
+def broker_option(fn: F) -> F:
+    """``--broker URL`` and ``--connect-timeout SECONDS``, for commands a person waits on.
+
+    The timeout is not passed to the command: ``make_settings`` reads it, so every command
+    that connects honours it without a parameter of its own.
+    """
+    fn = click.option(
+        "--connect-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_CONNECT_TIMEOUT_S,
+        show_default=True, metavar="SECONDS", expose_value=False,
+        callback=_remember_connect_timeout,
+        help="How long to keep trying to reach the broker before giving up (exit 3).",
+    )(fn)
+    return broker_url_option(fn)
 
 
 def json_option(fn: F) -> F:
@@ -56,6 +85,11 @@ def make_settings(broker_url: str, **overrides: Any) -> Settings:
     line. TLS files given as options (``extra=tls_extra(...)``) win over the environment.
     """
     extra = dict(overrides.pop("extra", None) or {})
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and _CONNECT_TIMEOUT_KEY in ctx.meta:
+        timeout_s = float(ctx.meta[_CONNECT_TIMEOUT_KEY])
+        overrides.setdefault("connect_timeout_s", timeout_s)
+        overrides.setdefault("connect_retry_s", timeout_s)
     try:
         if not any(extra.get(key) for key in TLS_KEYS):
             extra.update(tls_extra())
@@ -85,6 +119,13 @@ def handle_errors(fn: F) -> F:
         except TasyncError as exc:
             click.echo(f"tasync: {exc}", err=True)
             sys.exit(int(exc.exit_code))
+        except amqp.exceptions.NotFound as exc:
+            if "'tasync." not in str(exc):
+                raise
+            missing = str(exc).split("NOT_FOUND - ", 1)[-1].splitlines()[0][:200]
+            click.echo(f"tasync: the virtual host has no tasync topology ({missing}): run "
+                       "tasync broker setup", err=True)
+            sys.exit(int(ExitCode.FAILED))
         except RECOVERABLE as exc:
             click.echo(f"tasync: lost the connection to the broker ({describe(exc)})", err=True)
             sys.exit(int(ExitCode.BROKER_UNREACHABLE))

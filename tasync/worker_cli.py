@@ -8,7 +8,7 @@ import click
 
 from broker.signing import key_file_from_env
 from tasync.node import Node, NodeOptions
-from tasync.options import broker_option, handle_errors, make_settings
+from tasync.options import broker_url_option, handle_errors, make_settings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,7 +41,7 @@ from tasync.options import broker_option, handle_errors, make_settings
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="ADDRESS",
               help="Address the metrics server binds; 0.0.0.0 lets other hosts scrape.")
 @click.option("-v", "--verbose", is_flag=True, help="Per-message detail in tasync.log.")
-@broker_option
+@broker_url_option
 @handle_errors
 def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None,
          single_master: str | None, conf_hosts_file: Path | None,

@@ -36,7 +36,20 @@ def leak_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     pytest's base temporary directory, and are all scanned here, whichever tests ran.
     """
     yield
-    secret_registry.check_tree(tmp_path_factory.getbasetemp())
+    base = tmp_path_factory.getbasetemp()
+    secret_registry.check_tree(base)
+    check_no_tracebacks(base)
+
+
+def check_no_tracebacks(root: Path) -> None:
+    """Fail if any command a test ran (``Network.cli``'s ``cli.out`` records) printed a traceback.
+
+    Every error a person can meet is one line; a traceback anywhere in command output, in any
+    test of the session, is a bug even when that test did not look at stderr.
+    """
+    found = [str(path.relative_to(root)) for path in root.rglob("cli.out")
+             if "Traceback (most recent call last)" in path.read_text(errors="replace")]
+    assert not found, "commands printed a traceback:\n" + "\n".join(found)
 
 
 @pytest.fixture(scope="session")
