@@ -41,7 +41,7 @@ def cut_in_the_middle(network: Network, proxy: TcpProxy, *args: str) -> None:
              timeout_s=60, what=f"tasync {args[0]} to connect")
     assert proc.poll() is None, proc.communicate()
     proxy.cut("reset")
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     proxy.heal()
     assert proc.returncode == 3, (args, proc.returncode, err)
     assert "Traceback" not in err, err
