@@ -41,3 +41,16 @@ def test_status_exit_codes_follow_the_network(network: Network) -> None:
     out = network.cli("status", "--json", check=False)
     assert out.returncode == 4 and json.loads(out.stdout)["health"]["problems"][0]["what"] \
         == "no node answers"
+
+
+def test_wait_applied_names_the_backups_it_skipped(network: Network) -> None:
+    start_trio(network)
+    network.nodes["c"].kill()
+    out = network.cli("config", "set", "destination", "x", "--url", "file:///tmp/x",
+                      "--wait-applied")
+    assert "committed" in out.stdout
+    assert "not waited for c (does not answer" in out.stderr, out.stderr
+    strict = network.cli("config", "set", "destination", "y", "--url", "file:///tmp/y",
+                         "--wait-applied", "--strict", check=False)
+    assert strict.returncode == 1 and "not applied everywhere: c" in strict.stderr, strict
+    assert "y" in json.loads(network.export("b"))["destination"]  # committed all the same
