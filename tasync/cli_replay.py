@@ -16,10 +16,11 @@ import click
 
 from broker import topology
 from broker.epochs import EpochHistory
-from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError
+from broker.errors import NoAnswer, RemoteError, TasyncError
 from broker.messages import Change, ChangeBatch, change_to_dict
 from broker.settings import Settings
-from consumers.replay import Since, read_since
+from broker.since import Since
+from consumers.replay import read_since
 from tasync.cli_recover import NotIdentical, ask_node, compare_with_master
 from tasync.client import gather_status, print_table
 from tasync.options import (
@@ -28,6 +29,7 @@ from tasync.options import (
     json_option,
     make_settings,
     print_json,
+    since_option,
     timeout_option,
 )
 from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
@@ -35,13 +37,6 @@ from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
 
 class IncompleteLog(TasyncError):
     """The change log may no longer reach back to the point asked for (exit 1)."""
-
-
-def _since(_ctx: click.Context, _param: click.Parameter, value: str) -> Since:
-    try:
-        return Since.parse(value)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 
 
 def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
@@ -86,9 +81,7 @@ def _replay_node(rpc: ProgressRpc, node: str, since: Since, *, timeout_s: float,
 
 
 @click.command()
-@click.option("--since", "since", required=True, callback=_since, metavar="TIME|seq:K",
-              help="ISO time (2026-01-31T14:05:00Z; local time without a zone) or seq:K "
-                   "(the changes after seq K).")
+@since_option(allow_seq=True, required=True, what="the changes from")
 @click.option("--node", metavar="NAME", help="Replay into this node.")
 @click.option("--all", "all_nodes", is_flag=True, help="Replay into every live backup.")
 @click.option("--dry-run", is_flag=True, help="Only list the changes; change nothing.")
