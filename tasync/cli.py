@@ -38,8 +38,12 @@ def cli() -> None:
     backup applies the same changes in the same order. Alerts sent with `tasync send`
     go to the first live node of a precedence list.
     \b
-    Start here:   tasync demo
-    Every node:   tasync status
+    Examples:
+      tasync demo                             watch a network work, on this machine
+      tasync status                           every node: alive, ready, in sync
+      tasync config set route remedy --host a --host b
+      tasync send -i ops -m "disk full on db1" --route remedy
+      tasync send --help                      every command's options, with examples
     """
 
 
@@ -60,7 +64,13 @@ for _command in ALERT_COMMANDS:
 @broker_option
 @handle_errors
 def status(*, timeout_s: float, as_json: bool, broker_url: str) -> None:
-    """Every node: role, epoch, applied seq, lag, alive, ready, config checksum."""
+    """Every node: role, epoch, applied seq, lag, alive, ready, config checksum.
+
+    \b
+    Examples:
+      tasync status
+      tasync status --json --timeout 5
+    """
     with rpc_client(make_settings(broker_url)) as rpc:
         rows = gather_status(rpc, timeout_s=timeout_s)
     if as_json:

@@ -170,6 +170,12 @@ def totals(*, since: Since | None, timeout_s: float, as_json: bool, broker_url: 
 
     "Taken over" counts alerts a server delivered although it was not first in their
     precedence list: the servers ahead of it were down, hung, or full (overflow).
+
+    \b
+    Examples:
+      tasync totals
+      tasync totals --since 2h
+      tasync totals --since 2026-01-31T08:00:00Z --json
     """
     start = since.ts if since is not None else None
     with rpc_client(make_settings(broker_url)) as rpc:

@@ -37,7 +37,15 @@ IMPORT_PART = 1000
 
 @click.group()
 def config() -> None:
-    """Change the master's configuration, or look at what a node holds."""
+    """Change the master's configuration, or look at what a node holds.
+
+    \b
+    Examples:
+      tasync config set destination ops --url file:///var/spool/alerts.jsonl
+      tasync config show route
+      tasync config export --node b > b.json
+      tasync config import config.yaml --wait-applied
+    """
 
 
 def _body_from_options(kind: str, body_json: str | None, fields: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +147,13 @@ def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: boo
 @handle_errors
 def config_delete(*, kind: str, name: str, wait_applied: bool, timeout_s: float, as_json: bool,
                   broker_url: str) -> None:
-    """Delete one object on the master (refused while others refer to it)."""
+    """Delete one object on the master (refused while others refer to it).
+
+    \b
+    Examples:
+      tasync config delete route remedy
+      tasync config delete destination old-pager --wait-applied
+    """
     kinds.check_name(kind, name)
     result = _commit(make_settings(broker_url), [{"op": "delete", "kind": kind, "name": name}],
                      wait_applied=wait_applied, timeout_s=timeout_s)
@@ -160,6 +174,11 @@ def config_import(*, file: Path, wait_applied: bool, timeout_s: float, as_json: 
     The file is either an export (``{kind: {name: body}}``) or a list of
     ``{"kind": ..., "name": ..., "body": ..., "op": "set"|"delete"}``. Every object is checked
     before anything is sent; the master commits the whole file in one transaction.
+
+    \b
+    Examples:
+      tasync config import config.yaml
+      tasync config import export-of-b.json --wait-applied --timeout 600
     """
     ops = objects_to_ops(load_import_file(file))
     settings = make_settings(broker_url)
@@ -235,7 +254,14 @@ data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, pa
 @handle_errors
 def config_show(*, kind: str | None, name: str | None, node: str | None, data_dir: Path | None,
                 timeout_s: float, as_json: bool, broker_url: str) -> None:
-    """Show what a node holds: everything, one kind, or one object."""
+    """Show what a node holds: everything, one kind, or one object.
+
+    \b
+    Examples:
+      tasync config show                      everything the master holds
+      tasync config show route remedy --node b
+      tasync config show destination --data-dir /var/lib/tasync/b   without the broker
+    """
     data = _local_or_remote(broker_url, node, data_dir, "show",
                             {"kind": kind, "name": name}, timeout_s)
     objects = data["objects"]
@@ -257,6 +283,13 @@ def config_show(*, kind: str | None, name: str | None, node: str | None, data_di
 @handle_errors
 def config_export(*, node: str | None, data_dir: Path | None, timeout_s: float,
                   broker_url: str) -> None:
-    """Print a node's whole configuration as canonical JSON (nodes in sync print equal bytes)."""
+    """Print a node's whole configuration as canonical JSON (nodes in sync print equal bytes).
+
+    \b
+    Examples:
+      tasync config export > config.json      the master's
+      tasync config export --node b | sha256sum
+      tasync config export --data-dir /var/lib/tasync/b   a stopped node's
+    """
     data = _local_or_remote(broker_url, node, data_dir, "export", {}, timeout_s)
     sys.stdout.write(data["export"])
