@@ -6,6 +6,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
     TasyncError
      +-- ConfigError            bad user input or configuration (exit 1)
      |    +-- ValidationError   an object or change failed its schema or references
+     |    +-- UnknownNode       a command named a node the network does not know
      +-- MessageError           a wire message that cannot be accepted (quarantined)
      +-- BrokerUnreachable      no broker URL answered (exit 3)
      +-- PublishError           the broker nacked or did not confirm in time (exit 1)
@@ -50,6 +51,14 @@ class ValidationError(ConfigError):
     def __init__(self, message: str, *, errors: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or {}
+
+
+class UnknownNode(ConfigError):
+    """A command named a node that is neither a ``node`` object of the network nor running.
+
+    Said at once, with the names the network knows, rather than after waiting for an answer
+    that cannot come: a typo should not look like a dead node.
+    """
 
 
 class MessageError(TasyncError):

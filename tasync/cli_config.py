@@ -22,6 +22,7 @@ from broker.settings import Settings
 from broker.store import NodeStore
 from tasync.client import gather_status, rpc_client, target_key
 from tasync.config_files import load_import_file, objects_to_ops
+from tasync.known_nodes import check_known
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -235,6 +236,7 @@ def _local_or_remote(broker_url: str, node: str | None, data_dir: Path | None, o
         finally:
             store.close()
     with rpc_client(make_settings(broker_url)) as rpc:
+        check_known(rpc, [node])
         return rpc.call_one(target_key(node), op, args, timeout_s=timeout_s)
 
 

@@ -23,6 +23,7 @@ from broker.since import Since
 from consumers.replay import read_since
 from tasync.cli_recover import NotIdentical, ask_node, compare_with_master
 from tasync.client import gather_status, print_table
+from tasync.known_nodes import check_known
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -115,6 +116,7 @@ def replay(*, since: Since, node: str | None, all_nodes: bool, dry_run: bool, ti
     if bool(node) == all_nodes:
         raise click.UsageError("give exactly one of --node NAME, --all or --dry-run")
     with progress_rpc(settings) as rpc:
+        check_known(rpc, [node])
         targets = [node] if node else [
             r["node"] for r in gather_status(rpc, timeout_s=2.0)
             if r.get("alive") and r.get("role") != "master"]
