@@ -12,6 +12,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      +-- PublishError           the broker nacked or did not confirm in time (exit 1)
      +-- RemoteError            another node answered a request with an error (exit 1)
      +-- NoAnswer               nobody answered a request in time (exit 1)
+     +-- WaitTimedOut           ``tasync wait`` ran out of time (exit 1)
      +-- FencedError            a change carries a stale epoch (rejected, audited)
 
 ``ExitCode`` holds the command-line contract of design section 6.
@@ -81,6 +82,10 @@ class RemoteError(TasyncError):
 
 class NoAnswer(TasyncError):
     """Nobody answered a request in time (for example no master is running)."""
+
+
+class WaitTimedOut(TasyncError):
+    """What ``tasync wait`` waited for did not happen in time; the message says what it saw."""
 
 
 class FencedError(TasyncError):

@@ -16,6 +16,7 @@ from tasync.cli_config import config
 from tasync.cli_hosts import hosts
 from tasync.cli_recover import promote, recover
 from tasync.cli_replay import replay
+from tasync.cli_wait import wait
 from tasync.client import gather_status, print_table, rpc_client
 from tasync.demo import demo
 from tasync.options import (
@@ -54,6 +55,7 @@ cli.add_command(recover)
 cli.add_command(replay)
 cli.add_command(promote)
 cli.add_command(demo)
+cli.add_command(wait)
 for _command in ALERT_COMMANDS:
     cli.add_command(_command)
 

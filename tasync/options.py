@@ -38,12 +38,13 @@ def json_option(fn: F) -> F:
                         help="Print JSON instead of text (for scripts).")(fn)
 
 
-def timeout_option(default_s: float) -> Callable[[F], F]:
-    """``--timeout SECONDS`` for commands that wait for nodes to answer."""
+def timeout_option(default_s: float,
+                   text: str = "How long to wait for nodes to answer.") -> Callable[[F], F]:
+    """``--timeout SECONDS`` for commands that wait for nodes to answer (or for anything)."""
     def wrap(fn: F) -> F:
         return click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1),
                             default=default_s, show_default=True, metavar="SECONDS",
-                            help="How long to wait for nodes to answer.")(fn)
+                            help=text)(fn)
     return wrap
 
 
