@@ -14,6 +14,7 @@ from tasync.cli_alerts import ALERT_COMMANDS, normalise_host_args
 from tasync.cli_broker import broker
 from tasync.cli_config import config
 from tasync.cli_hosts import hosts
+from tasync.cli_key import key
 from tasync.cli_recover import promote, recover
 from tasync.cli_replay import replay
 from tasync.cli_wait import wait
@@ -51,6 +52,7 @@ def cli() -> None:
 cli.add_command(broker)
 cli.add_command(config)
 cli.add_command(hosts)
+cli.add_command(key)
 cli.add_command(recover)
 cli.add_command(replay)
 cli.add_command(promote)

@@ -431,3 +431,32 @@ def start_worker(network: Network, command: str, env: dict[str, str]) -> NodePro
     node.start()
     node.wait_ready(timeout_s=90)
     return node
+
+
+def test_key_rotation_recipe_works_twice_in_a_row(tmp_path: Path) -> None:
+    """The documented rotation, run as written twice in a row (two rotations in one day).
+
+    Between the runs the third round's file becomes the current key, as after a finished
+    rotation. Each round's file must load as a node loads it at start, with the new key added,
+    then signing, then alone.
+    """
+    from broker.signing import KeyRing
+
+    (block,) = [b for b in blocks("operations.md")
+                if b.info == ["console"] and "tasync key generate > new.key" in b.text]
+    env = _example_env(tmp_path, dict(os.environ))
+    subprocess.run("(umask 077; tasync key generate > cluster.key)", shell=True, check=True,
+                   cwd=tmp_path, env=env)
+    used: set[str] = set()
+    for _ in range(2):
+        old = KeyRing.load(tmp_path / "cluster.key").key_ids
+        script = "set -e\n" + "\n".join(step.command for step in session(block))
+        out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        new = KeyRing.load(tmp_path / "new.key").key_ids
+        assert [KeyRing.load(tmp_path / f"round{n}.key").key_ids for n in (1, 2, 3)] == \
+            [old + new, new + old, new]
+        assert not used & set(new), "a key id came back"
+        used |= set(old + new)
+        (tmp_path / "cluster.key").write_bytes((tmp_path / "round3.key").read_bytes())
