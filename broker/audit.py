@@ -3,7 +3,9 @@
 ``telalert.trail`` has one line per significant event, ``timestamp node event key=value ...``,
 which operators grep and tests parse; ``tasync.log`` is the synchronization log, with
 per-message detail at ``-v``. Values are quoted when they hold spaces so every line splits
-back into its fields, and nothing that looks like a secret is ever passed in.
+back into its fields, and nothing that looks like a secret is ever passed in. The
+synchronization log also goes to stderr in a short form (``stderr_handler``), where journald
+and ``docker logs`` collect it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import logging
 import logging.handlers
 import re
 import shlex
+import sys
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from broker.settings import stderr_is_journal
 
 TRAIL_NAME = "telalert.trail"
 SYNC_LOG_NAME = "tasync.log"
@@ -90,8 +96,102 @@ def read_trail(data_dir: Path | str) -> list[dict[str, str]]:
     return [parse_trail_line(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
 
 
-def setup_sync_log(data_dir: Path | str, node: str, *, verbose: bool) -> logging.Logger:
-    """Route the ``tasync`` loggers to ``<data-dir>/tasync.log`` (DEBUG with ``-v``)."""
+#: How long stderr stays quiet about a warning it already showed, unless the fault cleared.
+REPEAT_WINDOW_S = 600.0
+#: Distinct warnings remembered at most (the oldest are forgotten first).
+REPEAT_KEYS = 256
+#: syslog priorities by logging level, for journald's ``<N>`` line prefix.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class RepeatFilter(logging.Filter):
+    """Shows each distinct warning once per ``window_s``, so a lasting fault is one line.
+
+    A worker that cannot reach the broker retries forever on several connections; on stderr
+    (journald, ``docker logs``) that should read as one line per problem, not one per attempt
+    and connection. Records name their problem in a ``problem`` attribute where several
+    connections report the same fault in their own words; otherwise the message is the key.
+    A record with ``resolved`` set (a connection came back) is shown only if a problem was,
+    and lets the next fault be reported at once.
+    """
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S, max_keys: int = REPEAT_KEYS) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._shown: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether ``record`` is shown: not a repeat within the window."""
+        with self._lock:
+            if getattr(record, "resolved", False):
+                reported = bool(self._shown)
+                self._shown.clear()
+                return reported
+            if record.levelno < logging.WARNING:
+                return True
+            key = str(getattr(record, "problem", None) or record.getMessage())
+            now = time.monotonic()
+            last = self._shown.pop(key, None)
+            if last is not None and now - last < self.window_s:
+                self._shown[key] = last
+                return False
+            self._shown[key] = now
+            while len(self._shown) > self.max_keys:
+                del self._shown[next(iter(self._shown))]
+            return True
+
+
+class _ShortFormatter(logging.Formatter):
+    """One line per record: an exception shows as its type and message, not its traceback.
+
+    The traceback stays in ``tasync.log``; journald and ``docker logs`` show one line per
+    record, under systemd with the ``<N>`` syslog priority journald reads (and strips).
+    """
+
+    def __init__(self, fmt: str, *, journal: bool) -> None:
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line (see the class)."""
+        short = logging.makeLogRecord(record.__dict__)
+        short.exc_info = short.exc_text = short.stack_info = None
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            short.msg, short.args = f"{record.getMessage()} ({type(error).__name__}: " \
+                f"{str(error).splitlines()[0] if str(error) else ''})", None
+        line = super().format(short).replace("\n", " ")
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{line}" if self.journal else line
+
+
+def stderr_handler(node: str, *, stream: TextIO | None = None) -> logging.Handler:
+    """The worker's log on stderr, for journald and ``docker logs``: short, one per problem.
+
+    No timestamp (journald and ``docker logs -t`` add their own), the node's name, the level
+    and the message on one line; under systemd a ``<N>`` priority prefix too, so ``journalctl
+    -p warning`` finds the warnings. Repeats are filtered (``RepeatFilter``) and tracebacks
+    left out; ``tasync.log`` keeps both.
+    """
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    journal = stream is None and stderr_is_journal()
+    handler.setFormatter(_ShortFormatter(f"{node} %(levelname)s %(message)s", journal=journal))
+    handler.addFilter(RepeatFilter())
+    return handler
+
+
+def setup_sync_log(data_dir: Path | str, node: str, *, verbose: bool,
+                   stderr: TextIO | None = None) -> logging.Logger:
+    """Route the ``tasync`` loggers to ``<data-dir>/tasync.log`` and stderr (DEBUG with ``-v``).
+
+    Args:
+        data_dir: where ``tasync.log`` rotates.
+        node: the node's name, on every line.
+        verbose: DEBUG instead of INFO, in both places.
+        stderr: where the short log goes (tests pass a stream); default ``sys.stderr``.
+    """
     root = logging.getLogger("tasync")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler = logging.handlers.RotatingFileHandler(
@@ -101,6 +201,6 @@ def setup_sync_log(data_dir: Path | str, node: str, *, verbose: bool) -> logging
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s {node} %(levelname)s %(name)s %(message)s"
     ))
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, stderr_handler(node, stream=stderr)]
     root.propagate = False
     return root

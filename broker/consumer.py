@@ -15,9 +15,10 @@ import logging
 import threading
 from typing import Any
 
+import amqp.exceptions
 from kombu import Connection
 
-from broker.connection import RECOVERABLE, close_quietly, connect, describe
+from broker.connection import RECOVERABLE, close_quietly, connect, describe, refusal
 from broker.errors import BrokerUnreachable, MessageError
 from broker.settings import Settings
 
@@ -106,12 +107,14 @@ class ConsumerLoop:
     def run(self) -> None:
         """Connect, subscribe and drain until stopped; reconnect after every loss."""
         delay = 0.1
+        troubled = False  # a problem was logged since the last good connection
         while not self.stop_event.is_set():
             try:
                 self.conn = connect(self.settings, name=self.name, retry_s=5.0,
                                     heartbeat_s=self.heartbeat_s)
             except BrokerUnreachable as exc:
-                log.warning("%s: %s; retrying", self.name, exc)
+                log.warning("%s: %s; retrying", self.name, exc, extra={"problem": str(exc)})
+                troubled = True
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -121,14 +124,22 @@ class ConsumerLoop:
                 self.setup(self.channel)
                 self.connected.set()
                 delay = 0.1
+                if troubled:
+                    log.info("%s: connected to the broker again", self.name,
+                             extra={"resolved": True})
+                    troubled = False
                 self.on_connected()
                 self._drain_until_stopped()
             except RECOVERABLE as exc:
-                reason = describe(exc)
-                log.warning("%s: connection lost (%s); reconnecting", self.name, reason)
+                reason = (refusal(exc) if isinstance(exc, amqp.exceptions.AccessRefused)
+                          else describe(exc))
+                log.warning("%s: connection lost (%s); reconnecting", self.name, reason,
+                            extra={"problem": reason})
+                troubled = True
                 self.on_disconnected(reason)
             except Exception as exc:
                 log.exception("%s: unexpected error; reconnecting", self.name)
+                troubled = True
                 self.on_disconnected(describe(exc))
                 delay = 2.0
             finally:

@@ -6,6 +6,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
     TasyncError
      +-- ConfigError            bad user input or configuration (exit 1)
      |    +-- ValidationError   an object or change failed its schema or references
+     |    +-- UnknownNode       a command named a node the network does not know
      +-- MessageError           a wire message that cannot be accepted (quarantined)
      +-- BrokerUnreachable      no broker URL answered (exit 3)
      +-- PublishError           the broker nacked or did not confirm in time (exit 1)
@@ -13,6 +14,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      +-- ImportIncomplete       an import's parts did not all reach the master (resent)
      +-- ConnectionLost         the broker connection broke in the middle of a command (exit 3)
      +-- NoAnswer               nobody answered a request in time (exit 1)
+     +-- WaitTimedOut           ``tasync wait`` ran out of time (exit 1)
      +-- FencedError            a change carries a stale epoch (rejected, audited)
      |    +-- SeatLost          the master lost the broker's master seat (no commit reported)
 
@@ -61,6 +63,14 @@ class ValidationError(ConfigError):
     def __init__(self, message: str, *, errors: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or {}
+
+
+class UnknownNode(ConfigError):
+    """A command named a node that is neither a ``node`` object of the network nor running.
+
+    Said at once, with the names the network knows, rather than after waiting for an answer
+    that cannot come: a typo should not look like a dead node.
+    """
 
 
 class MessageError(TasyncError):
@@ -112,6 +122,10 @@ class ConnectionLost(TasyncError):
 
 class NoAnswer(TasyncError):
     """Nobody answered a request in time (for example no master is running)."""
+
+
+class WaitTimedOut(TasyncError):
+    """What ``tasync wait`` waited for did not happen in time; the message says what it saw."""
 
 
 class FencedError(TasyncError):

@@ -14,6 +14,23 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
 ENV_BROKER_URL = "TASYNC_BROKER_URL"
 ENV_CLUSTER_KEY_FILE = "TASYNC_CLUSTER_KEY_FILE"
+#: Set by systemd to ``DEVICE:INODE`` of the journal stream it connected stdout/stderr to.
+ENV_JOURNAL_STREAM = "JOURNAL_STREAM"
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is systemd's journal stream (then lines may carry a ``<N>`` priority).
+
+    systemd sets ``$JOURNAL_STREAM`` for the service's own stdout/stderr; comparing it with
+    stderr's device and inode tells a redirected stderr (``2>file``) from the journal.
+    """
+    value = os.environ.get(ENV_JOURNAL_STREAM, "")
+    device, _, inode = value.partition(":")
+    try:
+        info = os.fstat(2)
+        return bool(value) and (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
 
 
 def split_urls(value: str) -> tuple[str, ...]:

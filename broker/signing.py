@@ -7,16 +7,16 @@ with access to a queue but not to the key file.
 Key file format (one place to learn it, ``KeyRing.generate`` writes it)::
 
     # tasync cluster key; keep it readable by the tasync user only
-    k20250101:9f2c...64 or more hex digits...   <- first key: signs and verifies
-    k20240601:01ab...                           <- older keys: still verify (rotation)
+    k20250101-090000-3fa9c1:9f2c...64+ hex...   <- first key: signs and verifies
+    k20240601-120000-77b0e2:01ab...             <- older keys: still verify (rotation)
 
 Each line is ``KEY_ID:SECRET``. The secret is hex (at least 64 digits, i.e. 32 bytes): hex
 survives copy and paste, has no padding or alphabet variants, and is what ``openssl rand -hex 32``
 prints. A key id is 1-32 of ``A-Z a-z 0-9 _ . -``. ``#`` starts a comment.
 
-Rotation: put the new key first on every node while keeping the old one as second line, wait
-until every node has the new file, then drop the old line. Messages signed with either key verify
-throughout, and the key id in each signature says which key made it.
+Rotation (docs/operations.md): add the new key as second line everywhere, then put it first,
+then drop the old line, each round on every node before the next. Messages signed with either
+key verify throughout, and the key id in each signature says which key made it.
 
 This module is pure: it never decides what happens when no key file is configured; callers do.
 """
@@ -140,19 +140,11 @@ class KeyRing:
 
     @staticmethod
     def generate(key_id: str | None = None) -> str:
-        """Text for a fresh key file with one random 32-byte key.
-
-        Args:
-            key_id: the id to use; by default ``k`` plus the UTC time, so that successive
-                rotations get distinct, sortable ids.
-        """
-        key_id = key_id or f"k{datetime.now(UTC):%Y%m%d%H%M%S}"
-        if not _KEY_ID_RE.fullmatch(key_id):
-            raise ConfigError(f"invalid key id {key_id!r} (1-32 of A-Z a-z 0-9 _ . -)")
+        """Text for a fresh key file with one random 32-byte key (see ``new_key_line``)."""
         return (
             "# tasync cluster key file: KEY_ID:HEX_SECRET, first line signs, all lines verify.\n"
             "# Keep it readable by the tasync user only (chmod 600).\n"
-            f"{key_id}:{secrets.token_hex(MIN_SECRET_BYTES)}\n"
+            f"{new_key_line(key_id)}\n"
         )
 
     def sign(self, body: bytes) -> str:
@@ -183,6 +175,28 @@ class KeyRing:
             raise MessageError(f"unknown key id {key_id!r}")
         if not hmac.compare_digest(_mac(secret, body), mac.lower()):
             raise MessageError("bad signature")
+
+
+def new_key_id() -> str:
+    """``k`` + the UTC date and time + 6 random hex digits: ``k20260131-140502-3fa9c1``.
+
+    Ids sort by creation, and two keys made in the same second (two rotations in a row, or
+    two hosts) still differ: a date alone collided on the second rotation of a day, and a
+    file with one id twice is refused.
+    """
+    return f"k{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def new_key_line(key_id: str | None = None) -> str:
+    """One key-file line ``KEY_ID:SECRET`` with a fresh random 32-byte secret.
+
+    Args:
+        key_id: the id to use; by default ``new_key_id()``.
+    """
+    key_id = key_id or new_key_id()
+    if not _KEY_ID_RE.fullmatch(key_id):
+        raise ConfigError(f"invalid key id {key_id!r} (1-32 of A-Z a-z 0-9 _ . -)")
+    return f"{key_id}:{secrets.token_hex(MIN_SECRET_BYTES)}"
 
 
 def _mac(secret: bytes, body: bytes) -> str:

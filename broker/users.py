@@ -178,6 +178,32 @@ def _read_current(ctl: RabbitCtl, vhost: str) -> _Current:
     return _Current(users, perms, topics)
 
 
+def refuse_shared(ctl: RabbitCtl, vhost: str, existing: Sequence[str]) -> None:
+    """Refuse, before changing anything, users that already have rights on another vhost.
+
+    RabbitMQ users belong to the whole broker, not to a virtual host; permissions are per
+    vhost. Two tasync networks (two vhosts) on one broker with the same node names would
+    otherwise share the user ``a``: node ``a`` of one network could log in to the other, and
+    the second setup would write no password for ``a`` (it keeps an existing user's), leaving
+    that network without working credentials. Each network therefore needs its own names.
+
+    Raises:
+        ConfigError: naming the first such user and the vhosts it already has rights on.
+    """
+    if not existing:
+        return
+    with ThreadPoolExecutor(max_workers=min(4, len(existing))) as pool:
+        rights = list(pool.map(lambda u: ctl.json("list_user_permissions", u), existing))
+    for user, entries in zip(existing, rights, strict=True):
+        others = sorted({str(e.get("vhost")) for e in entries} - {vhost})
+        if others:
+            raise ConfigError(
+                f"broker user {user!r} already has permissions on virtual host "
+                f"{', '.join(repr(o) for o in others)}: RabbitMQ users are broker-wide, so "
+                f"a second tasync network on this broker needs its own node, admin and sender "
+                f"names (nothing was changed)")
+
+
 def _tags(raw: Any) -> list[str]:
     if isinstance(raw, list):
         return [str(t) for t in raw]
@@ -197,12 +223,14 @@ def ensure_accounts(ctl: RabbitCtl, vhost: str, accounts: Iterable[Account], *,
     the failure.
 
     Raises:
-        ConfigError: the virtual host does not exist.
+        ConfigError: the virtual host does not exist, or a wanted user already belongs to
+            another virtual host (``refuse_shared``); nothing was changed then.
         BrokerAdminError: ``rabbitmqctl`` is missing or cannot list users.
     """
     ctl.check_available()
     current = _read_current(ctl, vhost)
     wanted = list(accounts)
+    refuse_shared(ctl, vhost, [a.name for a in wanted if a.name in current.users])
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return list(pool.map(lambda a: _ensure_one(ctl, vhost, a, current, reset_passwords),
                              wanted))

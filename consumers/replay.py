@@ -1,10 +1,11 @@
 """Every change since a point in time, from the change log: listed for an auditor, or replayed.
 
-``tasync replay --since T`` names the point as an ISO time or ``seq:K``. The change log is read
-from a little before that point (timestamp offsets find a chunk, not a message), every entry is
-judged by the eras (``broker.epochs``) so a stale master's rejected changes are never listed nor
-replayed, repeats of a change (an outbox published twice) count once, and only what lies after
-the point is kept. The read also tells whether the log provably reaches back to the point.
+``tasync replay --since T`` names the point (``broker.since``: a time, a duration or
+``seq:K``). The change log is read from a little before that point (timestamp offsets find a
+chunk, not a message), every entry is judged by the eras (``broker.epochs``) so a stale master's
+rejected changes are never listed nor replayed, repeats of a change (an outbox published twice)
+count once, and only what lies after the point is kept. The read also tells whether the log
+provably reaches back to the point.
 
 Replaying into a node rewrites every object the replayed changes touch, in seq order, even
 those it already holds: replaying a suffix of the history restores exactly what that suffix
@@ -22,75 +23,20 @@ from broker.epochs import EpochHistory, EpochMark
 from broker.errors import ConfigError
 from broker.messages import Change, ChangeBatch
 from broker.settings import Settings
+from broker.since import Since
 from broker.store import GapError
 from broker.stream import read_changelog
 from consumers.recovery import REWIND_S, Progress, Recovery, Ticker
 
+__all__ = ["Since", "SinceRead", "read_since", "replay_into", "stream_offset"]
 
-@dataclass(frozen=True)
-class Since:
-    """A point in the history: a time (seconds since the epoch) or a seq (exclusive)."""
 
-    ts: float | None = None
-    seq: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Since:
-        """``seq:K`` (changes after seq K) or an ISO-8601 time (changes made at or after it).
-
-        A time without a zone is the local time of the machine running the command.
-        """
-        text = text.strip()
-        if text.lower().startswith("seq:"):
-            try:
-                seq = int(text[4:])
-            except ValueError:
-                raise ConfigError(f"--since {text!r}: seq:K needs a whole number K") from None
-            if seq < 0:
-                raise ConfigError(f"--since {text!r}: K must not be negative")
-            return cls(seq=seq)
-        try:
-            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise ConfigError(f"--since {text!r}: use an ISO time such as 2026-01-31T14:05:00Z "
-                              "or seq:K") from None
-        if when.tzinfo is None:
-            when = when.astimezone()
-        return cls(ts=when.timestamp())
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> Since:
-        """From a request's ``since_ts`` or ``since_seq``."""
-        if args.get("since_seq") is not None:
-            return cls(seq=int(args["since_seq"]))
-        if args.get("since_ts") is not None:
-            return cls(ts=float(args["since_ts"]))
-        raise ConfigError("replay needs since_ts or since_seq")
-
-    def to_args(self) -> dict[str, Any]:
-        """The request arguments ``from_args`` reads."""
-        return {"since_seq": self.seq} if self.seq is not None else {"since_ts": self.ts}
-
-    def describe(self) -> str:
-        """For people: ``seq 42`` or the time in UTC."""
-        if self.seq is not None:
-            return f"seq {self.seq}"
-        assert self.ts is not None
-        return dt.datetime.fromtimestamp(self.ts, dt.UTC).isoformat(timespec="milliseconds")
-
-    def wants(self, change: Change) -> bool:
-        """Whether ``change`` lies after this point."""
-        if self.seq is not None:
-            return change.seq > self.seq
-        assert self.ts is not None
-        return change.ts >= self.ts
-
-    def offset(self, ts_hint: float | None = None) -> Any:
-        """Where to start reading the stream: a little before the point, or the beginning."""
-        start = self.ts if self.ts is not None else ts_hint
-        if start is None:
-            return "first"
-        return dt.datetime.fromtimestamp(max(0.0, start - REWIND_S), dt.UTC)
+def stream_offset(since: Since, ts_hint: float | None = None) -> Any:
+    """Where to start reading the stream: a little before the point, or the beginning."""
+    start = since.ts if since.ts is not None else ts_hint
+    if start is None:
+        return "first"
+    return dt.datetime.fromtimestamp(max(0.0, start - REWIND_S), dt.UTC)
 
 
 @dataclass
@@ -144,7 +90,7 @@ def read_since(settings: Settings, since: Since, history: EpochHistory, *,
             on_mark(mark)
         return True
 
-    read_changelog(settings, offset=since.offset(ts_hint), on_batch=on_batch,
+    read_changelog(settings, offset=stream_offset(since, ts_hint), on_batch=on_batch,
                    on_mark=on_mark_read, idle_s=1.5)
     if first_legit is not None and since.wants(first_legit) and first_legit.seq > 1:
         # The first change read is already after the point: unless it directly follows the

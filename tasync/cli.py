@@ -14,8 +14,10 @@ from tasync.cli_alerts import ALERT_COMMANDS, normalise_host_args
 from tasync.cli_broker import broker
 from tasync.cli_config import config
 from tasync.cli_hosts import hosts
+from tasync.cli_key import key
 from tasync.cli_recover import promote, recover
 from tasync.cli_replay import replay
+from tasync.cli_wait import wait
 from tasync.client import print_table, rpc_client
 from tasync.demo import demo
 from tasync.health import ago, gather_status
@@ -39,18 +41,24 @@ def cli() -> None:
     backup applies the same changes in the same order. Alerts sent with `tasync send`
     go to the first live node of a precedence list.
     \b
-    Start here:   tasync demo
-    Every node:   tasync status
+    Examples:
+      tasync demo                             watch a network work, on this machine
+      tasync status                           every node: alive, ready, in sync
+      tasync config set route remedy --host a --host b
+      tasync send -i ops -m "disk full on db1" --route remedy
+      tasync send --help                      every command's options, with examples
     """
 
 
 cli.add_command(broker)
 cli.add_command(config)
 cli.add_command(hosts)
+cli.add_command(key)
 cli.add_command(recover)
 cli.add_command(replay)
 cli.add_command(promote)
 cli.add_command(demo)
+cli.add_command(wait)
 for _command in ALERT_COMMANDS:
     cli.add_command(_command)
 

@@ -12,11 +12,9 @@ click cannot give one option a variable number of values, so ``main()`` passes a
 from __future__ import annotations
 
 import datetime as dt
-import re
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
 from broker.allowlist import AllowList
 from broker.errors import ConfigError, NoAnswer
 from broker.signing import KeyRing, key_file_from_env
+from broker.since import Since
 from producers.intake import DEFAULT_MAX_BODY, Intake, IntakeConfig, make_server
 from producers.sender import AlertSender, parse_hosts
 from tasync.client import print_table, rpc_client
@@ -36,12 +35,11 @@ from tasync.options import (
     json_option,
     make_settings,
     print_json,
+    since_option,
     timeout_option,
 )
 
 _HOST_FLAGS = ("-host", "--host")
-_RELATIVE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 COUNTER_COLUMNS = ("received", "delivered", "failed", "taken_over", "redelivered",
                    "duplicates", "skipped")
 
@@ -99,30 +97,6 @@ def normalise_host_args(argv: list[str]) -> list[str]:
         for word in words:
             out += ["--host", word]
     return out
-
-
-def parse_since(text: str | None, *, now: float | None = None) -> float | None:
-    """``--since``: seconds since the epoch, an ISO date/time (UTC unless it says), or ``2h``."""
-    if text is None or not text.strip():
-        return None
-    value = text.strip()
-    current = time.time() if now is None else now
-    match = _RELATIVE_RE.match(value)
-    if match:
-        return current - float(match.group(1)) * _UNITS[match.group(2)]
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r}: use seconds since the epoch, an ISO time such as 2025-01-31T08:00, "
-            "or a duration such as 30m, 2h, 7d", param_hint="--since") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
 
 
 def _keyring(key_file: Path | None) -> KeyRing | None:
@@ -186,19 +160,24 @@ def send(*, destination: str | None, group: str | None, text: str | None,
 
 
 @click.command("totals")
-@click.option("--since", metavar="TIME",
-              help="Only traffic from TIME on: epoch seconds, ISO time, or 30m / 2h / 7d ago.")
+@since_option(allow_seq=False, what="only traffic from")
 @timeout_option(2.0)
 @json_option
 @broker_option
 @handle_errors
-def totals(*, since: str | None, timeout_s: float, as_json: bool, broker_url: str) -> None:
+def totals(*, since: Since | None, timeout_s: float, as_json: bool, broker_url: str) -> None:
     """Traffic through each live server, by source: received, delivered, failed, taken over.
 
     "Taken over" counts alerts a server delivered although it was not first in their
     precedence list: the servers ahead of it were down, hung, or full (overflow).
+
+    \b
+    Examples:
+      tasync totals
+      tasync totals --since 2h
+      tasync totals --since 2026-01-31T08:00:00Z --json
     """
-    start = parse_since(since)
+    start = since.ts if since is not None else None
     with rpc_client(make_settings(broker_url)) as rpc:
         known: list[str] = []
         try:

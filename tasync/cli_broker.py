@@ -83,7 +83,13 @@ def tls_settings(broker_url: str, ca_file: Path | None, cert_file: Path | None,
 
 @click.group()
 def broker() -> None:
-    """Prepare the broker for a tasync network."""
+    """Prepare the broker for a tasync network.
+
+    \b
+    Examples:
+      tasync broker setup
+      tasync broker setup --users --master a --node b --credentials-out users.json
+    """
 
 
 @broker.command("setup", help=SETUP_HELP)

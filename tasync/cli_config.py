@@ -24,6 +24,7 @@ from broker.store import NodeStore
 from tasync.client import MasterSession, rpc_client, target_key
 from tasync.config_files import load_import_file, objects_to_ops
 from tasync.health import ago, gather_status
+from tasync.known_nodes import check_known
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -47,7 +48,15 @@ class NotApplied(TasyncError):
 
 @click.group()
 def config() -> None:
-    """Change the master's configuration, or look at what a node holds."""
+    """Change the master's configuration, or look at what a node holds.
+
+    \b
+    Examples:
+      tasync config set destination ops --url file:///var/spool/alerts.jsonl
+      tasync config show route
+      tasync config export --node b > b.json
+      tasync config import config.yaml --wait-applied
+    """
 
 
 #: Largest ``--json`` body: an object's fields, not a bulk load (that is ``config import``).
@@ -210,7 +219,13 @@ def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: boo
 @handle_errors
 def config_delete(*, kind: str, name: str, wait_applied: bool, strict: bool,
                   timeout_s: float, as_json: bool, broker_url: str) -> None:
-    """Delete one object on the master (refused while others refer to it)."""
+    """Delete one object on the master (refused while others refer to it).
+
+    \b
+    Examples:
+      tasync config delete route remedy
+      tasync config delete destination old-pager --wait-applied
+    """
     kinds.check_name(kind, name)
     result = _commit(make_settings(broker_url), [{"op": "delete", "kind": kind, "name": name}],
                      wait_applied=wait_applied, strict=strict, timeout_s=timeout_s)
@@ -231,6 +246,11 @@ def config_import(*, file: Path, wait_applied: bool, strict: bool, timeout_s: fl
     The file is either an export (``{kind: {name: body}}``) or a list of
     ``{"kind": ..., "name": ..., "body": ..., "op": "set"|"delete"}``. Every object is checked
     before anything is sent; the master commits the whole file in one transaction.
+
+    \b
+    Examples:
+      tasync config import config.yaml
+      tasync config import export-of-b.json --wait-applied --timeout 600
     """
     ops = objects_to_ops(load_import_file(file))
     settings = make_settings(broker_url)
@@ -354,6 +374,7 @@ def _local_or_remote(broker_url: str, node: str | None, data_dir: Path | None, o
         finally:
             store.close()
     with rpc_client(make_settings(broker_url)) as rpc:
+        check_known(rpc, [node])
         return rpc.call_one(target_key(node), op, args, timeout_s=timeout_s)
 
 
@@ -373,7 +394,14 @@ data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, pa
 @handle_errors
 def config_show(*, kind: str | None, name: str | None, node: str | None, data_dir: Path | None,
                 timeout_s: float, as_json: bool, broker_url: str) -> None:
-    """Show what a node holds: everything, one kind, or one object."""
+    """Show what a node holds: everything, one kind, or one object.
+
+    \b
+    Examples:
+      tasync config show                      everything the master holds
+      tasync config show route remedy --node b
+      tasync config show destination --data-dir /var/lib/tasync/b   without the broker
+    """
     data = _local_or_remote(broker_url, node, data_dir, "show",
                             {"kind": kind, "name": name}, timeout_s)
     objects = data["objects"]
@@ -395,6 +423,13 @@ def config_show(*, kind: str | None, name: str | None, node: str | None, data_di
 @handle_errors
 def config_export(*, node: str | None, data_dir: Path | None, timeout_s: float,
                   broker_url: str) -> None:
-    """Print a node's whole configuration as canonical JSON (nodes in sync print equal bytes)."""
+    """Print a node's whole configuration as canonical JSON (nodes in sync print equal bytes).
+
+    \b
+    Examples:
+      tasync config export > config.json      the master's
+      tasync config export --node b | sha256sum
+      tasync config export --data-dir /var/lib/tasync/b   a stopped node's
+    """
     data = _local_or_remote(broker_url, node, data_dir, "export", {}, timeout_s)
     sys.stdout.write(data["export"])

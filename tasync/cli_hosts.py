@@ -12,7 +12,12 @@ from tasync.options import handle_errors, json_option, print_json
 
 @click.group()
 def hosts() -> None:
-    """Allow-list files: tasync.hosts, telaconf.hosts, telalert.hosts."""
+    """Allow-list files: tasync.hosts, telaconf.hosts, telalert.hosts.
+
+    \b
+    Examples:
+      tasync hosts check /etc/tasync/tasync.hosts --who b
+    """
 
 
 @hosts.command("check")

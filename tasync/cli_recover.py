@@ -19,6 +19,7 @@ from broker.errors import NoAnswer, RemoteError, TasyncError
 from consumers.conflicts import as_op
 from consumers.roles import SEAT_WAIT_S
 from tasync.health import gather_status
+from tasync.known_nodes import check_known
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -166,6 +167,7 @@ def recover(*, node: str, source: str | None, force_snapshot: bool, resubmit: bo
     settings = make_settings(broker_url)
     args = {"source": source, "snapshot": force_snapshot}
     with progress_rpc(settings) as rpc:
+        check_known(rpc, [node, source])
         with ProgressBar(not as_json, f"recovering {node}") as bar:
             report = ask_node(rpc, node, "recover", args, timeout_s=timeout_s, bar=bar)
         done: list[dict[str, Any]] = []
@@ -225,6 +227,7 @@ def promote(*, node: str, timeout_s: float, as_json: bool, broker_url: str) -> N
     """
     settings = make_settings(broker_url)
     with progress_rpc(settings) as rpc, ProgressBar(not as_json, f"promoting {node}") as bar:
+        check_known(rpc, [node])
         seat_s = min(SEAT_WAIT_S, timeout_s / 2)  # leaves time to drain and answer
         result = ask_node(rpc, node, "promote", {"seat_wait_s": seat_s}, timeout_s=timeout_s,
                           bar=bar)

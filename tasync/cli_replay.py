@@ -16,19 +16,22 @@ import click
 
 from broker import topology
 from broker.epochs import EpochHistory
-from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError
+from broker.errors import NoAnswer, RemoteError, TasyncError
 from broker.messages import Change, ChangeBatch, change_to_dict
 from broker.settings import Settings
-from consumers.replay import Since, read_since
+from broker.since import Since
+from consumers.replay import read_since
 from tasync.cli_recover import NotIdentical, ask_node, compare_with_master
 from tasync.client import print_table
 from tasync.health import gather_status
+from tasync.known_nodes import check_known
 from tasync.options import (
     broker_option,
     handle_errors,
     json_option,
     make_settings,
     print_json,
+    since_option,
     timeout_option,
 )
 from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
@@ -36,13 +39,6 @@ from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
 
 class IncompleteLog(TasyncError):
     """The change log may no longer reach back to the point asked for (exit 1)."""
-
-
-def _since(_ctx: click.Context, _param: click.Parameter, value: str) -> Since:
-    try:
-        return Since.parse(value)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
 
 
 def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
@@ -87,9 +83,7 @@ def _replay_node(rpc: ProgressRpc, node: str, since: Since, *, timeout_s: float,
 
 
 @click.command()
-@click.option("--since", "since", required=True, callback=_since, metavar="TIME|seq:K",
-              help="ISO time (2026-01-31T14:05:00Z; local time without a zone) or seq:K "
-                   "(the changes after seq K).")
+@since_option(allow_seq=True, required=True, what="the changes from")
 @click.option("--node", metavar="NAME", help="Replay into this node.")
 @click.option("--all", "all_nodes", is_flag=True, help="Replay into every live backup.")
 @click.option("--dry-run", is_flag=True, help="Only list the changes; change nothing.")
@@ -123,6 +117,7 @@ def replay(*, since: Since, node: str | None, all_nodes: bool, dry_run: bool, ti
     if bool(node) == all_nodes:
         raise click.UsageError("give exactly one of --node NAME, --all or --dry-run")
     with progress_rpc(settings) as rpc:
+        check_known(rpc, [node])
         targets = [node] if node else [
             r["node"] for r in gather_status(rpc, timeout_s=2.0).rows
             if r.get("alive") and r.get("role") != "master"]

@@ -185,6 +185,11 @@ def demo(*, broker_url: str, as_json: bool) -> None:
     result, and removes everything it started. Uses the broker at $TASYNC_BROKER_URL or
     localhost (in a fresh vhost when it can make one); when none answers it starts a private
     RabbitMQ node from the installed rabbitmq-server.
+
+    \b
+    Examples:
+      tasync demo
+      tasync demo --json > demo.json          a summary for scripts (the story on stderr)
     """
     console = Console(stderr=as_json)
     with tempfile.TemporaryDirectory(prefix="tasync-demo-") as tmp, \

@@ -23,7 +23,8 @@ from typing import Any
 
 from broker.allowlist import ALERT_HOSTS_FILE
 from broker.audit import Trail, setup_sync_log
-from broker.errors import ConfigError
+from broker.connection import close_quietly, connect
+from broker.errors import BrokerUnreachable, ConfigError
 from broker.seat import MasterSeat
 from broker.settings import Settings
 from broker.signing import KeyRing
@@ -150,6 +151,7 @@ class Node:
                         seq=ctx.store.last_seq)
         log.info("starting as %s (epoch %d, seq %d)", ctx.role, ctx.store.epoch,
                  ctx.store.last_seq)
+        self._report_broker()
         self.roles.start(self._stop)  # takes the seat, or starts as a backup and says why
         for consumer in self.consumers:
             consumer.start()
@@ -162,6 +164,7 @@ class Node:
                 ctx.ready.set()
                 was_ready = True
                 ctx.trail.event("node_ready", seq=ctx.store.last_seq)
+                log.info("ready at seq %d", ctx.store.last_seq)
                 self._dirty.set()
             if self._dirty.is_set():
                 # Seq and readiness now; the checksum (a hash of the whole configuration) now
@@ -177,6 +180,20 @@ class Node:
                 settle_at = None
                 ctx.write_status_file()
         self.stop()
+
+    def _report_broker(self) -> None:
+        """Say at once, on stderr too, when the broker cannot be reached or refuses us.
+
+        The consumers retry for seconds before they report, and a master first waits to learn
+        the network's epoch; one attempt here tells the operator right away (an unreachable
+        broker, a wrong vhost, a refused login). The consumers go on retrying either way.
+        """
+        try:
+            conn = connect(self.ctx.settings, name=f"tasync-start-{self.ctx.node}", retry_s=0.0)
+        except BrokerUnreachable as exc:
+            log.warning("%s; retrying", exc, extra={"problem": str(exc)})
+            return
+        close_quietly(conn)
 
     def stop(self) -> None:
         """Stop consumers, close connections and the store."""

@@ -19,6 +19,7 @@ import click
 from broker.connection import RECOVERABLE, describe
 from broker.errors import ConfigError, ExitCode, TasyncError
 from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL, Settings
+from broker.since import Since
 from broker.tls import TLS_KEYS, check_tls_urls, tls_extra
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -67,12 +68,38 @@ def json_option(fn: F) -> F:
                         help="Print JSON instead of text (for scripts).")(fn)
 
 
-def timeout_option(default_s: float) -> Callable[[F], F]:
-    """``--timeout SECONDS`` for commands that wait for nodes to answer."""
+def timeout_option(default_s: float,
+                   text: str = "How long to wait for nodes to answer.") -> Callable[[F], F]:
+    """``--timeout SECONDS`` for commands that wait for nodes to answer (or for anything)."""
     def wrap(fn: F) -> F:
         return click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1),
                             default=default_s, show_default=True, metavar="SECONDS",
-                            help="How long to wait for nodes to answer.")(fn)
+                            help=text)(fn)
+    return wrap
+
+
+def since_option(*, allow_seq: bool, required: bool = False,
+                 what: str = "from") -> Callable[[F], F]:
+    """``--since T`` in the forms ``broker.since`` reads; the command receives a ``Since``.
+
+    Every command that looks back in time takes the same forms, so one help text and one
+    parser serve them all; ``allow_seq`` says whether ``seq:K`` means something to it.
+    """
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Since | None:
+        if value is None:
+            return None
+        try:
+            return Since.parse(value, allow_seq=allow_seq)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc).split(": ", 1)[-1]) from None
+
+    text = (f"{what.capitalize()} TIME on: an ISO time (2026-01-31T14:05:00Z; local time "
+            "without a zone), seconds since the epoch, or a duration ago (30m, 2h, 7d)")
+    text += "; or seq:K, the changes after seq K." if allow_seq else "."
+
+    def wrap(fn: F) -> F:
+        return click.option("--since", "since", required=required, callback=parse,
+                            metavar="TIME|seq:K" if allow_seq else "TIME", help=text)(fn)
     return wrap
 
 

@@ -40,7 +40,8 @@ from tasync.options import broker_url_option, handle_errors, make_settings
               help="Serve Prometheus metrics on this port (/metrics); off by default.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="ADDRESS",
               help="Address the metrics server binds; 0.0.0.0 lets other hosts scrape.")
-@click.option("-v", "--verbose", is_flag=True, help="Per-message detail in tasync.log.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Per-message detail in tasync.log and on stderr.")
 @broker_url_option
 @handle_errors
 def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None,
@@ -48,6 +49,10 @@ def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None
          alert_hosts_file: Path | None, key_file: Path | None, heartbeat_s: float, prefetch: int,
          metrics_port: int | None, metrics_host: str, verbose: bool, broker_url: str) -> None:
     """Run a tasync node: apply configuration changes, deliver alerts, answer requests.
+
+    It logs to <data-dir>/tasync.log and, one short line per event (for journald and docker
+    logs), to stderr; a fault that keeps it from working, such as an unreachable broker or a
+    wrong vhost, is said there at once, and once.
 
     \b
     Examples:

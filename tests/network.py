@@ -16,6 +16,58 @@ from broker.audit import read_trail
 from broker.settings import redact_url
 from tests.waiting import wait_for
 
+#: ``rabbitmqctl`` verbs that stop, restart, alarm or reconfigure a whole broker, or cut
+#: other people's connections. The broker at 127.0.0.1:5672 is shared by everyone on the
+#: machine, so tests do these on the private nodes of ``tests.harness.rabbit_cluster``.
+BROKER_WIDE_VERBS = frozenset({
+    "stop", "shutdown", "stop_app", "start_app", "reset", "force_reset", "force_boot",
+    "join_cluster", "forget_cluster_node", "change_cluster_node_type", "update_cluster_nodes",
+    "rename_cluster_node", "set_cluster_name", "set_vm_memory_high_watermark",
+    "set_disk_free_limit", "close_all_connections", "close_all_user_connections",
+    "suspend_listeners", "resume_listeners", "set_log_level", "rotate_logs", "eval",
+    "enable_feature_flag", "set_global_parameter", "clear_global_parameter",
+    "set_operator_policy", "clear_operator_policy", "delete_vhost_limits", "set_vhost_limits",
+    "hipe_compile", "decode", "encode",
+})
+#: Verbs that change a user; the shared ``guest`` must stay as it is for everyone else.
+USER_VERBS = frozenset({"delete_user", "change_password", "clear_password", "set_user_tags",
+                        "set_user_limits", "clear_user_limits", "add_user"})
+
+
+class SharedBrokerGuard(AssertionError):
+    """A test asked the shared broker for something only a private node may suffer."""
+
+
+def check_shared_broker_verb(args: tuple[str, ...] | list[str]) -> None:
+    """Refuse broker-wide verbs, changes to ``guest``, and changes to the vhost ``/``.
+
+    Raises:
+        SharedBrokerGuard: naming the verb and where such a test belongs.
+    """
+    words: list[str] = []
+    skip = False
+    for arg in args:  # the verb is the first word that is neither an option nor its value
+        if skip:
+            skip = False
+        elif arg in ("-n", "--node", "-p", "--vhost", "-t", "--timeout"):
+            skip = True
+        elif not arg.startswith("-"):
+            words.append(arg)
+    verb = words[0] if words else ""
+    if verb in BROKER_WIDE_VERBS:
+        raise SharedBrokerGuard(
+            f"rabbitmqctl {verb} would act on the broker every test and engineer on this "
+            "machine shares; run it on a private node (tests.harness.rabbit_cluster)")
+    if verb == "delete_vhost" and words[1:2] == ["/"]:
+        raise SharedBrokerGuard("rabbitmqctl delete_vhost /: the default vhost is everyone's")
+    if verb in USER_VERBS and "guest" in words[1:]:
+        raise SharedBrokerGuard(f"rabbitmqctl {verb} guest: the shared guest user stays as it is")
+    vhost = next((args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-p", "--vhost")), "/")
+    if verb in ("set_permissions", "clear_permissions", "set_topic_permissions",
+                "clear_topic_permissions") and vhost == "/":
+        raise SharedBrokerGuard(f"rabbitmqctl {verb} on the default vhost '/': tests change "
+                                "permissions in vhosts of their own")
+
 
 @dataclass
 class BrokerAdmin:
@@ -29,6 +81,8 @@ class BrokerAdmin:
         return f"amqp://guest:guest@{self.host}:{self.port}/{quote(vhost, safe='')}"
 
     def rabbitmqctl(self, *args: str) -> str:
+        """Run ``rabbitmqctl`` on the shared broker; verbs that act on all of it are refused."""
+        check_shared_broker_verb(args)
         out = subprocess.run([*self.ctl, *args], check=True, capture_output=True, text=True,
                              timeout=120)
         return out.stdout
@@ -38,6 +92,7 @@ class BrokerAdmin:
         self.rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
 
     def delete_vhost(self, name: str) -> None:
+        check_shared_broker_verb(("delete_vhost", name))
         subprocess.run([*self.ctl, "delete_vhost", name], check=False, capture_output=True,
                        timeout=120)
 

@@ -9,6 +9,8 @@ Markers in the Markdown (fence info strings), chosen so GitHub still highlights 
   shown must be the output printed (a line ``...`` stands for any lines).
 * ```` ```console network ```` - also run, in document order, against a real network (the
   ``network`` fixture); ``tasync-worker ... &`` starts a node and waits until it is ready.
+* ```` ```bash network ```` - a script run whole in one shell, as pasted into a terminal (the
+  README's quick start): its background jobs are its own, and it must stop them itself.
 * ```` ```text file=NAME ```` - written to NAME in the scratch directory before later blocks.
 * ```` ```yaml tasync-config ```` / ```` ```json tasync-config ```` - an import file; it must
   validate with ``tasync.config_files.objects_to_ops``, and a whole configuration must have no
@@ -21,11 +23,13 @@ Markers in the Markdown (fence info strings), chosen so GitHub still highlights 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -356,6 +360,63 @@ def test_operations_walkthrough_runs_against_a_real_network(network: Network) ->
     assert {(d["source"], d["node"]) for d in delivered} == {("remedy", "a"), ("nms", "c")}
 
 
+def _fake_checkout(where: Path) -> Path:
+    """A directory whose ``.venv`` is this interpreter's, as ``scripts/setup.sh`` leaves it."""
+    where.mkdir(parents=True)
+    venv = Path(sys.prefix)
+    if (venv / "bin" / "activate").exists():
+        (where / ".venv").symlink_to(venv, target_is_directory=True)
+    else:  # not a virtualenv: an activate script that puts this interpreter's scripts first
+        (where / ".venv" / "bin").mkdir(parents=True)
+        (where / ".venv" / "bin" / "activate").write_text(
+            f'PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"\n')
+    return where
+
+
+@pytest.mark.integration
+def test_readme_quick_start_runs_as_pasted(broker_url: str, tmp_path: Path) -> None:
+    """The README's quick start, pasted whole into one shell, on this test's vhost.
+
+    Only the broker URL's line changes (each test has its own vhost); everything else runs as
+    written, the workers it puts in the background included, and it must stop them itself.
+    """
+    (block,) = [b for b in blocks("../README.md") if b.info[:2] == ["bash", "network"]]
+    url_line = re.compile(r"^export TASYNC_BROKER_URL=.*$", re.MULTILINE)
+    assert len(url_line.findall(block.text)) == 1
+    script = url_line.sub(f"export TASYNC_BROKER_URL={shlex.quote(broker_url)}", block.text)
+    home = tmp_path / "home"
+    env = _example_env(home, {k: v for k, v in os.environ.items()
+                              if not k.startswith("TASYNC_")})
+    output = tmp_path / "readme.out"  # under the session's tmp: the secret scan reads it
+    with open(output, "wb") as out:
+        shell = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", script],
+                                 cwd=_fake_checkout(tmp_path / "checkout"), env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            status = shell.wait(timeout=300)
+        finally:
+            leftovers = _kill_group(shell.pid)
+    text = output.read_text()
+    assert status == 0, f"README quick start failed (exit {status}):\n{text}"
+    assert leftovers == [], f"the quick start left processes running: {leftovers}"
+    assert "Traceback" not in text
+    lines = (home / "tasync-quickstart" / "alerts.jsonl").read_text().splitlines()
+    delivered = [json.loads(line) for line in lines]
+    assert [(d["source"], d["node"], d["text"]) for d in delivered] == \
+        [("remedy", "a", "disk full on db1")]
+    assert lines[0] in text.splitlines(), "the quick start does not show the delivered line"
+
+
+def _kill_group(pgid: int) -> list[int]:
+    """SIGKILL whatever still runs in process group ``pgid``; returns those pids."""
+    left = [int(p) for p in subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True,
+                                           text=True, check=False).stdout.split()]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def start_worker(network: Network, command: str, env: dict[str, str]) -> NodeProcess:
     """Start ``tasync-worker ...`` from a document line and wait until it is ready."""
     (argv,) = list(commands_in(command))
@@ -371,3 +432,32 @@ def start_worker(network: Network, command: str, env: dict[str, str]) -> NodePro
     node.start()
     node.wait_ready(timeout_s=90)
     return node
+
+
+def test_key_rotation_recipe_works_twice_in_a_row(tmp_path: Path) -> None:
+    """The documented rotation, run as written twice in a row (two rotations in one day).
+
+    Between the runs the third round's file becomes the current key, as after a finished
+    rotation. Each round's file must load as a node loads it at start, with the new key added,
+    then signing, then alone.
+    """
+    from broker.signing import KeyRing
+
+    (block,) = [b for b in blocks("operations.md")
+                if b.info == ["console"] and "tasync key generate > new.key" in b.text]
+    env = _example_env(tmp_path, dict(os.environ))
+    subprocess.run("(umask 077; tasync key generate > cluster.key)", shell=True, check=True,
+                   cwd=tmp_path, env=env)
+    used: set[str] = set()
+    for _ in range(2):
+        old = KeyRing.load(tmp_path / "cluster.key").key_ids
+        script = "set -e\n" + "\n".join(step.command for step in session(block))
+        out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        new = KeyRing.load(tmp_path / "new.key").key_ids
+        assert [KeyRing.load(tmp_path / f"round{n}.key").key_ids for n in (1, 2, 3)] == \
+            [old + new, new + old, new]
+        assert not used & set(new), "a key id came back"
+        used |= set(old + new)
+        (tmp_path / "cluster.key").write_bytes((tmp_path / "round3.key").read_bytes())

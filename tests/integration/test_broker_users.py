@@ -163,6 +163,39 @@ def test_setup_is_idempotent_and_keeps_passwords(users: Users, broker_admin: Bro
     close_quietly(connection(users.url(users.backup)))  # the old password still works
 
 
+def test_a_second_network_on_the_broker_needs_its_own_user_names(
+        broker_admin: BrokerAdmin, broker_url: str, vhost: str, tmp_path: Path) -> None:
+    """Users are broker-wide: a second vhost with the same node name is refused, whole."""
+    tag = uuid.uuid4().hex[:6]
+    first, second = f"m{tag}", f"t-second-network-{tag}"
+    broker_admin.add_vhost(second)
+    try:
+        made = tmp_path / "first.json"
+        out = broker_setup(broker_admin, broker_url, "--users", "--master", first,
+                           "--credentials-out", str(made), log=tmp_path / "setup-first")
+        assert out.returncode == 0, out.stderr
+        secret_registry.register(f"password of broker user {first}",
+                                 json.loads(made.read_text())["users"][first]["password"])
+
+        shared = tmp_path / "second-shared.json"
+        out = broker_setup(broker_admin, broker_admin.url(second), "--users", "--master",
+                           first, "--credentials-out", str(shared),
+                           log=tmp_path / "setup-shared")
+        assert out.returncode == 1, out.stdout
+        assert out.stderr.strip() == (
+            f"tasync: broker user {first!r} already has permissions on virtual host "
+            f"{vhost!r}: RabbitMQ users are broker-wide, so a second tasync network on this "
+            "broker needs its own node, admin and sender names (nothing was changed)")
+        assert not shared.exists()
+        perms = json.loads(broker_admin.rabbitmqctl("list_permissions", "-p", second,
+                                                    "--formatter", "json", "--quiet"))
+        assert {p["user"] for p in perms} == {"guest"}, "the refused run changed permissions"
+    finally:
+        subprocess.run([*broker_admin.ctl, "delete_user", first], capture_output=True,
+                       check=False, timeout=120)
+        broker_admin.delete_vhost(second)
+
+
 def test_setup_usage_errors_are_clear(broker_admin: BrokerAdmin, broker_url: str,
                                          tmp_path: Path) -> None:
     creds = str(tmp_path / "c.json")

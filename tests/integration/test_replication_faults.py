@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import amqp
@@ -11,8 +12,9 @@ import pytest
 
 from broker import messages, topology
 from broker.messages import Change, ChangeBatch
+from tests.harness.rabbit_cluster import RabbitCluster, unavailable_reason
 from tests.integration.test_replication import assert_identical, start_trio, write_import
-from tests.network import BrokerAdmin, Network, applied_seqs
+from tests.network import Network, applied_seqs
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -84,19 +86,38 @@ def test_backup_sigkill_mid_apply_catches_up(network: Network, tmp_path: Path) -
     assert_no_seq_applied_twice(network, ("b", "c"))
 
 
-def test_broker_restart_mid_import(network: Network, tmp_path: Path,
-                                   broker_admin: BrokerAdmin) -> None:
+@pytest.fixture
+def private_network(tmp_path: Path) -> Iterator[tuple[Network, RabbitCluster]]:
+    """A network on a one-node RabbitMQ of its own, which the test may stop and start.
+
+    The broker at 127.0.0.1:5672 is shared by everyone on the machine: stopping it would drop
+    every connection there for seconds. A private node boots in a few seconds.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    with RabbitCluster(1) as broker:
+        broker.add_vhost("restart")
+        net = Network(broker_url=broker.url_for_vhost("restart"), root=tmp_path)
+        try:
+            yield net, broker
+        finally:
+            net.close()
+
+
+def test_broker_restart_mid_import(private_network: tuple[Network, RabbitCluster],
+                                   tmp_path: Path) -> None:
+    network, broker = private_network
     start_trio(network)
     loop = ImportLoop(network, tmp_path, parts=12, size=500)
     loop.start()
     wait_for(lambda: len(loop.committed) >= 2, timeout_s=120, what="two imports committed")
-    broker_admin.rabbitmqctl("stop_app")
+    broker.stop_app(0)
     try:
         wait_for(lambda: len(loop.failed) >= 1 or not loop.is_alive(), timeout_s=120,
                  what="an import failing while the broker is down")
     finally:
-        broker_admin.rabbitmqctl("start_app")
-        broker_admin.rabbitmqctl("await_startup")
+        broker.start_app(0)
     loop.join(600)
     network.cli("config", "set", "destination", "after-restart", "--url", "file:///tmp/x",
                 "--timeout", "120")

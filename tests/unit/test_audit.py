@@ -1,11 +1,21 @@
 """The audit trail: one parseable line per event (broker/audit.py, design section 8)."""
 
+import io
+import logging
 import re
 from pathlib import Path
 
 import pytest
 
-from broker.audit import TRAIL_NAME, Trail, parse_trail_line, read_trail, utc_now
+from broker.audit import (
+    TRAIL_NAME,
+    RepeatFilter,
+    Trail,
+    parse_trail_line,
+    read_trail,
+    setup_sync_log,
+    utc_now,
+)
 
 
 @pytest.fixture
@@ -83,3 +93,55 @@ def test_value_with_newline_stays_on_one_line(trail: Trail, tmp_path: Path) -> N
     assert [r["event"] for r in records] == ["alert.failed", "alert.delivered"]
     assert "HTTP 500" in records[0]["error"]
     assert "Internal Server Error" in records[0]["error"]
+
+
+def _record(message: str, level: int = logging.WARNING, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("tasync.broker", level, "", 0, message, None, None)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def test_repeat_filter_shows_each_problem_once_until_it_clears(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("broker.audit.time.monotonic", lambda: now[0])
+    shown = RepeatFilter(window_s=600.0, max_keys=2).filter
+    down = "broker unreachable at amqp://x: refused"
+    assert shown(_record(f"tasync-sync-a: {down}; retrying", problem=down))
+    assert not shown(_record(f"tasync-control-a: {down}; retrying", problem=down))
+    assert shown(_record("an info line", logging.INFO))
+    assert shown(_record("an info line", logging.INFO))
+    assert shown(_record("a warning without a problem"))
+    assert not shown(_record("a warning without a problem"))
+    now[0] += 601.0  # a lasting fault is mentioned again now and then
+    assert shown(_record(f"tasync-sync-a: {down}; retrying", problem=down))
+    assert shown(_record("tasync-sync-a: connected to the broker again", logging.INFO,
+                         resolved=True))
+    assert not shown(_record("tasync-control-a: connected to the broker again", logging.INFO,
+                             resolved=True))
+    assert shown(_record(f"tasync-sync-a: {down}; retrying", problem=down))  # it came back
+    for n in range(3):  # memory is bounded: the oldest is forgotten
+        assert shown(_record(f"problem {n}"))
+    assert shown(_record(f"tasync-sync-a: {down}; retrying", problem=down))
+
+
+def test_stderr_lines_are_short(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    log = setup_sync_log(tmp_path, "a", verbose=False, stderr=stream)
+    try:
+        logging.getLogger("tasync.node").info("ready at seq %d", 3)
+        logging.getLogger("tasync.node").debug("not shown without -v")
+        try:
+            raise ValueError("bad\nthing")
+        except ValueError:
+            logging.getLogger("tasync.broker").exception("x: unexpected error; reconnecting")
+    finally:
+        for handler in log.handlers:
+            handler.close()
+        log.handlers.clear()
+    assert stream.getvalue() == ("a INFO ready at seq 3\n"
+                                 "a ERROR x: unexpected error; reconnecting (ValueError: bad)\n")
+    in_file = (tmp_path / "tasync.log").read_text()
+    assert " a INFO tasync.node ready at seq 3\n" in in_file
+    assert "Traceback (most recent call last)" in in_file and "thing" in in_file

@@ -1,7 +1,7 @@
 import pytest
 from click.testing import CliRunner
 
-from tasync.cli_alerts import alerts_cli, normalise_host_args, parse_since
+from tasync.cli_alerts import alerts_cli, normalise_host_args
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -18,18 +18,6 @@ from tasync.cli_alerts import alerts_cli, normalise_host_args, parse_since
 ])
 def test_normalise_host_args(argv: list[str], expected: list[str]) -> None:
     assert normalise_host_args(argv) == expected
-
-
-def test_parse_since() -> None:
-    now = 1_000_000.0
-    assert parse_since(None) is None
-    assert parse_since("2h", now=now) == now - 7200
-    assert parse_since("30m", now=now) == now - 1800
-    assert parse_since("123.5") == 123.5
-    assert parse_since("1970-01-02T00:00:00Z") == 86400
-    assert parse_since("1970-01-02T00:00") == 86400
-    with pytest.raises(Exception, match="duration"):
-        parse_since("yesterday")
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -127,8 +127,9 @@ def test_generate_then_load(tmp_path: Path) -> None:
 
 def test_generate_is_random_with_default_time_id() -> None:
     first, second = KeyRing.parse(KeyRing.generate()), KeyRing.parse(KeyRing.generate())
-    assert re.fullmatch(r"k\d{14}", first.signing_key_id)
+    assert re.fullmatch(r"k\d{8}-\d{6}-[0-9a-f]{6}", first.signing_key_id)
     assert first.keys[0][1] != second.keys[0][1]
+    assert first.signing_key_id != second.signing_key_id  # made in the same second
 
 
 def test_generate_rejects_bad_id() -> None:
