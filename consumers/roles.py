@@ -367,9 +367,11 @@ class Roles:
                         raise ConfigError(f"{holder} took the master's seat first; "
                                           f"{self.ctx.node} stays a backup")
                 if waited > wait_s:
-                    raise ConfigError(f"the master's seat was still held after {wait_s:g} s: "
-                                      "the master neither stepped down nor lost its "
-                                      "connection; nothing was changed")
+                    why = ("the master did not answer (hung or cut off) and the broker still "
+                           "gives it the master's seat" if previous is None else
+                           f"{previous} stepped down but the seat is still held")
+                    raise ConfigError(f"{why} after {wait_s:g} s; nothing was changed: promote "
+                                      "again with a longer --timeout, or stop the old master")
                 self.progress({"stage": "waiting for the master's seat",
                                "done": round(waited, 1), "total": wait_s})
                 time.sleep(SEAT_POLL_S)
