@@ -350,6 +350,7 @@ class Roles:
             return None, "free"
         epoch_before = self.ctx.store.history.max_epoch
         started = time.monotonic()
+        self.progress({"stage": "asking the master to step down", "done": 0, "total": 0})
         with self.recovery.rpc() as rpc:
             previous = self._ask_master_to_step_down(rpc)
             next_look = 0.0
