@@ -7,6 +7,7 @@ timeouts and limits have one home and carry their unit in their name.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -14,6 +15,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
 ENV_BROKER_URL = "TASYNC_BROKER_URL"
 ENV_CLUSTER_KEY_FILE = "TASYNC_CLUSTER_KEY_FILE"
+ENV_SMTP_URL = "TASYNC_SMTP_URL"
+ENV_MAIL_HOSTNAME = "TASYNC_MAIL_HOSTNAME"
 
 
 def split_urls(value: str) -> tuple[str, ...]:
@@ -110,3 +113,27 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (settings are frozen)."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailSettings:
+    """How a node sends mail when a destination's URL leaves it open.
+
+    Attributes:
+        smtp_url: the server for ``mailto:`` destinations without ``?smtp=`` (``HOST[:PORT]`` or
+            ``smtp(s)://[user:pw@]host[:port]``); empty means localhost:25.
+        hostname: the name this node gives itself in mail: the ``Message-ID`` domain, the
+            default ``From`` (``tasync@<hostname>``) and the SMTP greeting. ``getfqdn()`` is
+            often just "localhost" in containers, which makes every Message-ID look alike and
+            some servers refuse the greeting, so it can be set; empty means the host name.
+    """
+
+    smtp_url: str = ""
+    hostname: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MailSettings:
+        """``$TASYNC_SMTP_URL`` and ``$TASYNC_MAIL_HOSTNAME``."""
+        env = os.environ if environ is None else environ
+        return cls(smtp_url=env.get(ENV_SMTP_URL, "").strip(),
+                   hostname=env.get(ENV_MAIL_HOSTNAME, "").strip())
