@@ -47,14 +47,13 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from broker.alerts import CONTROL_RE
+from broker.kinds import is_native_url
 from broker.settings import ENV_SMTP_URL, MailSettings
 
 __all__ = ["ENV_SMTP_URL", "ChannelError", "send"]
 
 DEFAULT_TIMEOUT_S = 10.0
 _RETRYABLE_HTTP = {408, 425, 429}
-#: Schemes tasync delivers itself; any other goes to Apprise.
-NATIVE_SCHEMES = frozenset({"file", "http", "https", "smtp", "smtps", "mailto"})
 
 
 @dataclass(frozen=True)
@@ -97,12 +96,6 @@ class ChannelError(Exception):
         self.retryable = retryable
 
 
-def is_native(url: str) -> bool:
-    """Whether tasync delivers this URL itself (else Apprise does); ``mailto://`` is Apprise's."""
-    scheme = scheme_of(url)
-    return scheme in NATIVE_SCHEMES and not (scheme == "mailto" and url.startswith("mailto://"))
-
-
 def scheme_of(url: str) -> str:
     """The lower-case scheme of a delivery URL (``mailto`` for both mail forms)."""
     return url.split(":", 1)[0].lower()
@@ -115,7 +108,7 @@ def send(url: str, payload: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOU
         ChannelError: the attempt failed; ``retryable`` says whether to try again.
     """
     scheme = scheme_of(url)
-    if not is_native(url):
+    if not is_native_url(url):
         send_apprise(url, payload, timeout_s=timeout_s)
     elif scheme == "file":
         send_file(url, payload)
