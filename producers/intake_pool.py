@@ -25,7 +25,7 @@ from typing import TypeVar
 from broker import topology
 from broker.alerts import Alert
 from broker.connection import close_quietly, connect
-from broker.errors import BrokerUnreachable, TasyncError, TopologyMissing
+from broker.errors import BrokerUnreachable, PublishError, TasyncError, TopologyMissing
 from broker.settings import Settings
 from producers.sender import AlertSender, SendResult
 
@@ -95,10 +95,19 @@ class BrokerCircuit:
 
     def start(self) -> None:
         """Probe once in the background, so a broker away at start is known at once."""
-        threading.Thread(target=self._first_probe, daemon=True, name="intake-first-probe"
-                         ).start()
+        self.suspect()
 
-    def _first_probe(self) -> None:
+    def suspect(self) -> None:
+        """Probe once in the background and open the circuit if the broker is away.
+
+        For failures that may or may not be the broker's absence (a confirm that never came:
+        a silent partition, or a broker slow under load): the request that saw it is answered
+        at once, and the probe decides for the requests after it.
+        """
+        if self._error is None:
+            threading.Thread(target=self._probe_once, daemon=True, name="intake-probe").start()
+
+    def _probe_once(self) -> None:
         error = self.probe()
         if error is not None:
             self.trip(error)
@@ -178,6 +187,10 @@ class SenderPool:
             error = self._explain(exc)
             self.circuit.trip(error)
             raise error from None
+        except PublishError:
+            sender.close()  # its connection may be the silent one: the next use opens another
+            self.circuit.suspect()
+            raise
         finally:
             self._idle.put(sender)
 
