@@ -15,11 +15,8 @@ applied.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from tasync.cli import cli
 from tasync.config_files import MAX_FILE_BYTES, objects_to_ops
 from tests.harness import secret_registry
 from tests.harness.hostile import JSON_VALUES, NOT_A_LIST, NOT_A_STRING, draw_many
+from tests.harness.intake import IntakeProcess
 from tests.network import Network
 from tests.waiting import wait_for
 
@@ -136,19 +134,8 @@ def _unknown_names(draw: st.DrawFn, alert: dict[str, Any]) -> None:
         alert[choice] = ghost
 
 
-def _post(address: str, method: str, path: str, headers: dict[str, str],
-          body: bytes) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection(address, timeout=60)
-    try:
-        conn.request(method, path, body=body if method == "POST" else None, headers=headers)
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
-
-
 @pytest.fixture
-def intake(network: Network, tmp_path: Path) -> Iterator[str]:
+def intake(network: Network, tmp_path: Path) -> Iterator[IntakeProcess]:
     """A master ``a`` delivering to ``ops.jsonl`` and an intake in front of it."""
     secret_registry.register("the intake's bearer token", TOKEN)
     token_file = tmp_path / "intake.token"
@@ -157,19 +144,14 @@ def intake(network: Network, tmp_path: Path) -> Iterator[str]:
     network.start("a", role="master").wait_ready()
     network.cli("config", "set", "destination", "ops", "--url",
                 f"file://{tmp_path / 'ops.jsonl'}")
-    with open(tmp_path / "intake.stderr", "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tasync", "intake", "--listen", "127.0.0.1:0",
-             "--default-host", "a", "--token-file", str(token_file), "--max-body", str(MAX_BODY),
-             "--max-alerts", str(MAX_ALERTS)],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=network.env)
+    process = IntakeProcess(["--default-host", "a", "--token-file", str(token_file),
+                             "--max-body", str(MAX_BODY), "--max-alerts", str(MAX_ALERTS)],
+                            network.env, tmp_path / "intake.stderr").start()
     try:
-        assert proc.stdout is not None
-        yield proc.stdout.readline().strip()
-        assert proc.poll() is None, "the intake died"
+        yield process
+        assert process.alive, "the intake died"
     finally:
-        proc.terminate()
-        proc.wait(30)
+        process.stop()
 
 
 def _delivered(tmp_path: Path) -> list[str]:
@@ -177,23 +159,23 @@ def _delivered(tmp_path: Path) -> list[str]:
     return [json.loads(x)["id"] for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_hostile_requests_get_a_clear_4xx_and_queue_nothing(intake: str, tmp_path: Path) -> None:
+def test_hostile_requests_get_a_clear_4xx_and_queue_nothing(intake: IntakeProcess,
+                                                           tmp_path: Path) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert _post(intake, "POST", "/alerts", auth, json.dumps(dict(GOOD, id="good-1")).encode()
-                 )[0] == 202
+    assert intake.request("POST", "/alerts", dict(GOOD, id="good-1"), headers=auth)[0] == 202
     wrong = []
     for method, path, headers, body, expected in draw_many(hostile_request(), 400):
-        status, reply = _post(intake, method, path, headers, body)
+        status, _, reply = intake.request(method, path, body if method == "POST" else None,
+                                          headers=headers)
         error = reply.get("error")
         if status not in expected or not isinstance(error, str) or "\n" in error \
                 or "Traceback" in error or TOKEN in error:
             wrong.append(f"{method} {path} {body[:100]!r}: {status} {reply}")
     assert not wrong, f"{len(wrong)} answers are wrong:\n" + "\n".join(wrong[:15])
-    assert _post(intake, "POST", "/alerts", auth, json.dumps(dict(GOOD, id="good-2")).encode()
-                 )[0] == 202
+    assert intake.request("POST", "/alerts", dict(GOOD, id="good-2"), headers=auth)[0] == 202
     wait_for(lambda: "good-2" in _delivered(tmp_path), what="the last good alert delivered")
     assert _delivered(tmp_path) == ["good-1", "good-2"]
-    assert "Traceback" not in (tmp_path / "intake.stderr").read_text()
+    assert "Traceback" not in intake.log()
 
 
 # -- config import ---------------------------------------------------------------------------------
