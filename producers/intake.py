@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.alerts import Alert, new_alert_id, validated
+from broker.alerts import Alert, new_alert_id
 from broker.allowlist import AllowList
 from broker.audit import Trail
 from broker.settings import IntakeSettings
@@ -146,8 +146,10 @@ class Intake:
         return accepted
 
     def _publish(self, alerts: list[Alert]) -> Accepted:
-        checked = [validated(a) for a in alerts]
-        result = self.publisher.send_many(checked)
+        # The sender checks every alert against the wire schema before it publishes the first
+        # (a bad one is a ValidationError: 400, nothing queued); checking here as well cost a
+        # fifth of the intake's time.
+        result = self.publisher.send_many(alerts)
         for warning in result.warnings:
             log.warning("%s", warning)
         return Accepted(ids=result.ids, hosts=result.hosts, warnings=result.warnings)
