@@ -39,9 +39,12 @@ from benchmarks.common import Broker, Network, log
 from benchmarks.measure import (
     RESULTS_DIR,
     LoadMonitor,
+    add_quiet_options,
     code_version,
+    fill_defaults,
     machine_info,
     median,
+    print_verdict,
     run_quiet,
     summarize,
     write_json,
@@ -205,16 +208,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alerts", type=int, help="alerts per run and side (default 20,000)")
     parser.add_argument("--batch", type=int, default=500, help="alerts per call or request")
     parser.add_argument("--singles", type=int, help="single-alert requests (default 1,000)")
-    parser.add_argument("--quiet-cpu", type=float, default=50.0, metavar="PERCENT",
-                        help="wait for the machine's CPU use to drop to this (100 disables)")
-    parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS")
+    add_quiet_options(parser)
     args = parser.parse_args(argv)
-    defaults = ({"runs": 1, "alerts": 4_000, "singles": 200} if args.quick
-                else {"runs": 3, "alerts": 20_000, "singles": 1_000})
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick={"runs": 1, "alerts": 4_000, "singles": 200},
+                         full={"runs": 3, "alerts": 20_000, "singles": 1_000})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,9 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     path = RESULTS_DIR / f"intake{'-quick' if args.quick else ''}.json"
     write_json(path, results)
-    for row in results["verdict"]:
-        print(f"{'PASS' if row['pass'] else 'FAIL'}  {row['target']}: {row['value']} "
-              f"(target {row['limit']})")
+    print_verdict(results["verdict"])
     log(f"results in {path}")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tests.harness.intake import stop_process
 from tests.waiting import wait_for
 
 BINARY_NAMES = ("prometheus-alertmanager", "alertmanager")
@@ -91,10 +92,4 @@ class Alertmanager:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        stop_process(self.proc)

@@ -12,6 +12,20 @@ from pathlib import Path
 from typing import Any
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float = 30.0) -> int | None:
+    """SIGTERM, then SIGKILL if it does not end in time; its exit status."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+    return proc.returncode
+
+
 @dataclass
 class IntakeProcess:
     """``python -m tasync intake --listen 127.0.0.1:0 ARGS``, its stderr in ``log_path``."""
@@ -37,16 +51,7 @@ class IntakeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
