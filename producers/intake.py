@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from broker.alerts import Alert, new_alert_id
 from broker.allowlist import AllowList
 from broker.audit import Trail
+from broker.errors import ConfigError, NoAnswer
 from broker.settings import IntakeSettings
 from producers.alertmanager import NotificationMemory, parse_alertmanager
 from producers.intake_formats import AlertRequest, BadRequest, load_json, parse_generic
@@ -175,11 +176,25 @@ class Intake:
                          "or map the source with --route-for")
 
     def _route(self, name: str) -> tuple[str, ...]:
+        """A route's hosts, asked again after ``route_cache_s``.
+
+        When no node answers, the hosts last seen are used however old they are, and a route
+        never seen is a 503 (retry), not a 400: Alertmanager drops a notification answered
+        with a 4xx, and the route may well exist once a node is back.
+        """
         with self._routes_lock:
             cached = self._routes.get(name)
         if cached and time.monotonic() - cached[0] < self.config.limits.route_cache_s:
             return cached[1]
-        hosts = self.publisher.resolve_route(name)
+        try:
+            hosts = self.publisher.resolve_route(name)
+        except ConfigError as exc:
+            if "no node answered" not in str(exc):
+                raise
+            if cached:
+                log.warning("no node answered for route %s; using its hosts seen before", name)
+                return cached[1]
+            raise NoAnswer(str(exc)) from None
         with self._routes_lock:
             self._routes[name] = (time.monotonic(), hosts)
         return hosts

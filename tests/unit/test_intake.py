@@ -274,3 +274,21 @@ def test_the_served_openapi_description_is_the_one_in_docs(client: Any) -> None:
     assert served == openapi_document([WebPart("intake", [], intake_http.openapi_paths())])
     checked_in = json.loads((DOCS / "openapi.json").read_text())
     assert served == checked_in, "regenerate: python -m tasync.web > docs/openapi.json"
+
+
+def test_a_route_nobody_can_resolve_now_is_a_retry_not_a_refusal() -> None:
+    class Unanswered(FakePublisher):
+        def resolve_route(self, route: str) -> tuple[str, ...]:
+            if self.routes.get("down"):
+                raise ConfigError(f"cannot resolve route {route!r}: no node answered; name "
+                                  "the servers with --host A B instead")
+            return super().resolve_route(route)
+
+    fake = Unanswered()
+    http, _, _ = make(fake, routes={"x": "remedy"},
+                      limits=IntakeSettings(route_cache_s=0.0))
+    assert post(http, "/alerts", OK)[0] == 202
+    fake.routes["down"] = ("yes",)
+    assert post(http, "/alerts", OK)[0] == 202, "the hosts seen before"
+    assert post(http, "/alerts", {**OK, "route": "nms"})[0] == 503
+    assert post(http, "/alerts", {**OK, "route": "ghost"})[0] == 503
