@@ -43,9 +43,12 @@ from benchmarks.measure import (
     IMG_DIR,
     RESULTS_DIR,
     LoadMonitor,
+    add_quiet_options,
     code_version,
+    fill_defaults,
     machine_info,
     median,
+    print_verdict,
     run_quiet,
     shown,
     summarize,
@@ -342,17 +345,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, help="failovers (default 20)")
     parser.add_argument("--interval", type=lambda s: float(s) / 1000, default=0.005,
                         metavar="MS", help="pause between two failover alerts (default 5)")
-    parser.add_argument("--quiet-cpu", type=float, default=50.0, metavar="PERCENT",
-                        help="wait for the machine's CPU use to drop to this (100 disables)")
-    parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS")
+    add_quiet_options(parser)
     parser.add_argument("--img-dir", type=Path, default=IMG_DIR)
     args = parser.parse_args(argv)
-    defaults = ({"runs": 1, "alerts": 2_000, "trials": 5} if args.quick
-                else {"runs": 3, "alerts": 20_000, "trials": 20})
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick={"runs": 1, "alerts": 2_000, "trials": 5},
+                         full={"runs": 3, "alerts": 20_000, "trials": 20})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,9 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     results["plots"] = [shown(p) for p in plot(results, args.img_dir, suffix)]
     path = RESULTS_DIR / f"alerts{suffix}.json"
     write_json(path, results)
-    for row in results["verdict"]:
-        print(f"{'PASS' if row['pass'] else 'FAIL'}  {row['target']}: {row['value']} "
-              f"(target {row['limit']})")
+    print_verdict(results["verdict"])
     log(f"results in {path}")
 
 

@@ -11,6 +11,7 @@ benchmark needs these whether or not it starts workers:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -187,3 +188,28 @@ def shown(path: Path) -> str:
     """``path`` relative to the repository when inside it (as results files record it)."""
     path = path.resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def add_quiet_options(parser: argparse.ArgumentParser) -> None:
+    """``--quiet-cpu`` and ``--quiet-wait``, which every benchmark hands to ``run_quiet``."""
+    parser.add_argument("--quiet-cpu", type=float, default=50.0, metavar="PERCENT",
+                        help="before each scenario, wait until the machine's CPU use is at "
+                             "most this (default 50; 100 disables)")
+    parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
+                        help="give up waiting for a quiet machine after this (default 30)")
+
+
+def fill_defaults(args: argparse.Namespace, *, quick: dict[str, Any],
+                  full: dict[str, Any]) -> argparse.Namespace:
+    """Set every option the command line left out, to its ``--quick`` or full size."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def print_verdict(rows: list[dict[str, Any]]) -> None:
+    """One ``PASS``/``FAIL`` line per target."""
+    for row in rows:
+        print(f"{'PASS' if row['pass'] else 'FAIL'}  {row['target']}: {row['value']} "
+              f"(target {row['limit']})")

@@ -54,9 +54,11 @@ from benchmarks.measure import (
     IMG_DIR,
     RESULTS_DIR,
     LoadMonitor,
+    add_quiet_options,
     code_version,
     machine_info,
     median,
+    print_verdict,
     run_quiet,
     shown,
     write_json,
@@ -274,9 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="10,000 changes, one run")
     parser.add_argument("--runs", type=int, default=None, help="repetitions (default 3)")
     parser.add_argument("--changes", type=int, default=None, help="default 100,000")
-    parser.add_argument("--quiet-cpu", type=float, default=50.0, metavar="PERCENT",
-                        help="wait for the machine's CPU use to drop to this (100 disables)")
-    parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS")
+    add_quiet_options(parser)
     parser.add_argument("--img-dir", type=Path, default=IMG_DIR)
     args = parser.parse_args(argv)
     count = args.changes or (10_000 if args.quick else 100_000)
@@ -300,9 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     report["plots"] = [shown(plot(report, args.img_dir, suffix))]
     write_json(RESULTS_DIR / f"recovery{suffix}.json", report)
     print(json.dumps(summary, indent=2))
-    for row in report["verdict"]:
-        print(f"{'PASS' if row['pass'] else 'FAIL'}  {row['target']}: {row['value']} "
-              f"(target {row['limit']})")
+    print_verdict(report["verdict"])
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ from benchmarks.measure import (
     MB,
     RESULTS_DIR,
     LoadMonitor,
+    add_quiet_options,
     children_cpu_s,
     code_version,
+    fill_defaults,
     machine_info,
     run_quiet,
     shown,
@@ -343,11 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=BACKUP_COUNTS, help="backup counts for latency (default 1,3,5)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy the master and one backup during the first import")
-    parser.add_argument("--quiet-cpu", type=float, default=50.0, metavar="PERCENT",
-                        help="before each scenario, wait until the machine's CPU use is at "
-                             "most this (default 50; 100 disables)")
-    parser.add_argument("--quiet-wait", type=float, default=30.0, metavar="SECONDS",
-                        help="give up waiting for a quiet machine after this (default 30)")
+    add_quiet_options(parser)
     parser.add_argument("--keep", action="store_true", help="keep the workers' data dirs")
     parser.add_argument("--out", type=Path,
                         help="results file (default benchmarks/results/replication.json, "
@@ -357,12 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suffix = "-quick" if args.quick else ""
     args.out = args.out or RESULTS_DIR / f"replication{suffix}.json"
     args.img_suffix = suffix
-    quick = {"runs": 1, "changes": 50, "objects": 10_000}
-    full = {"runs": 3, "changes": 300, "objects": 100_000}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick={"runs": 1, "changes": 50, "objects": 10_000},
+                         full={"runs": 3, "changes": 300, "objects": 100_000})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import median
+from benchmarks.measure import median, print_verdict
 
 TARGETS = {
     "latency_p99_ms_3_backups": 50.0,
@@ -204,6 +204,4 @@ def print_summary(results: dict[str, Any]) -> None:
               f"batching {imp['raw_same_batching_changes_per_s']:,.0f}/s, raw per message "
               f"{imp['raw_per_message_changes_per_s']:,.0f}/s; RSS idle "
               f"{imp['idle_backup_rss_mb']} MB, after {imp['after_import_backup_rss_mb']} MB")
-    for row in results["verdict"]:
-        print(f"{'PASS' if row['pass'] else 'FAIL'}  {row['target']}: {row['value']} "
-              f"(target {row['limit']})")
+    print_verdict(results["verdict"])

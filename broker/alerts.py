@@ -21,6 +21,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,14 @@ from broker.topology import NODE_NAME_RE
 MAX_TEXT_CHARS = 32_768
 MAX_SUBJECT_CHARS = 512
 MAX_HOSTS = 16
+#: At most this many labels, and as many annotations, per alert (Alertmanager's alerts carry a
+#: dozen or two); a key is 1 to ``MAX_FIELD_KEY_CHARS`` characters.
+MAX_FIELDS = 256
+MAX_FIELD_KEY_CHARS = 256
+#: Characters a subject (a mail header, a chat title) and a label's name may not hold: C0 and C1
+#: controls, DEL and the Unicode line and paragraph separators. A CR/LF in a mail subject would
+#: start a new header; every one of them breaks a one-line title somewhere.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: Encoded alert bodies larger than this are refused by the intake and the delivery worker.
 MAX_ALERT_BYTES = 256 << 10
 TARGET_KINDS = ("destination", "group")
@@ -66,6 +75,9 @@ class Alert:
         priority: 0 (lowest) to 9 (highest); passed on to channels that know priorities.
         created_at: when the sender made it (seconds since the epoch).
         hosts: the precedence list of nodes, first one delivers.
+        labels: optional name -> value pairs that identify what the alert is about (an
+            Alertmanager alert's labels); channels that carry structure pass them on as fields.
+        annotations: optional name -> value pairs that describe it (summary, runbook URL, ...).
     """
 
     id: str
@@ -77,6 +89,8 @@ class Alert:
     priority: int = PRIORITY_DEFAULT
     created_at: float = field(default_factory=time.time)
     hosts: tuple[str, ...] = ()
+    labels: Mapping[str, str] | None = None
+    annotations: Mapping[str, str] | None = None
 
     def __repr__(self) -> str:
         return (f"Alert(id={self.id!r}, source={self.source!r}, {self.target_kind}="
@@ -109,6 +123,28 @@ class _Strict(Schema):
         unknown = "raise"
 
 
+def _check_subject(value: str | None) -> None:
+    if value is not None and CONTROL_RE.search(value):
+        raise SchemaError("a subject is one line: no line breaks, tabs or other control "
+                          "characters")
+
+
+def _check_fields(value: dict[str, str] | None) -> None:
+    if value is None:
+        return
+    if len(value) > MAX_FIELDS:
+        raise SchemaError(f"at most {MAX_FIELDS} entries")
+    for key in value:
+        if not 1 <= len(key) <= MAX_FIELD_KEY_CHARS or CONTROL_RE.search(key):
+            raise SchemaError(f"a name is 1-{MAX_FIELD_KEY_CHARS} characters without control "
+                              "characters")
+
+
+def _fields() -> fields.Dict:
+    return fields.Dict(keys=fields.String(), values=fields.String(), load_default=None,
+                       allow_none=True, validate=_check_fields)
+
+
 class AlertSchema(_Strict):
     """An alert on the wire; the limits here are the ones users see in error messages."""
 
@@ -123,13 +159,15 @@ class AlertSchema(_Strict):
         NAME_RE, error="not a valid destination or group name"))
     text = fields.String(required=True)
     subject = fields.String(load_default=None, allow_none=True,
-                            validate=validate.Length(max=MAX_SUBJECT_CHARS))
+                            validate=[validate.Length(max=MAX_SUBJECT_CHARS), _check_subject])
     priority = fields.Integer(load_default=PRIORITY_DEFAULT, strict=True,
                               validate=validate.Range(min=PRIORITY_MIN, max=PRIORITY_MAX))
     created_at = fields.Float(required=True, validate=validate.Range(min=0))
     hosts = fields.List(
         fields.String(validate=validate.Regexp(NODE_NAME_RE, error="not a node name")),
         required=True, validate=validate.Length(min=1, max=MAX_HOSTS))
+    labels = _fields()
+    annotations = _fields()
 
     @validates("hosts")
     def _unique(self, value: list[str], **_: Any) -> None:
@@ -172,21 +210,30 @@ class HostListSchema(_Strict):
                         sender=data["sender"])
 
 
-_ALERT_SCHEMA = AlertSchema()
-messages.register("alert", Alert, _ALERT_SCHEMA)
-messages.register("hostlist", HostList, HostListSchema())
 
 
 def alert_to_dict(alert: Alert) -> dict[str, Any]:
-    """The wire form of an alert, the same as ``messages.to_dict`` gives, built directly.
+    """The wire form of an alert, built directly.
 
     ``dataclasses.asdict`` deep-copies every field; for bulk sends that copy cost more than
     the publish itself.
+    ``labels`` and ``annotations`` appear only when the alert has them, so an alert without
+    them is encoded exactly as before they existed and nodes of that time accept it.
     """
-    return {"v": messages.SCHEMA_VERSION, "type": "alert", "id": alert.id,
+    data = {"v": messages.SCHEMA_VERSION, "type": "alert", "id": alert.id,
             "source": alert.source, "target_kind": alert.target_kind, "target": alert.target,
             "text": alert.text, "subject": alert.subject, "priority": alert.priority,
             "created_at": alert.created_at, "hosts": list(alert.hosts)}
+    if alert.labels is not None:
+        data["labels"] = dict(alert.labels)
+    if alert.annotations is not None:
+        data["annotations"] = dict(alert.annotations)
+    return data
+
+
+_ALERT_SCHEMA = AlertSchema()
+messages.register("alert", Alert, _ALERT_SCHEMA, to_dict=alert_to_dict)
+messages.register("hostlist", HostList, HostListSchema())
 
 
 def encode_alert(alert: Alert) -> bytes:
@@ -233,8 +280,8 @@ def _one_line(errors: Any) -> str:
 # -- the fast path ------------------------------------------------------------------------------
 
 _ALERT_KEYS = frozenset({"v", "type", "id", "source", "target_kind", "target", "text", "subject",
-                         "priority", "created_at", "hosts"})
-_OPTIONAL_KEYS = frozenset({"subject", "priority"})
+                         "priority", "created_at", "hosts", "labels", "annotations"})
+_OPTIONAL_KEYS = frozenset({"subject", "priority", "labels", "annotations"})
 _REQUIRED_KEYS = _ALERT_KEYS - _OPTIONAL_KEYS
 _new = object.__new__
 
@@ -255,6 +302,7 @@ def fast_load(data: Any) -> Alert | None:
     version, alert_id, source, kind = data["v"], data["id"], data["source"], data["target_kind"]
     target, text, created, hosts = data["target"], data["text"], data["created_at"], data["hosts"]
     subject, priority = data.get("subject"), data.get("priority", PRIORITY_DEFAULT)
+    labels, annotations = data.get("labels"), data.get("annotations")
     if type(version) is not int or version != messages.SCHEMA_VERSION or data["type"] != "alert":
         return None
     if not (type(alert_id) is str and type(source) is str and type(target) is str
@@ -262,16 +310,19 @@ def fast_load(data: Any) -> Alert | None:
             and ID_RE.match(alert_id) and SOURCE_RE.match(source) and NAME_RE.match(target)
             and len(text) <= MAX_TEXT_CHARS and text.strip()):
         return None
-    if subject is not None and (type(subject) is not str or len(subject) > MAX_SUBJECT_CHARS):
+    if subject is not None and (type(subject) is not str or len(subject) > MAX_SUBJECT_CHARS
+                                or CONTROL_RE.search(subject)):
         return None
     if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         return None
-    if not (_time_ok(created) and _hosts_ok(hosts)):
+    if not (_time_ok(created) and _hosts_ok(hosts) and _fields_ok(labels)
+            and _fields_ok(annotations)):
         return None
     alert: Alert = _new(Alert)  # every field checked: fill the frozen dataclass directly
     alert.__dict__.update(id=alert_id, source=source, target_kind=kind, target=target,
                           text=text, subject=subject, priority=priority,
-                          created_at=float(created), hosts=tuple(hosts))
+                          created_at=float(created), hosts=tuple(hosts), labels=labels,
+                          annotations=annotations)
     return alert
 
 
@@ -280,6 +331,15 @@ def _time_ok(value: Any) -> bool:
     if type(value) is float:
         return 0.0 <= value < math.inf  # also False for NaN
     return type(value) is int and 0 <= value < 2**53
+
+
+def _fields_ok(value: Any) -> bool:
+    """None, or a dict of string to string within the limits ``_check_fields`` applies."""
+    if value is None:
+        return True
+    return (type(value) is dict and len(value) <= MAX_FIELDS
+            and all(type(k) is str and type(v) is str and 1 <= len(k) <= MAX_FIELD_KEY_CHARS
+                    and not CONTROL_RE.search(k) for k, v in value.items()))
 
 
 def _hosts_ok(hosts: Any) -> bool:

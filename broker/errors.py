@@ -9,6 +9,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      |    +-- UnknownNode       a command named a node the network does not know
      +-- MessageError           a wire message that cannot be accepted (quarantined)
      +-- BrokerUnreachable      no broker URL answered (exit 3)
+     +-- TopologyMissing        the virtual host lacks what `tasync broker setup` declares
      +-- PublishError           the broker nacked or did not confirm in time (exit 1)
      +-- RemoteError            another node answered a request with an error (exit 1)
      +-- ImportIncomplete       an import's parts did not all reach the master (resent)
@@ -81,6 +82,14 @@ class BrokerUnreachable(TasyncError):
     """No broker URL answered; the message names the URLs without their passwords."""
 
     exit_code = ExitCode.BROKER_UNREACHABLE
+
+
+class TopologyMissing(TasyncError):
+    """The broker answers but the virtual host lacks tasync's exchanges and queues.
+
+    Not "unreachable": retrying cannot help until an admin runs ``tasync broker setup``, and
+    the message says so.
+    """
 
 
 class PublishError(TasyncError):

@@ -9,6 +9,7 @@ order, where a bulk import may pass through states the master validated as a who
 
 from __future__ import annotations
 
+import logging
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -31,6 +32,50 @@ QUOTE_CHARS = 40
 URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 HHMM_RE = re.compile(r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]\Z|^24:00\Z")
+#: Delivery URL schemes tasync handles itself; every other scheme is Apprise's
+#: (``mailto://user:pw@gmail.com`` too: Apprise's form, where tasync's is ``mailto:ops@x``).
+NATIVE_SCHEMES = frozenset({"file", "http", "https", "smtp", "smtps", "mailto"})
+
+
+def is_native_url(url: str) -> bool:
+    """Whether tasync delivers to ``url`` itself rather than through Apprise."""
+    scheme = url.split(":", 1)[0].lower()
+    return scheme in NATIVE_SCHEMES and not (scheme == "mailto" and url.startswith("mailto://"))
+
+
+def apprise_refuses(url: str) -> str | None:
+    """Why Apprise could not deliver to ``url``, or None when it understands it.
+
+    Checked when a destination is set, so that a typo in a scheme is refused by ``config set``
+    rather than found at the first alert. Apprise is imported only here and only for URLs
+    tasync does not handle itself: it loads a hundred plugins. Its own complaint (which holds
+    the URL, and so maybe a secret) is kept off the terminal.
+    """
+    import apprise
+
+    logger = logging.getLogger("apprise")
+    previous, logger.disabled = logger.disabled, True
+    try:
+        understood = apprise.Apprise.instantiate(url) is not None
+    finally:
+        logger.disabled = previous
+    if understood:
+        return None
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in _apprise_schemes(apprise):
+        return (f"Apprise cannot read this {scheme!r} URL: a part is missing or malformed (see "
+                "https://github.com/caronc/apprise/wiki for its form)")
+    return f"no delivery channel knows the {scheme!r} scheme (a typo?)"
+
+
+def _apprise_schemes(apprise: Any) -> frozenset[str]:
+    """The URL schemes the installed Apprise has plugins for (empty when it cannot say)."""
+    try:
+        from apprise.manager_plugins import NotificationManager
+
+        return frozenset(NotificationManager().schemas())  # type: ignore[no-untyped-call]
+    except (ImportError, AttributeError):  # Apprise before 1.6 keeps them elsewhere
+        return frozenset(getattr(apprise, "SCHEMA_MAP", {}))
 
 
 class _Body(Schema):
@@ -50,6 +95,10 @@ class DestinationSchema(_Body):
     def _has_scheme(self, value: str, **_: Any) -> None:
         if not URL_SCHEME_RE.match(value):
             raise ValidationError("a delivery URL needs a scheme, e.g. file:///path or https://")
+        if not is_native_url(value):
+            reason = apprise_refuses(value)
+            if reason:
+                raise ValidationError(reason)
 
 
 class GroupSchema(_Body):
@@ -214,7 +263,8 @@ def _fast_destination(body: Mapping[str, Any]) -> dict[str, Any] | None:
     if type(body) is not dict or not body.keys() <= _DESTINATION_KEYS:
         return None
     url, schedule, subject = body.get("url"), body.get("schedule"), body.get("subject")
-    if type(url) is not str or not 3 <= len(url) <= 2048 or not URL_SCHEME_RE.match(url):
+    if (type(url) is not str or not 3 <= len(url) <= 2048 or not URL_SCHEME_RE.match(url)
+            or not is_native_url(url)):
         return None
     if schedule is not None and type(schedule) is not str:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
@@ -178,12 +179,20 @@ SCHEMAS: dict[str, Schema] = {
     "reply": ReplySchema(),
 }
 TYPES: dict[type, str] = {ChangeBatch: "changes", Request: "request", Reply: "reply"}
+#: Types whose wire form is not simply every field (optional fields left out when unset).
+_TO_DICT: dict[type, Callable[[Any], dict[str, Any]]] = {}
 
 
-def register(type_name: str, cls: type, schema: Schema) -> None:
-    """Add a message type (the alert layer registers its own) to ``encode``/``decode``."""
+def register(type_name: str, cls: type, schema: Schema, *,
+             to_dict: Callable[[Any], dict[str, Any]] | None = None) -> None:
+    """Add a message type (the alert layer registers its own) to ``encode``/``decode``.
+
+    ``to_dict`` builds the wire form when it is not every field of the dataclass.
+    """
     SCHEMAS[type_name] = schema
     TYPES[cls] = type_name
+    if to_dict is not None:
+        _TO_DICT[cls] = to_dict
 
 
 def change_to_dict(change: Change) -> dict[str, Any]:
@@ -215,6 +224,9 @@ def to_dict(message: Any) -> dict[str, Any]:
     if type(message) is Reply:
         return {"v": SCHEMA_VERSION, "type": type_name, "ok": message.ok, "node": message.node,
                 "data": message.data, "error": message.error, "error_type": message.error_type}
+    custom = _TO_DICT.get(type(message))
+    if custom is not None:
+        return custom(message)
     data = asdict(message)
     return {"v": SCHEMA_VERSION, "type": type_name, **data}
 

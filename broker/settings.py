@@ -7,6 +7,7 @@ timeouts and limits have one home and carry their unit in their name.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -14,6 +15,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/%2F"
 ENV_BROKER_URL = "TASYNC_BROKER_URL"
 ENV_CLUSTER_KEY_FILE = "TASYNC_CLUSTER_KEY_FILE"
+ENV_SMTP_URL = "TASYNC_SMTP_URL"
+ENV_MAIL_HOSTNAME = "TASYNC_MAIL_HOSTNAME"
+
+
 #: Set by systemd to ``DEVICE:INODE`` of the journal stream it connected stdout/stderr to.
 ENV_JOURNAL_STREAM = "JOURNAL_STREAM"
 
@@ -133,3 +138,75 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (settings are frozen)."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailSettings:
+    """How a node sends mail when a destination's URL leaves it open.
+
+    Attributes:
+        smtp_url: the server for ``mailto:`` destinations without ``?smtp=`` (``HOST[:PORT]`` or
+            ``smtp(s)://[user:pw@]host[:port]``); empty means localhost:25.
+        hostname: the name this node gives itself in mail: the ``Message-ID`` domain, the
+            default ``From`` (``tasync@<hostname>``) and the SMTP greeting. ``getfqdn()`` is
+            often just "localhost" in containers, which makes every Message-ID look alike and
+            some servers refuse the greeting, so it can be set; empty means the host name.
+    """
+
+    smtp_url: str = ""
+    hostname: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> MailSettings:
+        """``$TASYNC_SMTP_URL`` and ``$TASYNC_MAIL_HOSTNAME``."""
+        env = os.environ if environ is None else environ
+        return cls(smtp_url=env.get(ENV_SMTP_URL, "").strip(),
+                   hostname=env.get(ENV_MAIL_HOSTNAME, "").strip())
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntakeSettings:
+    """Limits and timings of the HTTP intake (``tasync intake``).
+
+    The timings are short on purpose: a caller such as Alertmanager gives up on a request
+    after its own deadline, so an intake that cannot reach the broker must say so (503 with
+    ``Retry-After``) at once rather than when the caller stopped listening.
+
+    Attributes:
+        max_body_bytes: a larger request is refused with 413. Alertmanager's webhook has no
+            size limit of its own and treats 413 as final, so the default takes several
+            thousand alerts with large annotations.
+        max_alerts: alerts per ``POST /alerts`` request; more is 413 (split the request).
+            Alertmanager notifications are bounded by ``max_body_bytes`` only.
+        senders: broker connections publishing side by side; a request borrows one.
+        sender_wait_s: how long a request waits for a free connection before 503.
+        connect_timeout_s: one connection attempt to one broker URL.
+        connect_retry_s: how long a request keeps reconnecting before it answers 503.
+        confirm_timeout_s: how long a publish waits for the broker's confirms.
+        probe_interval_s: while the broker is away, how often the intake tries it again;
+            requests meanwhile are answered 503 at once.
+        retry_after_s: the ``Retry-After`` of a 503.
+        route_cache_s: how long a route's hosts are reused before the master is asked again.
+        retry_window_s: an Alertmanager notification seen again within this time of its last
+            attempt is a retry and keeps its alert ids; later, it is a reminder with new ids.
+            Shorter than the receivers' ``repeat_interval``, longer than Alertmanager's pause
+            between two retries (one minute at most).
+    """
+
+    max_body_bytes: int = 16 << 20
+    max_alerts: int = 10_000
+    senders: int = 4
+    sender_wait_s: float = 10.0
+    connect_timeout_s: float = 1.0
+    connect_retry_s: float = 0.5
+    confirm_timeout_s: float = 5.0
+    probe_interval_s: float = 2.0
+    retry_after_s: int = 5
+    route_cache_s: float = 10.0
+    retry_window_s: float = 300.0
+
+    def broker(self, settings: Settings) -> Settings:
+        """The broker settings of the intake's connections: its own timeouts."""
+        return settings.with_(connect_timeout_s=self.connect_timeout_s,
+                              connect_retry_s=self.connect_retry_s,
+                              confirm_timeout_s=self.confirm_timeout_s)

@@ -248,3 +248,34 @@ def declare_all(channel: Any, settings: Settings) -> None:
     declare_config(channel, settings)
     declare_control(channel)
     declare_alerts(channel)
+
+
+#: What sending an alert needs in a virtual host, in the order it is checked.
+_ALERT_PATH = (("exchange", ALERTS_EXCHANGE), ("exchange", CONTROL_EXCHANGE),
+               ("queue", HOSTLISTS_QUEUE))
+
+
+def missing_for_alerts(connection: Any) -> str | None:
+    """The first exchange or queue of the alert path that the virtual host lacks, or None.
+
+    Passive declares need no permission, so any sender may ask. Each runs on a scratch
+    channel: a missing object closes the channel it was asked on.
+    """
+    for what, name in _ALERT_PATH:
+        channel = connection.channel()
+        try:
+            if what == "exchange":
+                channel.exchange_declare(name, "direct", passive=True)
+            else:
+                channel.queue_declare(name, passive=True)
+        except amqp.exceptions.NotFound:
+            return f"{what} {name}"
+        finally:
+            _close(channel)
+    return None
+
+
+def setup_advice(vhost: str, missing: str) -> str:
+    """The one line a sender shows when the virtual host has no topology."""
+    return (f"virtual host {vhost!r} has no tasync topology ({missing} does not exist): run "
+            "`tasync broker setup` against it")

@@ -1,26 +1,21 @@
-"""What integrations post to the HTTP intake, turned into alert requests.
+"""What integrations post to the HTTP intake (generic JSON), turned into alert requests.
 
-Two payloads are understood:
+``POST /alerts`` takes one object or a list of objects::
 
-* **generic JSON** (``POST /alerts``): one object or a list of objects::
+    {"source": "remedy", "destination": "ops-mail", "message": "INC0042 P1 opened",
+     "subject": "P1", "id": "INC0042-open", "priority": 8, "route": "remedy"}
 
-      {"source": "remedy", "destination": "ops-mail", "message": "INC0042 P1 opened",
-       "subject": "P1", "id": "INC0042-open", "priority": 8, "route": "remedy"}
+``group`` may replace ``destination``; ``text`` may replace ``message``; ``hosts`` (a list)
+may replace ``route``; without either, the intake maps the source to its route. ``labels`` and
+``annotations`` (objects of strings) travel with the alert as fields. Alertmanager's webhook
+is read by ``producers.alertmanager``.
 
-  ``group`` may replace ``destination``; ``text`` may replace ``message``; ``hosts`` (a list)
-  may replace ``route``; without either, the intake maps the source to its route.
-
-* **Prometheus Alertmanager** webhook (``POST /alertmanager?destination=ops&source=prom``): each
-  entry of ``alerts`` becomes one alert. Its id is built from the fingerprint, status and start
-  time, so Alertmanager's own retries of one notification are delivered once, while a
-  "resolved" for the same alert is a new alert.
-
-Every problem is a ``BadRequest`` whose message tells the integrator which field to fix.
+Every problem is a ``BadRequest`` whose message tells the integrator which field to fix; a
+request with more alerts than the intake takes at once is ``TooLarge`` (413: split it).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,13 +23,13 @@ from typing import Any
 
 from broker.alerts import PRIORITY_DEFAULT
 
-SEVERITY_PRIORITY = {"critical": 9, "page": 9, "error": 7, "high": 7, "warning": 6,
-                     "warn": 6, "info": 3, "low": 2, "none": 1}
-MAX_ALERTS_PER_REQUEST = 1000
-
 
 class BadRequest(ValueError):
     """The request cannot become alerts; the message is the reason shown to the caller."""
+
+
+class TooLarge(ValueError):
+    """The request is larger than the intake takes at once; the caller should split it (413)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +46,8 @@ class AlertRequest:
         priority: 0-9.
         route: a named route asked for, if any.
         hosts: an explicit precedence list, if any.
+        labels: name -> value pairs identifying what the alert is about, if any.
+        annotations: name -> value pairs describing it, if any.
     """
 
     id: str | None
@@ -62,6 +59,8 @@ class AlertRequest:
     priority: int = PRIORITY_DEFAULT
     route: str | None = None
     hosts: tuple[str, ...] | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
 
 
 def load_json(body: bytes) -> Any:
@@ -90,7 +89,17 @@ def _str(obj: Mapping[str, Any], key: str, *, required: bool = False) -> str | N
     return value
 
 
-def _target(obj: Mapping[str, Any], query: Mapping[str, str]) -> tuple[str, str]:
+def _strings(obj: Mapping[str, Any], key: str) -> dict[str, str] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise BadRequest(f"field {key!r} must be an object of strings")
+    return value
+
+
+def target_of(obj: Mapping[str, Any], query: Mapping[str, str]) -> tuple[str, str]:
+    """``(target_kind, target)`` from the object's or the query's ``destination``/``group``."""
     destination = _str(obj, "destination") or query.get("destination")
     group = _str(obj, "group") or query.get("group")
     if bool(destination) == bool(group):
@@ -106,13 +115,20 @@ def _priority(value: Any) -> int:
     return value
 
 
-def parse_generic(data: Any, *, query: Mapping[str, str]) -> list[AlertRequest]:
-    """Alert requests from the generic JSON payload (one object or a list of them)."""
+def parse_generic(data: Any, *, query: Mapping[str, str], max_alerts: int
+                  ) -> list[AlertRequest]:
+    """Alert requests from the generic JSON payload (one object or a list of them).
+
+    Raises:
+        BadRequest: a field is wrong, named in the message.
+        TooLarge: more than ``max_alerts`` alerts.
+    """
     items = data if isinstance(data, list) else [data]
     if not items:
         raise BadRequest("no alert in the request")
-    if len(items) > MAX_ALERTS_PER_REQUEST:
-        raise BadRequest(f"at most {MAX_ALERTS_PER_REQUEST} alerts per request")
+    if len(items) > max_alerts:
+        raise TooLarge(f"{len(items)} alerts in one request; the limit is {max_alerts}: "
+                       "split the request")
     requests: list[AlertRequest] = []
     for index, item in enumerate(items):
         where = f"alert {index}: " if len(items) > 1 else ""
@@ -127,14 +143,14 @@ def parse_generic(data: Any, *, query: Mapping[str, str]) -> list[AlertRequest]:
 
 def _generic_one(item: dict[str, Any], query: Mapping[str, str]) -> AlertRequest:
     known = {"id", "source", "destination", "group", "message", "text", "subject", "priority",
-             "route", "hosts"}
+             "route", "hosts", "labels", "annotations"}
     unknown = sorted(set(item) - known)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r} (fields: {', '.join(sorted(known))})")
     text = _str(item, "message") if "message" in item else _str(item, "text")
     if not text or not text.strip():
         raise BadRequest("the message is empty (field 'message')")
-    kind, target = _target(item, query)
+    kind, target = target_of(item, query)
     hosts = item.get("hosts")
     if hosts is not None and (not isinstance(hosts, list)
                               or not all(isinstance(h, str) for h in hosts)):
@@ -146,43 +162,5 @@ def _generic_one(item: dict[str, Any], query: Mapping[str, str]) -> AlertRequest
         id=_str(item, "id"), source=source, target_kind=kind, target=target, text=text,
         subject=_str(item, "subject"), priority=_priority(item.get("priority")),
         route=_str(item, "route") or query.get("route"),
-        hosts=tuple(hosts) if hosts else None)
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def parse_alertmanager(data: Any, *, query: Mapping[str, str]) -> list[AlertRequest]:
-    """Alert requests from an Alertmanager webhook notification (payload version 4)."""
-    if not isinstance(data, dict) or not isinstance(data.get("alerts"), list):
-        raise BadRequest("not an Alertmanager payload: no 'alerts' list")
-    if not data["alerts"]:
-        raise BadRequest("the Alertmanager payload has no alerts")
-    kind, target = _target({}, query)
-    source = query.get("source") or "alertmanager"
-    common = _dict(data.get("commonLabels"))
-    requests = []
-    for index, entry in enumerate(data["alerts"][:MAX_ALERTS_PER_REQUEST]):
-        if not isinstance(entry, dict):
-            raise BadRequest(f"alerts[{index}] is not an object")
-        labels = _dict(entry.get("labels"))
-        notes = _dict(entry.get("annotations"))
-        status = str(entry.get("status") or data.get("status") or "firing")
-        name = str(labels.get("alertname") or common.get("alertname") or "alert")
-        summary = str(notes.get("summary") or notes.get("description") or name)
-        detail = " ".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "alertname")
-        text = f"{summary}\n{detail}".strip() if detail else summary
-        if notes.get("description") and notes.get("summary"):
-            text += f"\n{notes['description']}"
-        fingerprint = str(entry.get("fingerprint") or hashlib.sha256(
-            json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16])
-        starts = str(entry.get("startsAt") or "")
-        severity = str(labels.get("severity") or common.get("severity") or "").lower()
-        requests.append(AlertRequest(
-            id=f"am-{fingerprint}-{status}-{starts}".replace(" ", "")[:128],
-            source=source, target_kind=kind, target=target, text=text,
-            subject=f"[{status.upper()}] {name}"[:512],
-            priority=SEVERITY_PRIORITY.get(severity, PRIORITY_DEFAULT),
-            route=query.get("route")))
-    return requests
+        hosts=tuple(hosts) if hosts else None, labels=_strings(item, "labels"),
+        annotations=_strings(item, "annotations"))

@@ -12,9 +12,7 @@ click cannot give one option a variable number of values, so ``main()`` passes a
 from __future__ import annotations
 
 import datetime as dt
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +21,11 @@ import click
 from broker import topology
 from broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
 from broker.allowlist import AllowList
+from broker.audit import Trail
 from broker.errors import ConfigError, NoAnswer
+from broker.settings import IntakeSettings
 from broker.signing import KeyRing, key_file_from_env
 from broker.since import Since
-from producers.intake import DEFAULT_MAX_BODY, Intake, IntakeConfig, make_server
 from producers.sender import AlertSender, parse_hosts
 from tasync.client import print_table, rpc_client
 from tasync.options import (
@@ -58,11 +57,16 @@ Examples:
 """
 INTAKE_HELP = """Accept alerts over HTTP (generic JSON, Alertmanager) and queue them.
 
+Answers 202 once the broker confirmed every alert of a request; 503 with Retry-After
+at once while the broker is unreachable. GET /openapi.json describes the endpoints.
+
 \b
 Examples:
   tasync intake --route-for remedy=remedy --route-for nms=nms
+  tasync intake --listen 0.0.0.0:8080 --token-file /etc/tasync/intake.token --default-route nms
   curl -d '{"source":"remedy","destination":"ops","message":"P1"}' localhost:8080/alerts
 """
+_LIMITS = IntakeSettings()
 
 
 def normalise_host_args(argv: list[str]) -> list[str]:
@@ -241,52 +245,56 @@ def _listen(value: str) -> tuple[str, int]:
 @click.option("--default-route", metavar="ROUTE", help="Route for unmapped sources.")
 @click.option("--default-host", "default_hosts", multiple=True, metavar="NODE",
               help="Precedence list for unmapped sources without a default route.")
-@click.option("--max-body", type=click.IntRange(min=1024), default=DEFAULT_MAX_BODY,
+@click.option("--max-body", type=click.IntRange(min=1024), default=_LIMITS.max_body_bytes,
               show_default=True, help="Largest request in bytes (larger: 413).")
+@click.option("--max-alerts", type=click.IntRange(min=1), default=_LIMITS.max_alerts,
+              show_default=True, help="Most alerts in one POST /alerts (more: 413, split).")
+@click.option("--senders", type=click.IntRange(1, 64), default=_LIMITS.senders,
+              show_default=True, help="Broker connections publishing side by side.")
+@click.option("--retry-window", "retry_window_s", type=click.FloatRange(min=1),
+              default=_LIMITS.retry_window_s, show_default=True, metavar="SECONDS",
+              help="An Alertmanager notification seen again within this time is a retry "
+                   "(same ids); later it is a reminder (new ids). Keep it below "
+                   "repeat_interval.")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="File holding a bearer token that requests must present.")
 @click.option("--hosts-file", type=click.Path(dir_okay=False, path_type=Path),
               help="telalert.hosts: client addresses allowed to post alerts.")
 @click.option("--key-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               default=None, help="Cluster key file to sign alerts.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the intake's trail (telalert.trail) here: alerts Alertmanager "
+                   "left out.")
 @broker_option
 @handle_errors
 def intake(*, listen: str, route_for: tuple[str, ...], default_route: str | None,
-           default_hosts: tuple[str, ...], max_body: int, token_file: Path | None,
-           hosts_file: Path | None, key_file: Path | None, broker_url: str) -> None:
+           default_hosts: tuple[str, ...], max_body: int, max_alerts: int, senders: int,
+           retry_window_s: float, token_file: Path | None, hosts_file: Path | None,
+           key_file: Path | None, data_dir: Path | None, broker_url: str) -> None:
     """Run the HTTP intake; the help text is ``INTAKE_HELP``."""
+    from producers.intake import IntakeConfig
+    from tasync.intake_app import open_intake
+    from tasync.web import bind, build_app, serve
+
     host, port = _listen(listen)
     token = token_file.read_text().strip() if token_file else None
     if token_file and not token:
         raise ConfigError(f"{token_file} is empty")
+    limits = IntakeSettings(max_body_bytes=max_body, max_alerts=max_alerts, senders=senders,
+                            retry_window_s=retry_window_s)
     config = IntakeConfig(
         routes=_mapping(route_for), default_route=default_route,
-        default_hosts=parse_hosts(default_hosts) if default_hosts else (),
-        max_body_bytes=max_body, token=token,
-        allow=AllowList.load(hosts_file) if hosts_file else None)
-    sender = AlertSender(make_settings(broker_url), keyring=_keyring(key_file), name="intake")
-    try:
-        server = make_server(Intake(config, sender), host=host, port=port)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
-    stopper = threading.Event()
-
-    def shut(*_: Any) -> None:
-        if not stopper.is_set():
-            stopper.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, shut)
-    signal.signal(signal.SIGINT, shut)
-    bound_host, bound_port = server.server_address[:2]
-    click.echo(f"intake listening on http://{bound_host!s}:{bound_port}", err=True)
-    click.echo(f"{bound_host!s}:{bound_port}")
-    sys.stdout.flush()
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-        sender.close()
+        default_hosts=parse_hosts(default_hosts) if default_hosts else (), token=token,
+        allow=AllowList.load(hosts_file) if hosts_file else None, limits=limits)
+    sock = bind(host, port)
+    trail = Trail(data_dir, "intake") if data_dir else None
+    with open_intake(config, make_settings(broker_url), keyring=_keyring(key_file),
+                     trail=trail) as part:
+        bound_host, bound_port = sock.getsockname()[:2]
+        click.echo(f"intake listening on http://{bound_host!s}:{bound_port}", err=True)
+        click.echo(f"{bound_host!s}:{bound_port}")
+        sys.stdout.flush()
+        serve(build_app([part]), sock)
 
 
 ALERT_COMMANDS = (send, totals, intake)

@@ -273,8 +273,12 @@ class Executor:
         return DELIVERED
 
     def payload(self, alert: Alert, leaf: Leaf) -> dict[str, Any]:
-        """What a channel receives: the alert, the destination and who delivered it when."""
-        return {
+        """What a channel receives: the alert, the destination and who delivered it when.
+
+        ``labels`` and ``annotations`` are there only when the alert has them, as objects, so
+        a receiver reads ``runbook_url`` as a field rather than out of the text.
+        """
+        data = {
             "id": alert.id,
             "destination": leaf.name,
             "text": alert.text,
@@ -288,3 +292,8 @@ class Executor:
             "node": self.node,
             "delivered_at": time.time(),
         }
+        if alert.labels is not None:
+            data["labels"] = dict(alert.labels)
+        if alert.annotations is not None:
+            data["annotations"] = dict(alert.annotations)
+        return data

@@ -354,7 +354,8 @@ def test_bad_input_gets_clear_errors_and_nothing_crashes(network: Network,
              == 2, what="two refusals in the trail")
 
     intake = subprocess.Popen([sys.executable, "-m", "tasync.cli_alerts", "intake", "--listen",
-                               "127.0.0.1:0", "--default-host", "a", "--default-host", "b"],
+                               "127.0.0.1:0", "--default-host", "a", "--default-host", "b",
+                               "--max-body", str(1 << 20)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=network.env)
     try:

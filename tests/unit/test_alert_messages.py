@@ -50,6 +50,10 @@ def test_hostlist_record_round_trip() -> None:
     ({"target": "ops\n"}, "not a valid destination or group name"),
     ({"id": "INC42\n"}, "id: an alert id is"),
     ({"source": "remedy\n"}, "source"),
+    # A subject is one header line: no CR/LF (header injection) nor any other control.
+    ({"subject": "P1\r\nBcc: all@example.com"}, "subject: a subject is one line"),
+    ({"subject": "bell\x07"}, "subject: a subject is one line"),
+    ({"labels": {"a\nb": "x"}}, "labels: a name is"),
 ])
 def test_invalid_alerts_are_refused_with_the_field_named(overrides: dict[str, object],
                                                          reason: str) -> None:
@@ -69,3 +73,15 @@ def test_decode_refuses_unknown_fields_and_wrong_types() -> None:
 
 def test_repr_hides_the_text() -> None:
     assert "disk full" not in repr(make())
+
+
+def test_labels_and_annotations_travel_and_are_left_out_when_unset() -> None:
+    plain = make()
+    assert "labels" not in alert_to_dict(plain) and "annotations" not in alert_to_dict(plain)
+    rich = make(labels={"alertname": "DiskFull", "instance": "db1"},
+                annotations={"runbook_url": "https://wiki/disk", "summary": "98%\nfull"})
+    body = encode_alert(rich)
+    assert body == messages.encode(rich)
+    decoded = messages.decode(body, max_bytes=1 << 20, expect="alert")
+    assert decoded == rich and decoded.labels == {"alertname": "DiskFull", "instance": "db1"}
+    assert validated(rich) == rich

@@ -42,3 +42,13 @@ def test_bad_broker_url_is_a_usage_error() -> None:
     result = CliRunner().invoke(alerts_cli, ["send", "-i", "d", "-m", "t", "--host", "a",
                                              "--broker", "http://x"])
     assert result.exit_code == 2 and "unsupported broker URL scheme" in result.output
+
+
+@pytest.mark.parametrize("subject", ["P1\r\nBcc: all@example.com", "P1\nsecond line",
+                                     "bell\x07"])
+def test_send_refuses_a_subject_with_control_characters_before_publishing(subject: str) -> None:
+    result = CliRunner().invoke(alerts_cli, ["send", "-i", "ops", "-m", "disk full", "--host",
+                                             "a", "--subject", subject,
+                                             "--broker", "amqp://guest:guest@127.0.0.1:1/x"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and "subject: a subject is one line" in result.stderr

@@ -167,3 +167,15 @@ def test_policy_from_env() -> None:
     assert RetryPolicy(backoff_s=1, max_backoff_s=5).delay(10) == 5
     with pytest.raises(ConfigError):
         RetryPolicy.from_env({"TASYNC_DELIVERY_ATTEMPTS": "zero"})
+
+
+def test_labels_and_annotations_reach_the_payload_as_fields(tmp_path: Path) -> None:
+    channel = Channel({})
+    executor = make(tmp_path, channel)
+    executor.run(alert(labels={"alertname": "DiskFull", "instance": "db1"},
+                       annotations={"runbook_url": "https://wiki/disk"}))
+    executor.run(alert())
+    (_, rich), (_, plain) = channel.calls
+    assert rich["labels"] == {"alertname": "DiskFull", "instance": "db1"}
+    assert rich["annotations"] == {"runbook_url": "https://wiki/disk"}
+    assert "labels" not in plain and "annotations" not in plain

@@ -56,6 +56,12 @@ MUTATIONS: list[tuple[str, Any]] = [
     ("created_at", float("inf")), ("created_at", float("nan")), ("created_at", 10**400),
     ("hosts", []), ("hosts", ["a", "a"]), ("hosts", ["a"] * 17), ("hosts", "a"),
     ("hosts", ["bad name"]), ("hosts", [1]), ("hosts", ["n" * 64]), ("extra", 1),
+    ("subject", "P1\r\nBcc: x"), ("subject", "tab\t"), ("subject", "c1\x85"),
+    ("subject", "ls\u2028"), ("subject", "Störung ✓"), ("labels", {"alertname": "Disk"}),
+    ("labels", None), ("labels", {}), ("labels", {"a": 1}), ("labels", {"": "x"}),
+    ("labels", {"a\n": "x"}), ("labels", {"k" * 257: "x"}), ("labels", "alertname=x"),
+    ("labels", {f"k{i}": "v" for i in range(257)}), ("annotations", {"summary": "a\nb"}),
+    ("annotations", []), ("annotations", {"runbook_url": None}),
 ]
 
 
@@ -88,7 +94,7 @@ def test_validated_still_names_the_bad_field() -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from([*sorted(good()), "new"]), json_values)
+@given(st.sampled_from([*sorted(good()), "labels", "annotations", "new"]), json_values)
 def test_random_values_agree(key: str, value: Any) -> None:
     data = good()
     data[key] = value

@@ -324,3 +324,31 @@ def test_a_long_name_is_quoted_short() -> None:
     with pytest.raises(ValidationError) as caught:
         kinds.load_body("destination", "n" * 10_000 + "\x00", {"url": "file:///a"})
     assert len(str(caught.value)) < 120 and "10001 characters" in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["nosuchscheme://host/token-SECRET", "slak://T0/B0/SECRET", "slack://SECRET",
+                                 "mailto://"])
+def test_a_url_no_channel_knows_is_refused_without_showing_it(url: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        kinds.load_body("destination", "chat", {"url": url})
+    assert ("scheme" in str(info.value) or "cannot read" in str(info.value))
+    assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["json://127.0.0.1:8080/", "mailto://user:pw@gmail.com",
+                                 "slack://T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7FQ",
+                                 "mailto:ops@example.com", "smtp://mail/?to=a@b", "file:///x",
+                                 "https://hooks.example.com/x"])
+def test_urls_a_channel_knows_are_accepted(url: str) -> None:
+    assert kinds.load_body("destination", "chat", {"url": url})["url"] == url
+
+
+def test_config_set_refuses_an_unknown_scheme_in_one_line() -> None:
+    from click.testing import CliRunner
+
+    from tasync.cli import cli
+
+    result = CliRunner().invoke(cli, ["config", "set", "destination", "chat", "--url",
+                                      "nosuchscheme://x", "--broker", "amqp://127.0.0.1:1/x"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and "'nosuchscheme' scheme" in result.stderr
