@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up a machine for tasync: a venv with the package, and a RabbitMQ that answers on 5672.
 #   scripts/setup.sh          the package and its runtime dependencies
-#   scripts/setup.sh --test   also the test and lint extras, and Prometheus Alertmanager
-#                             (apt-get, as root) for the tests that run it
+#   scripts/setup.sh --test   also the test and lint extras, and the programs some tests run
+#                             (Alertmanager, promtool: apt-get, as root)
 # RabbitMQ: use the one at 127.0.0.1:5672 if it answers, else start the installed
 # rabbitmq-server, else install it with apt-get (needs root) and start it.
 set -euo pipefail
@@ -18,17 +18,23 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".${extras}"
 
-# The tests run a real Alertmanager against the HTTP intake (they skip, saying why, without it).
-if [ -n "$extras" ] && ! command -v prometheus-alertmanager >/dev/null 2>&1 \
-    && ! command -v alertmanager >/dev/null 2>&1; then
+# Real third-party programs some tests run (they skip, saying why, where one is missing):
+# Alertmanager in front of the HTTP intake, promtool for the documented alerting rules.
+test_tool() {  # COMMAND DEBIAN-PACKAGE
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing prometheus-alertmanager with apt-get (for the tests)" >&2
+    echo "setup: installing $2 with apt-get (for the tests)" >&2
     export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq prometheus-alertmanager >/dev/null; } \
-      || echo "setup: could not install prometheus-alertmanager; its tests will be skipped" >&2
+    { [ -n "${apt_updated:-}" ] || apt-get update -qq; } && apt_updated=1 \
+      && apt-get install -y -qq --no-install-recommends "$2" >/dev/null \
+      || echo "setup: could not install $2; the tests that need $1 will be skipped" >&2
   else
-    echo "setup: prometheus-alertmanager missing (needs root and apt-get); its tests will be skipped" >&2
+    echo "setup: $1 missing (needs root and apt-get for $2); its tests will be skipped" >&2
   fi
+}
+if [ -n "$extras" ]; then
+  command -v alertmanager >/dev/null 2>&1 || test_tool prometheus-alertmanager prometheus-alertmanager
+  test_tool promtool prometheus
 fi
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }

@@ -227,6 +227,7 @@ def test_metrics_table_matches_what_a_node_exports(tmp_path: Path) -> None:
                       trail=Trail(tmp_path, "a"))
     totals = Totals(ctx)
     totals.count("remedy", received=1)
+    ctx.peers.saw({"node": "a", "role": "master", "epoch": 1, "seq": 0, "ready": True})
 
     class Consumer:
         name = "tasync-sync-a"
