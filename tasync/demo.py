@@ -20,9 +20,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from broker.errors import ConfigError
+from broker.errors import ConfigError, ExitCode
 from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL
 from tasync.demo_network import Stage, demo_broker
+from tasync.health import SEVERITY
 from tasync.options import handle_errors, print_json
 
 ALERTS_PER_SOURCE = 10
@@ -164,9 +165,9 @@ class Story:
 
     def show_status(self) -> None:
         """Print ``tasync status`` as a table."""
-        rows = self.stage.tasync_json("status")
+        report = self.stage.tasync_json("status", ok=(ExitCode.OK, *SEVERITY))
         table = Table("node", "role", "epoch", "seq", "alive", "ready", "in sync")
-        for r in rows:
+        for r in report["nodes"]:
             table.add_row(r["node"], r.get("role", "?"), str(r.get("epoch", "")),
                           str(r.get("applied_seq", "")), "yes" if r.get("alive") else "no",
                           "yes" if r.get("ready") else "no", "yes" if r.get("in_sync") else "no")
