@@ -6,6 +6,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
     TasyncError
      +-- ConfigError            bad user input or configuration (exit 1)
      |    +-- ValidationError   an object or change failed its schema or references
+     |    +-- SendRefused       the network would refuse the alert; nothing was published
      +-- MessageError           a wire message that cannot be accepted (quarantined)
      +-- BrokerUnreachable      no broker URL answered (exit 3)
      +-- PublishError           the broker nacked or did not confirm in time (exit 1)
@@ -50,6 +51,14 @@ class ValidationError(ConfigError):
     def __init__(self, message: str, *, errors: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or {}
+
+
+class SendRefused(ConfigError):
+    """Every node would refuse the alert (unsigned, a retired key, a wrong secret).
+
+    Raised by a sender before it publishes, so the alert is not quarantined by every node
+    while the sender reports success.
+    """
 
 
 class MessageError(TasyncError):

@@ -71,6 +71,7 @@ class Node:
         self._stop = threading.Event()
         self.changes_applied = 0
         self.totals: Any = None
+        self.delivery: Any = None
         relay = None
         if self.ctx.is_master:
             relay = ChangeRelay(settings, store, node=options.node, keyring=keyring)
@@ -128,7 +129,7 @@ class Node:
         self.totals = totals
         delivery = DeliveryConsumer(self.ctx, totals=totals, senders=self.admission.senders)
         self.control.handlers.update(delivery.control_handlers())
-        self._delivery = delivery
+        self._delivery = self.delivery = delivery
         self.consumers.append(delivery)
 
     def _applied(self, result: ApplyResult) -> None:
