@@ -1,14 +1,15 @@
 """The alert and host-list messages: what a source sends, and how nodes learn ad-hoc lists.
 
-An ``Alert`` is design section 2's tuple ``(id, source, targets, text, subject, priority,
-created_at, hosts)``; ``targets`` is spelled as ``target_kind`` (``destination`` or ``group``)
+An ``Alert`` is the tuple ``(id, source, targets, text, subject, priority, created_at,
+hosts)``; ``targets`` is spelled as ``target_kind`` (``destination`` or ``group``)
 and ``target`` (the object's name), because one alert addresses exactly one configured object
-and a group already expresses "several". ``id`` is the idempotency key: nodes deliver an id once
-within their duplicate window, so a script that re-sends after a timeout causes no second page.
+and a group already expresses "several". ``id`` is the idempotency key: the network delivers an
+id once within the duplicate window, so a script that re-sends after a timeout causes no second
+page.
 
-A ``HostList`` record is appended to the ``tasync.hostlists`` stream the first time a sender
-uses a precedence list; every node reads that stream and subscribes to the lists that name it,
-so an ad-hoc ``--host a b`` list outlives every process that knew it (design section 3).
+A ``HostList`` record is appended to the ``tasync.hostlists`` stream by whoever creates a
+precedence list's queue; every node reads that stream and subscribes to the lists that name it,
+so an ad-hoc ``--host a b`` list outlives every process that knew it.
 
 A ``Handled`` record is what a node appends to the ``tasync.handled`` stream each time it
 settles a batch of alerts: the ids with their outcomes. Every node follows that stream and
@@ -78,7 +79,7 @@ class Alert:
     """One alert, immutable from the sender to the delivering node.
 
     Attributes:
-        id: idempotency key; duplicates within a node's window are delivered once.
+        id: idempotency key; the network delivers an id once within its duplicate window.
         source: who sent it (``remedy``, ``nms``, a script); totals are kept per source.
         target_kind: ``destination`` or ``group``.
         target: the name of the destination or group.

@@ -1,7 +1,7 @@
 """Every exchange, queue and routing key of a tasync network, derived in one place.
 
 Names are functions of node names and precedence lists so that producers, consumers, the CLI
-and ``tasync broker setup`` can never disagree. The shapes follow design section 3:
+and ``tasync broker setup`` can never disagree. The shapes:
 
 * ``tasync.config`` (fanout) -> one quorum queue ``tasync.sync.<node>`` per node, and the stream
   ``tasync.changelog``, the durable replicated change log that recovery and gap filling read.

@@ -95,7 +95,7 @@ def open_db(data_dir: Path | str) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
     db.execute("PRAGMA journal_mode=WAL")
     # NORMAL is safe against a killed process in WAL mode; a power cut may lose the last
-    # commits, which only widens the at-least-once window the design already allows.
+    # commits, which only widens the at-least-once window that redelivery already has.
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(_SCHEMA)
     _migrate(db)

@@ -14,7 +14,7 @@ state), and tests can run several servers in one process.
 Metrics (every sample has a ``node`` label; one scrape target is one node):
 
 =================================== ======= ==================================================
-``tasync_node_ready``                gauge   1 once the node caught up and serves (guarantee 4)
+``tasync_node_ready``                gauge   1 once the node caught up and serves
 ``tasync_is_master``                 gauge   1 on the master
 ``tasync_epoch``                     gauge   highest epoch the node has seen
 ``tasync_applied_seq``               gauge   highest seq applied (backup) or committed (master)

@@ -7,8 +7,8 @@ delivery worker to subscribe to those that name it, and watches all of them for 
 (``lists``). A stream rather than a queue, because every node, including one that joins next
 year, must see every record, and a record must never be consumed away.
 
-The watcher runs on its own connection: a stream error closes the whole connection (design
-section 9), which must not take the delivery worker's subscriptions with it.
+The watcher runs on its own connection: a stream error closes the whole connection (measured on
+RabbitMQ 3.10), which must not take the delivery worker's subscriptions with it.
 """
 
 from __future__ import annotations

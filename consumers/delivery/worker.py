@@ -2,7 +2,7 @@
 
 Each list ``a.b.c`` has one quorum queue; every node of the list consumes it with consumer
 priority by position, so the broker hands alerts to the first live node and moves queued and
-unacknowledged ones to the next node when a connection dies (design section 3). Overflow works
+unacknowledged ones to the next node when a connection dies. Overflow works
 the same way: when the first node's prefetch window is full, the next node gets the surplus.
 
 Per alert: decode and check it (bad ones go to the quarantine queue), drop it if its id was

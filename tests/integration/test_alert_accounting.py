@@ -341,6 +341,11 @@ def test_dead_letters_are_shown_requeued_once_and_traced(network: Network, tmp_p
     assert [m["id"] for m in dead["messages"]] == ["d1"]
     assert "503" in dead["messages"][0]["reason"] and dead["messages"][0]["node"] == "a"
     assert "503" in network.cli("dead", "show", "d1").stdout
+    story = trace(network, "d1")
+    assert story["outcome"] == "dead" and "503" in story["dead"][0]["reason"]
+    failed = [e for e in story["events"] if e["event"] == "alert.failed"]
+    assert [(e["node"], e["destination"], e["attempts"]) for e in failed] == [("a", "hook", "5")]
+    assert ("a", "alert.dead_lettered") in events(story)
     dry = network.cli("dead", "requeue", "d1", "--dry-run")
     assert "d1" in dry.stdout
     assert [m["id"] for m in json.loads(network.cli("dead", "list", "--json")
