@@ -132,18 +132,23 @@ def configure(url: str, out: Path, nodes: tuple[str, ...]) -> None:
         wait_for(registered, timeout_s=60, what="every node registered", interval_s=0.2)
 
 
+def two_nodes(url: str, net: Network) -> tuple[Path, LineCounter]:
+    """``master`` and ``b1`` running, the ``out`` file destination committed and applied."""
+    out = net.root / "out.jsonl"
+    net.start(1)
+    configure(url, out, ("master", "b1"))
+    net.wait_in_sync()
+    return out, LineCounter(out)
+
+
 # -- throughput -------------------------------------------------------------------------------
 
 
 def measure_throughput(broker: Broker, *, count: int, batch: int) -> dict[str, Any]:
     """Sender API -> file channel, N alerts; see the module docstring."""
     with broker.fresh_vhost("alerts") as url, Network(url) as net, LoadMonitor() as load:
-        out = net.root / "out.jsonl"
-        net.start(1)
-        configure(url, out, ("master", "b1"))
-        net.wait_in_sync()
+        out, counter = two_nodes(url, net)
         hosts = ("master", "b1")
-        counter = LineCounter(out)
         with AlertSender(Settings.from_url(url), name="bench") as sender:
             sender.send(make_alerts(1, hosts, prefix="warm")[0])  # creates the list's queue
             wait_for(lambda: counter.poll() >= 1, timeout_s=30, what="the warm-up alert")
@@ -196,11 +201,7 @@ def dedup_window(net: Network, lines: list[dict[str, Any]]) -> dict[str, Any]:
 def measure_window(broker: Broker, *, count: int, interval_s: float) -> dict[str, Any]:
     """Alerts to ``master`` alone, one every ``interval_s``: how soon ``b1`` learns each id."""
     with broker.fresh_vhost("window") as url, Network(url) as net, LoadMonitor() as load:
-        out = net.root / "out.jsonl"
-        net.start(1)
-        configure(url, out, ("master", "b1"))
-        net.wait_in_sync()
-        counter = LineCounter(out)
+        out, counter = two_nodes(url, net)
         with AlertSender(Settings.from_url(url), name="bench-window") as sender:
             for alert in make_alerts(count, ("master",), prefix="w"):
                 sender.send(alert)

@@ -25,8 +25,11 @@ _SAFE = re.compile(r"[A-Za-z0-9_.:@/+,=-]*")
 
 
 def _value(value: Any) -> str:
+    text = str(value)
+    if text and _SAFE.fullmatch(text):
+        return text  # the common case (names, ids, numbers): nothing to escape or quote
     # A trail line is one line: control characters are escaped before quoting.
-    text = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
     text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
     return text if text and _SAFE.fullmatch(text) else shlex.quote(text)
 

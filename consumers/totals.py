@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from broker.alerts import Handled
 from broker.errors import ConfigError
 from consumers.context import NodeContext
 
@@ -130,17 +131,19 @@ def _migrate(db: sqlite3.Connection) -> None:
         raise
 
 
-def record_handled(db: sqlite3.Connection, node: str, items: Iterable[tuple[str, str]], *,
-                   at: float, stream: str, offset: int, cutoff: float) -> int:
-    """Write ids another node settled into the duplicate window, with the stream offset read.
+def record_handled(db: sqlite3.Connection, records: Iterable[Handled], *, stream: str,
+                   offset: int, at: float, cutoff: float) -> int:
+    """Write ids other nodes settled into the duplicate window, with the stream offset read.
 
-    One transaction, so after a crash the follower resumes exactly after the last record it
-    wrote. An id this node already knows keeps its entry, except that an id known as failed
-    takes a later success (a requeued dead letter delivered elsewhere). Records older than
-    ``cutoff`` only move the offset. Returns how many ids were written.
+    One transaction for all ``records`` and the offset (of the last of them, made at ``at``),
+    so after a crash the follower resumes exactly after the last record it wrote. An id this
+    node already knows keeps its entry, except that an id known as failed takes a later
+    success (a requeued dead letter delivered elsewhere). Records older than ``cutoff`` only
+    move the offset. Returns how many ids were written.
     """
     now = time.time()
-    rows = [(i, at, outcome, node, now) for i, outcome in items] if at >= cutoff else []
+    rows = [(i, r.at, outcome, r.node, now) for r in records if r.at >= cutoff
+            for i, outcome in r.items()]
     db.execute("BEGIN IMMEDIATE")
     try:
         if rows:

@@ -77,9 +77,13 @@ def describe(message: Browsed) -> dict[str, Any]:
         "list": ".".join(str(h) for h in hosts) if isinstance(hosts, list) else None,
         "text": _text(body.get("text")),
         "created_at": created if isinstance(created, int | float) else None,
-        "reason": _text(headers.get(REASON_HEADER)),
+        # A dead letter of an older release was rejected into the dead-letter exchange: the
+        # broker's x-first-death headers say where from, the node's trail says why.
+        "reason": _text(headers.get(REASON_HEADER)) or _text(
+            headers.get("x-first-death-reason")),
         "node": _text(headers.get(NODE_HEADER)),
-        "queue": _text(headers.get(SOURCE_QUEUE_HEADER)),
+        "queue": _text(headers.get(SOURCE_QUEUE_HEADER)) or _text(
+            headers.get("x-first-death-queue")),
         "at": _text(headers.get(DEAD_AT_HEADER) or headers.get(QUARANTINED_AT_HEADER)),
         "attempts": headers.get(ATTEMPTS_HEADER) if isinstance(
             headers.get(ATTEMPTS_HEADER), int) else None,
@@ -150,6 +154,41 @@ def _limit_option(fn: Any) -> Any:
                         show_default=True, help="Look at most at this many messages.")(fn)
 
 
+def _looking_commands(group: click.Group, queue: str, title: str, *, list_help: str,
+                      show_help: str) -> None:
+    """Add ``list`` and ``show ID`` to ``group``, both reading ``queue`` without taking."""
+    name = group.name or ""
+
+    @group.command("list", help=f"""{list_help}
+
+    \b
+    Examples:
+      tasync {name} list
+      tasync {name} list --json --limit 20
+    """)
+    @_limit_option
+    @json_option
+    @broker_option
+    @handle_errors
+    def list_(*, limit: int, as_json: bool, broker_url: str) -> None:
+        _list(queue, title, limit=limit, as_json=as_json, broker_url=broker_url)
+
+    @group.command("show", help=f"""{show_help}
+
+    \b
+    Examples:
+      tasync {name} show INC42
+      tasync {name} show INC42 --json
+    """)
+    @click.argument("key", metavar="ID")
+    @_limit_option
+    @json_option
+    @broker_option
+    @handle_errors
+    def show(*, key: str, limit: int, as_json: bool, broker_url: str) -> None:
+        _show(queue, key, limit=limit, as_json=as_json, broker_url=broker_url)
+
+
 # -- dead letters -------------------------------------------------------------------------------
 
 
@@ -164,41 +203,6 @@ def dead() -> None:
       tasync dead requeue INC42
       tasync dead requeue --all --dry-run
     """
-
-
-@dead.command("list")
-@_limit_option
-@json_option
-@broker_option
-@handle_errors
-def dead_list(*, limit: int, as_json: bool, broker_url: str) -> None:
-    """The dead letters, oldest first, with why and where they failed; takes nothing away.
-
-    \b
-    Examples:
-      tasync dead list
-      tasync dead list --json --limit 20
-    """
-    _list(topology.DEAD_LETTER_QUEUE, "dead letters", limit=limit, as_json=as_json,
-          broker_url=broker_url)
-
-
-@dead.command("show")
-@click.argument("alert_id", metavar="ID")
-@_limit_option
-@json_option
-@broker_option
-@handle_errors
-def dead_show(*, alert_id: str, limit: int, as_json: bool, broker_url: str) -> None:
-    """One dead letter: the alert, the reason, the node, the attempts; exit 1 if absent.
-
-    \b
-    Examples:
-      tasync dead show INC42
-      tasync dead show INC42 --json
-    """
-    _show(topology.DEAD_LETTER_QUEUE, alert_id, limit=limit, as_json=as_json,
-          broker_url=broker_url)
 
 
 @dead.command("requeue")
@@ -284,38 +288,17 @@ def quarantine() -> None:
     """
 
 
-@quarantine.command("list")
-@_limit_option
-@json_option
-@broker_option
-@handle_errors
-def quarantine_list(*, limit: int, as_json: bool, broker_url: str) -> None:
-    """Refused messages, oldest first, with the reason and the node; takes nothing away.
-
-    \b
-    Examples:
-      tasync quarantine list
-      tasync quarantine list --json
-    """
-    _list(topology.QUARANTINE_QUEUE, "quarantined", limit=limit, as_json=as_json,
-          broker_url=broker_url)
-
-
-@quarantine.command("show")
-@click.argument("key", metavar="ID")
-@_limit_option
-@json_option
-@broker_option
-@handle_errors
-def quarantine_show(*, key: str, limit: int, as_json: bool, broker_url: str) -> None:
-    """One refused message by alert id (or the q-... key the list shows); exit 1 if absent.
-
-    \b
-    Examples:
-      tasync quarantine show INC42
-      tasync quarantine show q-3f2a9c01b7de --json
-    """
-    _show(topology.QUARANTINE_QUEUE, key, limit=limit, as_json=as_json, broker_url=broker_url)
-
+_looking_commands(
+    dead, topology.DEAD_LETTER_QUEUE, "dead letters",
+    list_help="The dead letters, oldest first, with why and where they failed; takes "
+              "nothing away.",
+    show_help="One dead letter: the alert, the reason, the node, the attempts; exit 1 if "
+              "absent.")
+_looking_commands(
+    quarantine, topology.QUARANTINE_QUEUE, "quarantined",
+    list_help="Refused messages, oldest first, with the reason and the node; takes nothing "
+              "away.",
+    show_help="One refused message by alert id (or the q-... key the list shows); exit 1 if "
+              "absent.")
 
 DEAD_COMMANDS = (dead, quarantine)

@@ -27,12 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import amqp
-
 from broker import topology
 from broker.alerts import OUTCOME_LETTERS, Handled, encode_handled
 from broker.connection import connection_user
-from broker.publisher import Outgoing
+from broker.publisher import Outgoing, confirm_channel, send
 from broker.signing import SIGNATURE_HEADER, KeyRing
 
 log = logging.getLogger("tasync.delivery")
@@ -47,6 +45,25 @@ class _Batch:
     done: Done
     outstanding: set[int] = field(default_factory=set)
     failed: bool = False
+
+
+#: The node a ``tasync.handled`` record comes from, readable without decoding its body: a
+#: node skips its own records (their ids are in its window already) at the cost of a header.
+RECORD_NODE_HEADER = "x-tasync-record-node"
+#: Set on a catch-up marker record, which its node must decode even though it is its own.
+MARKER_HEADER = "x-tasync-marker"
+
+
+def handled_message(record: Handled, keyring: KeyRing | None) -> Outgoing:
+    """``record`` as a message to ``tasync.handled``: signed when keyed, its node in a header."""
+    body = encode_handled(record)
+    headers: dict[str, object] = {RECORD_NODE_HEADER: record.node}
+    if record.marker:
+        headers[MARKER_HEADER] = 1
+    if keyring is not None:
+        headers[SIGNATURE_HEADER] = keyring.sign(body)
+    return Outgoing(exchange="", routing_key=topology.HANDLED_STREAM, body=body,
+                    headers=headers, mandatory=True)
 
 
 class Settler:
@@ -64,11 +81,8 @@ class Settler:
         self.node = node
         self.keyring = keyring
         self.user_id = connection_user(conn)
-        self.channel = conn.channel()
-        self.channel.confirm_select()
-        self.channel.events["basic_ack"].add(self._on_ack)
-        self.channel.events["basic_nack"].add(self._on_nack)
-        self.channel.events["basic_return"].add(self._on_return)
+        self.channel = confirm_channel(conn, on_ack=self._on_ack, on_nack=self._on_nack,
+                                       on_return=self._on_return)
         self._next_tag = 1
         self._by_tag: dict[int, _Batch] = {}
         self._order: deque[int] = deque()
@@ -103,28 +117,14 @@ class Settler:
             self._order.append(tag)
         self._next_tag += len(outgoing)
         for message in outgoing:
-            self._publish(message)
+            send(self.channel, message, user_id=self.user_id)
 
-    def record(self, handled: list[tuple[str, str]], *, marker: str = "") -> Outgoing:
+    def record(self, handled: list[tuple[str, str]]) -> Outgoing:
         """The ``tasync.handled`` message listing ``(id, outcome)`` pairs, signed if keyed."""
-        body = encode_handled(Handled(node=self.node, at=time.time(),
-                                      ids=tuple(i for i, _ in handled),
-                                      outcomes="".join(OUTCOME_LETTERS[o] for _, o in handled),
-                                      marker=marker))
-        headers = {SIGNATURE_HEADER: self.keyring.sign(body)} if self.keyring else {}
         self.records_published += 1
-        return Outgoing(exchange="", routing_key=topology.HANDLED_STREAM, body=body,
-                        headers=headers, mandatory=True)
-
-    def _publish(self, message: Outgoing) -> None:
-        props: dict[str, Any] = {"content_type": "application/json", "delivery_mode": 2,
-                                 "message_id": message.message_id,
-                                 "application_headers": message.headers}
-        if self.user_id:
-            props["user_id"] = self.user_id
-        self.channel.basic_publish(amqp.Message(message.body, **props),
-                                   exchange=message.exchange, routing_key=message.routing_key,
-                                   mandatory=message.mandatory)
+        return handled_message(Handled(
+            node=self.node, at=time.time(), ids=tuple(i for i, _ in handled),
+            outcomes="".join(OUTCOME_LETTERS[o] for _, o in handled)), self.keyring)
 
     def _confirm(self, tag: int, multiple: bool, *, ok: bool) -> None:
         if self._returned:  # a return precedes the ack of the message it returns

@@ -146,6 +146,7 @@ class DeliveryConsumer(ConsumerLoop):
         self._inflight = 0
         self._generation = 0
         self._gate_deadline: float | None = None
+        self._gate_passed = False
         self._last_resync = time.monotonic()
         self._last_seq_check = 0.0
         self._seen_seq = -1
@@ -248,7 +249,7 @@ class DeliveryConsumer(ConsumerLoop):
         self.settler = Settler(self._conn(), node=self.node, keyring=self.ctx.keyring)
         self.subscriptions.reset(self._conn(), channel)
         self.lists.reset(self._conn())
-        if self._gate_deadline is None:
+        if not self._gate_passed:
             self._gate_deadline = time.monotonic() + self.settings.handled_catch_up_s
         self._open_gate()
 
@@ -262,6 +263,7 @@ class DeliveryConsumer(ConsumerLoop):
                                  "up to now in time; taking alerts anyway")
         else:
             return False
+        self._gate_passed = True
         self.subscriptions.sync()
         return True
 
@@ -467,6 +469,8 @@ class DeliveryConsumer(ConsumerLoop):
         dead-letter queue with their reason; the alerts are acknowledged when the broker has
         confirmed both (``Settler``).
         """
+        if self._done.empty() and not (self._acks or self._announce or self._copies):
+            return
         batch = _Settlement(handled=self._announce, copies=self._copies, acks=self._acks)
         self._announce, self._copies, self._acks = [], [], []
         while True:

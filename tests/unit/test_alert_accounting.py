@@ -41,7 +41,7 @@ from consumers.totals import (
 )
 from producers.sender import AlertSender
 from tasync.cli_trace import story
-from tests.unit.fastpaths import MAX, json_values, outcome
+from tests.unit.fastpaths import MAX, agree, json_values
 
 
 def context(path: Path, node: str = "a") -> NodeContext:
@@ -75,11 +75,7 @@ RECORD_MUTATIONS: list[tuple[str, Any]] = [
 
 
 def same_verdict(data: Any) -> None:
-    body = data if isinstance(data, bytes) else json.dumps(data).encode()
-    fast = outcome(body, decode_handled)
-    slow = outcome(body, lambda b, max_bytes: messages.decode(b, max_bytes=max_bytes,
-                                                               expect="handled"))
-    assert fast == slow
+    agree(data, decode_handled, "handled")
 
 
 @pytest.mark.parametrize(("key", "value"), RECORD_MUTATIONS)
@@ -104,19 +100,19 @@ def test_ids_of_other_nodes_join_the_window_with_the_offset(tmp_path: Path) -> N
     totals = Totals(context(tmp_path), dedup_window_s=3600)
     db = open_db(tmp_path)
     now = 1e10  # any time inside the window
-    assert record_handled(db, "b", [("x", "delivered"), ("y", "failed")], at=now,
-                          stream="s", offset=41, cutoff=0) == 2
+    assert record_handled(db, [Handled(node="b", at=now, ids=("x", "y"), outcomes="df")],
+                          stream="s", offset=41, at=now, cutoff=0) == 2
     assert totals.seen_outcomes(["x", "y", "z"]) == {"x": ("delivered", "b"),
                                                      "y": ("failed", "b")}
     assert stream_offset(db, "s") == (41, now)
     # A later success replaces a failure (a requeued dead letter); nothing replaces a success.
-    record_handled(db, "c", [("y", "delivered"), ("x", "failed")], at=now, stream="s",
-                   offset=42, cutoff=0)
+    record_handled(db, [Handled(node="c", at=now, ids=("y", "x"), outcomes="df")],
+                   stream="s", offset=42, at=now, cutoff=0)
     assert totals.seen_outcomes(["x", "y"]) == {"x": ("delivered", "b"),
                                                 "y": ("delivered", "c")}
     # A record older than the window moves the offset only.
-    assert record_handled(db, "b", [("old", "delivered")], at=5.0, stream="s", offset=43,
-                          cutoff=10.0) == 0
+    assert record_handled(db, [Handled(node="b", at=5.0, ids=("old",), outcomes="d")],
+                          stream="s", offset=43, at=5.0, cutoff=10.0) == 0
     assert stream_offset(db, "s") == (43, 5.0)
     assert not totals.is_seen("old")
     # This node's own ids say so (node None), pending or written.
