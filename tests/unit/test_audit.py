@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import audit
 from broker.audit import TRAIL_NAME, Trail, parse_trail_line, read_trail, utc_now
 
 
@@ -83,3 +84,17 @@ def test_value_with_newline_stays_on_one_line(trail: Trail, tmp_path: Path) -> N
     assert [r["event"] for r in records] == ["alert.failed", "alert.delivered"]
     assert "HTTP 500" in records[0]["error"]
     assert "Internal Server Error" in records[0]["error"]
+
+
+def test_the_trail_rotates_and_keeps_every_line(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "ROTATE_BYTES", 2000)
+    trail = Trail(tmp_path, "a")
+    for number in range(60):
+        trail.event("alert.delivered", id=f"r{number}", destination="out")
+    trail.close()
+    rotated = sorted(tmp_path.glob(f"{TRAIL_NAME}.*"))
+    assert rotated and all(p.stat().st_size < 2000 for p in [*rotated, tmp_path / TRAIL_NAME])
+    kept = [line.split("id=")[1].split()[0] for p in [*reversed(rotated), tmp_path / TRAIL_NAME]
+            for line in p.read_text().splitlines()]
+    assert kept == [f"r{n}" for n in range(60 - len(kept), 60)]  # the oldest rotated away
