@@ -1,17 +1,23 @@
 """The alert and host-list messages: what a source sends, and how nodes learn ad-hoc lists.
 
-An ``Alert`` is design section 2's tuple ``(id, source, targets, text, subject, priority,
-created_at, hosts)``; ``targets`` is spelled as ``target_kind`` (``destination`` or ``group``)
+An ``Alert`` is the tuple ``(id, source, targets, text, subject, priority, created_at,
+hosts)``; ``targets`` is spelled as ``target_kind`` (``destination`` or ``group``)
 and ``target`` (the object's name), because one alert addresses exactly one configured object
-and a group already expresses "several". ``id`` is the idempotency key: nodes deliver an id once
-within their duplicate window, so a script that re-sends after a timeout causes no second page.
+and a group already expresses "several". ``id`` is the idempotency key: the network delivers an
+id once within the duplicate window, so a script that re-sends after a timeout causes no second
+page.
 
-A ``HostList`` record is appended to the ``tasync.hostlists`` stream the first time a sender
-uses a precedence list; every node reads that stream and subscribes to the lists that name it,
-so an ad-hoc ``--host a b`` list outlives every process that knew it (design section 3).
+A ``HostList`` record is appended to the ``tasync.hostlists`` stream by whoever creates a
+precedence list's queue; every node reads that stream and subscribes to the lists that name it,
+so an ad-hoc ``--host a b`` list outlives every process that knew it.
 
-Both register themselves with ``broker.messages`` at import time, so ``messages.decode`` and
-``messages.encode`` handle them like every other wire message.
+A ``Handled`` record is what a node appends to the ``tasync.handled`` stream each time it
+settles a batch of alerts: the ids with their outcomes. Every node follows that stream and
+writes the ids into the window it judges duplicates by, so an id is delivered once by the whole
+network, whichever node of the list takes each repeat.
+
+All three register themselves with ``broker.messages`` at import time, so ``messages.decode``
+and ``messages.encode`` handle them like every other wire message.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from marshmallow import Schema, fields, post_load, validate, validates
 from marshmallow import ValidationError as SchemaError
 
@@ -53,6 +60,21 @@ PRIORITY_MIN, PRIORITY_MAX, PRIORITY_DEFAULT = 0, 9, 5
 
 #: An idempotency key: printable ASCII without spaces, so it survives shells, URLs and logs.
 ID_RE = re.compile(r"^[\x21-\x7e]{1,128}\Z")
+#: Most ids one ``Handled`` record lists (a node settles at most a few hundred at a time).
+MAX_HANDLED_IDS = 10_000
+#: How an outcome is spelled in a ``Handled`` record: one letter per id.
+OUTCOME_LETTERS = {"delivered": "d", "failed": "f", "skipped": "s"}
+LETTER_OUTCOMES = {v: k for k, v in OUTCOME_LETTERS.items()}
+
+#: AMQP headers an alert may carry besides the signature and the sender's host name.
+#: The sending program (``AlertSender.name``: ``intake``, ``host:pid``), for the trail.
+CLIENT_HEADER = "x-tasync-client"
+#: What a node's ``alert_policy`` answer verifies a sender's signature of: this prefix and a
+#: random challenge, so the answer can never vouch for an alert body.
+POLICY_CHALLENGE_PREFIX = b"tasync alert-policy challenge:"
+#: Set by ``tasync dead requeue``: who asked. The node judges a requeued id that failed
+#: before as new, and writes who asked to its trail.
+REQUEUED_BY_HEADER = "x-tasync-requeued-by"
 SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}\Z")
 
 
@@ -66,7 +88,7 @@ class Alert:
     """One alert, immutable from the sender to the delivering node.
 
     Attributes:
-        id: idempotency key; duplicates within a node's window are delivered once.
+        id: idempotency key; the network delivers an id once within its duplicate window.
         source: who sent it (``remedy``, ``nms``, a script); totals are kept per source.
         target_kind: ``destination`` or ``group``.
         target: the name of the destination or group.
@@ -110,6 +132,30 @@ class HostList:
     hosts: tuple[str, ...]
     created_at: float = field(default_factory=time.time)
     sender: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Handled:
+    """Alert ids one node settled (delivered, failed or skipped), appended to ``tasync.handled``.
+
+    Attributes:
+        node: the node that settled them.
+        at: when (seconds since the epoch).
+        ids: the alert ids.
+        outcomes: one letter per id (``OUTCOME_LETTERS``).
+        marker: a node's catch-up marker (no ids): it reads the stream until it meets its own
+            marker, and then knows every record published before it.
+    """
+
+    node: str
+    at: float
+    ids: tuple[str, ...] = ()
+    outcomes: str = ""
+    marker: str = ""
+
+    def items(self) -> list[tuple[str, str]]:
+        """``(id, outcome)`` pairs."""
+        return [(i, LETTER_OUTCOMES[o]) for i, o in zip(self.ids, self.outcomes, strict=True)]
 
 
 def _check_hosts(value: list[str]) -> None:
@@ -210,6 +256,28 @@ class HostListSchema(_Strict):
                         sender=data["sender"])
 
 
+class HandledSchema(_Strict):
+    """A ``Handled`` record on the ``tasync.handled`` stream."""
+
+    v = fields.Integer(required=True)
+    type = fields.String(required=True)
+    node = fields.String(required=True, validate=validate.Regexp(
+        NODE_NAME_RE, error="not a node name"))
+    at = fields.Float(required=True, validate=validate.Range(min=0))
+    ids = fields.List(fields.String(validate=validate.Regexp(ID_RE, error="not an alert id")),
+                      load_default=list, validate=validate.Length(max=MAX_HANDLED_IDS))
+    outcomes = fields.String(load_default="", validate=validate.Regexp(
+        r"^[dfs]*\Z", error="outcomes are letters d, f, s"))
+    marker = fields.String(load_default="", validate=validate.Length(max=64))
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Handled:
+        if len(data["ids"]) != len(data["outcomes"]):
+            raise SchemaError("one outcome per id")
+        return Handled(node=data["node"], at=data["at"], ids=tuple(data["ids"]),
+                       outcomes=data["outcomes"], marker=data["marker"])
+
+
 
 
 def alert_to_dict(alert: Alert) -> dict[str, Any]:
@@ -234,6 +302,7 @@ def alert_to_dict(alert: Alert) -> dict[str, Any]:
 _ALERT_SCHEMA = AlertSchema()
 messages.register("alert", Alert, _ALERT_SCHEMA, to_dict=alert_to_dict)
 messages.register("hostlist", HostList, HostListSchema())
+messages.register("handled", Handled, HandledSchema())
 
 
 def encode_alert(alert: Alert) -> bytes:
@@ -365,3 +434,51 @@ def decode_alert(body: bytes, *, max_bytes: int = MAX_ALERT_BYTES) -> Alert:
             return alert
     decoded: Alert = messages.decode(body, max_bytes=max_bytes, expect="alert")
     return decoded
+
+
+# -- handled records ----------------------------------------------------------------------------
+
+
+def encode_handled(record: Handled) -> bytes:
+    """The compact JSON of a ``Handled`` record, as ``HandledSchema`` reads it back."""
+    return json.dumps({"v": messages.SCHEMA_VERSION, "type": "handled", "node": record.node,
+                       "at": record.at, "ids": list(record.ids), "outcomes": record.outcomes,
+                       "marker": record.marker}, separators=(",", ":")).encode()
+
+
+class _WireHandled(msgspec.Struct, forbid_unknown_fields=True):
+    """``HandledSchema`` for msgspec: every node reads every record, marshmallow per id is slow."""
+
+    v: int
+    type: str
+    node: Annotated[str, msgspec.Meta(pattern=NODE_NAME_RE.pattern)]
+    at: Annotated[float, msgspec.Meta(ge=0)]
+    ids: Annotated[list[Annotated[str, msgspec.Meta(pattern=ID_RE.pattern)]],
+                   msgspec.Meta(max_length=MAX_HANDLED_IDS)] = []
+    outcomes: Annotated[str, msgspec.Meta(pattern=r"^[dfs]*$")] = ""
+    marker: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+_read_handled = msgspec.json.Decoder(_WireHandled).decode
+
+
+def decode_handled(body: bytes, *, max_bytes: int) -> Handled:
+    """A ``Handled`` record from the stream, fast when it is well-formed.
+
+    msgspec checks what ``HandledSchema`` checks; anything it does not accept goes to
+    ``messages.decode``, which gives marshmallow's verdict and reason.
+
+    Raises:
+        MessageError: not a valid record.
+    """
+    if len(body) <= max_bytes:
+        try:
+            wire = _read_handled(body)
+        except msgspec.DecodeError:
+            wire = None
+        if (wire is not None and wire.v == messages.SCHEMA_VERSION and wire.type == "handled"
+                and len(wire.ids) == len(wire.outcomes) and math.isfinite(wire.at)):
+            return Handled(node=wire.node, at=wire.at, ids=tuple(wire.ids),
+                           outcomes=wire.outcomes, marker=wire.marker)
+    record: Handled = messages.decode(body, max_bytes=max_bytes, expect="handled")
+    return record

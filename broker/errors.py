@@ -7,6 +7,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      +-- ConfigError            bad user input or configuration (exit 1)
      |    +-- ValidationError   an object or change failed its schema or references
      |    +-- UnknownNode       a command named a node the network does not know
+     |    +-- SendRefused       the network would refuse the alert; nothing was published
      +-- MessageError           a wire message that cannot be accepted (quarantined)
      +-- BrokerUnreachable      no broker URL answered (exit 3)
      +-- TopologyMissing        the virtual host lacks what `tasync broker setup` declares
@@ -71,6 +72,14 @@ class UnknownNode(ConfigError):
 
     Said at once, with the names the network knows, rather than after waiting for an answer
     that cannot come: a typo should not look like a dead node.
+    """
+
+
+class SendRefused(ConfigError):
+    """Every node would refuse the alert (unsigned, a retired key, a wrong secret).
+
+    Raised by a sender before it publishes, so the alert is not quarantined by every node
+    while the sender reports success.
     """
 
 

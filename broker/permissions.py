@@ -20,7 +20,7 @@ each operation needs was measured on RabbitMQ 3.10.8 and shapes every expression
 Resulting guarantees: only master-capable node users can write to ``tasync.config`` and take
 the master's seat (an exclusive queue, which needs *configure*); a backup's
 user reads only its own sync and control queues, the alert queues of precedence lists that name
-it, the change-log and host-list streams; it may bind its control queue to ``all`` and
+it, the change-log, host-list and handled streams; it may bind its control queue to ``all`` and
 ``node.<itself>`` but not to ``master``, so it cannot receive what is meant for the master
 (configuration requests). Senders write to ``tasync.alerts`` and nothing else.
 
@@ -143,7 +143,7 @@ def node_permissions(node: str, *, master_capable: bool) -> Permissions:
         configurable.append(_name(topology.MASTER_SEAT))  # only it may take the master's seat
     readable = [_name(topology.CONFIG_EXCHANGE), _name(topology.CONTROL_EXCHANGE),
                 _name(topology.ALERTS_EXCHANGE), _name(topology.CHANGELOG_STREAM),
-                _name(topology.HOSTLISTS_QUEUE), *own]
+                _name(topology.HOSTLISTS_QUEUE), _name(topology.HANDLED_STREAM), *own]
     my_key = _name(topology.node_key(node))
     peer_key = _name(topology.node_key("x"))[:-1] + _SEGMENT
     binds = [_name(topology.ALL), my_key]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,40 @@ class Outgoing:
     user_id: str | None = None
 
 
+def confirm_channel(conn: Any, *, on_ack: Callable[[int, bool], None],
+                    on_nack: Callable[[int, bool], None],
+                    on_return: Callable[..., None]) -> Any:
+    """A new channel of ``conn`` in confirm mode, its ack, nack and return frames handled.
+
+    py-amqp delivers those frames as channel events while the connection's events are drained.
+    """
+    channel = conn.channel()
+    channel.confirm_select()
+    channel.events["basic_ack"].add(on_ack)
+    channel.events["basic_nack"].add(on_nack)
+    channel.events["basic_return"].add(on_return)
+    return channel
+
+
+def send(channel: Any, message: Outgoing, *, user_id: str | None) -> None:
+    """``basic.publish`` of ``message`` on ``channel``, as JSON, with the broker-checked user.
+
+    ``user_id`` is the connection's user (``message.user_id`` wins when set); the confirm, if
+    the channel is in confirm mode, is the caller's to wait for.
+    """
+    props: dict[str, Any] = {
+        "content_type": "application/json",
+        "delivery_mode": 2 if message.persistent else 1,
+        "message_id": message.message_id,
+        "application_headers": message.headers,
+    }
+    user = message.user_id or user_id
+    if user:
+        props["user_id"] = user
+    channel.basic_publish(amqp.Message(message.body, **props), exchange=message.exchange,
+                          routing_key=message.routing_key, mandatory=message.mandatory)
+
+
 class Unroutable(PublishError):
     """A mandatory message reached no queue (for example: no node holds that role)."""
 
@@ -61,11 +95,8 @@ class ConfirmedPublisher:
         self.conn = conn
         self.timeout_s = timeout_s
         self.window = window
-        self.channel = conn.channel()
-        self.channel.confirm_select()
-        self.channel.events["basic_ack"].add(self._on_ack)
-        self.channel.events["basic_nack"].add(self._on_nack)
-        self.channel.events["basic_return"].add(self._on_return)
+        self.channel = confirm_channel(conn, on_ack=self._on_ack, on_nack=self._on_nack,
+                                       on_return=self._on_return)
         self._next_tag = 1
         self._pending: set[int] = set()
         # Tags in the order sent (increasing), so a multiple ack settles a prefix without
@@ -125,21 +156,7 @@ class ConfirmedPublisher:
         return count
 
     def _send(self, message: Outgoing) -> None:
-        props: dict[str, Any] = {
-            "content_type": "application/json",
-            "delivery_mode": 2 if message.persistent else 1,
-            "message_id": message.message_id,
-            "application_headers": message.headers,
-        }
-        user_id = message.user_id or self.user_id
-        if user_id:
-            props["user_id"] = user_id
-        self.channel.basic_publish(
-            amqp.Message(message.body, **props),
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            mandatory=message.mandatory,
-        )
+        send(self.channel, message, user_id=self.user_id)
         self._pending.add(self._next_tag)
         self._sent.append(self._next_tag)
         self._next_tag += 1

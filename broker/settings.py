@@ -37,6 +37,9 @@ def stderr_is_journal() -> bool:
     except (OSError, ValueError):
         return False
 
+#: Alert sources every node names in its metrics; any other source is counted as ``other``.
+DEFAULT_METRICS_SOURCES = ("alertmanager", "cli", "intake")
+
 
 def split_urls(value: str) -> tuple[str, ...]:
     """Split a ``;``-separated list of broker URLs, dropping blanks.
@@ -91,6 +94,16 @@ class Settings:
         changelog_max_age: stream retention by age (RabbitMQ ``x-max-age`` syntax).
         changelog_max_bytes: stream retention by size.
         changelog_segment_bytes: stream segment size; small so that age retention trims.
+        handled_max_age_s: retention by age of ``tasync.handled``, the stream of alert ids
+            the nodes settled; must stay well above every node's duplicate window.
+        handled_max_bytes: retention by size of that stream.
+        handled_segment_bytes: its segment size; small so that age retention trims.
+        handled_catch_up_s: how long a starting node waits to have read that stream up to now
+            before it takes alerts anyway (and says so in its trail).
+        list_check_s: how often a node looks at every precedence list's queue (stranded
+            lists), the dead-letter queue and the quarantine.
+        metrics_sources: alert sources named in the metrics' ``source`` label; the rest are
+            counted as ``other``, so a client cannot grow the number of series.
     """
 
     broker_urls: tuple[str, ...] = (DEFAULT_BROKER_URL,)
@@ -108,6 +121,12 @@ class Settings:
     changelog_max_age: str = "7D"
     changelog_max_bytes: int = 2 << 30
     changelog_segment_bytes: int = 8 << 20
+    handled_max_age_s: int = 86_400
+    handled_max_bytes: int = 1 << 30
+    handled_segment_bytes: int = 4 << 20
+    handled_catch_up_s: float = 30.0
+    list_check_s: float = 5.0
+    metrics_sources: tuple[str, ...] = DEFAULT_METRICS_SOURCES
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """Every exchange, queue and routing key of a tasync network, derived in one place.
 
 Names are functions of node names and precedence lists so that producers, consumers, the CLI
-and ``tasync broker setup`` can never disagree. The shapes follow design section 3:
+and ``tasync broker setup`` can never disagree. The shapes:
 
 * ``tasync.config`` (fanout) -> one quorum queue ``tasync.sync.<node>`` per node, and the stream
   ``tasync.changelog``, the durable replicated change log that recovery and gap filling read.
@@ -9,6 +9,11 @@ and ``tasync broker setup`` can never disagree. The shapes follow design section
 * ``tasync.control`` (topic) -> one exclusive queue per running node for requests (status,
   export, configuration changes to the master, recovery); replies use direct reply-to.
 * ``tasync.quarantine`` -> messages a node refused, with the reason in their headers.
+* ``tasync.dead`` (fanout) -> ``tasync.dead-letter``: alerts whose delivery failed.
+* ``tasync.hostlists`` (stream): every precedence list that has a queue, so every node learns
+  the lists that name it whatever created the queue.
+* ``tasync.handled`` (stream): which alert ids each node settled, so that every node judges
+  duplicates against what the whole network delivered, not only what it saw itself.
 
 The ``declare_*`` functions are idempotent and work for users without configure permission on
 the shared topology (per-node broker users): they fall back to passive declares (``_declare``).
@@ -40,6 +45,7 @@ QUARANTINE_QUEUE = "tasync.quarantine"
 HOSTLISTS_QUEUE = "tasync.hostlists"
 #: The master's seat: an exclusive queue only one connection can hold (``broker.seat``).
 MASTER_SEAT = "tasync.master.seat"
+HANDLED_STREAM = "tasync.handled"
 
 #: Control routing keys: every node binds ``ALL`` and ``node_key(name)``; the master also
 #: binds ``MASTER``.
@@ -120,6 +126,20 @@ def changelog_arguments(settings: Settings) -> dict[str, Any]:
         "x-max-age": settings.changelog_max_age,
         "x-max-length-bytes": settings.changelog_max_bytes,
         "x-stream-max-segment-size-bytes": settings.changelog_segment_bytes,
+    }
+
+
+def handled_arguments(settings: Settings) -> dict[str, Any]:
+    """Arguments of the handled-ids stream: retention by age and size.
+
+    The age must stay well above every node's duplicate window; segments are small enough that
+    age retention trims.
+    """
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": f"{int(settings.handled_max_age_s)}s",
+        "x-max-length-bytes": settings.handled_max_bytes,
+        "x-stream-max-segment-size-bytes": settings.handled_segment_bytes,
     }
 
 
@@ -207,8 +227,14 @@ def declare_control(channel: Any) -> None:
     _declare(channel, "the control exchange", active, passive)
 
 
-def declare_alerts(channel: Any) -> None:
-    """Declare the alert exchange, the dead-letter path and the durable host-list record."""
+def declare_alerts(channel: Any, settings: Settings | None = None) -> None:
+    """Declare the alert exchange, the dead-letter path, the host-list and handled streams.
+
+    ``settings`` gives the handled stream's retention; without them (a sender, which never
+    uses that stream) it is left alone, so a network whose nodes retain it differently never
+    sees a sender's declare refused for unequal arguments.
+    """
+
     def active(ch: Any) -> None:
         ch.exchange_declare(ALERTS_EXCHANGE, "direct", durable=True, auto_delete=False)
         ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True, auto_delete=False)
@@ -217,12 +243,17 @@ def declare_alerts(channel: Any) -> None:
         ch.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, "")
         ch.queue_declare(HOSTLISTS_QUEUE, durable=True, auto_delete=False,
                          arguments={"x-queue-type": "stream"})
+        if settings is not None:
+            ch.queue_declare(HANDLED_STREAM, durable=True, auto_delete=False,
+                             arguments=handled_arguments(settings))
 
     def passive(ch: Any) -> None:
         ch.exchange_declare(ALERTS_EXCHANGE, "direct", passive=True)
         ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", passive=True)
         ch.queue_declare(DEAD_LETTER_QUEUE, passive=True)
         ch.queue_declare(HOSTLISTS_QUEUE, passive=True)
+        if settings is not None:
+            ch.queue_declare(HANDLED_STREAM, passive=True)
 
     _declare(channel, "the alert exchange", active, passive)
 
@@ -247,7 +278,7 @@ def declare_all(channel: Any, settings: Settings) -> None:
     """Declare the whole shared topology; ``tasync broker setup`` and every node call this."""
     declare_config(channel, settings)
     declare_control(channel)
-    declare_alerts(channel)
+    declare_alerts(channel, settings)
 
 
 #: What sending an alert needs in a virtual host, in the order it is checked.

@@ -16,14 +16,26 @@ The counters, per source:
   the same event seen from the list's point of view);
 * ``redelivered`` - of those received, alerts that the broker had handed out before (a peer or an
   earlier connection of this node died holding them unacknowledged);
-* ``duplicates`` - alerts dropped because their id was already handled within the window.
+* ``duplicates`` - alerts dropped because their id was already handled within the window, by
+  this node or (learned from the ``tasync.handled`` stream) by another;
+* ``refused`` - alerts this node refused (bad signature, schema, sender) and moved to the
+  quarantine queue, counted under the source the body names when it names a valid one, else
+  under ``unknown``;
+* ``dead_lettered`` - failed alerts whose copy the broker confirmed into the dead-letter queue.
 
 The duplicate window is in the same file and written in the same transaction as the counts,
 before the broker is acknowledged, so a restart neither forgets an id nor double counts one.
+Ids other nodes settled are written to the same window by the handled-stream follower
+(``record_handled``), with the stream offset it read up to, in one transaction.
+
+Running sums per source (table ``sums``, and in memory) are kept beside the minute buckets, so
+the metrics and an unbounded ``tasync totals`` cost the same whatever the history's length;
+``--since`` still reads the buckets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -33,28 +45,30 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from broker.alerts import Handled
 from broker.errors import ConfigError
 from consumers.context import NodeContext
 
 DB_NAME = "totals.db"
 BUCKET_S = 60
 COUNTERS = ("received", "delivered", "failed", "skipped", "taken_over", "redelivered",
-            "duplicates")
+            "duplicates", "refused", "dead_lettered")
 DEFAULT_DEDUP_WINDOW_S = 3600.0
 ENV_DEDUP_WINDOW = "TASYNC_DEDUP_WINDOW_S"
 _PRUNE_EVERY_S = 60.0
 
-_SCHEMA = """
+_COLUMNS = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COUNTERS)
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS totals (
-    bucket INTEGER NOT NULL, source TEXT NOT NULL,
-    received INTEGER NOT NULL DEFAULT 0, delivered INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0, skipped INTEGER NOT NULL DEFAULT 0,
-    taken_over INTEGER NOT NULL DEFAULT 0, redelivered INTEGER NOT NULL DEFAULT 0,
-    duplicates INTEGER NOT NULL DEFAULT 0,
+    bucket INTEGER NOT NULL, source TEXT NOT NULL, {_COLUMNS},
     PRIMARY KEY (bucket, source));
 CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, ts REAL NOT NULL, outcome TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts);
+CREATE TABLE IF NOT EXISTS stream_offsets (
+    stream TEXT PRIMARY KEY, offset INTEGER NOT NULL, at REAL NOT NULL);
 """
+#: Who settled an id (NULL: this node) and when this node learned it (NULL: it settled it).
+_SEEN_COLUMNS = (("node", "TEXT"), ("learned_at", "REAL"))
 
 
 def window_from_env() -> float:
@@ -82,17 +96,83 @@ def open_db(data_dir: Path | str) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
     db.execute("PRAGMA journal_mode=WAL")
     # NORMAL is safe against a killed process in WAL mode; a power cut may lose the last
-    # commits, which only widens the at-least-once window the design already allows.
+    # commits, which only widens the at-least-once window that redelivery already has.
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(_SCHEMA)
+    _migrate(db)
     return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a file of an older release up to this schema (new columns, the sums table).
+
+    Idempotent, and safe when several parts of a node open the file at once: a column or
+    table another connection added in the meantime is taken as done.
+    """
+    for table, wanted in (("totals", [(c, "INTEGER NOT NULL DEFAULT 0") for c in COUNTERS]),
+                          ("seen", list(_SEEN_COLUMNS))):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, kind in wanted:
+            if name not in have:
+                with contextlib.suppress(sqlite3.OperationalError):  # added meanwhile
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name='sums'").fetchone():
+        return
+    columns = ", ".join(COUNTERS)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(f"CREATE TABLE IF NOT EXISTS sums (source TEXT PRIMARY KEY, {_COLUMNS})")
+        if not db.execute("SELECT 1 FROM sums LIMIT 1").fetchone():
+            db.execute(f"INSERT INTO sums(source, {columns}) SELECT source, "
+                       f"{', '.join(f'sum({c})' for c in COUNTERS)} FROM totals GROUP BY source")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def record_handled(db: sqlite3.Connection, records: Iterable[Handled], *, stream: str,
+                   offset: int, at: float, cutoff: float) -> int:
+    """Write ids other nodes settled into the duplicate window, with the stream offset read.
+
+    One transaction for all ``records`` and the offset (of the last of them, made at ``at``),
+    so after a crash the follower resumes exactly after the last record it wrote. An id this
+    node already knows keeps its entry, except that an id known as failed takes a later
+    success (a requeued dead letter delivered elsewhere). Records older than ``cutoff`` only
+    move the offset. Returns how many ids were written.
+    """
+    now = time.time()
+    rows = [(i, r.at, outcome, r.node, now) for r in records if r.at >= cutoff
+            for i, outcome in r.items()]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if rows:
+            db.executemany(
+                "INSERT INTO seen(id, ts, outcome, node, learned_at) VALUES(?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET ts=excluded.ts, outcome=excluded.outcome, "
+                "node=excluded.node, learned_at=excluded.learned_at "
+                "WHERE seen.outcome='failed' AND excluded.outcome!='failed'", rows)
+        db.execute("INSERT OR REPLACE INTO stream_offsets(stream, offset, at) VALUES(?, ?, ?)",
+                   (stream, offset, at))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return len(rows)
+
+
+def stream_offset(db: sqlite3.Connection, stream: str) -> tuple[int, float] | None:
+    """``(offset, time of that record)`` the follower of ``stream`` last wrote, if any."""
+    row = db.execute("SELECT offset, at FROM stream_offsets WHERE stream=?", (stream,)).fetchone()
+    return (int(row[0]), float(row[1])) if row else None
 
 
 class Totals:
     """Counts and the duplicate window of one node; thread-safe.
 
-    The delivery worker calls ``count``, ``is_seen`` and ``mark_seen`` as it goes and ``flush``
-    once per batch, before it acknowledges the batch; the control server calls ``report``.
+    The delivery worker calls ``count``, ``seen_outcomes`` and ``mark_seen`` as it goes and
+    ``flush`` once per batch, before it acknowledges the batch; the control server calls
+    ``report``, the metrics ``running_sums``.
 
     Args:
         ctx: the node context (its ``data_dir`` holds the file, its ``node`` names the report).
@@ -105,10 +185,12 @@ class Totals:
         self.dedup_window_s = window_from_env() if dedup_window_s is None else dedup_window_s
         self._db = open_db(ctx.data_dir)
         self._lock = threading.RLock()
-        self._pending: dict[tuple[int, str], dict[str, int]] = defaultdict(
-            lambda: dict.fromkeys(COUNTERS, 0))
+        self._pending: dict[tuple[int, str], dict[str, int]] = defaultdict(_zeros)
         self._pending_seen: dict[str, tuple[float, str]] = {}
         self._last_prune = 0.0
+        self._sums: dict[str, dict[str, int]] = defaultdict(_zeros)
+        for row in self._db.execute(f"SELECT source, {', '.join(COUNTERS)} FROM sums"):
+            self._sums[row[0]] = dict(zip(COUNTERS, (int(v) for v in row[1:]), strict=True))
 
     def close(self) -> None:
         """Write what is pending and close the file."""
@@ -127,28 +209,39 @@ class Totals:
         bucket = int((time.time() if now is None else now) // BUCKET_S) * BUCKET_S
         with self._lock:
             row = self._pending[(bucket, source)]
+            total = self._sums[source]
             for name, value in increments.items():
                 if name not in row:
                     raise KeyError(f"unknown counter {name!r}")
                 row[name] += value
+                total[name] += value
 
-    def seen(self, ids: Iterable[str]) -> set[str]:
-        """The ids among ``ids`` already handled within the window (pending ones included)."""
+    def seen_outcomes(self, ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+        """Ids among ``ids`` handled within the window: ``id -> (outcome, node)``.
+
+        ``node`` is None for ids this node settled itself, else the node whose ``tasync.handled``
+        record said so. Pending ids count; one query per 500 ids.
+        """
         wanted = list(dict.fromkeys(ids))
         if not wanted:
-            return set()
+            return {}
         cutoff = time.time() - self.dedup_window_s
         with self._lock:
-            found = {i for i in wanted if i in self._pending_seen}
+            found: dict[str, tuple[str, str | None]] = {
+                i: (self._pending_seen[i][1], None) for i in wanted if i in self._pending_seen}
             rest = [i for i in wanted if i not in found]
             for start in range(0, len(rest), 500):
                 chunk = rest[start:start + 500]
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(
-                    f"SELECT id FROM seen WHERE ts >= ? AND id IN ({marks})", (cutoff, *chunk)
-                ).fetchall()
-                found.update(r[0] for r in rows)
+                    f"SELECT id, outcome, node FROM seen WHERE ts >= ? AND id IN ({marks})",
+                    (cutoff, *chunk)).fetchall()
+                found.update((r[0], (r[1], r[2])) for r in rows)
         return found
+
+    def seen(self, ids: Iterable[str]) -> set[str]:
+        """The ids among ``ids`` already handled within the window (pending ones included)."""
+        return set(self.seen_outcomes(ids))
 
     def is_seen(self, alert_id: str) -> bool:
         """Whether one id was handled within the window."""
@@ -167,14 +260,23 @@ class Totals:
                 return
             counts = [(b, s, *(row[c] for c in COUNTERS))
                       for (b, s), row in self._pending.items()]
+            by_source: dict[str, dict[str, int]] = defaultdict(_zeros)
+            for (_bucket, source), row in self._pending.items():
+                for name, value in row.items():
+                    by_source[source][name] += value
+            sums = [(s, *(row[c] for c in COUNTERS)) for s, row in by_source.items()]
             seen = [(i, ts, outcome) for i, (ts, outcome) in self._pending_seen.items()]
             updates = ", ".join(f"{c}={c}+excluded.{c}" for c in COUNTERS)
+            values = ", ".join("?" * len(COUNTERS))
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
                     f"INSERT INTO totals(bucket, source, {', '.join(COUNTERS)}) "
-                    f"VALUES(?, ?, {', '.join('?' * len(COUNTERS))}) "
+                    f"VALUES(?, ?, {values}) "
                     f"ON CONFLICT(bucket, source) DO UPDATE SET {updates}", counts)
+                self._db.executemany(
+                    f"INSERT INTO sums(source, {', '.join(COUNTERS)}) VALUES(?, {values}) "
+                    f"ON CONFLICT(source) DO UPDATE SET {updates}", sums)
                 self._db.executemany(
                     "INSERT OR REPLACE INTO seen(id, ts, outcome) VALUES(?, ?, ?)", seen)
                 self._db.execute("COMMIT")
@@ -194,28 +296,57 @@ class Totals:
 
     # -- reading ------------------------------------------------------------------------------
 
+    def running_sums(self) -> dict[str, dict[str, int]]:
+        """Every counter per source since the file was made, from memory: what a scrape reads.
+
+        Costs the same whatever the length of the history (no query, no flush).
+        """
+        with self._lock:
+            return {source: dict(row) for source, row in self._sums.items()}
+
+    def lookup(self, alert_id: str) -> dict[str, Any] | None:
+        """What the window holds about one id (for ``tasync trace``), or None."""
+        with self._lock:
+            pending = self._pending_seen.get(alert_id)
+            if pending is not None:
+                return {"ts": pending[0], "outcome": pending[1], "node": self.node}
+            row = self._db.execute("SELECT ts, outcome, node, learned_at FROM seen WHERE id=?",
+                                   (alert_id,)).fetchone()
+        if row is None:
+            return None
+        return {"ts": row[0], "outcome": row[1], "node": row[2] or self.node,
+                "learned_at": row[3]}
+
     def report(self, since: float | str | None = None) -> dict[str, Any]:
         """The node's totals as JSON-able data, optionally only from ``since`` on.
 
         Args:
             since: seconds since the epoch (a number or a numeric string); counts are kept per
-                minute, so the report starts at the beginning of that minute.
+                minute, so the report starts at the beginning of that minute. Without it the
+                running sums answer, at no cost in the history's length.
 
         Returns:
             ``{"node", "since", "sources": {source: {counter: n}}, "total": {counter: n}}``.
         """
         start = _since_bucket(since)
-        with self._lock:
-            self.flush()
-            rows = self._db.execute(
-                f"SELECT source, {', '.join(f'sum({c})' for c in COUNTERS)} FROM totals "
-                "WHERE bucket >= ? GROUP BY source ORDER BY source", (start,)
-            ).fetchall()
-        sources = {r[0]: dict(zip(COUNTERS, (int(v) for v in r[1:]), strict=True))
-                   for r in rows}
+        if since is None:
+            sources = dict(sorted(self.running_sums().items()))
+        else:
+            with self._lock:
+                self.flush()
+                rows = self._db.execute(
+                    f"SELECT source, {', '.join(f'sum({c})' for c in COUNTERS)} FROM totals "
+                    "WHERE bucket >= ? GROUP BY source ORDER BY source", (start,)
+                ).fetchall()
+            sources = {r[0]: dict(zip(COUNTERS, (int(v) for v in r[1:]), strict=True))
+                       for r in rows}
         total = {c: sum(s[c] for s in sources.values()) for c in COUNTERS}
         return {"node": self.node, "since": None if since is None else float(start),
                 "sources": sources, "total": total}
+
+
+def _zeros() -> dict[str, int]:
+    return dict.fromkeys(COUNTERS, 0)
 
 
 def _since_bucket(since: float | str | None) -> int:

@@ -10,13 +10,19 @@ sender, every node of the list, and the loss of a broker node. Order of a first 
 3. publish the alert (confirmed, ``mandatory``);
    Between 2 and 3, a send that created the list waits (at most ``NEW_LIST_GRACE_S``) for the
    list's nodes to subscribe, so the first alerts go to the first node, not the quickest one;
-4. look at the queue's consumers: none means no listed server is alive, which is reported but is
-   not an error: the alert waits in the queue until one of them starts.
+4. look at the queue's consumers: none means no listed server consumes it. The sender then
+   records the list again (whatever created its queue, its nodes learn it) and gives them a
+   moment; if still nobody consumes it, it asks the network which nodes of the list run, so
+   the warning it prints is true: "no server of a b is running", or that a running node does
+   not consume the list. Neither is an error: the alert waits in the queue.
 
-Steps 1 and 2 run once per list and process. Names are checked against the configuration of
-the master (or, when no master answers, of any live node): an unknown destination, group, route
-or node is a clear error before anything is queued. With every node down nothing can be
-checked; the alert is still queued, with a warning.
+Steps 1 and 2 run once per list and process. Before anything is published, names are checked
+against the configuration of the master (or, when no master answers, of any live node), and the
+network's alert policy is asked (``alert_policy``: whether alerts must be signed, which key ids
+verify, and whether this sender's signature of a random challenge verifies), so an unknown
+destination, group, route or node, an unsigned alert, a retired key or a wrong secret is a
+clear error (``SendRefused``) instead of an alert every node quarantines. With every node down
+nothing can be checked; the alert is still queued, with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Iterable, Sequence
@@ -34,9 +41,24 @@ from typing import Any
 import amqp.exceptions
 
 from broker import messages, topology
-from broker.alerts import Alert, HostList, encode_alert, validated
+from broker.alerts import (
+    CLIENT_HEADER,
+    POLICY_CHALLENGE_PREFIX,
+    REQUEUED_BY_HEADER,
+    Alert,
+    HostList,
+    decode_alert,
+    encode_alert,
+    validated,
+)
 from broker.connection import RECOVERABLE, BlockedGuard, close_quietly, ensure
-from broker.errors import ConfigError, NoAnswer, PublishError, RemoteError
+from broker.errors import (
+    ConfigError,
+    NoAnswer,
+    PublishError,
+    RemoteError,
+    SendRefused,
+)
 from broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
 from broker.rpc import RpcClient
 from broker.settings import Settings
@@ -47,6 +69,10 @@ log = logging.getLogger("tasync.sender")
 ENV_CACHE_DIR = "TASYNC_CACHE_DIR"
 #: How long the first send to a new list waits for the list's nodes to subscribe.
 NEW_LIST_GRACE_S = 1.0
+#: How long a sender trusts the network's alert policy before asking again (keys rotate).
+POLICY_TTL_S = 60.0
+#: How long the nodes of a list nobody consumes have to say that they run.
+LIVENESS_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -105,6 +131,9 @@ class AlertSender:
         self._nodes: set[str] | None = None
         self._known_targets: set[tuple[str, str]] = set()
         self._guard: BlockedGuard | None = None
+        self._policy: dict[str, Any] | None = None
+        self._policy_at = -POLICY_TTL_S
+        self._announced: set[str] = set()
 
     def close(self) -> None:
         """Close the connection."""
@@ -156,24 +185,29 @@ class AlertSender:
 
     # -- look-ups -----------------------------------------------------------------------------
 
-    def _show(self, args: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """Objects from the master, else from any live node; None when nobody answers."""
+    def _client(self) -> RpcClient:
         if self._rpc is None:
             self._rpc = RpcClient(self._conn, sender=f"sender@{self.name}")
+        return self._rpc
+
+    def _ask(self, op: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """The master's answer to ``op``, else any live node's; None when nobody answers."""
+        rpc = self._client()
         try:
-            data = self._rpc.call_one(topology.MASTER, "show", args, timeout_s=self.rpc_timeout_s)
-            return list(data.get("objects", []))
+            return rpc.call_one(topology.MASTER, op, args, timeout_s=self.rpc_timeout_s)
         except (NoAnswer, RemoteError):
             pass
         try:
-            replies = self._rpc.call(topology.ALL, "show", args, expect=1,
-                                     timeout_s=min(self.rpc_timeout_s, 1.0))
+            replies = rpc.call(topology.ALL, op, args, expect=1,
+                               timeout_s=min(self.rpc_timeout_s, 1.0))
         except NoAnswer:
             return None
-        for reply in replies:
-            if reply.ok:
-                return list(reply.data.get("objects", []))
-        return None
+        return next((reply.data for reply in replies if reply.ok), None)
+
+    def _show(self, args: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Objects from the master, else from any live node; None when nobody answers."""
+        data = self._ask("show", args)
+        return None if data is None else list(data.get("objects", []))
 
     def resolve_route(self, route: str) -> tuple[str, ...]:
         """The hosts of a named route, from the master; from a local cache when nobody answers.
@@ -224,6 +258,50 @@ class AlertSender:
                 raise ConfigError(f"unknown {alert.target_kind} {alert.target!r}")
             self._known_targets.add(key)
 
+    def check_policy(self, warnings: list[str], *, signature: str | None = None) -> None:
+        """Find out what the network requires of an alert, and refuse what it would refuse.
+
+        Asked once per ``POLICY_TTL_S`` (a key rotation reaches a long-running sender). The
+        answer names key ids only, never secrets; the challenge catches a wrong secret
+        under a current key id. ``signature`` judges an alert signed elsewhere (a requeued
+        dead letter keeps its signature) instead of this sender's key.
+
+        Raises:
+            SendRefused: the network requires signed alerts and this one would not verify.
+        """
+        if not self.check:
+            return
+        if self._policy is None or time.monotonic() - self._policy_at > POLICY_TTL_S:
+            challenge = secrets.token_hex(16)
+            args: dict[str, Any] = {"challenge": challenge}
+            if self.keyring is not None:
+                args["signature"] = self.keyring.sign(POLICY_CHALLENGE_PREFIX
+                                                      + challenge.encode())
+            self._policy = self._ask("alert_policy", args)
+            self._policy_at = time.monotonic()
+        policy = self._policy
+        if policy is None:
+            warnings.append("no node answered: names and signing were not checked")
+            return
+        if not policy.get("signed"):
+            return
+        node = policy.get("node", "the network")
+        current = [str(k) for k in policy.get("key_ids", [])]
+        if signature is None and self.keyring is None:
+            raise SendRefused(f"{node} accepts signed alerts only: give --key-file or "
+                              "$TASYNC_CLUSTER_KEY_FILE (nothing was sent)")
+        key_id = (signature or "").partition(":")[0] if signature else (
+            self.keyring.signing_key_id if self.keyring else "")
+        if key_id not in current:
+            raise SendRefused(f"key {key_id!r} is not one {node} accepts (current: "
+                              f"{', '.join(current) or 'none'}): a retired or foreign key "
+                              "(nothing was sent)")
+        verdict = policy.get("challenge")
+        if signature is None and verdict != "ok":
+            raise SendRefused(f"{node} does not verify this key file's signature with key "
+                              f"{key_id!r} ({verdict}): the secret differs from the "
+                              "network's (nothing was sent)")
+
     # -- sending ------------------------------------------------------------------------------
 
     def send(self, alert: Alert) -> SendResult:
@@ -243,27 +321,85 @@ class AlertSender:
         Every alert is checked before the first is published, so a bad one sends nothing.
         """
         checked = [validated(a) for a in alerts]
+        return self._send([(a, self._outgoing(a)) for a in checked], signature=None)
+
+    def resend(self, body: bytes, headers: dict[str, Any], *, requeued_by: str) -> SendResult:
+        """Send a dead letter again through the normal path, as ``tasync dead requeue`` does.
+
+        The alert keeps its bytes, so its id and its signature (when this sender has no key
+        of its own) stay valid; ``requeued_by`` names who asked, and the delivering node
+        writes it to its trail.
+
+        Raises:
+            MessageError: ``body`` is not a valid alert.
+            SendRefused, ConfigError, PublishError: as for ``send``.
+        """
+        alert = decode_alert(body)
+        out = self._outgoing(alert, body=body)
+        out.headers[REQUEUED_BY_HEADER] = requeued_by
+        kept = headers.get(SIGNATURE_HEADER)
+        signature = None
+        if self.keyring is None and isinstance(kept, str) and kept:
+            out.headers[SIGNATURE_HEADER] = signature = kept
+        return self._send([(alert, out)], signature=signature)
+
+    def _send(self, pairs: list[tuple[Alert, Outgoing]], *, signature: str | None
+              ) -> SendResult:
+        checked = [alert for alert, _ in pairs]
         warnings: list[str] = []
 
         def prepare() -> None:
+            self.check_policy(warnings, signature=signature)
             for alert in checked:
                 self.check_names(alert, warnings)
                 self._ensure_list(alert.hosts)
 
         self._run(prepare)
-        outgoing = [self._outgoing(a) for a in checked]
+        outgoing = [out for _, out in pairs]
         self._run(lambda: self._publish(outgoing))
         lists = list(dict.fromkeys(a.hosts for a in checked))
         consumers = min((self._run(lambda h=h: self._consumers(h)) for h in lists), default=0)
         if lists and consumers == 0:
-            warnings.append(f"no server of {' '.join(lists[0])} is running: the alert is "
-                            "queued durably and will be delivered when one of them starts")
+            consumers, warning = self._run(lambda: self._nobody_consumes(lists[0]))
+            if warning:
+                warnings.append(warning)
         return SendResult(ids=[a.id for a in checked], hosts=lists[0] if lists else (),
                           consumers=consumers, warnings=list(dict.fromkeys(warnings)))
 
-    def _outgoing(self, alert: Alert) -> Outgoing:
-        body = encode_alert(alert)
-        headers: dict[str, Any] = {SENDER_HEADER: socket.gethostname()}
+    def _nobody_consumes(self, hosts: tuple[str, ...]) -> tuple[int, str | None]:
+        """Nobody consumes a list's queue: tell its nodes again, then say truly who runs.
+
+        Returns the consumers seen last and the warning to print (None once one consumes).
+        """
+        key = topology.precedence_key(hosts)
+        if key not in self._announced:
+            self._announced.add(key)
+            self._record_list(hosts)
+            count = self._await_consumers(hosts, NEW_LIST_GRACE_S)
+            if count:
+                return count, None
+        running = self._running(hosts)
+        if running is None or not running:
+            return 0, (f"no server of {' '.join(hosts)} is running: the alert is queued "
+                       "durably and will be delivered when one of them starts")
+        return 0, (f"{' '.join(running)} {'runs' if len(running) == 1 else 'run'} but "
+                   f"{'does' if len(running) == 1 else 'do'} not consume {key} yet: the alert "
+                   "is queued durably; `tasync status` shows the list as stranded until then")
+
+    def _running(self, hosts: tuple[str, ...]) -> list[str] | None:
+        """The nodes of ``hosts`` that answer now (None: the question could not be asked)."""
+        expect = len(self._nodes) if self._nodes else None
+        try:
+            replies = self._client().call(topology.ALL, "delivery", expect=expect,
+                                          timeout_s=LIVENESS_TIMEOUT_S)
+        except NoAnswer:
+            return []
+        answered = {reply.node for reply in replies}
+        return [h for h in hosts if h in answered]
+
+    def _outgoing(self, alert: Alert, *, body: bytes | None = None) -> Outgoing:
+        body = encode_alert(alert) if body is None else body
+        headers: dict[str, Any] = {SENDER_HEADER: socket.gethostname(), CLIENT_HEADER: self.name}
         if self.keyring is not None:
             headers[SIGNATURE_HEADER] = self.keyring.sign(body)
         return Outgoing(exchange=topology.ALERTS_EXCHANGE,
@@ -291,9 +427,8 @@ class AlertSender:
                 topology.declare_alerts(channel)
             finally:
                 channel.close()
-            record = HostList(hosts=hosts, sender=self.name)
-            self._pub().publish(Outgoing(exchange="", routing_key=topology.HOSTLISTS_QUEUE,
-                                         body=messages.encode(record)))
+            self._pub().publish(self._list_record(hosts))
+            self._announced.add(key)
             channel = self._conn.channel()
             try:
                 topology.declare_alert_queue(channel, hosts)
@@ -302,6 +437,23 @@ class AlertSender:
             log.info("created precedence list %s", key)
             self._await_consumers(hosts, NEW_LIST_GRACE_S)
         self._ready_lists.add(key)
+
+    def _list_record(self, hosts: tuple[str, ...]) -> Outgoing:
+        record = HostList(hosts=hosts, sender=self.name)
+        return Outgoing(exchange="", routing_key=topology.HOSTLISTS_QUEUE,
+                        body=messages.encode(record))
+
+    def _record_list(self, hosts: tuple[str, ...]) -> None:
+        """Append a list's record again, for a queue its nodes do not consume.
+
+        Best effort: a sender allowed to publish to ``tasync.alerts`` only may not write it
+        (the nodes record the lists they create themselves, so that is rare).
+        """
+        try:
+            self._pub().publish(self._list_record(hosts))
+        except (amqp.exceptions.ChannelError, PublishError) as exc:
+            self._publisher = None  # a refusal closes the publisher's channel
+            log.info("could not record list %s again: %s", " ".join(hosts), exc)
 
     def _queue_info(self, hosts: tuple[str, ...]) -> tuple[int, int] | None:
         """``(messages, consumers)`` of a list's queue, or None when it does not exist."""

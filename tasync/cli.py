@@ -13,10 +13,12 @@ import click
 from tasync.cli_alerts import ALERT_COMMANDS, normalise_host_args
 from tasync.cli_broker import broker
 from tasync.cli_config import config
+from tasync.cli_dead import DEAD_COMMANDS
 from tasync.cli_hosts import hosts
 from tasync.cli_key import key
 from tasync.cli_recover import promote, recover
 from tasync.cli_replay import replay
+from tasync.cli_trace import trace
 from tasync.cli_wait import wait
 from tasync.client import print_table, rpc_client
 from tasync.demo import demo
@@ -59,7 +61,7 @@ cli.add_command(replay)
 cli.add_command(promote)
 cli.add_command(demo)
 cli.add_command(wait)
-for _command in ALERT_COMMANDS:
+for _command in (*ALERT_COMMANDS, *DEAD_COMMANDS, trace):
     cli.add_command(_command)
 
 

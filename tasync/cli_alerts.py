@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from broker import topology
 from broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
 from broker.allowlist import AllowList
 from broker.audit import Trail
@@ -27,6 +26,7 @@ from broker.settings import IntakeSettings
 from broker.signing import KeyRing, key_file_from_env
 from broker.since import Since
 from producers.sender import AlertSender, parse_hosts
+from tasync.alert_lists import ask_all
 from tasync.client import print_table, rpc_client
 from tasync.options import (
     broker_option,
@@ -40,7 +40,7 @@ from tasync.options import (
 
 _HOST_FLAGS = ("-host", "--host")
 COUNTER_COLUMNS = ("received", "delivered", "failed", "taken_over", "redelivered",
-                   "duplicates", "skipped")
+                   "duplicates", "skipped", "refused", "dead_lettered")
 
 
 SEND_HELP = """Send an alert to the first live server of a precedence list.
@@ -174,6 +174,8 @@ def totals(*, since: Since | None, timeout_s: float, as_json: bool, broker_url: 
 
     "Taken over" counts alerts a server delivered although it was not first in their
     precedence list: the servers ahead of it were down, hung, or full (overflow).
+    "Refused" counts alerts a server quarantined (tasync quarantine list), "dead
+    lettered" failed alerts it moved to the dead letters (tasync dead list).
 
     \b
     Examples:
@@ -183,20 +185,8 @@ def totals(*, since: Since | None, timeout_s: float, as_json: bool, broker_url: 
     """
     start = since.ts if since is not None else None
     with rpc_client(make_settings(broker_url)) as rpc:
-        known: list[str] = []
-        try:
-            status = rpc.call_one(topology.MASTER, "status", timeout_s=min(timeout_s, 2.0))
-            known = [str(n) for n in status.get("nodes", [])]
-        except NoAnswer:
-            pass
-        try:
-            replies = rpc.call(topology.ALL, "totals", {"since": start}, timeout_s=timeout_s,
-                               expect=len(known) or None)
-        except NoAnswer:
-            replies = []
-    reports = sorted((r.data for r in replies if r.ok), key=lambda d: str(d.get("node")))
-    answered = {str(r.get("node")) for r in reports}
-    missing = sorted(set(known) - answered)
+        answers, missing = ask_all(rpc, "totals", {"since": start}, timeout_s=timeout_s)
+    reports = sorted(answers, key=lambda d: str(d.get("node")))
     if as_json:
         print_json({"since": start, "nodes": reports, "not_answering": missing})
         return

@@ -27,6 +27,7 @@ from typing import Any
 from broker import topology
 from broker.errors import ExitCode, NoAnswer
 from broker.rpc import RpcClient
+from tasync.alert_lists import gather_lists, stranded
 
 #: The order in which degraded states decide the exit code.
 SEVERITY = (ExitCode.NO_MASTER, ExitCode.NODE_DOWN, ExitCode.NOT_IN_SYNC,
@@ -85,6 +86,8 @@ def gather_status(rpc: RpcClient, *, timeout_s: float, max_lag: int = 0) -> Netw
     rows = {name: answers.get(name) or _silent_row(name, list(answers.values()))
             for name in known | set(answers)}
     status = NetworkStatus(rows=[rows[n] for n in sorted(rows)])
+    if answers:  # every node watches every list's queue (consumers.delivery.lists)
+        status.stranded = stranded(gather_lists(rpc, timeout_s=min(timeout_s, 2.0)))
     _judge(status, master, max_lag=max_lag)
     return status
 
@@ -125,13 +128,10 @@ def _judge(status: NetworkStatus, master: dict[str, Any] | None, *, max_lag: int
                                  and not row["in_sync"])) if bad]
         if why:
             status.problems.append((ExitCode.NOT_IN_SYNC, f"{row['node']}: {', '.join(why)}"))
-        for stranded in row.get("stranded") or []:
-            if stranded not in status.stranded:
-                status.stranded.append(stranded)
-    for stranded in status.stranded:
+    for row in status.stranded:
         status.problems.append((ExitCode.STRANDED_LISTS,
-                                f"list {stranded.get('list')} holds {stranded.get('messages')} "
-                                "alerts and no live node of it consumes them"))
+                                f"list {row.get('list')} holds {row.get('messages')} alerts and "
+                                "no live node of it consumes them"))
 
 
 def ago(when: float | None, *, now: float | None = None) -> str:

@@ -14,7 +14,7 @@ state), and tests can run several servers in one process.
 Metrics (every sample has a ``node`` label; one scrape target is one node):
 
 =================================== ======= ==================================================
-``tasync_node_ready``                gauge   1 once the node caught up and serves (guarantee 4)
+``tasync_node_ready``                gauge   1 once the node caught up and serves
 ``tasync_is_master``                 gauge   1 on the master
 ``tasync_epoch``                     gauge   highest epoch the node has seen
 ``tasync_applied_seq``               gauge   highest seq applied (backup) or committed (master)
@@ -27,7 +27,16 @@ Metrics (every sample has a ``node`` label; one scrape target is one node):
 ``tasync_start_time_seconds``        gauge   when the process started (Unix time)
 ``tasync_changes_applied_total``     counter changes applied by this process
 ``tasync_alerts_<counter>_total``    counter per ``source``: received, delivered, failed,
-                                             taken_over, skipped, redelivered, duplicates
+                                             taken_over, skipped, redelivered, duplicates,
+                                             refused, dead_lettered
+``tasync_list_stranded``             gauge   per ``list``: 1 while its queue holds alerts
+                                             and no node consumes it
+``tasync_list_messages``             gauge   per ``list``: alerts waiting in its queue
+``tasync_dead_letter_messages``      gauge   alerts in the dead-letter queue
+``tasync_quarantine_messages``       gauge   messages in the quarantine queue
+``tasync_dedup_caught_up``           gauge   1 once the node has read every other node's
+                                             settled ids published before it started
+``tasync_dedup_ids_learned_total``   counter ids other nodes settled, learned by this one
 ``tasync_sqlite_memory_bytes``       gauge   memory SQLite holds in the process (page caches)
 ``tasync_python_allocated_blocks``   gauge   live Python memory blocks
 ``tasync_malloc_in_use_bytes``       gauge   glibc heap handed out and not freed
@@ -38,7 +47,14 @@ The memory gauges (``tasync.memory``) split the process's RSS into the parts tha
 different reasons, so a rising RSS can be told apart as caches filling, objects kept, or the
 allocator's high-water mark; each is absent where its source is (no glibc, say).
 
-The alert counters come from ``totals.db``, so they survive restarts like ``tasync totals``.
+The alert counters come from ``totals.db``, so they survive restarts like ``tasync totals``;
+a scrape reads the running sums kept in memory beside the minute buckets, so it costs the same
+whatever the length of the history. The ``source`` label is bounded: sources named by the
+worker's ``--metrics-source`` (and ``cli``, ``alertmanager``, ``intake`` always) keep their
+name, every other one is counted as ``other``, so a client choosing sources freely cannot grow
+the number of series. The list gauges are every list the network knows, as the node's last
+check saw them (every ``Settings.list_check_s``); every node reports every list, because the
+nodes of a stranded list are not there to report it.
 A part of the state that cannot be read (the store is closing, the totals layer is absent) is
 left out of that scrape rather than failing it: Prometheus then shows a gap, not a wrong zero.
 """
@@ -48,7 +64,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -72,8 +88,12 @@ ALERT_COUNTER_HELP = {
     "taken_over": "Delivered alerts for which this node was not first in the precedence list.",
     "skipped": "Alerts whose every destination was outside its schedule.",
     "redelivered": "Received alerts the broker had handed out before (a holder died).",
-    "duplicates": "Alerts dropped because their id was already handled.",
+    "duplicates": "Alerts dropped because their id was already handled (by any node).",
+    "refused": "Alerts this node refused and moved to the quarantine queue.",
+    "dead_lettered": "Failed alerts this node moved to the dead-letter queue.",
 }
+#: The ``source`` label of every source not named in ``Settings.metrics_sources``.
+OTHER_SOURCE = "other"
 
 
 def _number(value: Any) -> float | None:
@@ -93,8 +113,12 @@ class NodeCollector(Collector):
       ``started_at``;
     * ``node.changes_applied`` (int, optional): incremented by the node per applied change;
     * ``node.lag_changes`` (int, or a callable returning int or None; optional);
-    * ``node.totals`` (``consumers.totals.Totals``, optional): its ``report()``;
-    * ``node.consumers`` (optional): consumer loops with ``name`` and ``connected``.
+    * ``node.totals`` (``consumers.totals.Totals``, optional): its ``running_sums()``, or
+      ``report()["sources"]`` for an object without it;
+    * ``node.consumers`` (optional): consumer loops with ``name`` and ``connected``;
+    * ``node.delivery`` (optional): its ``lists.report`` (``ListsReport``) and its
+      ``handled`` watcher (``caught_up``, ``ids_learned``);
+    * ``node.ctx.settings.metrics_sources``: the sources named in the ``source`` label.
 
     Args:
         node: the running node.
@@ -111,7 +135,7 @@ class NodeCollector(Collector):
         """Every metric whose source could be read during this scrape."""
         name = str(self.node.ctx.node)
         for part in (self._node_state, self._progress, self._peers, self._consumers,
-                     self._alerts, self._memory):
+                     self._alerts, self._lists, self._dedup, self._memory):
             try:
                 yield from part(name)
             except Exception as exc:  # one unreadable part must not fail the whole scrape
@@ -183,8 +207,10 @@ class NodeCollector(Collector):
         totals = getattr(self.node, "totals", None)
         if totals is None:
             return
-        report = totals.report()
-        sources: dict[str, dict[str, Any]] = report.get("sources") or {}
+        sums = getattr(totals, "running_sums", None)
+        raw: dict[str, dict[str, Any]] = (sums() if sums is not None
+                                          else totals.report().get("sources") or {})
+        sources = bounded_sources(raw, self.node.ctx.settings.metrics_sources)
         counters = list(ALERT_COUNTER_HELP)
         counters += sorted({c for counts in sources.values() for c in counts} - set(counters))
         for counter in counters:
@@ -196,6 +222,47 @@ class NodeCollector(Collector):
                 if counter in counts:
                     family.add_metric([name, str(source)], float(counts[counter]))
             yield family
+
+    def _lists(self, name: str) -> Iterator[Metric]:
+        """Stranded lists and queue depths, as the node's last check saw them."""
+        delivery = getattr(self.node, "delivery", None)
+        if delivery is None or not delivery.lists.report.checked_at:
+            return
+        report = delivery.lists.report
+        stranded = GaugeMetricFamily(
+            "tasync_list_stranded",
+            "1 while the list's queue holds alerts and no node consumes it.",
+            labels=["node", "list"])
+        waiting = GaugeMetricFamily("tasync_list_messages",
+                                    "Alerts waiting in the list's queue.", labels=["node", "list"])
+        for state in report.lists:
+            stranded.add_metric([name, state.key], 1.0 if state.stranded else 0.0)
+            waiting.add_metric([name, state.key], float(state.messages))
+        yield stranded
+        yield waiting
+        if report.dead_letters is not None:
+            yield _gauge("tasync_dead_letter_messages",
+                         "Alerts in the dead-letter queue (tasync dead list).", name,
+                         float(report.dead_letters))
+        if report.quarantined is not None:
+            yield _gauge("tasync_quarantine_messages",
+                         "Messages in the quarantine queue (tasync quarantine list).", name,
+                         float(report.quarantined))
+
+    def _dedup(self, name: str) -> Iterator[Metric]:
+        """Whether the node judges duplicates against the whole network's settled ids."""
+        delivery = getattr(self.node, "delivery", None)
+        if delivery is None:
+            return
+        watcher = delivery.handled
+        yield _gauge("tasync_dedup_caught_up",
+                     "1 once every other node's settled ids published before start are read.",
+                     name, 1.0 if watcher.caught_up.is_set() else 0.0)
+        learned = CounterMetricFamily("tasync_dedup_ids_learned",
+                                      "Alert ids other nodes settled, learned by this node.",
+                                      labels=["node"])
+        learned.add_metric([name], float(watcher.ids_learned))
+        yield learned
 
     def _memory(self, name: str) -> Iterator[Metric]:
         """Process memory by pool: what the soak plots beside RSS (see ``tasync.memory``)."""
@@ -215,6 +282,19 @@ class NodeCollector(Collector):
             yield _gauge("tasync_malloc_free_held_bytes",
                          "Freed bytes glibc keeps in its arenas for reuse.",
                          name, float(heap.free_held_bytes))
+
+
+def bounded_sources(sources: dict[str, dict[str, Any]],
+                    named: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Counters per source with every source not in ``named`` summed under ``other``."""
+    keep = set(named)
+    result: dict[str, dict[str, Any]] = {}
+    for source, counts in sources.items():
+        label = source if source in keep else OTHER_SOURCE
+        into = result.setdefault(label, {})
+        for counter, value in counts.items():
+            into[counter] = into.get(counter, 0) + value
+    return result
 
 
 def _gauge(metric: str, documentation: str, node: str, value: float) -> GaugeMetricFamily:

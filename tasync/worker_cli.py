@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from broker.settings import DEFAULT_METRICS_SOURCES
 from broker.signing import key_file_from_env
 from tasync.node import Node, NodeOptions
 from tasync.options import broker_url_option, handle_errors, make_settings
@@ -40,6 +41,11 @@ from tasync.options import broker_url_option, handle_errors, make_settings
               help="Serve Prometheus metrics on this port (/metrics); off by default.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="ADDRESS",
               help="Address the metrics server binds; 0.0.0.0 lets other hosts scrape.")
+@click.option("--metrics-source", "metrics_sources", multiple=True, metavar="SOURCE",
+              envvar="TASYNC_METRICS_SOURCES",
+              help="An alert source to name in the metrics (repeatable); "
+                   f"{', '.join(DEFAULT_METRICS_SOURCES)} always are, every other one is "
+                   "counted as 'other'.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Per-message detail in tasync.log and on stderr.")
 @broker_url_option
@@ -47,7 +53,8 @@ from tasync.options import broker_url_option, handle_errors, make_settings
 def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None,
          single_master: str | None, conf_hosts_file: Path | None,
          alert_hosts_file: Path | None, key_file: Path | None, heartbeat_s: float, prefetch: int,
-         metrics_port: int | None, metrics_host: str, verbose: bool, broker_url: str) -> None:
+         metrics_port: int | None, metrics_host: str, metrics_sources: tuple[str, ...],
+         verbose: bool, broker_url: str) -> None:
     """Run a tasync node: apply configuration changes, deliver alerts, answer requests.
 
     It logs to <data-dir>/tasync.log and, one short line per event (for journald and docker
@@ -58,8 +65,11 @@ def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None
     Examples:
       tasync-worker --node a --data-dir /var/lib/tasync/a --role master
       tasync-worker --node b --data-dir /var/lib/tasync/b
+      tasync-worker --node c --data-dir /srv/c --metrics-port 9100 --metrics-source nms
     """
-    settings = make_settings(broker_url, heartbeat_s=heartbeat_s, prefetch=prefetch)
+    named = tuple(sorted({*DEFAULT_METRICS_SOURCES, *metrics_sources}))
+    settings = make_settings(broker_url, heartbeat_s=heartbeat_s, prefetch=prefetch,
+                             metrics_sources=named)
     options = NodeOptions(
         node=node, data_dir=data_dir, role=role, verbose=verbose,
         key_file=key_file or key_file_from_env(),

@@ -233,8 +233,17 @@ def test_metrics_table_matches_what_a_node_exports(tmp_path: Path) -> None:
         name = "tasync-sync-a"
         connected = ctx.ready
 
+    from types import SimpleNamespace
+
+    from consumers.delivery.lists import ListsReport, ListState
+
+    lists = ListsReport(checked_at=1.0, lists=(ListState(key="a.b", hosts=("a", "b")),),
+                        dead_letters=0, quarantined=0)
+    delivery = SimpleNamespace(lists=SimpleNamespace(report=lists), handled=SimpleNamespace(
+        caught_up=ctx.ready, ids_learned=0))
     node = type("FakeNode", (), {"ctx": ctx, "changes_applied": 1, "lag_changes": 0,
-                                 "totals": totals, "consumers": [Consumer()]})()
+                                 "totals": totals, "consumers": [Consumer()],
+                                 "delivery": delivery})()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
     exported = {s.name for m in registry.collect() for s in m.samples}

@@ -92,12 +92,18 @@ class RetryPolicy:
 
 @dataclass
 class Progress:
-    """How far the delivery of one alert got: its plan, per-destination states, rounds done."""
+    """How far the delivery of one alert got: its plan, per-destination states, rounds done.
+
+    ``trail`` holds fields the worker adds to this alert's ``alert.delivered`` and
+    ``alert.failed`` lines (who sent it, when it was made), so ``tasync trace`` can tell its
+    story from those lines alone: the trail costs one line per destination, no more.
+    """
 
     plan: Plan
     now: dt.datetime
     states: dict[str, tuple[str, str]] = field(default_factory=dict)
     rounds: int = 0
+    trail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -201,7 +207,7 @@ class Executor:
             if progress.rounds and self.wait(self.policy.delay(progress.rounds)):
                 raise Aborted(alert.id)
             progress.rounds += 1
-            status = self._round(progress.plan, alert, progress.states, progress.now)
+            status = self._round(progress.plan, alert, progress)
             if status != RETRY:
                 return self._finish(alert, progress, status)
             if progress.rounds >= self.policy.attempts:
@@ -219,20 +225,19 @@ class Executor:
             elif state in (FAILED, RETRY):
                 outcome.failed[name] = reason
                 self.trail.event("alert.failed", id=alert.id, source=alert.source,
-                                 destination=name, attempts=progress.rounds, reason=reason)
+                                 destination=name, attempts=progress.rounds, reason=reason,
+                                 **progress.trail)
         return outcome
 
-    def _round(self, plan: Plan, alert: Alert, states: dict[str, tuple[str, str]],
-               now: dt.datetime) -> str:
+    def _round(self, plan: Plan, alert: Alert, progress: Progress) -> str:
         if isinstance(plan, Leaf):
-            return self._leaf(plan, alert, states, now)
-        return self._group(plan, alert, states, now)
+            return self._leaf(plan, alert, progress)
+        return self._group(plan, alert, progress)
 
-    def _group(self, group: Group, alert: Alert, states: dict[str, tuple[str, str]],
-               now: dt.datetime) -> str:
+    def _group(self, group: Group, alert: Alert, progress: Progress) -> str:
         results: list[str] = []
         for member in group.members:
-            result = self._round(member, alert, states, now)
+            result = self._round(member, alert, progress)
             results.append(result)
             if group.mode == "sequence" and result == DELIVERED:
                 return DELIVERED
@@ -242,13 +247,13 @@ class Executor:
             return FAILED
         return DELIVERED if DELIVERED in results else SKIPPED
 
-    def _leaf(self, leaf: Leaf, alert: Alert, states: dict[str, tuple[str, str]],
-              now: dt.datetime) -> str:
+    def _leaf(self, leaf: Leaf, alert: Alert, progress: Progress) -> str:
+        states = progress.states
         state = states.get(leaf.name)
         if state is not None and state[0] != RETRY:
             return state[0]
         if state is None:
-            closed = closed_reason(self.store, leaf, now)
+            closed = closed_reason(self.store, leaf, progress.now)
             if closed is not None:
                 states[leaf.name] = (SKIPPED, closed)
                 self.trail.event("alert.skipped", id=alert.id, source=alert.source,
@@ -269,7 +274,8 @@ class Executor:
             return RETRY
         states[leaf.name] = (DELIVERED, "")
         self.trail.event("alert.delivered", id=alert.id, source=alert.source,
-                         destination=leaf.name, list=".".join(alert.hosts))
+                         destination=leaf.name, list=".".join(alert.hosts),
+                         attempts=progress.rounds, **progress.trail)
         return DELIVERED
 
     def payload(self, alert: Alert, leaf: Leaf) -> dict[str, Any]:

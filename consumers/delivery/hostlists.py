@@ -1,13 +1,14 @@
 """Learning ad-hoc precedence lists from the durable ``tasync.hostlists`` stream.
 
-A sender that uses a list for the first time appends a ``HostList`` record to the stream before
-it creates the list's queue (``producers.sender``). Each node reads the stream from its start on
-every connect, keeps the lists that name it in ``totals.db``, and tells the delivery worker to
-subscribe. A stream rather than a queue, because every node, including one that joins next
+Whoever creates a list's queue appends a ``HostList`` record to the stream first: a sender for
+an ad-hoc list (``producers.sender``), a node for a route's list (``subscriptions``). Each node
+reads the stream from its start on every connect, keeps every list in ``totals.db``, tells the
+delivery worker to subscribe to those that name it, and watches all of them for being stranded
+(``lists``). A stream rather than a queue, because every node, including one that joins next
 year, must see every record, and a record must never be consumed away.
 
-The watcher runs on its own connection: a stream error closes the whole connection (design
-section 9), which must not take the delivery worker's subscriptions with it.
+The watcher runs on its own connection: a stream error closes the whole connection (measured on
+RabbitMQ 3.10), which must not take the delivery worker's subscriptions with it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _MAX_RECORD_BYTES = 64 << 10
 
 
 class HostListWatcher(ConsumerLoop):
-    """Follows the host-list stream and remembers the lists that include this node.
+    """Follows the host-list stream and remembers every list it names.
 
     Args:
         ctx: the node context.
@@ -61,9 +62,19 @@ class HostListWatcher(ConsumerLoop):
         self.records_read = 0
 
     def lists(self) -> list[tuple[str, ...]]:
-        """Every ad-hoc list known to include this node, learned now or before a restart."""
+        """Every recorded list that includes this node, learned now or before a restart."""
+        with self._lock:
+            return [hosts for hosts in self._lists.values() if self.node in hosts]
+
+    def all_lists(self) -> list[tuple[str, ...]]:
+        """Every recorded list of the network, whichever nodes it names."""
         with self._lock:
             return list(self._lists.values())
+
+    def knows(self, hosts: tuple[str, ...]) -> bool:
+        """Whether a record of ``hosts`` has been read."""
+        with self._lock:
+            return topology.precedence_key(hosts) in self._lists
 
     def setup(self, channel: Any) -> None:
         """Declare the alert topology (the stream included) and read the stream from its start."""
@@ -83,9 +94,7 @@ class HostListWatcher(ConsumerLoop):
         self.learn(record)
 
     def learn(self, record: HostList) -> bool:
-        """Remember ``record`` if it names this node; returns whether it was new."""
-        if self.node not in record.hosts:
-            return False
+        """Remember ``record``; returns whether it was new."""
         key = topology.precedence_key(record.hosts)
         with self._lock:
             if key in self._lists:
@@ -94,8 +103,9 @@ class HostListWatcher(ConsumerLoop):
             self._db.execute(
                 "INSERT OR IGNORE INTO hostlists(key, hosts, learned_at) VALUES(?, ?, ?)",
                 (key, json.dumps(list(record.hosts)), time.time()))
-        log.info("learned precedence list %s", key)
-        self.on_change()
+        if self.node in record.hosts:
+            log.info("learned precedence list %s", key)
+            self.on_change()
         return True
 
     def stop(self, timeout_s: float = 5.0) -> None:

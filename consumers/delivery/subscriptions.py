@@ -1,10 +1,13 @@
 """Which precedence-list queues a node consumes, kept in step with routes and host lists.
 
-A node consumes every list that names it: named routes from its replicated store, ad-hoc lists
-from the host-list stream, and lists it consumed before that still hold alerts. The last group
-matters when a route's hosts change: the old list's queue may still hold alerts, so the node
-keeps consuming it until it is empty, then lets it go ("retires" it). The lists ever consumed
-are remembered in ``totals.db`` so that this also holds across a restart.
+A node consumes every list that names it, for good: named routes from its replicated store,
+lists recorded on the host-list stream, and lists it consumed before (remembered in
+``totals.db`` across restarts). A list is never let go: when a route's hosts change, its old
+list's queue still exists, and a later ``--host`` send to that list finds the queue, so it
+announces nothing; an idle subscription costs the broker nothing worth saving, a stranded
+alert costs a page. The queue of a route's list is declared by the nodes, which record it on
+the host-list stream first, so every node of the list learns it even after the route changed
+or was deleted, and even a node rebuilt from nothing.
 
 Each subscription uses consumer priority by position (``topology.consumer_priority``): the
 broker then serves the first live node of the list and moves everything to the next one when
@@ -22,7 +25,8 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
-from broker import topology
+from broker import messages, topology
+from broker.alerts import HostList
 from consumers.context import NodeContext
 from consumers.delivery.hostlists import HostListWatcher
 from consumers.totals import open_db
@@ -95,37 +99,39 @@ class Subscriptions:
             log.info("unsubscribed from precedence list %s", key)
 
     def wanted(self) -> dict[str, tuple[str, ...]]:
-        """Routes naming this node, ad-hoc lists naming it, and old lists not yet drained."""
+        """Routes naming this node, recorded lists naming it, and every list it consumed."""
         wanted: dict[str, tuple[str, ...]] = {}
-        for _kind, _name, body in self.ctx.store.objects("route"):
-            hosts = tuple(body.get("hosts", ()))
+        for hosts in self.routes():
             if self.node in hosts:
                 wanted[topology.precedence_key(hosts)] = hosts
         for hosts in self.hostlists.lists():
             wanted[topology.precedence_key(hosts)] = hosts
         for key, raw in self._db.execute("SELECT key, hosts FROM consumed").fetchall():
-            if key in wanted:
-                continue
-            hosts = tuple(json.loads(raw))
-            if self._queue_depth(hosts) == 0:
-                self._db.execute("DELETE FROM consumed WHERE key=?", (key,))
-                log.info("retired drained precedence list %s", key)
-            else:
-                wanted[key] = hosts
+            wanted.setdefault(key, tuple(json.loads(raw)))
         return wanted
 
-    def _queue_depth(self, hosts: tuple[str, ...]) -> int:
-        """Messages in a list's queue; 0 when it does not exist."""
-        try:
-            ok = self._admin.queue_declare(topology.alert_queue(hosts), passive=True)
-            return int(ok.message_count)
-        except amqp.exceptions.NotFound:
-            self._admin = self._conn.channel()
-            return 0
+    def routes(self) -> list[tuple[str, ...]]:
+        """The precedence lists of every named route in the replicated configuration."""
+        return [tuple(body.get("hosts", ())) for _k, _n, body in self.ctx.store.objects("route")]
+
+    def _announce(self, hosts: tuple[str, ...]) -> None:
+        """Record a list on the host-list stream unless it is recorded already.
+
+        A route's queue is created by its nodes; the record makes it a list like any other, so
+        its nodes keep learning it after the route changed, from the stream alone.
+        """
+        if self.hostlists.knows(hosts):
+            return
+        record = HostList(hosts=hosts, sender=f"node {self.node}")
+        self._admin.basic_publish(
+            amqp.Message(messages.encode(record), delivery_mode=2,
+                         content_type="application/json"),
+            exchange="", routing_key=topology.HOSTLISTS_QUEUE)
 
     def _subscribe(self, key: str, hosts: tuple[str, ...]) -> None:
         position = hosts.index(self.node)
         try:
+            self._announce(hosts)
             name = topology.declare_alert_queue(self._admin, hosts)
         except amqp.exceptions.ChannelError as exc:
             # For example a queue declared by hand with other arguments: report, keep the rest.

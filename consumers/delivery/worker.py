@@ -2,18 +2,20 @@
 
 Each list ``a.b.c`` has one quorum queue; every node of the list consumes it with consumer
 priority by position, so the broker hands alerts to the first live node and moves queued and
-unacknowledged ones to the next node when a connection dies (design section 3). Overflow works
+unacknowledged ones to the next node when a connection dies. Overflow works
 the same way: when the first node's prefetch window is full, the next node gets the surplus.
 
 Per alert: decode and check it (bad ones go to the quarantine queue), drop it if its id was
-already handled within the window, deliver it on a thread pool (a slow webhook must not hold up
-a file write or the heartbeat), then, back on the consumer thread, record totals and the id in
-one SQLite transaction and only then acknowledge it. A failed alert is rejected without requeue
-and lands in the dead-letter queue through the list queue's dead-letter exchange.
+already handled within the window by any node of the network (``handled``), deliver it on a
+thread pool (a slow webhook must not hold up a file write or the heartbeat), then, back on the
+consumer thread, record totals and the id in one SQLite transaction, publish one record of the
+batch's ids to ``tasync.handled`` (and the dead-letter copies of failed alerts, with their
+reason), and acknowledge the batch once the broker confirmed those (``settle``).
 
-Which lists: named routes from the replicated store, ad-hoc lists from the host-list stream, and
-lists consumed before that still hold alerts (a route whose hosts changed keeps its old queue
-drained). The runtime calls ``config_changed`` after each applied configuration batch.
+Which lists: every list that names this node, for good (``subscriptions``). It waits to take
+alerts until it has read the handled stream up to now, so a node that returns knows what the
+others delivered meanwhile. The runtime calls ``config_changed`` after each applied
+configuration batch.
 """
 
 from __future__ import annotations
@@ -29,17 +31,25 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import amqp
 import amqp.exceptions
 
 from broker import topology
-from broker.alerts import MAX_ALERT_BYTES, Alert, decode_alert
+from broker.alerts import (
+    CLIENT_HEADER,
+    MAX_ALERT_BYTES,
+    POLICY_CHALLENGE_PREFIX,
+    REQUEUED_BY_HEADER,
+    Alert,
+    decode_alert,
+)
 from broker.allowlist import ALERT_HOSTS_FILE, AllowList
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import MessageError
+from broker.publisher import Outgoing
 from broker.signing import SENDER_HEADER, SIGNATURE_HEADER
 from consumers.admission import Admission
 from consumers.context import NodeContext
@@ -52,27 +62,44 @@ from consumers.delivery.executor import (
     Progress,
     RetryPolicy,
 )
+from consumers.delivery.handled import HandledWatcher
 from consumers.delivery.hostlists import HostListWatcher
+from consumers.delivery.lists import ListMonitor
+from consumers.delivery.settle import Settler
 from consumers.delivery.subscriptions import Subscriptions
-from consumers.quarantine import quarantine
+from consumers.delivery.trace import trail_lines
+from consumers.quarantine import alert_identity, dead_copy, quarantine_copy
 from consumers.totals import Totals
 
 log = logging.getLogger("tasync.delivery")
 
 BATCH_MAX = 500
 STOP_GRACE_S = 5.0
-RETIRE_CHECK_S = 60.0
+RESYNC_S = 60.0
 SEQ_CHECK_S = 0.5
+#: How long a ``lists`` request waits for a check made after it arrived.
+LISTS_FRESH_S = 2.0
 
 
 @dataclass(frozen=True)
 class _Job:
+    message: amqp.Message
     tag: int
     generation: int
     alert: Alert
     hosts: tuple[str, ...]
     position: int
     redelivered: bool
+
+
+@dataclass
+class _Settlement:
+    """What one ``_collect`` settles: ids for the record, copies to publish, tags to ack."""
+
+    handled: list[tuple[str, str]] = field(default_factory=list)
+    copies: list[Outgoing] = field(default_factory=list)
+    acks: list[int] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
 
 
 class DeliveryConsumer(ConsumerLoop):
@@ -89,7 +116,7 @@ class DeliveryConsumer(ConsumerLoop):
 
     def __init__(self, ctx: NodeContext, totals: Totals, *, policy: RetryPolicy | None = None,
                  threads: int = 8, senders: AllowList | None = None) -> None:
-        super().__init__(ctx.settings)
+        super().__init__(ctx.settings, heartbeat_s=ctx.settings.delivery_heartbeat_s)
         self.name = f"tasync-delivery-{ctx.node}"
         self.ctx = ctx
         self.node = ctx.node
@@ -98,6 +125,8 @@ class DeliveryConsumer(ConsumerLoop):
                                  policy=policy or RetryPolicy.from_env(),
                                  wait=self.stop_event.wait)
         self.hostlists = HostListWatcher(ctx, on_change=self.config_changed)
+        self.handled = HandledWatcher(ctx, window_s=totals.dedup_window_s)
+        self.settler: Settler | None = None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="delivery")
         self._done: queue.SimpleQueue[tuple[_Job, Outcome | None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -106,12 +135,19 @@ class DeliveryConsumer(ConsumerLoop):
         self._changed = threading.Event()
         self._incoming: list[amqp.Message] = []
         self._acks: list[int] = []
+        self._copies: list[Outgoing] = []
+        self._announce: list[tuple[str, str]] = []
         self._unsettled: set[int] = set()
         self.subscriptions = Subscriptions(ctx, self.hostlists, on_message=self._on_message)
+        self.lists = ListMonitor(ctx.node, ctx.trail, known=self._known_lists,
+                                 consumed=self.subscriptions.keys,
+                                 every_s=ctx.settings.list_check_s)
         self._inflight_ids: set[str] = set()
         self._inflight = 0
         self._generation = 0
-        self._last_retire = time.monotonic()
+        self._gate_deadline: float | None = None
+        self._gate_passed = False
+        self._last_resync = time.monotonic()
         self._last_seq_check = 0.0
         self._seen_seq = -1
         if senders is None and (ctx.data_dir / ALERT_HOSTS_FILE).exists():
@@ -121,14 +157,16 @@ class DeliveryConsumer(ConsumerLoop):
     # -- runtime API --------------------------------------------------------------------------
 
     def start(self) -> threading.Thread:
-        """Start following host lists and consuming alerts, each on its own connection."""
+        """Start following host lists, handled ids and alerts, each on its own connection."""
         self.hostlists.start()
+        self.handled.start()
         return super().start()
 
     def stop(self, timeout_s: float = STOP_GRACE_S + 2.0) -> None:
         """Stop taking alerts, let running deliveries finish (bounded), then close."""
         self.hostlists.stop()
         super().stop(timeout_s)
+        self.handled.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def config_changed(self) -> None:
@@ -136,48 +174,119 @@ class DeliveryConsumer(ConsumerLoop):
         self._changed.set()
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
-        """Control-request handlers this worker answers: ``totals`` and ``delivery``."""
+        """Control-request handlers this worker answers.
+
+        ``totals`` (counts by source), ``delivery`` (this worker's state), ``lists`` (every
+        list's queue, stranded ones, dead-letter and quarantine depths), ``alert_policy``
+        (what a sender must do to be accepted) and ``trace`` (one alert's trail lines).
+        """
         return {
             "totals": lambda args: self.totals.report(since=args.get("since")),
             "delivery": lambda _args: self.status(),
+            "lists": lambda _args: self.lists.fresh(LISTS_FRESH_S).to_dict(self.node),
+            "alert_policy": self.policy,
+            "trace": self.trace,
         }
 
     def status(self) -> dict[str, Any]:
         """Subscribed lists and work in progress, for ``status`` and tests."""
         return {"node": self.node, "connected": self.connected.is_set(),
-                "lists": self.subscriptions.keys(), "inflight": self._inflight}
+                "lists": self.subscriptions.keys(), "inflight": self._inflight,
+                "dedup_caught_up": self.handled.caught_up.is_set()}
+
+    def policy(self, args: dict[str, Any]) -> dict[str, Any]:
+        """What this node requires of an alert, for a sender to check before it publishes.
+
+        Never a secret: whether alerts must be signed, the key ids that verify, and whether
+        the sender's signature of ``args["challenge"]`` verifies here (a right key id with a
+        wrong secret is caught before any alert is refused).
+        """
+        ring = self.ctx.keyring
+        answer: dict[str, Any] = {"node": self.node, "signed": ring is not None,
+                                  "key_ids": list(ring.key_ids) if ring else [],
+                                  "senders_restricted": self.admission.senders is not None}
+        challenge = args.get("challenge")
+        if ring is not None and isinstance(challenge, str) and 0 < len(challenge) <= 128:
+            try:
+                ring.verify(POLICY_CHALLENGE_PREFIX + challenge.encode(), args.get("signature"))
+                answer["challenge"] = "ok"
+            except MessageError as exc:
+                answer["challenge"] = str(exc)
+        return answer
+
+    def trace(self, args: dict[str, Any]) -> dict[str, Any]:
+        """This node's trail lines about one alert id, and what its duplicate window holds."""
+        alert_id = args.get("id")
+        if not isinstance(alert_id, str) or not alert_id:
+            raise MessageError("trace needs an alert id")
+        return {"node": self.node, "lines": trail_lines(self.ctx.data_dir, alert_id),
+                "seen": self.totals.lookup(alert_id)}
+
+    def _known_lists(self) -> list[tuple[str, ...]]:
+        """Every list of the network this node knows: recorded, routes, consumed."""
+        lists = [*self.hostlists.all_lists(), *self.subscriptions.routes(),
+                 *self.subscriptions.wanted().values()]
+        return [hosts for hosts in lists if hosts]
 
     # -- subscriptions ------------------------------------------------------------------------
 
     def setup(self, channel: Any) -> None:
-        """Declare the alert topology and subscribe to every list that names this node."""
+        """Declare the alert topology; subscribe once the handled stream has been read.
+
+        The first connection waits (up to ``Settings.handled_catch_up_s``) until the handled
+        watcher has read every record published before it started; later reconnects do not,
+        the window was current a moment ago.
+        """
         self._generation += 1
         self._incoming.clear()
         self._acks.clear()
+        self._copies.clear()
+        self._announce.clear()
         self._unsettled.clear()
-        topology.declare_alerts(channel)
+        topology.declare_alerts(channel, self.settings)
         topology.declare_control(channel)
         self._changed.clear()
+        self.settler = Settler(self._conn(), node=self.node, keyring=self.ctx.keyring)
         self.subscriptions.reset(self._conn(), channel)
+        self.lists.reset(self._conn())
+        if not self._gate_passed:
+            self._gate_deadline = time.monotonic() + self.settings.handled_catch_up_s
+        self._open_gate()
+
+    def _open_gate(self) -> bool:
+        """Subscribe if the handled stream is read up to now (or its wait is over)."""
+        if self._gate_deadline is None or self.handled.caught_up.is_set():
+            self._gate_deadline = None
+        elif time.monotonic() >= self._gate_deadline:
+            self._gate_deadline = None
+            self.ctx.trail.event("alert.dedup_behind", reason="the handled stream was not read "
+                                 "up to now in time; taking alerts anyway")
+        else:
+            return False
+        self._gate_passed = True
         self.subscriptions.sync()
+        return True
 
     def on_idle(self) -> None:
-        """Re-subscribe after a configuration change; retire drained old lists now and then.
+        """Re-subscribe after a configuration change, check the lists' queues now and then.
 
         Besides ``config_changed``, the store's seq is looked at twice a second: the master
         commits its own changes without an "applied" event, and a missed call must not leave
         a route unconsumed.
         """
+        self.lists.tick()
         now = time.monotonic()
+        if self._gate_deadline is not None and not self._open_gate():
+            return
         if now - self._last_seq_check >= SEQ_CHECK_S:
             self._last_seq_check = now
             seq = self.ctx.store.last_seq
             if seq != self._seen_seq:
                 self._seen_seq = seq
                 self._changed.set()
-        if self._changed.is_set() or now - self._last_retire > RETIRE_CHECK_S:
+        if self._changed.is_set() or now - self._last_resync > RESYNC_S:
             self._changed.clear()
-            self._last_retire = now
+            self._last_resync = now
             self.subscriptions.sync()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -193,6 +302,8 @@ class DeliveryConsumer(ConsumerLoop):
         while self._inflight and time.monotonic() < deadline:
             self._pump(self.poll_s, dispatch=False)
         self._collect()
+        while self.settler is not None and self.settler.pending and time.monotonic() < deadline:
+            self._pump(0.1, dispatch=False)  # the last confirms, so the last acks go out
 
     def _conn(self) -> Any:
         """The live connection, typed loosely: kombu's methods carry no annotations."""
@@ -249,21 +360,54 @@ class DeliveryConsumer(ConsumerLoop):
                 self._quarantine(message, f"unreadable message ({type(exc).__name__})")
         if not decoded:
             return
-        seen = self.totals.seen(alert.id for _, alert in decoded)
+        seen = self.totals.seen_outcomes(alert.id for _, alert in decoded)
         for message, alert in decoded:
             info = message.delivery_info
-            if alert.id in seen or alert.id in self._inflight_ids:
-                self.totals.count(alert.source, duplicates=1)
-                self._acks.append(info["delivery_tag"])
+            known = seen.get(alert.id)
+            if known is not None and known[0] == "failed" and self._requeued(message, alert):
+                known = None  # an operator sent a dead letter again: it is new
+            if known is not None or alert.id in self._inflight_ids:
+                self._duplicate(message, alert, known)
                 continue
             hosts = self.subscriptions.hosts_of(info["consumer_tag"]) or alert.hosts
             position = hosts.index(self.node) if self.node in hosts else 0
-            job = _Job(info["delivery_tag"], self._generation, alert, hosts, position,
+            job = _Job(message, info["delivery_tag"], self._generation, alert, hosts, position,
                        bool(info.get("redelivered")))
             self._inflight_ids.add(alert.id)
             self._inflight += 1
             self.totals.count(alert.source, received=1, redelivered=int(job.redelivered))
             self._start(job)
+
+    def _requeued(self, message: amqp.Message, alert: Alert) -> bool:
+        """Whether ``message`` is a dead letter sent again by ``tasync dead requeue``; audited."""
+        headers = message.properties.get("application_headers") or {}
+        who = headers.get(REQUEUED_BY_HEADER)
+        if not isinstance(who, str) or not who:
+            return False
+        self.ctx.trail.event("alert.requeued", id=alert.id, source=alert.source, by=who[:200],
+                             list=message.delivery_info.get("routing_key"))
+        return True
+
+    def _duplicate(self, message: amqp.Message, alert: Alert,
+                   known: tuple[str, str | None] | None) -> None:
+        """Drop a repeat of a settled id, with a trail line saying who settled it.
+
+        A repeat the broker redelivers to the node that settled it means that node's
+        settlement did not complete (its connection broke, the broker refused the record):
+        it settles it once more, so the record and a failed alert's dead-letter copy exist.
+        """
+        info = message.delivery_info
+        self.totals.count(alert.source, duplicates=1)
+        outcome, by = known if known is not None else ("in delivery", None)
+        self.ctx.trail.event("alert.duplicate", id=alert.id, source=alert.source,
+                             list=info.get("routing_key"), first=by or self.node,
+                             outcome=outcome)
+        if known is not None and by is None and info.get("redelivered"):
+            self._announce.append((alert.id, outcome))
+            if outcome == FAILED:
+                self._copies.append(dead_copy(message, reason="failed before; see the trail",
+                                              node=self.node, attempts=0))
+        self._acks.append(info["delivery_tag"])
 
     def _start(self, job: _Job) -> None:
         """Deliver to local files right here; hand anything slower, or a retry, to the pool.
@@ -275,6 +419,7 @@ class DeliveryConsumer(ConsumerLoop):
         if isinstance(prepared, Outcome):
             self._done.put((job, prepared))
             return
+        prepared.trail.update(self._trail_fields(job))
         if self.executor.is_local(prepared):
             try:
                 outcome = self.executor.run(job.alert, prepared, max_rounds=1)
@@ -286,6 +431,13 @@ class DeliveryConsumer(ConsumerLoop):
                 return
             prepared = outcome.progress or prepared
         self._pool.submit(self._run, job, prepared)
+
+    def _trail_fields(self, job: _Job) -> dict[str, Any]:
+        """Who sent the alert and when it was made: ``tasync trace`` reads them back."""
+        headers = job.message.properties.get("application_headers") or {}
+        sender = headers.get(CLIENT_HEADER) or headers.get(SENDER_HEADER)
+        return {"sender": str(sender)[:100] if sender else None,
+                "created_at": f"{job.alert.created_at:.3f}"}
 
     def _decode(self, message: amqp.Message) -> Alert:
         if self.ctx.keyring is not None:
@@ -311,33 +463,63 @@ class DeliveryConsumer(ConsumerLoop):
         self._wake()
 
     def _collect(self) -> None:
-        settle: list[tuple[_Job, bool]] = []
+        """Account for finished deliveries and settle them with the waiting acks, as one batch.
+
+        The batch's ids go into one ``tasync.handled`` record, failed alerts into the
+        dead-letter queue with their reason; the alerts are acknowledged when the broker has
+        confirmed both (``Settler``).
+        """
+        if self._done.empty() and not (self._acks or self._announce or self._copies):
+            return
+        batch = _Settlement(handled=self._announce, copies=self._copies, acks=self._acks)
+        self._announce, self._copies, self._acks = [], [], []
         while True:
             try:
                 job, outcome = self._done.get_nowait()
             except queue.Empty:
                 break
-            self._inflight -= 1
-            self._inflight_ids.discard(job.alert.id)
-            if outcome is not None:
-                self._account(job, outcome)
-                settle.append((job, outcome.status == FAILED))
-        if not settle and not self._acks:
+            self._finished(job, outcome, batch)
+        if not batch.acks and not batch.handled:
             return
         try:
             self.totals.flush()
         except sqlite3.Error:
             log.exception("could not write totals; acknowledging anyway (delivery happened)")
-        acks, self._acks = self._acks, []
-        for job, failed in settle:
-            if job.generation != self._generation:
-                continue  # its channel is gone; the broker has already handed it out again
-            if failed:
-                self.channel.basic_reject(job.tag, requeue=False)
-                self._unsettled.discard(job.tag)
-            else:
-                acks.append(job.tag)
-        self._ack(acks)
+        generation = self._generation
+
+        def done(confirmed: bool) -> None:
+            if generation == self._generation:
+                self._settled(batch, confirmed)
+
+        assert self.settler is not None
+        self.settler.settle(handled=batch.handled, copies=batch.copies, done=done)
+
+    def _finished(self, job: _Job, outcome: Outcome | None, batch: _Settlement) -> None:
+        """Account for one finished delivery and add it to the batch being settled."""
+        self._inflight -= 1
+        self._inflight_ids.discard(job.alert.id)
+        if outcome is None:
+            return  # stopping in a retry wait: unacknowledged, the broker hands it on
+        self._account(job, outcome)
+        batch.handled.append((job.alert.id, outcome.status))
+        if job.generation != self._generation:
+            return  # its channel is gone: the broker hands it out again, as a duplicate
+        batch.acks.append(job.tag)
+        if outcome.status == FAILED:
+            batch.copies.append(dead_copy(job.message, reason=outcome.reason or "failed",
+                                          node=self.node, attempts=outcome.rounds))
+            batch.dead.append(job.alert.source)
+
+    def _settled(self, batch: _Settlement, confirmed: bool) -> None:
+        """The broker holds the batch's record and copies: acknowledge; else hand back."""
+        if not confirmed:
+            self._unsettled.difference_update(batch.acks)
+            for tag in batch.acks:
+                self.channel.basic_reject(tag, requeue=True)
+            return
+        for source in batch.dead:
+            self.totals.count(source, dead_lettered=1)
+        self._ack(batch.acks)
 
     def _ack(self, tags: list[int]) -> None:
         """Acknowledge ``tags``: one ``multiple`` ack for those below every unsettled tag.
@@ -366,13 +548,18 @@ class DeliveryConsumer(ConsumerLoop):
         if outcome.status == FAILED:
             self.ctx.trail.event("alert.dead_lettered", id=alert.id, source=alert.source,
                                  target=alert.target, queue=topology.DEAD_LETTER_QUEUE,
-                                 reason=outcome.reason[:500])
+                                 attempts=outcome.rounds, reason=outcome.reason[:500])
 
     def _quarantine(self, message: amqp.Message, reason: str) -> None:
+        """Refuse a message: a copy to the quarantine queue (confirmed before the ack)."""
         info = message.delivery_info
-        self.ctx.trail.event("alert.refused", list=info.get("routing_key"), reason=reason[:300])
-        quarantine(self.channel, message, reason=reason, node=self.node,
-                   source=str(info.get("routing_key", "")))
+        alert_id, source = alert_identity(message)
+        self.ctx.trail.event("alert.refused", id=alert_id, source=source,
+                             list=info.get("routing_key"), reason=reason[:300])
+        self.totals.count(source, refused=1)
+        self._copies.append(quarantine_copy(message, reason=reason, node=self.node,
+                                            source=str(info.get("routing_key", ""))))
+        log.warning("quarantined a message from %s: %s", info.get("routing_key"), reason)
         self._acks.append(info["delivery_tag"])
 
     def run(self) -> None:

@@ -128,23 +128,35 @@ def totals(network: Network) -> dict[str, dict[str, Any]]:
 
 
 class Webhook:
-    """A local HTTP endpoint: a script of statuses per alert id, an optional delay."""
+    """A local HTTP endpoint: a script of statuses per alert id, an optional delay.
+
+    The script is read at each request, so a test may change it (``always``) while the
+    workers run; ``hold`` cleared keeps requests waiting until it is set again.
+    """
 
     def __init__(self, *, fail_first: int = 0, always: int | None = None,
                  delay_s: float = 0.0) -> None:
         self.attempts: Counter[str] = Counter()
+        self.by_node: list[tuple[str, str]] = []
         self.accepted: list[str] = []
+        self.always = always
+        self.hold = threading.Event()
+        self.hold.set()
         self.lock = threading.Lock()
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with hook.lock:
+                    hook.by_node.append((body["id"], body["node"]))
                 if delay_s:
                     time.sleep(delay_s)
+                hook.hold.wait(60)
                 with hook.lock:
                     hook.attempts[body["id"]] += 1
-                    status = always or (500 if hook.attempts[body["id"]] <= fail_first else 200)
+                    status = hook.always or (
+                        500 if hook.attempts[body["id"]] <= fail_first else 200)
                     if status == 200:
                         hook.accepted.append(body["id"])
                 self.send_response(status)
@@ -159,6 +171,7 @@ class Webhook:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self.hold.set()
         self.server.shutdown()
         self.server.server_close()
 

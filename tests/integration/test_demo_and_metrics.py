@@ -75,7 +75,8 @@ def test_metrics_answer_in_prometheus_format_and_move_with_alerts(network: Netwo
                                                                   tmp_path: Path) -> None:
     port = free_port()
     network.start("a", role="master").wait_ready()
-    network.start("b", args=("--metrics-port", str(port))).wait_ready()
+    network.start("b", args=("--metrics-port", str(port), "--metrics-source", "probe")
+                  ).wait_ready()
     out = tmp_path / "ops.jsonl"
     network.cli("config", "set", "destination", "ops", "--url", f"file://{out}",
                 "--wait-applied")

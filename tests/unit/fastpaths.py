@@ -6,6 +6,7 @@ well-formed input; their tests hold each to the schema by comparing verdicts on 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import strategies as st
@@ -29,3 +30,14 @@ def outcome(body: bytes, decoder: Any) -> Any:
         return ("ok", decoder(body, max_bytes=MAX))
     except MessageError as exc:
         return ("refused", str(exc))
+
+
+def agree(data: Any, decoder: Any, expect: str) -> None:
+    """``decoder`` and ``broker.messages.decode(expect=...)`` give the same verdict on ``data``."""
+    from broker import messages
+
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    fast = outcome(body, decoder)
+    slow = outcome(body, lambda b, max_bytes: messages.decode(b, max_bytes=max_bytes,
+                                                               expect=expect))
+    assert fast == slow

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import audit
 from broker.audit import (
     TRAIL_NAME,
     RepeatFilter,
@@ -145,3 +146,17 @@ def test_stderr_lines_are_short(tmp_path: Path) -> None:
     in_file = (tmp_path / "tasync.log").read_text()
     assert " a INFO tasync.node ready at seq 3\n" in in_file
     assert "Traceback (most recent call last)" in in_file and "thing" in in_file
+
+
+def test_the_trail_rotates_and_keeps_every_line(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "ROTATE_BYTES", 2000)
+    trail = Trail(tmp_path, "a")
+    for number in range(60):
+        trail.event("alert.delivered", id=f"r{number}", destination="out")
+    trail.close()
+    rotated = sorted(tmp_path.glob(f"{TRAIL_NAME}.*"))
+    assert rotated and all(p.stat().st_size < 2000 for p in [*rotated, tmp_path / TRAIL_NAME])
+    kept = [line.split("id=")[1].split()[0] for p in [*reversed(rotated), tmp_path / TRAIL_NAME]
+            for line in p.read_text().splitlines()]
+    assert kept == [f"r{n}" for n in range(60 - len(kept), 60)]  # the oldest rotated away

@@ -17,7 +17,7 @@ from broker import messages
 from broker.alerts import Alert, alert_to_dict, decode_alert, fast_load, validated
 from broker.errors import MessageError
 from broker.errors import ValidationError as TasyncValidationError
-from tests.unit.fastpaths import MAX, json_values, outcome
+from tests.unit.fastpaths import MAX, agree, json_values
 
 
 def good() -> dict[str, Any]:
@@ -29,11 +29,7 @@ def good() -> dict[str, Any]:
 
 
 def same(data: Any) -> None:
-    body = data if isinstance(data, bytes) else json.dumps(data).encode()
-    fast = outcome(body, decode_alert)
-    slow = outcome(body, lambda b, max_bytes: messages.decode(b, max_bytes=max_bytes,
-                                                               expect="alert"))
-    assert fast == slow
+    agree(data, decode_alert, "alert")
 
 
 def test_a_valid_alert_takes_the_fast_path_and_equals_marshmallows() -> None:

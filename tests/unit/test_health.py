@@ -16,8 +16,8 @@ def answer(node: str, *, seq: int = 5, checksum: str = "c5", ready: bool = True,
 
 
 def judged(rows: list[dict[str, Any]], master: dict[str, Any] | None,
-           max_lag: int = 0) -> NetworkStatus:
-    status = NetworkStatus(rows=rows)
+           max_lag: int = 0, stranded: list[dict[str, Any]] | None = None) -> NetworkStatus:
+    status = NetworkStatus(rows=rows, stranded=stranded or [])
     _judge(status, master, max_lag=max_lag)
     return status
 
@@ -38,9 +38,10 @@ def test_behind_not_ready_diverged_or_different_is_not_in_sync() -> None:
 
 
 def test_severity_order_and_stranded_lists() -> None:
-    master = answer("a", role="master", stranded=[{"list": "a.b", "messages": 3}])
+    master = answer("a", role="master")
     dead = _silent_row("c", [master])
-    status = judged([master, answer("b", seq=4, checksum="c4"), dead], master)
+    status = judged([master, answer("b", seq=4, checksum="c4"), dead], master,
+                    stranded=[{"list": "a.b", "messages": 3}])
     assert sorted(c for c, _ in status.problems) == [ExitCode.NODE_DOWN, ExitCode.NOT_IN_SYNC,
                                                      ExitCode.STRANDED_LISTS]
     assert status.code == ExitCode.NODE_DOWN

@@ -34,7 +34,8 @@ class FakeConsumer:
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[SimpleNamespace]:
     store = NodeStore(tmp_path, durable=False)
-    ctx = NodeContext(settings=Settings(), node="b", data_dir=tmp_path, store=store,
+    ctx = NodeContext(settings=Settings(metrics_sources=("cli", "nms", "remedy")), node="b",
+                      data_dir=tmp_path, store=store,
                       trail=Trail(tmp_path, "b"), started_at=1700000000.0)
     totals = Totals(ctx)
     fake = SimpleNamespace(ctx=ctx, changes_applied=0, totals=totals,
@@ -159,3 +160,43 @@ def test_memory_gauges_without_their_library_are_absent(node: SimpleNamespace, s
     assert "tasync_malloc_free_held_bytes" not in samples
     assert samples["tasync_python_allocated_blocks"][(("node", "b"),)] > 0
     assert samples["tasync_applied_seq"] == {(("node", "b"),): 0.0}
+
+
+def test_sources_not_named_are_counted_as_other(node: SimpleNamespace, server: Any) -> None:
+    totals: Totals = node.totals
+    for number in range(20):
+        totals.count(f"script-{number}", received=1, delivered=1)
+    totals.count("nms", received=2)
+    samples = scrape(server.port)["tasync_alerts_received_total"]
+    assert samples == {(("node", "b"), ("source", "nms")): 2.0,
+                       (("node", "b"), ("source", "other")): 20.0}
+
+
+def test_a_scrape_reads_running_sums_not_the_minute_buckets(node: SimpleNamespace,
+                                                            server: Any) -> None:
+    totals: Totals = node.totals
+    for minute in range(500):
+        totals.count("nms", now=1_000_000.0 + 60 * minute, delivered=1)
+    totals.flush()
+    node.totals.report = None  # a scrape must not sum the buckets
+    assert scrape(server.port)["tasync_alerts_delivered_total"][
+        (("node", "b"), ("source", "nms"))] == 500.0
+
+
+def test_lists_and_queue_depths_are_gauges(node: SimpleNamespace, server: Any) -> None:
+    from consumers.delivery.lists import ListsReport, ListState
+
+    report = ListsReport(checked_at=1.0, lists=(
+        ListState(key="a.b", hosts=("a", "b"), messages=3, consumers=0),
+        ListState(key="b.a", hosts=("b", "a"), messages=0, consumers=2)),
+        dead_letters=4, quarantined=0)
+    watcher = SimpleNamespace(caught_up=threading.Event(), ids_learned=7)
+    node.delivery = SimpleNamespace(lists=SimpleNamespace(report=report), handled=watcher)
+    samples = scrape(server.port)
+    assert samples["tasync_list_stranded"] == {
+        (("list", "a.b"), ("node", "b")): 1.0, (("list", "b.a"), ("node", "b")): 0.0}
+    assert samples["tasync_list_messages"][(("list", "a.b"), ("node", "b"))] == 3.0
+    assert samples["tasync_dead_letter_messages"] == {(("node", "b"),): 4.0}
+    assert samples["tasync_quarantine_messages"] == {(("node", "b"),): 0.0}
+    assert samples["tasync_dedup_caught_up"] == {(("node", "b"),): 0.0}
+    assert samples["tasync_dedup_ids_learned_total"] == {(("node", "b"),): 7.0}

@@ -26,7 +26,7 @@ def test_counts_by_source_survive_a_restart(tmp_path: Path) -> None:
     assert report["sources"]["remedy"]["delivered"] == 2
     assert report["sources"]["nms"] == {"received": 2, "delivered": 1, "failed": 1,
                                         "skipped": 0, "taken_over": 1, "redelivered": 0,
-                                        "duplicates": 0}
+                                        "duplicates": 0, "refused": 0, "dead_lettered": 0}
     assert report["total"]["received"] == 4
 
 
