@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -65,11 +66,21 @@ class Peers:
         with self._lock:
             return {name: asdict(b) for name, b in self._beacons.items()}
 
-    def ages(self, *, now: float | None = None) -> dict[str, float]:
-        """Seconds since each peer's last beacon."""
+    def ages(self, *, known: Iterable[str] = (), listening_since: float | None = None,
+             now: float | None = None) -> dict[str, float]:
+        """Seconds since each peer's last beacon.
+
+        ``known`` nodes never heard from are included with the time since this node began
+        listening (``listening_since``), so a node that died before its first beacon reached
+        this one is not simply missing from the view.
+        """
         current = time.time() if now is None else now
         with self._lock:
-            return {name: max(0.0, current - b.seen_at) for name, b in self._beacons.items()}
+            ages = {name: max(0.0, current - b.seen_at) for name, b in self._beacons.items()}
+        if listening_since is not None:
+            for name in known:
+                ages.setdefault(name, max(0.0, current - listening_since))
+        return ages
 
     def master_seq(self, *, now: float | None = None) -> int | None:
         """The seq in the newest master's recent beacon, if one came within ``HEAD_FRESH_S``."""

@@ -181,7 +181,9 @@ class NodeCollector(Collector):
 
     def _peers(self, name: str) -> Iterator[Metric]:
         """How long ago each node was last heard of: a dead or hung peer stands out here."""
-        ages = self.node.ctx.peers.ages()
+        ctx = self.node.ctx
+        ages = ctx.peers.ages(known=[n for _k, n, _b in ctx.store.objects("node")],
+                              listening_since=ctx.started_at)
         if not ages:
             return
         gauge = GaugeMetricFamily("tasync_peer_seen_age_seconds",

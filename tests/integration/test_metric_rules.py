@@ -199,3 +199,30 @@ def test_rules_of_states_a_test_cannot_cause_on_a_shared_broker(
     firing(tmp_path / "outbox", stuck, {"TasyncOutboxStuck": [{
         "job": "tasync", "instance": "a", "node": "a",
         "severity": severity("TasyncOutboxStuck")}]})
+
+
+def test_rules_see_a_stranded_list_and_dead_letters(network: Network, tmp_path: Path) -> None:
+    ports = start(network)
+    network.nodes["c"].kill()
+    network.cli("config", "set", "destination", "out", "--url", f"file://{tmp_path}/out.jsonl")
+    # A mail destination without a recipient fails at once, and for good: a dead letter.
+    network.cli("config", "set", "destination", "broken", "--url", "smtp://127.0.0.1:1/")
+    network.cli("send", "-i", "out", "-m", "waits for c", "--host", "c", check=False)
+    network.cli("send", "-i", "broken", "-m", "cannot be mailed", "--host", "a")
+    trouble: Series = {}
+
+    def seen() -> bool:
+        trouble.update(scrape_all(network, ports))
+        stranded = [v for k, v in trouble.items()
+                    if k.startswith("tasync_list_stranded{") and 'list="c"' in k]
+        dead = [v for k, v in trouble.items() if k.startswith("tasync_dead_letter_messages{")]
+        return max(stranded, default=0) > 0 and max(dead, default=0) > 0 \
+            and silent_for(trouble, "c") > 10
+    wait_for(seen, timeout_s=90, what="a stranded list, a dead letter and c silent")
+    firing(tmp_path / "trouble", trouble, {
+        "TasyncListStranded": [{"list": "c", "severity": severity("TasyncListStranded")}],
+        "TasyncDeadLetters": [{"severity": severity("TasyncDeadLetters")}],
+        "TasyncNodeSilent": [{"peer": "c", "severity": severity("TasyncNodeSilent")}],
+        "TasyncNodeUnreachable": [{"job": "tasync", "instance": "c",
+                                   "severity": severity("TasyncNodeUnreachable")}],
+    })
