@@ -18,10 +18,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import amqp
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker import topology
+from broker.connection import close_quietly, connect
+from broker.settings import Settings
 from tests.docs_blocks import blocks
 from tests.harness.rabbit_env import free_ports
 from tests.network import Network
@@ -209,6 +213,13 @@ def test_rules_see_a_stranded_list_and_dead_letters(network: Network, tmp_path: 
     network.cli("config", "set", "destination", "broken", "--url", "smtp://127.0.0.1:1/")
     network.cli("send", "-i", "out", "-m", "waits for c", "--host", "c", check=False)
     network.cli("send", "-i", "broken", "-m", "cannot be mailed", "--host", "a")
+    # A message no node can accept goes to the quarantine.
+    conn = connect(Settings.from_url(network.broker_url))
+    try:
+        conn.channel().basic_publish(amqp.Message(b"not an alert"),
+                                     exchange=topology.ALERTS_EXCHANGE, routing_key="a")
+    finally:
+        close_quietly(conn)
     trouble: Series = {}
 
     def seen() -> bool:
@@ -216,12 +227,14 @@ def test_rules_see_a_stranded_list_and_dead_letters(network: Network, tmp_path: 
         stranded = [v for k, v in trouble.items()
                     if k.startswith("tasync_list_stranded{") and 'list="c"' in k]
         dead = [v for k, v in trouble.items() if k.startswith("tasync_dead_letter_messages{")]
+        refused = [v for k, v in trouble.items() if k.startswith("tasync_quarantine_messages{")]
         return max(stranded, default=0) > 0 and max(dead, default=0) > 0 \
-            and silent_for(trouble, "c") > 10
-    wait_for(seen, timeout_s=90, what="a stranded list, a dead letter and c silent")
+            and max(refused, default=0) > 0 and silent_for(trouble, "c") > 10
+    wait_for(seen, timeout_s=90, what="a stranded list, dead letters, quarantine, c silent")
     firing(tmp_path / "trouble", trouble, {
         "TasyncListStranded": [{"list": "c", "severity": severity("TasyncListStranded")}],
         "TasyncDeadLetters": [{"severity": severity("TasyncDeadLetters")}],
+        "TasyncQuarantine": [{"severity": severity("TasyncQuarantine")}],
         "TasyncNodeSilent": [{"peer": "c", "severity": severity("TasyncNodeSilent")}],
         "TasyncNodeUnreachable": [{"job": "tasync", "instance": "c",
                                    "severity": severity("TasyncNodeUnreachable")}],
