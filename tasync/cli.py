@@ -22,7 +22,7 @@ from tasync.cli_trace import trace
 from tasync.cli_wait import wait
 from tasync.client import print_table, rpc_client
 from tasync.demo import demo
-from tasync.health import ago, gather_status
+from tasync.health import ago, gather_status, watch
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -69,11 +69,15 @@ for _command in (*ALERT_COMMANDS, *DEAD_COMMANDS, trace):
 @click.option("--max-lag", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="CHANGES", help="How far behind the master a node may be and still "
                                       "count as in sync (changes in flight).")
+@click.option("--watch", "watch_s", type=click.FloatRange(min=1.0), default=None,
+              metavar="SECONDS", help="Check again every SECONDS, printing one line each time "
+                                      "the health changes, until stopped.")
 @timeout_option(2.0)
 @json_option
 @broker_option
 @handle_errors
-def status(*, max_lag: int, timeout_s: float, as_json: bool, broker_url: str) -> None:
+def status(*, max_lag: int, watch_s: float | None, timeout_s: float, as_json: bool,
+           broker_url: str) -> None:
     """Every node the network knows: role, epoch, seq, lag, alive, ready, in sync, last seen.
 
     A health check by exit code: 0 when every known node is alive, ready and in sync;
@@ -86,7 +90,11 @@ def status(*, max_lag: int, timeout_s: float, as_json: bool, broker_url: str) ->
       tasync status
       tasync status --json | jq .health
       tasync status --timeout 5 --max-lag 10 || page-the-oncall
+      tasync status --watch 30        a line each time the health changes
     """
+    if watch_s is not None:
+        watch(make_settings(broker_url), every_s=watch_s, timeout_s=timeout_s, max_lag=max_lag)
+        return
     with rpc_client(make_settings(broker_url)) as rpc:
         report = gather_status(rpc, timeout_s=timeout_s, max_lag=max_lag)
     if as_json:

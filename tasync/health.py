@@ -20,15 +20,24 @@ these that applies, most severe first (``broker.errors.ExitCode``):
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import topology
-from broker.errors import ExitCode, NoAnswer
-from broker.rpc import RpcClient
-from tasync.alert_lists import gather_lists, stranded
+import click
 
+from broker import topology
+from broker.connection import RECOVERABLE, describe
+from broker.errors import BrokerUnreachable, ExitCode, NoAnswer
+from broker.rpc import RpcClient
+from broker.settings import Settings
+from tasync.alert_lists import gather_lists, stranded
+from tasync.client import rpc_client
+
+#: What ends one check of ``watch`` without ending the watch.
+_UNREACHABLE: tuple[type[BaseException], ...] = (BrokerUnreachable, *RECOVERABLE)
 #: The order in which degraded states decide the exit code.
 SEVERITY = (ExitCode.NO_MASTER, ExitCode.NODE_DOWN, ExitCode.NOT_IN_SYNC,
             ExitCode.STRANDED_LISTS)
@@ -143,3 +152,29 @@ def ago(when: float | None, *, now: float | None = None) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit} ago"
     return f"{seconds:.0f}s ago"
+
+
+def watch(settings: Settings, *, every_s: float, timeout_s: float, max_lag: int) -> None:
+    """Check the network every ``every_s`` and print a line whenever its health changes.
+
+    Runs until SIGTERM or SIGINT (a service's log, or a terminal left open); a broker that
+    cannot be reached is a state like the others, not the end of the watch.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    last: tuple[Any, ...] | None = None
+    while not stop.is_set():
+        try:
+            with rpc_client(settings) as rpc:
+                report = gather_status(rpc, timeout_s=timeout_s, max_lag=max_lag)
+            state: tuple[Any, ...] = tuple((code, what.split(" (")[0])
+                                           for code, what in report.problems)
+            line = "; ".join(f"{c.name.lower()}: {w}" for c, w in report.problems) or "ok"
+        except _UNREACHABLE as exc:
+            state, line = ("unreachable",), f"broker_unreachable: {describe(exc)}"
+        if state != last:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            click.echo(f"{stamp} {line}")
+            last = state
+        stop.wait(every_s)

@@ -54,3 +54,24 @@ def test_wait_applied_names_the_backups_it_skipped(network: Network) -> None:
                          "--wait-applied", "--strict", check=False)
     assert strict.returncode == 1 and "not applied everywhere: c" in strict.stderr, strict
     assert "y" in json.loads(network.export("b"))["destination"]  # committed all the same
+
+
+def test_watch_prints_a_line_when_the_health_changes(network: Network) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    start_trio(network)
+    watcher = subprocess.Popen([sys.executable, "-m", "tasync", "status", "--watch", "1"],
+                               env=network.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout is not None
+        assert watcher.stdout.readline().split()[1] == "ok"
+        network.nodes["c"].kill()
+        line = watcher.stdout.readline()
+        assert "node_down: c does not answer" in line, line
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        _out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0 and "Traceback" not in err, err
