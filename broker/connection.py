@@ -170,10 +170,13 @@ def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "ta
     Raises:
         AccessDenied: the broker refused an operation for lack of permission; a retry would
             only be refused again, so it is not retried.
+        amqp.exceptions.NotFound: an exchange does not exist (the virtual host has no
+            topology): reconnecting cannot create it, so it is not retried either.
         BrokerUnreachable: no connection could be (re)established in time.
     """
     budget = settings.connect_retry_s if retry_s is None else retry_s
     deadline = time.monotonic() + budget
+    delay = 0.1
     while True:
         if conn is None:
             conn = connect(settings, name=name, retry_s=max(0.0, deadline - time.monotonic()))
@@ -182,14 +185,31 @@ def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "ta
         except amqp.exceptions.AccessRefused as exc:
             close_quietly(conn)
             raise AccessDenied(refusal(exc)) from None
-        except RECOVERABLE as exc:
-            log.warning("connection lost (%s); reconnecting", describe(exc))
+        except amqp.exceptions.NotFound as exc:
+            if "no exchange" not in str(exc):
+                _lost(exc, conn, deadline, settings)
+                conn, delay = None, _pause(delay)
+                continue
             close_quietly(conn)
-            conn = None
-            if time.monotonic() > deadline:
-                raise BrokerUnreachable(
-                    f"broker unreachable at {settings.display_urls}: {describe(exc)}"
-                ) from None
+            raise
+        except RECOVERABLE as exc:
+            _lost(exc, conn, deadline, settings)
+            conn, delay = None, _pause(delay)
+
+
+def _lost(exc: BaseException, conn: Connection, deadline: float, settings: Settings) -> None:
+    """Drop a connection ``ensure`` lost; give up when its budget is spent."""
+    log.warning("connection lost (%s); reconnecting", describe(exc))
+    close_quietly(conn)
+    if time.monotonic() > deadline:
+        raise BrokerUnreachable(
+            f"broker unreachable at {settings.display_urls}: {describe(exc)}") from None
+
+
+def _pause(delay: float) -> float:
+    """Wait a little before reconnecting (no busy loop); returns the next, longer, wait."""
+    time.sleep(delay)
+    return min(delay * 2, 1.0)
 
 
 def refusal(exc: amqp.exceptions.AccessRefused) -> str:

@@ -78,7 +78,13 @@ def test_a_closed_port_and_a_vhost_without_topology_are_one_line(
         assert out.returncode == 3, (args, out.stderr)
         assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
     # The test's vhost is empty until a node or `broker setup` declares the topology.
-    for args in (("status",), ("config", "set", "destination", "d", "--url", "file:///d")):
+    for args in (("status",), ("totals",), ("trace", "x"), ("dead", "list"),
+                 ("quarantine", "list"), ("wait", "ready", "--node", "a", "--timeout", "2"),
+                 ("recover", "--node", "a"), ("promote", "a"),
+                 ("replay", "--since", "seq:0", "--dry-run"), ("config", "show"),
+                 ("config", "export"), ("config", "delete", "destination", "d"),
+                 ("config", "set", "destination", "d", "--url", "file:///d"),
+                 ("send", "-i", "d", "-m", "hi", "--host", "a")):
         out = network.cli(*args, check=False)
         assert out.returncode == 1, (args, out.stderr)
         assert "tasync broker setup" in out.stderr and out.stderr.count("\n") == 1, out.stderr
