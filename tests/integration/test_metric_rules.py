@@ -131,6 +131,17 @@ def silent_for(series: Series, peer: str) -> float:
     return min(ages, default=0.0)
 
 
+def scrape_until_silent(network: Network, ports: dict[str, int], peer: str) -> Series:
+    """Scrape until no node has heard ``peer`` for over 10 s; the last scrapes' samples."""
+    series: Series = {}
+
+    def silent() -> bool:
+        series.update(scrape_all(network, ports))
+        return silent_for(series, peer) > 10
+    wait_for(silent, timeout_s=60, what=f"{peer} silent for 10 s")
+    return series
+
+
 def test_rules_fire_on_real_failures_and_not_on_a_healthy_network(
         network: Network, tmp_path: Path) -> None:
     ports = start(network)
@@ -146,12 +157,7 @@ def test_rules_fire_on_real_failures_and_not_on_a_healthy_network(
     c = network.nodes["c"]
     c.signal(signal.SIGSTOP)
     try:
-        hung: dict[str, Any] = {}
-
-        def heard_of_c_long_ago() -> bool:
-            hung.update(scrape_all(network, ports))
-            return silent_for(hung, "c") > 10
-        wait_for(heard_of_c_long_ago, timeout_s=60, what="c silent for 10 s")
+        hung = scrape_until_silent(network, ports, "c")
         firing(tmp_path / "hung", hung, {
             "TasyncNodeSilent": [{"peer": "c", "severity": severity("TasyncNodeSilent")}],
             "TasyncNodeUnreachable": [{"job": "tasync", "instance": "c",
@@ -164,13 +170,7 @@ def test_rules_fire_on_real_failures_and_not_on_a_healthy_network(
     wait_for(lambda: silent_for(scrape_all(network, ports), "c") < 3, timeout_s=60,
              what="c heard again")
     network.nodes["a"].kill()
-    dead: dict[str, Any] = {}
-
-    def heard_of_a_long_ago() -> bool:
-        dead.update(scrape_all(network, ports))
-        return silent_for(dead, "a") > 10
-    wait_for(heard_of_a_long_ago, timeout_s=60, what="a silent for 10 s")
-    firing(tmp_path / "dead-master", dead, {
+    firing(tmp_path / "dead-master", scrape_until_silent(network, ports, "a"), {
         "TasyncNoMaster": [{"severity": severity("TasyncNoMaster")}],
         "TasyncNodeSilent": [{"peer": "a", "severity": severity("TasyncNodeSilent")}],
         "TasyncNodeUnreachable": [{"job": "tasync", "instance": "a",
