@@ -1,4 +1,4 @@
-"""Issue 5, recovery: catch-up of missed changes and snapshot bootstrap, against a raw read.
+"""Recovery: catch-up of missed changes and snapshot bootstrap, against a raw read.
 
     python -m benchmarks.recovery              # 100,000 changes, 3 runs
     python -m benchmarks.recovery --quick      # 10,000 changes, 1 run
@@ -30,7 +30,7 @@ Snapshot bootstrap
     master. Measured on its trail: ``node_started`` -> ``snapshot_installed`` and -> ``node_ready``.
     Then ``tasync recover --node b --snapshot`` (the CLI, end to end, wall time).
 
-Targets (issue 5): catch-up of 100,000 changes <= 10 s and >= 0.3 of the raw read rate;
+Targets: catch-up of 100,000 changes <= 10 s and >= 0.3 of the raw read rate;
 snapshot bootstrap of 100,000 objects <= 10 s.
 """
 

@@ -1,4 +1,4 @@
-"""Issue 3, configuration replication: latency, bulk import against raw py-amqp, memory.
+"""Configuration replication: latency, bulk import against raw py-amqp, memory.
 
     python -m benchmarks.replication            # full: 3 runs, 300 changes, 100,000 objects
     python -m benchmarks.replication --quick    # 1 run, 50 changes, 10,000 objects

@@ -1,4 +1,4 @@
-"""Issue 3's results: medians over runs, verdicts against the targets, figures, a summary.
+"""Replication results: medians over runs, verdicts against the targets, figures, a summary.
 
 Kept apart from ``benchmarks.replication`` (which measures) so the measuring code stays short
 and a results file can be re-plotted without measuring again::
@@ -77,7 +77,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     if imp:
         rows.append(_verdict(f"import of {results['parameters']['objects']:,} objects on 3 "
                              "backups, wall (s)", imp["wall_s"], "<=", TARGETS["import_wall_s"]))
-        # Issue 3's baseline: the same number of messages (one per change), same durability.
+        # The old baseline: the same number of messages (one per change), same durability.
         rows.append(_verdict("import rate / raw rate of as many messages as changes",
                              imp["ratio_vs_raw_per_message"], ">=",
                              TARGETS["import_vs_raw_ratio"]))

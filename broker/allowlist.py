@@ -1,7 +1,7 @@
-"""The one parser for the three allow-list files (design section 7).
+"""The one parser for the three allow-list files.
 
 ``tasync.hosts`` says who may act as sync master, ``telaconf.hosts`` who may change configuration
-and ``telalert.hosts`` who may send alerts. They share the seed's format so an operator learns it
+and ``telalert.hosts`` who may send alerts. They share one format so an operator learns it
 once::
 
     # one entry a line; '#' starts a comment, blank lines are ignored
@@ -17,7 +17,7 @@ Rules, chosen so that reading the file top to bottom tells the whole story:
 * The first entry, in file order, that matches ANY of the identities given to ``check`` decides;
   a later entry never overrides an earlier one (so put ``!`` exceptions before broad allows).
 * No match means denied, and a missing file means nobody: forgetting the file must never open the
-  cluster. ``AllowList.single`` expresses the seed's single-master alternative (``--master M``).
+  cluster. ``AllowList.single`` expresses the single-master alternative (``--master M``).
 * Names match case-insensitively (host names are case-insensitive, and node names follow them),
   with ``fnmatch`` glob syntax. Names only match name identities and addresses only match address
   identities: no DNS lookups happen here, the caller passes every identity it has verified.
@@ -195,7 +195,7 @@ class AllowList:
 
     @classmethod
     def single(cls, name: str) -> AllowList:
-        """The list that allows exactly one node (the seed's ``--master M``, no file needed).
+        """The list that allows exactly one node (``--master M``, no file needed).
 
         Raises:
             ConfigError: if ``name`` is not a valid name or address.

@@ -1,4 +1,4 @@
-"""The two logs of design section 8: the trail and the synchronization log, both rotating.
+"""The two logs of a node: the trail and the synchronization log, both rotating.
 
 ``telalert.trail`` has one line per significant event, ``timestamp node event key=value ...``,
 which operators grep and tests parse; ``tasync.log`` is the synchronization log, with

@@ -229,7 +229,7 @@ def connection_user(conn: Connection) -> str | None:
 
     Publishers put it in the ``user_id`` property: RabbitMQ refuses a publish whose
     ``user_id`` is not the connection's user, so receivers can trust it as the sender's
-    identity (design section 7). A wrong ``user_id`` would close the channel, so it is only
+    identity (docs/security.md). A wrong ``user_id`` would close the channel, so it is only
     set when every login mechanism the connection offered carries the same user name.
     """
     raw = getattr(conn, "connection", None)

@@ -1,7 +1,7 @@
 """A consumer base with a reconnect loop, and the waiting helpers built on the same draining.
 
 Each long-lived consumer of a node owns one connection and one thread: a stream error closes
-the whole connection (design section 9), and a consumer blocked in a slow handler must not delay
+the whole connection, and a consumer blocked in a slow handler must not delay
 another's heartbeats. ``run`` connects, lets the subclass declare and subscribe, and drains
 events until asked to stop; after a connection loss it reconnects with backoff, forever, so a
 worker never needs a manual restart after a broker outage.

@@ -20,7 +20,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      +-- FencedError            a change carries a stale epoch (rejected, audited)
      |    +-- SeatLost          the master lost the broker's master seat (no commit reported)
 
-``ExitCode`` holds the command-line contract of design section 6.
+``ExitCode`` holds the command-line contract (docs/cli.md).
 """
 
 from __future__ import annotations

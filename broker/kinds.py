@@ -1,4 +1,4 @@
-"""The configuration kinds (design section 5): their schemas and the references between them.
+"""The configuration kinds: their schemas and the references between them.
 
 Every object is ``(kind, name, body)``; ``body`` is the dict that the kind's marshmallow schema
 loads, without the name. The master validates both the schema and the references (a group's

@@ -1,4 +1,4 @@
-"""Least-privilege RabbitMQ permissions for each kind of tasync broker user (design section 7).
+"""Least-privilege RabbitMQ permissions for each kind of tasync broker user.
 
 RabbitMQ grants three regular expressions per user and virtual host (configure, write, read)
 plus, for topic exchanges, a write and a read expression matched against routing keys. What

@@ -1,7 +1,7 @@
 """Confirmed publishing that stays fast in bulk: many messages in flight, confirms collected.
 
 One confirm round trip per message caps a client near 2,000 msg/s on this class of machine
-(design section 9); keeping a window of messages in flight and counting ``basic.ack`` frames as
+(docs/architecture.md); keeping a window of messages in flight and counting ``basic.ack`` frames as
 they come reaches the broker's own rate. The py-amqp channel already delivers ack, nack and
 return frames as events, so no second client library is needed for this.
 """

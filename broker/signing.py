@@ -1,4 +1,4 @@
-"""HMAC-SHA256 over every change and alert with a cluster key (design section 7).
+"""HMAC-SHA256 over every change and alert with a cluster key.
 
 The broker proves who published a message (its validated ``user_id``); the HMAC proves that the
 body was made by a holder of the cluster key and not altered on the way, including by someone

@@ -1,6 +1,6 @@
 """Reading the change-log stream ``tasync.changelog`` from a chosen point.
 
-Stream facts that shape this module (design section 9): a stream consumer needs ``basic.qos``
+Stream facts that shape this module: a stream consumer needs ``basic.qos``
 and manual acks; ``x-stream-offset`` takes ``first``, ``last``, ``next``, an integer offset or a
 timestamp; offsets have gaps; a stream error closes the whole connection, so each read uses a
 connection of its own and ends by closing it rather than cancelling a consumer with a backlog.

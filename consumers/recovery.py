@@ -1,6 +1,6 @@
 """Bringing a node to the network's state: replay from the change log, else a snapshot.
 
-One procedure serves every case of design section 6's ``tasync recover`` and of a worker's
+One procedure serves every case of ``tasync recover`` (docs/operations.md) and of a worker's
 start: a backup that was down, a brand-new node, a node whose queue was lost, a returning old
 master. It asks the master (else the change log's tail) where the network stands and which eras
 it knows; it keeps any local change the eras disown in ``conflicts.json`` (``consumers.

@@ -7,7 +7,7 @@ in order with the changes, and teach the node a promotion. A batch that starts p
 expected seq reveals a gap (the queue was lost, or the node is new): the missing changes are
 read from the change-log stream, or a snapshot is installed when the log no longer reaches
 back (``consumers.recovery``). Before subscribing, the worker runs the same recovery, so it
-reports ready only once it holds everything committed before it started (guarantee 4).
+reports ready only once it holds everything committed before it started.
 
 One lock serialises applying: this consumer's deliveries, and recovery, replay and promotion
 requests that the control server runs in its own thread.

@@ -1,6 +1,6 @@
 """Per-node alert totals and the duplicate window, persisted in ``<data-dir>/totals.db``.
 
-``tasync totals`` (the seed's "totals" command) shows how much traffic went through each server,
+``tasync totals`` shows how much traffic went through each server,
 by source. Counts live in one-minute buckets so ``--since`` can cut anywhere with minute
 precision while the table stays small; they survive restarts because operators read them over
 weeks, not over one process's life.

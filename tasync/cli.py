@@ -1,4 +1,4 @@
-"""``tasync``: the operator's command line (design section 6).
+"""``tasync``: the operator's command line.
 
 Exit codes: 0 ok, 1 failed, 2 usage, 3 broker unreachable.
 """

@@ -1,6 +1,6 @@
 """``tasync send``, ``tasync totals`` and ``tasync intake``: the alert side of the command line.
 
-``send`` keeps the seed's spelling working for existing integration scripts::
+``send`` keeps the classic ``-host`` spelling working for existing integration scripts::
 
     telalertc -i ops -m "disk full" -host primary backup1 backup2
     tasync    send -i ops -m "disk full" -host primary backup1 backup2
@@ -53,7 +53,7 @@ says so) and is delivered when one starts.
 Examples:
   tasync send -i ops-mail -m "disk full on db1" --host a b
   tasync send -g oncall -m "P1 opened" --route remedy --source remedy --id INC42
-  tasync send -i ops-mail -m "link down" -host b a          (the seed's form)
+  tasync send -i ops-mail -m "link down" -host b a          (the classic form)
 """
 INTAKE_HELP = """Accept alerts over HTTP (generic JSON, Alertmanager) and queue them.
 
@@ -70,7 +70,7 @@ _LIMITS = IntakeSettings()
 
 
 def normalise_host_args(argv: list[str]) -> list[str]:
-    """Rewrite the seed's ``-host A B C`` (after the ``send`` word) into repeated ``--host``.
+    """Rewrite the classic ``-host A B C`` (after the ``send`` word) into repeated ``--host``.
 
     Only arguments after ``send`` change, so other commands keep their own options, and
     ``--`` ends the rewriting. ``-host=A,B`` becomes ``--host=A,B``.
@@ -300,7 +300,7 @@ for _command in ALERT_COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the alert commands with the seed's ``-host`` form accepted."""
+    """Run the alert commands with the classic ``-host`` form accepted."""
     args = normalise_host_args(list(sys.argv[1:] if argv is None else argv))
     alerts_cli.main(args=args, prog_name="tasync")
 

@@ -140,7 +140,7 @@ class Story:
         self.show_status()
 
     def show_totals(self) -> None:
-        """The seed's totals: traffic per server and source."""
+        """The totals: traffic per server and source."""
         self.step("7. Totals: the traffic through each server")
         report = self.stage.tasync_json("totals")
         table = Table("server", "source", "received", "delivered", "failed", "taken over",

@@ -1,6 +1,6 @@
 """Click options shared by every command, and the one place errors become exit codes.
 
-Commands take ``--broker`` and ``--json`` the same way everywhere (design section 6); a
+Commands take ``--broker`` and ``--json`` the same way everywhere; a
 ``TasyncError`` raised anywhere below becomes a one-line message on stderr and its exit code,
 never a traceback.
 """

@@ -50,7 +50,7 @@ def load_object(spec: str) -> Any:
 def root_command(script: str) -> click.Command:
     """The click command behind a console script.
 
-    ``tasync`` points at a ``main`` function that pre-processes argv (the seed's ``-host``
+    ``tasync`` points at a ``main`` function that pre-processes argv (the classic ``-host``
     form) before handing it to the ``cli`` group of the same module; other scripts point at
     a click command directly.
     """

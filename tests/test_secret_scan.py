@@ -1,4 +1,4 @@
-"""Issue 6, part 4: no secret in any log line, repr, error message or status output.
+"""No secret in any log line, repr, error message or status output.
 
 ``guest`` is too common a password to search for, so this test makes its own secrets: broker
 users with generated passwords (``tasync broker setup --users``) and a cluster key file. It

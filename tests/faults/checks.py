@@ -1,7 +1,8 @@
 """One fault run from load to verdict: inject, heal, then compare the state against the promises.
 
 ``FaultRun`` marks when the fault was injected and healed, waits on events (load progressing,
-seqs applied, alerts delivered; never fixed sleeps), and after healing checks design section 4:
+seqs applied, alerts delivered; never fixed sleeps), and after healing checks
+the guarantees of docs/reliability.md:
 
 1. every change the CLI reported committed is on every node, with its last committed value;
    no seq applied twice; every export byte-identical;

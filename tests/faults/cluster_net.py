@@ -32,7 +32,7 @@ from tests.waiting import wait_for
 
 NODES = ("a", "b", "c")
 MASTER = "a"
-#: Alert sources and their precedence lists: different orders share the load (design §1).
+#: Alert sources and their precedence lists: different orders share the load.
 SOURCES: dict[str, tuple[str, ...]] = {"remedy": ("a", "b", "c"), "nms": ("c", "b", "a")}
 #: Sources that address their list by a named route (``--route``; the route has the source's
 #: name); the others name the servers (``--host``). Both paths are under load in every test.

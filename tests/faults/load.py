@@ -1,7 +1,7 @@
 """Continuous load for the fault suite: configuration changes on the master, alerts from sources.
 
 Every attempt is recorded with its outcome, so the checks can hold the product to exactly what it
-promised (design section 4):
+promised (docs/reliability.md):
 
 * a change counts as **committed** when ``tasync config set`` exited 0 (the CLI reported the
   broker's confirm), or, in library mode, when the master answered the same ``commit`` request;

@@ -1,4 +1,4 @@
-"""Issue 8: tasync on a private three-node RabbitMQ cluster keeps design §4 under faults.
+"""tasync on a private three-node RabbitMQ cluster keeps its guarantees under faults.
 
 Every test runs the same shape: workers ``a`` (master), ``b`` and ``c`` given all three broker
 URLs, continuous load (changes through ``tasync config set``, alerts from two sources with

@@ -3,7 +3,7 @@
 The fault suite has to kill broker nodes, so it cannot use the system broker (``rabbit@localhost``
 on 127.0.0.1:5672), which other tests and engineers share. ``RabbitCluster`` starts N throw-away
 nodes from the Debian package's own scripts, clusters them, breaks them on request and tears them
-down, following the recipe measured in design section 9. The parts live beside it, one concept a
+down. The parts live beside it, one concept a
 module: ``rabbit_env`` (where a node lives: tools, ports, directories, config, environment),
 ``rabbit_procs`` (its OS process: liveness, SIGKILL, orphan reaping) and ``rabbit_ctl`` (URLs,
 ``rabbitmqctl`` with the cluster's cookie, vhosts, status). This module re-exports what callers
@@ -84,7 +84,7 @@ class RabbitCluster(ClusterControl):
             cluster.kill_node(0)
             cluster.start_node(0)
 
-    Node indices are 0-based; node 0 is the seed the others join. Every wait is bounded and
+    Node indices are 0-based; node 0 is the one the others join. Every wait is bounded and
     event-driven: the pid file and the AMQP listener appearing, ``await_startup``, and polling
     ``cluster_status`` with a deadline; no fixed sleeps.
     """
@@ -314,7 +314,7 @@ class RabbitCluster(ClusterControl):
         """Join nodes 1..N-1 to node 0: stop_app, join_cluster, start_app.
 
         stop_app and start_app run in parallel across nodes (they are independent and each
-        takes seconds); join_cluster runs one node at a time because it changes the seed's
+        takes seconds); join_cluster runs one node at a time because it changes the first node's
         schema.
         """
         others = list(range(1, self.size))

@@ -1,4 +1,4 @@
-"""Issue 4: alerts reach the first live server of their precedence list, and none is lost.
+"""Alerts reach the first live server of their precedence list, and none is lost.
 
 Real ``tasync-worker`` processes, the real broker, a real HTTP server (webhooks) in the test
 process. Each test runs in its own vhost; waits are on events, never on sleeps.
@@ -38,7 +38,7 @@ FAST_RETRY = {"TASYNC_DELIVERY_BACKOFF_S": "0.05", "TASYNC_DELIVERY_ATTEMPTS": "
 # -- helpers ----------------------------------------------------------------------------------
 
 def tasync(network: Network, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run an alert command the way users do: ``tasync send ...`` (the seed's -host included)."""
+    """Run an alert command the way users do: ``tasync send ...`` (the classic -host included)."""
     from tasync import cli
 
     if "send" in getattr(cli, "cli").commands:  # noqa: B009 - registered by the lead's main

@@ -1,4 +1,4 @@
-"""Issue 6, parts 1 and 2: per-node broker users with least privilege, and identity on the wire.
+"""Per-node broker users with least privilege, and identity on the wire.
 
 Each test gets its own vhost; the users it creates are global to the broker, so their names
 carry a random tag and the fixture deletes them afterwards.

@@ -1,4 +1,4 @@
-"""Issue 7: the demo's story, and the metrics endpoint, checked by state rather than by text.
+"""The demo's story, and the metrics endpoint, checked by state rather than by text.
 
 The demo is the README's main job; it drives real workers through the public commands. Its
 ``--json`` summary reports what each step found, and this test holds the summary to the

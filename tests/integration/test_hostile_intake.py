@@ -1,4 +1,4 @@
-"""Issue 6, part 4: hostile requests at the HTTP intake, and hostile files at ``config import``.
+"""Hostile requests at the HTTP intake, and hostile files at ``config import``.
 
 The intake runs as its own process (``tasync intake``) in front of a real master; hypothesis
 draws requests no intake may accept: bodies that are not JSON, JSON of the wrong shape, fields

@@ -1,4 +1,4 @@
-"""Issue 6, part 3: thousands of hostile messages through the broker into a running node.
+"""Thousands of hostile messages through the broker into a running node.
 
 A master ``a`` and a backup ``b`` run as real worker processes with a cluster key, ``--master a``
 and a ``telalert.hosts`` given with ``--alert-hosts-file``. Hypothesis draws 10,000 messages that

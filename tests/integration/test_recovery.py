@@ -1,4 +1,4 @@
-"""Issue 5: recovery with one command: returning, lost and new nodes, promotion, fencing, replay.
+"""Recovery with one command: returning, lost and new nodes, promotion, fencing, replay.
 
 Real worker processes against RabbitMQ; every check compares state (canonical exports, the
 conflicts file, trails as audit state), never log wording or timing.

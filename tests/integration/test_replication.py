@@ -1,4 +1,4 @@
-"""Issue 3: a master and two backups as separate processes keep byte-identical configuration."""
+"""A master and two backups as separate processes keep byte-identical configuration."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 3 under faults: SIGKILL of master or backup, broker restart, hostile queue input."""
+"""Replication under faults: SIGKILL of master or backup, broker restart, hostile queue input."""
 
 from __future__ import annotations
 

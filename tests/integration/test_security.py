@@ -1,4 +1,4 @@
-"""Issue 6: only allowed masters change anything; unsigned or forged changes never apply."""
+"""Only allowed masters change anything; unsigned or forged changes never apply."""
 
 from __future__ import annotations
 

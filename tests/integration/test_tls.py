@@ -1,4 +1,4 @@
-"""Issue 6, part 3: TLS to the broker (amqps://, CA file, client certificate).
+"""TLS to the broker (amqps://, CA file, client certificate).
 
 Runs against a private RabbitMQ node started for this module (``tests.harness.tls_broker``)
 with a test CA made by openssl, a TLS listener and ``fail_if_no_peer_cert``; the system broker

@@ -1,4 +1,4 @@
-"""The audit trail: one parseable line per event (broker/audit.py, design section 8)."""
+"""The audit trail: one parseable line per event (broker/audit.py)."""
 
 import io
 import logging

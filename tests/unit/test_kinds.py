@@ -1,4 +1,4 @@
-"""Schemas and references of the configuration kinds (broker/kinds.py, design section 5)."""
+"""Schemas and references of the configuration kinds (broker/kinds.py)."""
 
 from typing import Any
 

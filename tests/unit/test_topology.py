@@ -1,4 +1,4 @@
-"""Names and arguments of the broker topology (broker/topology.py, design section 3)."""
+"""Names and arguments of the broker topology (broker/topology.py)."""
 
 from typing import Any
 
