@@ -36,7 +36,7 @@ from marshmallow import Schema, fields, post_load, validate, validates
 from marshmallow import ValidationError as SchemaError
 
 from broker import messages
-from broker.errors import ValidationError as TasyncValidationError
+from broker.errors import InvalidObject
 from broker.kinds import NAME_RE
 from broker.topology import NODE_NAME_RE
 
@@ -317,19 +317,19 @@ def validated(alert: Alert) -> Alert:
     message the delivery worker has to refuse later.
 
     Raises:
-        broker.errors.ValidationError: naming each bad field, e.g. ``text: the message is empty``.
+        broker.errors.InvalidObject: naming each bad field, e.g. ``text: the message is empty``.
     """
     data = alert_to_dict(alert)
     try:
         loaded: Alert = fast_load(data) or _ALERT_SCHEMA.load(data)
     except SchemaError as exc:
         errors = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
-        raise TasyncValidationError(
+        raise InvalidObject(
             "invalid alert: " + _one_line(errors), errors=dict(errors)
         ) from None
     size = len(encode_alert(loaded))
     if size > MAX_ALERT_BYTES:
-        raise TasyncValidationError(
+        raise InvalidObject(
             f"invalid alert: {size} bytes encoded, the limit is {MAX_ALERT_BYTES}")
     return loaded
 

@@ -19,15 +19,11 @@ from typing import Any, TypeVar
 import amqp.exceptions
 from kombu import Connection
 
-from broker.errors import BrokerUnreachable, TasyncError
+from broker.errors import AccessDenied, BrokerUnreachable
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
 T = TypeVar("T")
-
-
-class AccessDenied(TasyncError):
-    """The broker refused an operation (``ACCESS_REFUSED``): this user lacks a permission."""
 
 
 #: Errors after which a fresh connection (maybe to the next URL) may succeed.

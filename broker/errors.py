@@ -5,20 +5,38 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
 
     TasyncError
      +-- ConfigError            bad user input or configuration (exit 1)
-     |    +-- ValidationError   an object or change failed its schema or references
+     |    +-- InvalidObject     an object or change failed its schema or references
      |    +-- UnknownNode       a command named a node the network does not know
      |    +-- SendRefused       the network would refuse the alert; nothing was published
      +-- MessageError           a wire message that cannot be accepted (quarantined)
      +-- BrokerUnreachable      no broker URL answered (exit 3)
+     +-- ConnectionLost         the broker connection broke in the middle of a command (exit 3)
      +-- TopologyMissing        the virtual host lacks what `tasync broker setup` declares
+     +-- AccessDenied           the broker refused an operation to this user
+     +-- BrokerAdminError       ``rabbitmqctl`` is missing or failed
      +-- PublishError           the broker nacked or did not confirm in time (exit 1)
      +-- RemoteError            another node answered a request with an error (exit 1)
-     +-- ImportIncomplete       an import's parts did not all reach the master (resent)
-     +-- ConnectionLost         the broker connection broke in the middle of a command (exit 3)
      +-- NoAnswer               nobody answered a request in time (exit 1)
      +-- WaitTimedOut           ``tasync wait`` ran out of time (exit 1)
      +-- FencedError            a change carries a stale epoch (rejected, audited)
      |    +-- SeatLost          the master lost the broker's master seat (no commit reported)
+     +-- GapError               a batch starts after the next expected seq (fetch first)
+     +-- UnfillableGap          the change log no longer reaches back: a snapshot is needed
+     +-- StoreDamaged           ``node.db`` cannot be read as a database
+     +-- ImportIncomplete       an import's parts did not all reach the master (resent)
+     +-- ImportMismatch         what the master committed differs from the import file
+     +-- NotApplied             committed, but a backup did not answer (``--strict``)
+     +-- NotIdentical           after recovery a node still differs from the master
+     +-- IncompleteLog          the change log may not reach back to the point asked for
+     +-- IntakeError            the HTTP intake's answers (each carries its HTTP status)
+          +-- BadRequest        the request cannot become alerts (400)
+          +-- TooLarge          larger than the intake takes at once; split it (413)
+          +-- PostRefused       no or wrong token (401), not on the allow-list (403)
+          +-- IntakeBusy        every sender stayed busy; nothing was queued (503)
+
+Errors defined here and nowhere else: a reader finds every failure the product can report in
+one file, and a name means one thing (``InvalidObject`` is tasync's; marshmallow's own
+``ValidationError`` stays inside the schema code that turns it into ``InvalidObject``).
 
 ``ExitCode`` holds the command-line contract (docs/cli.md).
 """
@@ -26,6 +44,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 
 class ExitCode(enum.IntEnum):
@@ -55,7 +74,7 @@ class ConfigError(TasyncError):
     """Invalid user input or configuration."""
 
 
-class ValidationError(ConfigError):
+class InvalidObject(ConfigError):
     """An object or change failed its schema or its references.
 
     Attributes:
@@ -109,7 +128,7 @@ class RemoteError(TasyncError):
     """Another node answered a request with an error, which is carried in the message.
 
     Attributes:
-        error_type: the class name of the error on the answering node (``ValidationError``).
+        error_type: the class name of the error on the answering node (``InvalidObject``).
         data: what the node sent with it: ``errors`` (field -> messages) and the like.
     """
 
@@ -157,3 +176,82 @@ class SeatLost(FencedError):
     lost it refuses to commit, and a commit caught by the loss is answered with this error,
     never with "committed".
     """
+
+
+class AccessDenied(TasyncError):
+    """The broker refused an operation (``ACCESS_REFUSED``): this user lacks a permission."""
+
+
+class BrokerAdminError(TasyncError):
+    """``rabbitmqctl`` is missing or failed; the message is its first error line."""
+
+
+class GapError(TasyncError):
+    """A batch starts after the next expected seq; the missing changes must be fetched first."""
+
+    def __init__(self, expected: int, got: int) -> None:
+        super().__init__(f"gap in the change stream: expected seq {expected}, got {got}")
+        self.expected = expected
+        self.got = got
+
+
+class UnfillableGap(TasyncError):
+    """The change log no longer reaches back to the missing changes: a snapshot is needed."""
+
+
+class StoreDamaged(TasyncError):
+    """``node.db`` cannot be read as a database (overwritten, truncated mid-page, not SQLite)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} is unreadable: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ImportMismatch(TasyncError):
+    """What the master committed differs from the import file (exit 1)."""
+
+
+class NotApplied(TasyncError):
+    """Committed, but a known backup did not answer and ``--strict`` was given (exit 1)."""
+
+
+class NotIdentical(TasyncError):
+    """After recovery the node still differs from the master (exit 1)."""
+
+
+class IncompleteLog(TasyncError):
+    """The change log may no longer reach back to the point asked for (exit 1)."""
+
+
+class IntakeError(TasyncError):
+    """What the HTTP intake answers a caller with; ``status`` is the HTTP status code."""
+
+    status = 400
+
+
+class BadRequest(IntakeError, ValueError):
+    """The request cannot become alerts; the message is the reason shown to the caller.
+
+    Also a ``ValueError``: the payload parsers raise it where Python's own parsers raise that.
+    """
+
+
+class TooLarge(IntakeError, ValueError):
+    """The request is larger than the intake takes at once; the caller should split it (413)."""
+
+    status = 413
+
+
+class PostRefused(IntakeError):
+    """The client may not post (401: no or wrong token; 403: not on the allow-list)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class IntakeBusy(IntakeError):
+    """Every sender stayed busy for the whole wait; the request was not queued (503)."""
+
+    status = 503

@@ -17,7 +17,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
-from broker.errors import ValidationError as TasyncValidationError
+from broker.errors import InvalidObject
 from broker.topology import NODE_NAME_RE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}\Z")
@@ -188,7 +188,7 @@ def quote(value: object) -> str:
 def check_kind(kind: str) -> str:
     """Return ``kind`` if tasync knows it, else raise a validation error listing the kinds."""
     if kind not in SCHEMAS:
-        raise TasyncValidationError(f"unknown kind {quote(kind)}; kinds are: {', '.join(KINDS)}")
+        raise InvalidObject(f"unknown kind {quote(kind)}; kinds are: {', '.join(KINDS)}")
     return kind
 
 
@@ -196,7 +196,7 @@ def check_name(kind: str, name: str) -> str:
     """Return ``name`` if it may name an object of ``kind``."""
     pattern = NODE_NAME_RE if kind == "node" else NAME_RE
     if not isinstance(name, str) or not pattern.fullmatch(name):
-        raise TasyncValidationError(f"invalid {kind} name {quote(name)}")
+        raise InvalidObject(f"invalid {kind} name {quote(name)}")
     return name
 
 
@@ -206,18 +206,18 @@ def check_plain(where: str, value: Any) -> None:
     Iterative, so a value nested thousands deep is refused, not a ``RecursionError``.
 
     Raises:
-        ValidationError: naming the field path and the character.
+        InvalidObject: naming the field path and the character.
     """
     stack: list[tuple[str, Any, int]] = [("", value, 0)]
     while stack:
         path, item, depth = stack.pop()
         if depth > MAX_BODY_DEPTH:
-            raise TasyncValidationError(f"{where}: nested more than {MAX_BODY_DEPTH} levels deep")
+            raise InvalidObject(f"{where}: nested more than {MAX_BODY_DEPTH} levels deep")
         if isinstance(item, str):
             bad = CONTROL_RE.search(item)
             if bad is not None:
                 field = f" {path.lstrip('.')}" if path else ""
-                raise TasyncValidationError(
+                raise InvalidObject(
                     f"{where}:{field} contains a control character (U+{ord(bad.group()):04X}) "
                     f"at position {bad.start()}")
         elif isinstance(item, Mapping):
@@ -233,7 +233,7 @@ def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
     check_kind(kind)
     check_name(kind, name)
     if not isinstance(body, Mapping):
-        raise TasyncValidationError(f"{kind} {name}: the body must be a JSON object")
+        raise InvalidObject(f"{kind} {name}: the body must be a JSON object")
     check_plain(f"{kind} {name}", body)
     fast = _fast_destination(body) if kind == "destination" else None
     if fast is not None:
@@ -242,7 +242,7 @@ def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         loaded: dict[str, Any] = SCHEMAS[kind].load(dict(body))
     except ValidationError as exc:
         errors = exc.normalized_messages()
-        raise TasyncValidationError(
+        raise InvalidObject(
             f"{kind} {name}: {_one_line(errors)}", errors=dict(errors)
         ) from exc
     return loaded

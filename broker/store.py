@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.epochs import EpochHistory
-from broker.errors import TasyncError
+from broker.errors import GapError, StoreDamaged
 from broker.kinds import KINDS
 from broker.messages import Change, ChangeBatch
 
@@ -52,15 +52,6 @@ CREATE TABLE IF NOT EXISTS staged (
 REQUESTS_KEEP_S = 7 * 86400.0
 
 
-class StoreDamaged(TasyncError):
-    """``node.db`` cannot be read as a database (overwritten, truncated mid-page, not SQLite)."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path} is unreadable: {reason}")
-        self.path = path
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class CommittedRequest:
     """A client request the network committed: its id and the seqs it became."""
@@ -74,15 +65,6 @@ class CommittedRequest:
     def count(self) -> int:
         """How many changes the request committed."""
         return self.last_seq - self.first_seq + 1
-
-
-class GapError(TasyncError):
-    """A batch starts after the next expected seq; the missing changes must be fetched first."""
-
-    def __init__(self, expected: int, got: int) -> None:
-        super().__init__(f"gap in the change stream: expected seq {expected}, got {got}")
-        self.expected = expected
-        self.got = got
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from broker import topology
 from broker.connection import close_quietly, connect
 from broker.consumer import message_body
 from broker.epochs import EpochHistory, EpochMark
-from broker.errors import MessageError, TasyncError
+from broker.errors import MessageError
 from broker.fastdecode import decode_entry
 from broker.messages import ChangeBatch
 from broker.settings import Settings
@@ -38,10 +38,6 @@ log = logging.getLogger("tasync.sync")
 Offset = str | int | dt.datetime
 #: How long the head query's read of the log's newest chunk goes on after its first entry.
 HEAD_READ_S = 2.0
-
-
-class UnfillableGap(TasyncError):
-    """The change log no longer reaches back to the missing changes: a snapshot is needed."""
 
 
 @dataclass

@@ -31,16 +31,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from broker.errors import ConfigError, TasyncError
+from broker.errors import BrokerAdminError, ConfigError
 from broker.permissions import Account, Permissions, permissions_for
 
 ENV_RABBITMQCTL = "TASYNC_RABBITMQCTL"
 #: 32 random bytes, URL-safe base64: no character needs escaping in a broker URL.
 PASSWORD_BYTES = 32
-
-
-class BrokerAdminError(TasyncError):
-    """``rabbitmqctl`` is missing or failed; the message is its first error line."""
 
 
 def generate_password() -> str:

@@ -20,24 +20,21 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import amqp.exceptions
 
 from broker import topology
 from broker.connection import close_quietly, connect
 from broker.epochs import EpochHistory, EpochMark
-from broker.errors import ConfigError, NoAnswer, RemoteError
+from broker.errors import ConfigError, GapError, NoAnswer, RemoteError, UnfillableGap
 from broker.messages import ChangeBatch
 from broker.rpc import RpcClient
-from broker.store import ApplyResult, GapError
-from broker.stream import UnfillableGap, log_head, read_changelog
+from broker.store import ApplyResult
+from broker.stream import log_head, read_changelog
 from consumers.conflicts import ConflictFile
 from consumers.context import NodeContext
 from consumers.snapshots import fetch_snapshot
-
-if TYPE_CHECKING:
-    from consumers.sync import SyncConsumer
 
 log = logging.getLogger("tasync.sync")
 #: How far before the last applied change a change-log read starts (clock skew between hosts).
@@ -95,6 +92,26 @@ class Ticker:
             self.progress({"stage": self.stage, "done": self.done, "total": self.total})
 
 
+class Applier(Protocol):
+    """What recovery needs of the node's sync consumer (``consumers.sync.SyncConsumer``).
+
+    Declared here so the sync consumer can own a ``Recovery`` without the two modules needing
+    each other.
+    """
+
+    on_applied: Callable[[ApplyResult], None]
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the apply lock."""
+
+    def apply_batch(self, batch: ChangeBatch, *, replayed: bool, force: bool = False,
+                    notify: bool = True) -> ApplyResult:
+        """Judge and apply one batch."""
+
+    def accept_mark(self, mark: EpochMark) -> bool:
+        """Learn a promotion's eras; returns whether they were news."""
+
+
 class Recovery:
     """The recovery procedure of one node; its sync consumer applies what it finds.
 
@@ -104,7 +121,7 @@ class Recovery:
             than its own; the node's roles step a master down there.
     """
 
-    def __init__(self, ctx: NodeContext, sync: SyncConsumer) -> None:
+    def __init__(self, ctx: NodeContext, sync: Applier) -> None:
         self.ctx = ctx
         self.sync = sync
         self.settings = ctx.settings

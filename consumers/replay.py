@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.epochs import EpochHistory, EpochMark
-from broker.errors import ConfigError
+from broker.errors import ConfigError, GapError
 from broker.messages import Change, ChangeBatch
 from broker.settings import Settings
 from broker.since import Since
-from broker.store import GapError
 from broker.stream import read_changelog
 from consumers.recovery import REWIND_S, Progress, Recovery, Ticker
 

@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from broker import topology
 from broker.connection import RECOVERABLE, describe
@@ -45,17 +45,16 @@ from broker.errors import (
     RemoteError,
     SeatLost,
     TasyncError,
+    UnfillableGap,
 )
 from broker.rpc import RpcClient
 from broker.seat import MasterSeat
 from broker.store import ApplyResult
-from broker.stream import UnfillableGap
 from consumers.admission import Admission
 from consumers.context import NodeContext
 from consumers.recovery import Progress, RecoveryReport
 from consumers.replay import Since, replay_into
 from consumers.sync import SyncConsumer
-from producers.relay import ChangeRelay
 
 log = logging.getLogger("tasync.roles")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -103,6 +102,19 @@ def _name_of_master(rpc: RpcClient) -> str | None:
     return str(head.get("node") or "") or None
 
 
+class Outbox(Protocol):
+    """What the roles need of the master's change relay (``producers.relay.ChangeRelay``).
+
+    Declared here so consumers never import producers: the node hands its relay in.
+    """
+
+    def publish_outbox(self) -> int:
+        """Publish every committed but unconfirmed change; returns how many."""
+
+    def publish_mark(self, mark: EpochMark) -> None:
+        """Publish a promotion's epoch mark with confirms."""
+
+
 class Roles:
     """The seat, promotion, step-down and the recovery requests of one node.
 
@@ -116,7 +128,7 @@ class Roles:
     """
 
     def __init__(self, ctx: NodeContext, sync: SyncConsumer, *, seat: MasterSeat,
-                 relay: ChangeRelay, admission: Admission | None = None) -> None:
+                 relay: Outbox, admission: Admission | None = None) -> None:
         self.ctx = ctx
         self.admission = admission or Admission()
         self.sync = sync

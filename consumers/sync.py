@@ -27,11 +27,11 @@ import amqp
 from broker import topology
 from broker.consumer import ConsumerLoop, message_body
 from broker.epochs import EpochMark
-from broker.errors import MessageError, TasyncError
+from broker.errors import GapError, MessageError, TasyncError
 from broker.fastdecode import decode_entry
 from broker.messages import ChangeBatch
 from broker.signing import SIGNATURE_HEADER
-from broker.store import ApplyResult, GapError
+from broker.store import ApplyResult
 from consumers.context import NodeContext
 from consumers.quarantine import quarantine
 from consumers.recovery import Recovery

@@ -46,7 +46,8 @@ from broker.alerts import (
     MAX_TEXT_CHARS,
     PRIORITY_DEFAULT,
 )
-from producers.intake_formats import AlertRequest, BadRequest, target_of
+from broker.errors import BadRequest
+from producers.intake_formats import AlertRequest, target_of
 
 SEVERITY_PRIORITY = {"critical": 9, "page": 9, "error": 7, "high": 7, "warning": 6,
                      "warn": 6, "info": 3, "low": 2, "none": 1}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker import kinds
-from broker.errors import ValidationError
+from broker.errors import InvalidObject
 from broker.store import NodeStore
 
 
@@ -33,10 +33,10 @@ def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
     ops: list[Op] = []
     for index, raw in enumerate(raw_ops):
         if not isinstance(raw, Mapping):
-            raise ValidationError(f"operation {index + 1}: not an object")
+            raise InvalidObject(f"operation {index + 1}: not an object")
         op, kind, name = raw.get("op", "set"), raw.get("kind"), raw.get("name")
         if op not in ("set", "delete"):
-            raise ValidationError(f"operation {index + 1}: op must be 'set' or 'delete'")
+            raise InvalidObject(f"operation {index + 1}: op must be 'set' or 'delete'")
         kinds.check_kind(str(kind))
         kinds.check_name(str(kind), name)  # type: ignore[arg-type]
         body = kinds.load_body(str(kind), str(name), raw.get("body") or {}) if op == "set" else None
@@ -153,7 +153,7 @@ def check_references(store: NodeStore, parsed: list[Op]) -> list[Op]:
     """Check operations against the stored configuration; all of them, or raise.
 
     Raises:
-        ValidationError: the first problems found, in one line, with every problem listed in
+        InvalidObject: the first problems found, in one line, with every problem listed in
             ``errors`` for ``--json`` callers.
     """
     ops = dependency_sorted(net_effect(store, parsed))
@@ -172,5 +172,5 @@ def check_references(store: NodeStore, parsed: list[Op]) -> list[Op]:
             problems.append(f"{op.kind} {op.name}: still used by {', '.join(sorted(users)[:5])}")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValidationError("; ".join(problems[:3]) + more, errors={"references": problems})
+        raise InvalidObject("; ".join(problems[:3]) + more, errors={"references": problems})
     return ops

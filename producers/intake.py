@@ -8,7 +8,7 @@ A request is never answered 2xx with some of its alerts left out: it is accepted
 refused whole.
 
 This module knows nothing of the web framework: ``producers.intake_http`` maps its results and
-errors onto HTTP (``BadRequest`` 400, ``TooLarge`` 413, ``Refused`` 401/403, broker trouble
+errors onto HTTP (``BadRequest`` 400, ``TooLarge`` 413, ``PostRefused`` 401/403, broker trouble
 503). Each source maps to a route (``--route-for remedy=remedy``), so integrations need not
 know the servers' names.
 """
@@ -26,10 +26,10 @@ from typing import Any, Protocol
 from broker.alerts import Alert, new_alert_id
 from broker.allowlist import AllowList
 from broker.audit import Trail
-from broker.errors import ConfigError, NoAnswer
+from broker.errors import BadRequest, ConfigError, NoAnswer, PostRefused
 from broker.settings import IntakeSettings
 from producers.alertmanager import NotificationMemory, parse_alertmanager
-from producers.intake_formats import AlertRequest, BadRequest, load_json, parse_generic
+from producers.intake_formats import AlertRequest, load_json, parse_generic
 from producers.sender import SendResult
 
 log = logging.getLogger("tasync.intake")
@@ -43,14 +43,6 @@ class Publisher(Protocol):
 
     def resolve_route(self, route: str) -> tuple[str, ...]:
         """The hosts of a named route."""
-
-
-class Refused(Exception):
-    """The client may not post (401: no or wrong token; 403: not on the allow-list)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,17 +101,17 @@ class Intake:
         """Check the allow-list and the bearer token.
 
         Raises:
-            Refused: 403 for a client the allow-list refuses, 401 for a missing or wrong token.
+            PostRefused: 403 for a client the allow-list refuses, 401 for a missing or wrong token.
         """
         if self.config.allow is not None:
             decision = self.config.allow.check(client)
             if not decision:
-                raise Refused(403, f"client {client} not allowed: {decision.reason}")
+                raise PostRefused(403, f"client {client} not allowed: {decision.reason}")
         if self.config.token is not None:
             given = headers.get("authorization", "")
             expected = f"Bearer {self.config.token}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
-                raise Refused(401, "missing or wrong bearer token")
+                raise PostRefused(401, "missing or wrong bearer token")
 
     def accept_generic(self, body: bytes, query: Mapping[str, str]) -> Accepted:
         """Publish the alerts of a ``POST /alerts`` body.
@@ -148,7 +140,7 @@ class Intake:
 
     def _publish(self, alerts: list[Alert]) -> Accepted:
         # The sender checks every alert against the wire schema before it publishes the first
-        # (a bad one is a ValidationError: 400, nothing queued); checking here as well cost a
+        # (a bad one is a InvalidObject: 400, nothing queued); checking here as well cost a
         # fifth of the intake's time.
         result = self.publisher.send_many(alerts)
         for warning in result.warnings:

@@ -22,14 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.alerts import PRIORITY_DEFAULT
-
-
-class BadRequest(ValueError):
-    """The request cannot become alerts; the message is the reason shown to the caller."""
-
-
-class TooLarge(ValueError):
-    """The request is larger than the intake takes at once; the caller should split it (413)."""
+from broker.errors import BadRequest, TooLarge
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,9 +26,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive
 
-from broker.errors import ConfigError, TasyncError
-from producers.intake import Accepted, Intake, Refused
-from producers.intake_formats import BadRequest, TooLarge
+from broker.errors import BadRequest, ConfigError, PostRefused, TasyncError, TooLarge
+from producers.intake import Accepted, Intake
 
 log = logging.getLogger("tasync.intake")
 
@@ -106,7 +105,7 @@ def routes(intake: Intake) -> list[BaseRoute]:
             declared = _declared_length(request)
             try:
                 intake.authorise(request.headers, request.client.host if request.client else "")
-            except Refused as exc:
+            except PostRefused as exc:
                 await _drain(request.receive, 0)
                 return error_answer(exc.status, str(exc))
             body = await _read_body(request.receive, declared=declared,

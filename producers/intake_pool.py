@@ -25,16 +25,12 @@ from typing import TypeVar
 from broker import topology
 from broker.alerts import Alert
 from broker.connection import close_quietly, connect
-from broker.errors import BrokerUnreachable, PublishError, TasyncError, TopologyMissing
+from broker.errors import BrokerUnreachable, IntakeBusy, PublishError, TasyncError, TopologyMissing
 from broker.settings import Settings
 from producers.sender import AlertSender, SendResult
 
 log = logging.getLogger("tasync.intake")
 T = TypeVar("T")
-
-
-class Busy(TasyncError):
-    """Every sender stayed busy for the whole wait; the request was not queued (503)."""
 
 
 def probe_broker(settings: Settings) -> TasyncError | None:
@@ -134,7 +130,7 @@ class SenderPool:
         make_sender: builds one sender (called lazily, up to ``size`` times).
         size: how many senders publish side by side.
         circuit: consulted before each use, tripped when the broker is found away.
-        wait_s: how long a request waits for a free sender before ``Busy``.
+        wait_s: how long a request waits for a free sender before ``IntakeBusy``.
     """
 
     def __init__(self, make_sender: Callable[[], AlertSender], *, size: int,
@@ -167,7 +163,7 @@ class SenderPool:
             except queue.Empty:
                 waited += step
                 if waited >= self.wait_s:
-                    raise Busy(f"every broker connection stayed busy for {self.wait_s:g} s"
+                    raise IntakeBusy(f"every broker connection stayed busy for {self.wait_s:g} s"
                                ) from None
                 continue
             if slot is not None:

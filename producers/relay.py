@@ -232,7 +232,7 @@ class ChangeRelay:
         ``staged`` names an import whose staged parts the commit drops in its transaction.
 
         Raises:
-            ValidationError: nothing was committed.
+            InvalidObject: nothing was committed.
             FencedError, SeatLost: this node may not commit; nothing was committed.
             SeatLost: committed locally, then the seat was lost before the broker confirmed:
                 the change is not reported; it reaches the network only if this node keeps

@@ -308,7 +308,7 @@ class AlertSender:
         """Check and publish one alert; returns once the broker confirmed it.
 
         Raises:
-            ValidationError: the alert is invalid (empty text, too long, bad names).
+            InvalidObject: the alert is invalid (empty text, too long, bad names).
             ConfigError: an unknown destination, group or node.
             BrokerUnreachable: no broker URL answered.
             PublishError: the broker refused the alert or did not confirm it in time.

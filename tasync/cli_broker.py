@@ -21,13 +21,12 @@ import click
 from broker import topology
 from broker.allowlist import AllowList, Entry
 from broker.connection import close_quietly, connect
-from broker.errors import ConfigError
+from broker.errors import BrokerAdminError, ConfigError
 from broker.permissions import Account
 from broker.settings import Settings
 from broker.tls import tls_extra
 from broker.users import (
     ENV_RABBITMQCTL,
-    BrokerAdminError,
     Outcome,
     RabbitCtl,
     ensure_accounts,

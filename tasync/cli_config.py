@@ -17,7 +17,14 @@ from typing import Any
 import click
 
 from broker import kinds
-from broker.errors import ConfigError, NoAnswer, RemoteError, TasyncError, ValidationError
+from broker.errors import (
+    ConfigError,
+    ImportMismatch,
+    InvalidObject,
+    NoAnswer,
+    NotApplied,
+    RemoteError,
+)
 from broker.rpc import RpcClient
 from broker.settings import Settings
 from broker.store import NodeStore
@@ -36,14 +43,6 @@ from tasync.options import (
 
 KIND_CHOICE = click.Choice(list(kinds.KINDS))
 IMPORT_PART = 1000
-
-
-class ImportMismatch(TasyncError):
-    """What the master committed differs from the import file (exit 1)."""
-
-
-class NotApplied(TasyncError):
-    """Committed, but a known backup did not answer and ``--strict`` was given (exit 1)."""
 
 
 @click.group()
@@ -406,7 +405,7 @@ def config_show(*, kind: str | None, name: str | None, node: str | None, data_di
                             {"kind": kind, "name": name}, timeout_s)
     objects = data["objects"]
     if name and not objects:
-        raise ValidationError(f"{kind} {name} does not exist")
+        raise InvalidObject(f"{kind} {name} does not exist")
     if as_json:
         print_json(objects)
         return

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from broker import topology
-from broker.errors import NoAnswer, RemoteError, TasyncError
+from broker.errors import NoAnswer, NotIdentical, RemoteError
 from consumers.conflicts import as_op
 from consumers.roles import SEAT_WAIT_S
 from tasync.health import gather_status
@@ -29,10 +29,6 @@ from tasync.options import (
     timeout_option,
 )
 from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
-
-
-class NotIdentical(TasyncError):
-    """After recovery the node still differs from the master (exit 1)."""
 
 
 def ask_node(rpc: ProgressRpc, node: str, op: str, args: dict[str, Any], *, timeout_s: float,

@@ -16,12 +16,12 @@ import click
 
 from broker import topology
 from broker.epochs import EpochHistory
-from broker.errors import NoAnswer, RemoteError, TasyncError
+from broker.errors import IncompleteLog, NoAnswer, NotIdentical, RemoteError
 from broker.messages import Change, ChangeBatch, change_to_dict
 from broker.settings import Settings
 from broker.since import Since
 from consumers.replay import read_since
-from tasync.cli_recover import NotIdentical, ask_node, compare_with_master
+from tasync.cli_recover import ask_node, compare_with_master
 from tasync.client import print_table
 from tasync.health import gather_status
 from tasync.known_nodes import check_known
@@ -35,10 +35,6 @@ from tasync.options import (
     timeout_option,
 )
 from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
-
-
-class IncompleteLog(TasyncError):
-    """The change log may no longer reach back to the point asked for (exit 1)."""
 
 
 def _list(settings: Settings, since: Since, *, as_json: bool) -> None:

@@ -24,11 +24,11 @@ from typing import Any
 from broker.allowlist import ALERT_HOSTS_FILE
 from broker.audit import Trail, setup_sync_log
 from broker.connection import close_quietly, connect
-from broker.errors import BrokerUnreachable, ConfigError
+from broker.errors import BrokerUnreachable, ConfigError, StoreDamaged
 from broker.seat import MasterSeat
 from broker.settings import Settings
 from broker.signing import KeyRing
-from broker.store import DB_NAME, ApplyResult, NodeStore, StoreDamaged
+from broker.store import DB_NAME, ApplyResult, NodeStore
 from broker.topology import check_node_name
 from consumers.admission import Admission
 from consumers.context import NodeContext

@@ -17,7 +17,7 @@ import amqp.exceptions
 import click
 
 from broker.connection import RECOVERABLE, describe
-from broker.errors import ConfigError, ExitCode, TasyncError
+from broker.errors import ConfigError, ExitCode, RemoteError, TasyncError
 from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL, Settings
 from broker.since import Since
 from broker.tls import TLS_KEYS, check_tls_urls, tls_extra
@@ -145,6 +145,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except TasyncError as exc:
             click.echo(f"tasync: {exc}", err=True)
+            if _wants_json():
+                print_json(error_json(exc))
             sys.exit(int(exc.exit_code))
         except amqp.exceptions.NotFound as exc:
             if "'tasync." not in str(exc):
@@ -160,6 +162,27 @@ def handle_errors(fn: F) -> F:
             click.echo("tasync: interrupted", err=True)
             sys.exit(int(ExitCode.FAILED))
     return wrapper  # type: ignore[return-value]
+
+
+def error_json(exc: TasyncError) -> dict[str, Any]:
+    """An error as ``--json`` prints it: the message, its type and any field errors.
+
+    A node's answer keeps the type it had on that node (``InvalidObject``, ``ConfigError``)
+    and the field errors it sent, so a script sees which field of which object was wrong.
+    """
+    if isinstance(exc, RemoteError):
+        kind = exc.error_type or type(exc).__name__
+        errors = exc.data.get("errors") or {}
+    else:
+        kind = type(exc).__name__
+        errors = getattr(exc, "errors", None) or {}
+    return {"error": str(exc), "type": kind, "errors": errors, "exit_code": int(exc.exit_code)}
+
+
+def _wants_json() -> bool:
+    """Whether the running command was given ``--json``."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("as_json"))
 
 
 def print_json(data: Any) -> None:

@@ -23,7 +23,8 @@ import click
 import pytest
 
 from broker import topology
-from broker.connection import AccessDenied, close_quietly, connect, ensure
+from broker.connection import close_quietly, connect, ensure
+from broker.errors import AccessDenied
 from broker.permissions import Account, node_permissions, permissions_for
 from broker.publisher import ConfirmedPublisher, Outgoing
 from broker.settings import Settings

@@ -11,7 +11,7 @@ from broker.alerts import (
     encode_alert,
     validated,
 )
-from broker.errors import MessageError, ValidationError
+from broker.errors import InvalidObject, MessageError
 
 
 def make(**overrides: object) -> Alert:
@@ -57,7 +57,7 @@ def test_hostlist_record_round_trip() -> None:
 ])
 def test_invalid_alerts_are_refused_with_the_field_named(overrides: dict[str, object],
                                                          reason: str) -> None:
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(InvalidObject) as info:
         validated(make(**overrides))
     assert reason in str(info.value)
     assert str(info.value).startswith("invalid alert: ")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.errors import ValidationError
+from broker.errors import InvalidObject
 from broker.messages import Change
 from broker.store import NodeStore
 from producers.changes import Op, dependency_sorted, parse_ops, plan
@@ -48,9 +48,9 @@ def seed(store: NodeStore, raw: list[dict[str, Any]]) -> None:
     commit(store, plan(store, raw))
 
 
-def fails(store: NodeStore, raw: list[dict[str, Any]], *expected: str) -> ValidationError:
+def fails(store: NodeStore, raw: list[dict[str, Any]], *expected: str) -> InvalidObject:
     before = (store.export_bytes(), store.last_seq, store.unpublished())
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(InvalidObject) as info:
         plan(store, raw)
     problems = info.value.errors["references"]
     for text in expected:
@@ -82,12 +82,12 @@ def test_parse_ops_normalises_bodies_and_defaults_op_to_set() -> None:
     ({"kind": "destination", "name": "d"}, "destination d: url: Missing data"),
 ])
 def test_parse_ops_rejects_bad_operations(raw: Any, match: str) -> None:
-    with pytest.raises(ValidationError, match=match):
+    with pytest.raises(InvalidObject, match=match):
         parse_ops([raw])
 
 
 def test_parse_ops_counts_operations_from_one() -> None:
-    with pytest.raises(ValidationError, match="operation 2: not an object"):
+    with pytest.raises(InvalidObject, match="operation 2: not an object"):
         parse_ops([dest("d"), 7])  # type: ignore[list-item]
 
 
@@ -265,6 +265,6 @@ def test_one_bad_operation_refuses_the_whole_request(store: NodeStore) -> None:
 
 def test_schema_error_refuses_the_whole_request(store: NodeStore) -> None:
     before = store.export_bytes()
-    with pytest.raises(ValidationError, match="url"):
+    with pytest.raises(InvalidObject, match="url"):
         plan(store, [dest("ok"), op_set("destination", "bad")])
     assert store.export_bytes() == before

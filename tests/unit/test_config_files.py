@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.errors import ConfigError, ValidationError
+from broker.errors import ConfigError, InvalidObject
 from broker.messages import Change
 from broker.store import NodeStore
 from producers.changes import plan
@@ -178,13 +178,13 @@ def test_list_entry_op_must_be_known() -> None:
 
 
 def test_unknown_kind_is_refused() -> None:
-    with pytest.raises(ValidationError, match="unknown kind 'printer'"):
+    with pytest.raises(InvalidObject, match="unknown kind 'printer'"):
         objects_to_ops({"printer": {"p": {}}})
 
 
 def test_invalid_object_names_its_entry_in_a_mapping() -> None:
     data = {"destination": {"ok": {"url": "file:///x"}, "broken": {"url": "nocolon"}}}
-    with pytest.raises(ValidationError, match=r"^destination broken: url: ") as info:
+    with pytest.raises(InvalidObject, match=r"^destination broken: url: ") as info:
         objects_to_ops(data)
     assert info.value.errors == {"url": ["a delivery URL needs a scheme, e.g. file:///path or "
                                          "https://"]}
@@ -194,12 +194,12 @@ def test_invalid_object_names_its_entry_in_a_list() -> None:
     data = [{"kind": "node", "name": "a"},
             {"kind": "schedule", "name": "night",
              "body": {"windows": [{"days": ["mon"], "start": "22:00", "end": "06:00"}]}}]
-    with pytest.raises(ValidationError, match=r"^schedule night: windows\.0\.end: start must"):
+    with pytest.raises(InvalidObject, match=r"^schedule night: windows\.0\.end: start must"):
         objects_to_ops(data)
 
 
 def test_invalid_name_is_named() -> None:
-    with pytest.raises(ValidationError, match=r"invalid node name 'a\.b'"):
+    with pytest.raises(InvalidObject, match=r"invalid node name 'a\.b'"):
         objects_to_ops({"node": {"a.b": {}}})
 
 

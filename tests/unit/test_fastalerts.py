@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 from broker import messages
 from broker.alerts import Alert, alert_to_dict, decode_alert, fast_load, validated
-from broker.errors import MessageError
-from broker.errors import ValidationError as TasyncValidationError
+from broker.errors import InvalidObject, MessageError
 from tests.unit.fastpaths import MAX, agree, json_values
 
 
@@ -83,7 +82,7 @@ def test_missing_keys_and_other_messages_agree() -> None:
 def test_validated_still_names_the_bad_field() -> None:
     bad = Alert(id="a", source="nms", target_kind="destination", target="ops", text=" ",
                 hosts=("a",))
-    with pytest.raises(TasyncValidationError, match="text: the message is empty"):
+    with pytest.raises(InvalidObject, match="text: the message is empty"):
         validated(bad)
 
 

@@ -10,8 +10,8 @@ from typing import Any, cast
 import pytest
 
 from broker.alerts import Alert
-from broker.errors import BrokerUnreachable, PublishError, TasyncError, TopologyMissing
-from producers.intake_pool import BrokerCircuit, Busy, SenderPool
+from broker.errors import BrokerUnreachable, IntakeBusy, PublishError, TasyncError, TopologyMissing
+from producers.intake_pool import BrokerCircuit, SenderPool
 from producers.sender import AlertSender, SendResult
 from tests.waiting import wait_for
 
@@ -80,7 +80,7 @@ def test_a_busy_pool_answers_busy_after_its_wait() -> None:
     with ThreadPoolExecutor(2) as threads:
         first = threads.submit(senders.send_many, [ALERT])
         wait_for(lambda: senders._idle.empty(), what="the only sender in use")
-        with pytest.raises(Busy):
+        with pytest.raises(IntakeBusy):
             senders.send_many([ALERT])
         release.set()
         assert first.result().ids == ["a1"]

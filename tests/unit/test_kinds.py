@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from broker import kinds
-from broker.errors import ConfigError, ValidationError
+from broker.errors import ConfigError, InvalidObject
 
 WINDOW = {"days": ["mon", "fri"], "start": "09:00", "end": "17:30"}
 
@@ -75,76 +75,76 @@ def test_node_description_defaults_to_empty() -> None:
     ("node", {"descr": "x"}),
 ])
 def test_unknown_fields_are_rejected(kind: str, body: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError, match="Unknown field") as info:
+    with pytest.raises(InvalidObject, match="Unknown field") as info:
         kinds.load_body(kind, "obj", body)
     assert info.value.errors  # the field-level detail is kept for --json
 
 
 def test_url_without_scheme_is_rejected() -> None:
-    with pytest.raises(ValidationError, match="needs a scheme") as info:
+    with pytest.raises(InvalidObject, match="needs a scheme") as info:
         kinds.load_body("destination", "d", {"url": "example.com/hook"})
     assert "url" in info.value.errors
 
 
 @pytest.mark.parametrize("url", ["://example.com/hook", ":nothing"])
 def test_url_with_empty_scheme_is_rejected(url: str) -> None:
-    with pytest.raises(ValidationError, match="scheme"):
+    with pytest.raises(InvalidObject, match="scheme"):
         kinds.load_body("destination", "d", {"url": url})
 
 
 def test_missing_required_field_is_rejected() -> None:
-    with pytest.raises(ValidationError, match=r"^destination d: url: Missing data"):
+    with pytest.raises(InvalidObject, match=r"^destination d: url: Missing data"):
         kinds.load_body("destination", "d", {})
 
 
 def test_unknown_time_zone_is_rejected() -> None:
-    with pytest.raises(ValidationError, match=r"timezone: unknown time zone 'Mars/Olympus'"):
+    with pytest.raises(InvalidObject, match=r"timezone: unknown time zone 'Mars/Olympus'"):
         kinds.load_body("schedule", "s", {**schedule(), "timezone": "Mars/Olympus"})
 
 
 def test_time_zone_naming_a_zone_directory_is_a_validation_error() -> None:
-    with pytest.raises(ValidationError, match="unknown time zone"):
+    with pytest.raises(InvalidObject, match="unknown time zone"):
         kinds.load_body("schedule", "s", {**schedule(), "timezone": "America"})
 
 
 @pytest.mark.parametrize(("start", "end"), [("17:00", "09:00"), ("09:00", "09:00"),
                                             ("24:00", "24:00")])
 def test_window_start_must_be_before_end(start: str, end: str) -> None:
-    with pytest.raises(ValidationError, match="start must be before end") as info:
+    with pytest.raises(InvalidObject, match="start must be before end") as info:
         kinds.load_body("schedule", "s", schedule(start=start, end=end))
     assert info.value.errors == {"windows": {0: {"end": ["start must be before end"]}}}
 
 
 @pytest.mark.parametrize("bad", ["9:00", "25:00", "12:60", "noon", "24:01"])
 def test_window_times_must_be_hh_mm(bad: str) -> None:
-    with pytest.raises(ValidationError, match="use HH:MM"):
+    with pytest.raises(InvalidObject, match="use HH:MM"):
         kinds.load_body("schedule", "s", schedule(start=bad))
 
 
 def test_window_days_must_be_known() -> None:
-    with pytest.raises(ValidationError, match=r"days\.0: Must be one of"):
+    with pytest.raises(InvalidObject, match=r"days\.0: Must be one of"):
         kinds.load_body("schedule", "s", schedule(days=["monday"]))
 
 
 def test_duplicate_route_hosts_are_rejected() -> None:
-    with pytest.raises(ValidationError, match="only once in a precedence list"):
+    with pytest.raises(InvalidObject, match="only once in a precedence list"):
         kinds.load_body("route", "r", {"hosts": ["a", "b", "a"]})
 
 
 def test_route_host_must_be_a_node_name() -> None:
-    with pytest.raises(ValidationError, match="not a node name"):
+    with pytest.raises(InvalidObject, match="not a node name"):
         kinds.load_body("route", "r", {"hosts": ["a.b"]})
 
 
 def test_group_needs_members_and_a_known_mode() -> None:
-    with pytest.raises(ValidationError, match="members"):
+    with pytest.raises(InvalidObject, match="members"):
         kinds.load_body("group", "g", {"members": []})
-    with pytest.raises(ValidationError, match="mode"):
+    with pytest.raises(InvalidObject, match="mode"):
         kinds.load_body("group", "g", {"members": ["a"], "mode": "any"})
 
 
 def test_body_must_be_a_mapping() -> None:
-    with pytest.raises(ValidationError, match="must be a JSON object"):
+    with pytest.raises(InvalidObject, match="must be a JSON object"):
         kinds.load_body("destination", "d", ["file:///x"])  # type: ignore[arg-type]
 
 
@@ -152,7 +152,7 @@ def test_body_must_be_a_mapping() -> None:
 
 
 def test_unknown_kind_lists_the_kinds() -> None:
-    with pytest.raises(ValidationError, match="unknown kind 'printer'") as info:
+    with pytest.raises(InvalidObject, match="unknown kind 'printer'") as info:
         kinds.check_kind("printer")
     for kind in kinds.KINDS:
         assert kind in str(info.value)
@@ -166,7 +166,7 @@ def test_validation_error_is_a_config_error() -> None:
 @pytest.mark.parametrize("name", ["", "-leading-dash", "has space", "x" * 129, "semi;colon",
                                   "slash/name", None, 42])
 def test_invalid_object_names_are_rejected(name: Any) -> None:
-    with pytest.raises(ValidationError, match="invalid destination name"):
+    with pytest.raises(InvalidObject, match="invalid destination name"):
         kinds.check_name("destination", name)
 
 
@@ -179,20 +179,20 @@ def test_node_names_follow_the_stricter_node_rule() -> None:
     assert kinds.check_name("node", "node_1-a") == "node_1-a"
     # Allowed for other kinds, but a node name becomes a routing-key word.
     assert kinds.check_name("destination", "a.b") == "a.b"
-    with pytest.raises(ValidationError, match="invalid node name"):
+    with pytest.raises(InvalidObject, match="invalid node name"):
         kinds.check_name("node", "a.b")
 
 
 @pytest.mark.parametrize("kind", ["destination", "node"])
 def test_name_with_trailing_newline_is_rejected(kind: str) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidObject):
         kinds.check_name(kind, "name\n")
 
 
 def test_load_body_checks_kind_and_name_first() -> None:
-    with pytest.raises(ValidationError, match="unknown kind"):
+    with pytest.raises(InvalidObject, match="unknown kind"):
         kinds.load_body("printer", "p", {})
-    with pytest.raises(ValidationError, match="invalid group name"):
+    with pytest.raises(InvalidObject, match="invalid group name"):
         kinds.load_body("group", "bad name", {"members": ["a"]})
 
 
@@ -202,7 +202,7 @@ def test_load_body_checks_kind_and_name_first() -> None:
 def test_error_message_is_one_line_and_names_every_problem() -> None:
     body = {"windows": [{"days": ["xx"], "start": "1:00", "end": "09:00"},
                         {**WINDOW, "start": "18:00", "end": "08:00"}], "timezone": "Nowhere/X"}
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(InvalidObject) as info:
         kinds.load_body("schedule", "night", body)
     message = str(info.value)
     assert "\n" not in message
@@ -305,7 +305,7 @@ def test_dependency_order_puts_referenced_kinds_first() -> None:
 ])
 def test_control_characters_are_refused_in_every_field(kind: str, body: dict[str, Any],
                                                        field: str) -> None:
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidObject) as caught:
         kinds.load_body(kind, "x", body)
     message = str(caught.value)
     assert "control character" in message and field in message, message
@@ -316,12 +316,12 @@ def test_deep_nesting_is_refused_without_recursion() -> None:
     deep: Any = "leaf"
     for _ in range(5_000):
         deep = [deep]
-    with pytest.raises(ValidationError, match="nested more than"):
+    with pytest.raises(InvalidObject, match="nested more than"):
         kinds.load_body("destination", "x", {"url": "file:///a", "subject": deep})
 
 
 def test_a_long_name_is_quoted_short() -> None:
-    with pytest.raises(ValidationError) as caught:
+    with pytest.raises(InvalidObject) as caught:
         kinds.load_body("destination", "n" * 10_000 + "\x00", {"url": "file:///a"})
     assert len(str(caught.value)) < 120 and "10001 characters" in str(caught.value)
 
@@ -329,7 +329,7 @@ def test_a_long_name_is_quoted_short() -> None:
 @pytest.mark.parametrize("url", ["nosuchscheme://host/token-SECRET", "slak://T0/B0/SECRET", "slack://SECRET",
                                  "mailto://"])
 def test_a_url_no_channel_knows_is_refused_without_showing_it(url: str) -> None:
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(InvalidObject) as info:
         kinds.load_body("destination", "chat", {"url": url})
     assert ("scheme" in str(info.value) or "cannot read" in str(info.value))
     assert "SECRET" not in str(info.value)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import kinds
-from broker.errors import ValidationError
+from broker.errors import InvalidObject
 
 
 def slow(body: Any) -> Any:
@@ -44,7 +44,7 @@ def test_edge_cases_agree(body: dict[str, Any]) -> None:
     check(body)
     fast = kinds._fast_destination(body)
     if fast is None and slow(body)[0] == "refused":
-        with pytest.raises(ValidationError):
+        with pytest.raises(InvalidObject):
             kinds.load_body("destination", "d", body)
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from broker.audit import Trail, read_trail
 from broker.epochs import EpochHistory, Era
-from broker.errors import ConfigError
+from broker.errors import ConfigError, GapError
 from broker.messages import Change, ChangeBatch
-from broker.store import GapError, NodeStore
+from broker.store import NodeStore
 from consumers.conflicts import ConflictFile, as_op
 from consumers.replay import Since, stream_offset
 

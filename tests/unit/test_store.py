@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from broker.errors import GapError
 from broker.kinds import KINDS
 from broker.messages import Change, ChangeBatch
-from broker.store import DB_NAME, GapError, NodeStore, canonical
+from broker.store import DB_NAME, NodeStore, canonical
 
 
 @pytest.fixture
