@@ -46,12 +46,12 @@ def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
     # server_hostname=None makes kombu put each URL's host here, and py-amqp checks the broker's
     # certificate against it; without the key py-amqp would accept any certificate the CA signed.
     opts: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
-    extra = settings.extra
-    if extra.get("ssl_ca_file"):
-        opts["ca_certs"] = extra["ssl_ca_file"]
-    if extra.get("ssl_cert_file"):
-        opts["certfile"] = extra["ssl_cert_file"]
-        opts["keyfile"] = extra.get("ssl_key_file")
+    tls = settings.tls
+    if tls.ca_file:
+        opts["ca_certs"] = tls.ca_file
+    if tls.cert_file:
+        opts["certfile"] = tls.cert_file
+        opts["keyfile"] = tls.key_file
     return opts
 
 

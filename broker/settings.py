@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -17,6 +18,14 @@ ENV_BROKER_URL = "TASYNC_BROKER_URL"
 ENV_CLUSTER_KEY_FILE = "TASYNC_CLUSTER_KEY_FILE"
 ENV_SMTP_URL = "TASYNC_SMTP_URL"
 ENV_MAIL_HOSTNAME = "TASYNC_MAIL_HOSTNAME"
+ENV_SSL_CA_FILE = "TASYNC_SSL_CA_FILE"
+ENV_SSL_CERT_FILE = "TASYNC_SSL_CERT_FILE"
+ENV_SSL_KEY_FILE = "TASYNC_SSL_KEY_FILE"
+ENV_RABBITMQCTL = "TASYNC_RABBITMQCTL"
+ENV_DEDUP_WINDOW = "TASYNC_DEDUP_WINDOW_S"
+
+#: How long a node remembers a settled alert id (``$TASYNC_DEDUP_WINDOW_S``), in seconds.
+DEFAULT_DEDUP_WINDOW_S = 3600.0
 
 
 #: Set by systemd to ``DEVICE:INODE`` of the journal stream it connected stdout/stderr to.
@@ -70,6 +79,34 @@ def vhost_of(url: str) -> str:
     """The virtual host a URL names (``/`` when the path is empty), percent-decoded."""
     path = urlsplit(url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    """The files of TLS to the broker, for ``amqps://`` URLs (``broker.tls`` checks them).
+
+    Attributes:
+        ca_file: CA bundle that signed the broker's certificate (None: the system's CAs).
+        cert_file: client certificate (PEM), for brokers that require one.
+        key_file: the client certificate's private key (None when ``cert_file`` holds both).
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any TLS file is set."""
+        return bool(self.ca_file or self.cert_file or self.key_file)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TlsFiles:
+        """``$TASYNC_SSL_CA_FILE``, ``$TASYNC_SSL_CERT_FILE`` and ``$TASYNC_SSL_KEY_FILE``."""
+        env = os.environ if environ is None else environ
+        return cls(ca_file=env.get(ENV_SSL_CA_FILE, "").strip() or None,
+                   cert_file=env.get(ENV_SSL_CERT_FILE, "").strip() or None,
+                   key_file=env.get(ENV_SSL_KEY_FILE, "").strip() or None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +164,7 @@ class Settings:
     handled_catch_up_s: float = 30.0
     list_check_s: float = 5.0
     metrics_sources: tuple[str, ...] = DEFAULT_METRICS_SOURCES
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    tls: TlsFiles = field(default_factory=lambda: TlsFiles(), compare=False)
 
     def __repr__(self) -> str:
         urls = ";".join(redact_url(u) for u in self.broker_urls)
@@ -229,3 +266,36 @@ class IntakeSettings:
         return settings.with_(connect_timeout_s=self.connect_timeout_s,
                               connect_retry_s=self.connect_retry_s,
                               confirm_timeout_s=self.confirm_timeout_s)
+
+
+def key_file_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The key file named by ``$TASYNC_CLUSTER_KEY_FILE``, or ``None`` when unset or blank.
+
+    Args:
+        environ: the environment to read; ``os.environ`` by default (tests pass a dict).
+    """
+    value = (os.environ if environ is None else environ).get(ENV_CLUSTER_KEY_FILE, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def rabbitmqctl_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """The command that runs ``rabbitmqctl``: ``$TASYNC_RABBITMQCTL``, else ``rabbitmqctl``."""
+    return (os.environ if environ is None else environ).get(ENV_RABBITMQCTL, "rabbitmqctl")
+
+
+def dedup_window_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """The duplicate window from ``$TASYNC_DEDUP_WINDOW_S`` (seconds), else one hour.
+
+    Raises:
+        ValueError: the variable is not a non-negative number (the message names it).
+    """
+    raw = (os.environ if environ is None else environ).get(ENV_DEDUP_WINDOW, "").strip()
+    if not raw:
+        return DEFAULT_DEDUP_WINDOW_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ValueError(f"{ENV_DEDUP_WINDOW} must be a number of seconds, got {raw!r}")
+    return value

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from broker.errors import ConfigError, MessageError
-from broker.settings import ENV_CLUSTER_KEY_FILE
 
 #: The AMQP header that carries ``KeyRing.sign(body)`` on every change batch, epoch mark and
 #: alert. One name for every producer and consumer: a receiver looking under another name
@@ -202,12 +199,3 @@ def new_key_line(key_id: str | None = None) -> str:
 def _mac(secret: bytes, body: bytes) -> str:
     return hmac.new(secret, body, hashlib.sha256).hexdigest()
 
-
-def key_file_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
-    """The key file named by ``$TASYNC_CLUSTER_KEY_FILE``, or ``None`` when unset or blank.
-
-    Args:
-        environ: the environment to read; ``os.environ`` by default (tests pass a dict).
-    """
-    value = (os.environ if environ is None else environ).get(ENV_CLUSTER_KEY_FILE, "").strip()
-    return Path(value).expanduser() if value else None

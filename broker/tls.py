@@ -1,10 +1,10 @@
 """TLS to the broker: which files to use, from options or the environment, checked early.
 
-``broker.connection`` turns ``Settings.extra`` keys ``ssl_ca_file``, ``ssl_cert_file`` and
-``ssl_key_file`` into py-amqp's TLS options for ``amqps://`` URLs. This module fills those keys
-from ``--ca-file/--cert-file/--key-file`` or ``$TASYNC_SSL_CA_FILE``, ``$TASYNC_SSL_CERT_FILE``,
-``$TASYNC_SSL_KEY_FILE`` (options win), so every process of a network can be pointed at its
-certificates once, in its environment.
+``broker.connection`` turns ``Settings.tls`` (``TlsFiles``) into py-amqp's TLS options for
+``amqps://`` URLs. This module fills it from ``--ca-file/--cert-file/--key-file`` or
+``$TASYNC_SSL_CA_FILE``, ``$TASYNC_SSL_CERT_FILE``, ``$TASYNC_SSL_KEY_FILE`` (options win, the
+variables are read in ``broker.settings``), so every process of a network can be pointed at
+its certificates once, in its environment.
 
 Files are checked when settings are built, so a typo gives a one-line usage error naming the
 option instead of an ``ssl`` error at the first connection. Giving TLS files with only
@@ -38,61 +38,65 @@ certificate with all names as subjectAltName is the usual way).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
 from broker.errors import ConfigError
+from broker.settings import (
+    ENV_SSL_CA_FILE,
+    ENV_SSL_CERT_FILE,
+    ENV_SSL_KEY_FILE,
+    TlsFiles,
+)
 
-ENV_SSL_CA_FILE = "TASYNC_SSL_CA_FILE"
-ENV_SSL_CERT_FILE = "TASYNC_SSL_CERT_FILE"
-ENV_SSL_KEY_FILE = "TASYNC_SSL_KEY_FILE"
-
-#: ``Settings.extra`` key -> (environment variable, option shown in messages).
-TLS_KEYS: dict[str, tuple[str, str]] = {
-    "ssl_ca_file": (ENV_SSL_CA_FILE, "--ca-file"),
-    "ssl_cert_file": (ENV_SSL_CERT_FILE, "--cert-file"),
-    "ssl_key_file": (ENV_SSL_KEY_FILE, "--key-file"),
+#: ``TlsFiles`` field -> (environment variable, option shown in messages).
+TLS_OPTIONS: dict[str, tuple[str, str]] = {
+    "ca_file": (ENV_SSL_CA_FILE, "--ca-file"),
+    "cert_file": (ENV_SSL_CERT_FILE, "--cert-file"),
+    "key_file": (ENV_SSL_KEY_FILE, "--key-file"),
 }
 
 
-def tls_extra(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
+def tls_files(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
               key_file: str | Path | None = None, *,
-              environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``Settings.extra`` entries for TLS: the given files, else the environment's.
+              environ: TlsFiles | None = None) -> TlsFiles:
+    """The TLS files to use: the given ones, else the environment's, each checked.
 
     Args:
         ca_file: CA bundle that signed the broker's certificate (default: the system's CAs).
         cert_file: client certificate (PEM), for brokers with ``fail_if_no_peer_cert``.
         key_file: the client certificate's private key (may be omitted when ``cert_file``
             holds both).
-        environ: the environment to read; ``os.environ`` by default (tests pass a dict).
+        environ: what the environment says (``TlsFiles.from_env()`` by default; tests pass
+            their own).
 
     Raises:
         ConfigError: a file is missing or unreadable, or a key is given without a certificate.
     """
-    env = os.environ if environ is None else environ
-    given = {"ssl_ca_file": ca_file, "ssl_cert_file": cert_file, "ssl_key_file": key_file}
-    extra: dict[str, str] = {}
-    for key, (variable, option) in TLS_KEYS.items():
-        value = given[key] or env.get(variable, "").strip()
+    env = TlsFiles.from_env() if environ is None else environ
+    given = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    chosen: dict[str, str] = {}
+    for item in fields(TlsFiles):
+        variable, option = TLS_OPTIONS[item.name]
+        value = str(given[item.name] or getattr(env, item.name) or "").strip()
         if not value:
             continue
         path = Path(value).expanduser()
         if not path.is_file() or not os.access(path, os.R_OK):
             raise ConfigError(f"{option} / ${variable}: {path} is not a readable file")
-        extra[key] = str(path)
-    if "ssl_key_file" in extra and "ssl_cert_file" not in extra:
+        chosen[item.name] = str(path)
+    if "key_file" in chosen and "cert_file" not in chosen:
         raise ConfigError("--key-file needs --cert-file (the client certificate it belongs to)")
-    return extra
+    return TlsFiles(**chosen)
 
 
-def check_tls_urls(broker_urls: tuple[str, ...], extra: Mapping[str, object]) -> None:
+def check_tls_urls(broker_urls: tuple[str, ...], tls: TlsFiles) -> None:
     """Refuse TLS files next to URLs that would not use them (none is ``amqps://``).
 
     Raises:
         ConfigError: TLS files are set but every broker URL is plain ``amqp://``.
     """
-    if not any(extra.get(key) for key in TLS_KEYS):
+    if not tls.given:
         return
     if not any(url.startswith("amqps://") for url in broker_urls):
         raise ConfigError("TLS files are set (--ca-file/--cert-file/--key-file or "

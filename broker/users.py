@@ -33,8 +33,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from broker.errors import BrokerAdminError, ConfigError
 from broker.permissions import Account, Permissions, permissions_for
+from broker.settings import rabbitmqctl_from_env
 
-ENV_RABBITMQCTL = "TASYNC_RABBITMQCTL"
 #: 32 random bytes, URL-safe base64: no character needs escaping in a broker URL.
 PASSWORD_BYTES = 32
 
@@ -55,7 +55,7 @@ class RabbitCtl:
 
     def __init__(self, command: str | Sequence[str] | None = None, *,
                  timeout_s: float = 120.0) -> None:
-        raw = command if command is not None else os.environ.get(ENV_RABBITMQCTL, "rabbitmqctl")
+        raw = command if command is not None else rabbitmqctl_from_env()
         self.argv = shlex.split(raw) if isinstance(raw, str) else list(raw)
         if not self.argv:
             raise ConfigError("--rabbitmqctl is empty")

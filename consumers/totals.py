@@ -36,7 +36,6 @@ the metrics and an unbounded ``tasync totals`` cost the same whatever the histor
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 import threading
 import time
@@ -47,14 +46,13 @@ from typing import Any
 
 from broker.alerts import Handled
 from broker.errors import ConfigError
+from broker.settings import dedup_window_from_env
 from consumers.context import NodeContext
 
 DB_NAME = "totals.db"
 BUCKET_S = 60
 COUNTERS = ("received", "delivered", "failed", "skipped", "taken_over", "redelivered",
             "duplicates", "refused", "dead_lettered")
-DEFAULT_DEDUP_WINDOW_S = 3600.0
-ENV_DEDUP_WINDOW = "TASYNC_DEDUP_WINDOW_S"
 _PRUNE_EVERY_S = 60.0
 
 _COLUMNS = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COUNTERS)
@@ -72,21 +70,15 @@ _SEEN_COLUMNS = (("node", "TEXT"), ("learned_at", "REAL"))
 
 
 def window_from_env() -> float:
-    """The duplicate window from ``$TASYNC_DEDUP_WINDOW_S`` (seconds), else one hour.
+    """The duplicate window the settings read (``$TASYNC_DEDUP_WINDOW_S``), else one hour.
 
     Raises:
         ConfigError: the variable is not a non-negative number.
     """
-    raw = os.environ.get(ENV_DEDUP_WINDOW, "").strip()
-    if not raw:
-        return DEFAULT_DEDUP_WINDOW_S
     try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise ConfigError(f"{ENV_DEDUP_WINDOW} must be a number of seconds, got {raw!r}")
-    return value
+        return dedup_window_from_env()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def open_db(data_dir: Path | str) -> sqlite3.Connection:

@@ -22,8 +22,8 @@ from broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
 from broker.allowlist import AllowList
 from broker.audit import Trail
 from broker.errors import ConfigError, NoAnswer
-from broker.settings import IntakeSettings
-from broker.signing import KeyRing, key_file_from_env
+from broker.settings import IntakeSettings, key_file_from_env
+from broker.signing import KeyRing
 from broker.since import Since
 from producers.sender import AlertSender, parse_hosts
 from tasync.alert_lists import ask_all

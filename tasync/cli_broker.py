@@ -23,10 +23,9 @@ from broker.allowlist import AllowList, Entry
 from broker.connection import close_quietly, connect
 from broker.errors import BrokerAdminError, ConfigError
 from broker.permissions import Account
-from broker.settings import Settings
-from broker.tls import tls_extra
+from broker.settings import ENV_RABBITMQCTL, Settings
+from broker.tls import tls_files
 from broker.users import (
-    ENV_RABBITMQCTL,
     Outcome,
     RabbitCtl,
     ensure_accounts,
@@ -74,10 +73,10 @@ def tls_settings(broker_url: str, ca_file: Path | None, cert_file: Path | None,
                  key_file: Path | None, **overrides: Any) -> Settings:
     """Settings from ``--broker`` and the TLS options (else ``$TASYNC_SSL_*``); usage errors."""
     try:
-        extra = tls_extra(ca_file, cert_file, key_file)
+        tls = tls_files(ca_file, cert_file, key_file)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    return make_settings(broker_url, extra=extra, **overrides)
+    return make_settings(broker_url, tls=tls, **overrides)
 
 
 @click.group()

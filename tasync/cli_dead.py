@@ -34,8 +34,8 @@ from broker.alerts import ID_RE
 from broker.browse import Browsed, QueueBrowser, browse
 from broker.connection import close_quietly, connect
 from broker.errors import ConfigError, MessageError
-from broker.settings import Settings
-from broker.signing import KeyRing, key_file_from_env
+from broker.settings import Settings, key_file_from_env
+from broker.signing import KeyRing
 from consumers.quarantine import (
     ATTEMPTS_HEADER,
     DEAD_AT_HEADER,

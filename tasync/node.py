@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from broker.allowlist import ALERT_HOSTS_FILE
 from broker.audit import Trail, setup_sync_log
@@ -59,7 +59,24 @@ class NodeOptions:
     role: str | None = None
     verbose: bool = False
     key_file: Path | None = None
-    extra: dict[str, Any] | None = None
+    hosts_file: Path | None = None
+    single_master: str | None = None
+    conf_hosts_file: Path | None = None
+    alert_hosts_file: Path | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+class Component(Protocol):
+    """A part of the node with a thread of its own: the sync, control and delivery consumers."""
+
+    stop_event: threading.Event
+
+    def start(self) -> threading.Thread:
+        """Start serving in a thread of its own."""
+
+    def stop(self, timeout_s: float = ...) -> None:
+        """Stop serving and wait (up to ``timeout_s``) for the thread."""
 
 
 class Node:
@@ -97,7 +114,9 @@ class Node:
             handlers={**self.roles.handlers(), **self.delivery.control_handlers()},
             authorize=self.admission.admit_config_request, on_committed=self._dirty.set,
             status_extra=self.roles.status_extra)
-        self.consumers: list[Any] = [self.sync, self.control, self.delivery]
+        #: Started in this order after the seat is settled; stopped together (all are told
+        #: first, then each is waited for), so one slow part does not hold the others.
+        self.consumers: tuple[Component, ...] = (self.sync, self.control, self.delivery)
 
     def _init_role(self, role: str | None) -> None:
         """Take the command line's role as a wish: ``master`` is checked at start (``Roles``)."""
@@ -107,14 +126,13 @@ class Node:
             self.ctx.store.set_meta(role=role)
 
     def _admission(self, options: NodeOptions) -> Admission:
-        extra = options.extra or {}
-        alert_hosts = extra.get("alert_hosts_file")
+        alert_hosts = options.alert_hosts_file
         if alert_hosts is None and (options.data_dir / ALERT_HOSTS_FILE).exists():
             alert_hosts = options.data_dir / ALERT_HOSTS_FILE
         store = self.ctx.store
         admission = Admission.from_options(
-            hosts_file=extra.get("hosts_file"), single_master=extra.get("single_master"),
-            conf_hosts_file=extra.get("conf_hosts_file"), alert_hosts_file=alert_hosts,
+            hosts_file=options.hosts_file, single_master=options.single_master,
+            conf_hosts_file=options.conf_hosts_file, alert_hosts_file=alert_hosts,
             is_node=lambda name: store.get("node", name) is not None,
         )
         decision = admission.may_be_master(options.node)
@@ -140,12 +158,10 @@ class Node:
         """Start every consumer and serve until SIGTERM or SIGINT."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
-        extra = self.options.extra or {}
-        if extra.get("metrics_port") is not None:
+        if self.options.metrics_port is not None:
             from tasync.metrics import start_metrics_server
 
-            start_metrics_server(int(extra["metrics_port"]), self,
-                                 host=str(extra.get("metrics_host") or "127.0.0.1"))
+            start_metrics_server(self.options.metrics_port, self, host=self.options.metrics_host)
         ctx = self.ctx
         ctx.trail.event("node_started", role=ctx.role, epoch=ctx.store.epoch,
                         seq=ctx.store.last_seq)

@@ -20,7 +20,7 @@ from broker.connection import RECOVERABLE, describe
 from broker.errors import ConfigError, ExitCode, RemoteError, TasyncError
 from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL, Settings
 from broker.since import Since
-from broker.tls import TLS_KEYS, check_tls_urls, tls_extra
+from broker.tls import check_tls_urls, tls_files
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,24 +109,24 @@ def make_settings(broker_url: str, **overrides: Any) -> Settings:
     Every command and the worker build their settings here, so ``$TASYNC_SSL_CA_FILE``,
     ``$TASYNC_SSL_CERT_FILE`` and ``$TASYNC_SSL_KEY_FILE`` reach each of them the same way: a
     process pointed at ``amqps://`` in its environment needs no TLS options on its command
-    line. TLS files given as options (``extra=tls_extra(...)``) win over the environment.
+    line. TLS files given as options (``tls=tls_files(...)``) win over the environment.
     """
-    extra = dict(overrides.pop("extra", None) or {})
+    tls = overrides.pop("tls", None)
     ctx = click.get_current_context(silent=True)
     if ctx is not None and _CONNECT_TIMEOUT_KEY in ctx.meta:
         timeout_s = float(ctx.meta[_CONNECT_TIMEOUT_KEY])
         overrides.setdefault("connect_timeout_s", timeout_s)
         overrides.setdefault("connect_retry_s", timeout_s)
     try:
-        if not any(extra.get(key) for key in TLS_KEYS):
-            extra.update(tls_extra())
-        settings = Settings.from_env(broker_url, extra=extra, **overrides)
+        if tls is None or not tls.given:
+            tls = tls_files()
+        settings = Settings.from_env(broker_url, tls=tls, **overrides)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--broker") from None
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        check_tls_urls(settings.broker_urls, settings.extra)
+        check_tls_urls(settings.broker_urls, settings.tls)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     return settings

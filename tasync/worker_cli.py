@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from broker.settings import DEFAULT_METRICS_SOURCES
-from broker.signing import key_file_from_env
+from broker.settings import DEFAULT_METRICS_SOURCES, key_file_from_env
 from tasync.node import Node, NodeOptions
 from tasync.options import broker_url_option, handle_errors, make_settings
 
@@ -73,9 +72,9 @@ def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None
     options = NodeOptions(
         node=node, data_dir=data_dir, role=role, verbose=verbose,
         key_file=key_file or key_file_from_env(),
-        extra={"hosts_file": hosts_file, "single_master": single_master,
-               "conf_hosts_file": conf_hosts_file, "alert_hosts_file": alert_hosts_file,
-               "metrics_port": metrics_port, "metrics_host": metrics_host},
+        hosts_file=hosts_file, single_master=single_master, conf_hosts_file=conf_hosts_file,
+        alert_hosts_file=alert_hosts_file, metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     Node(settings, options).run()
 

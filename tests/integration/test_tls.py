@@ -21,8 +21,8 @@ from broker import topology
 from broker.connection import close_quietly, connect
 from broker.errors import BrokerUnreachable, ConfigError
 from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
-from broker.tls import check_tls_urls, tls_extra
+from broker.settings import Settings, TlsFiles
+from broker.tls import check_tls_urls, tls_files
 from tests.harness.rabbit_cluster import unavailable_reason
 from tests.harness.tls_broker import Pki, TlsBroker
 from tests.network import Network
@@ -49,7 +49,7 @@ def pki(tls_broker: TlsBroker) -> Pki:
 
 def settings_for(url: str, ca: Path | None = None, cert: Path | None = None,
                  key: Path | None = None) -> Settings:
-    return Settings.from_url(url, extra=tls_extra(ca, cert, key, environ={}),
+    return Settings.from_url(url, tls=tls_files(ca, cert, key, environ=TlsFiles()),
                              connect_timeout_s=5.0)
 
 
@@ -157,14 +157,14 @@ def test_tls_files_need_an_amqps_url(tmp_path: Path, pki: Pki) -> None:
     assert out.returncode == 2
     assert "no broker URL is amqps://" in out.stderr
     with pytest.raises(ConfigError, match="not a readable file"):
-        tls_extra(ca_file=tmp_path / "missing.pem", environ={})
+        tls_files(ca_file=tmp_path / "missing.pem", environ=TlsFiles())
     with pytest.raises(ConfigError, match="--key-file needs --cert-file"):
-        tls_extra(key_file=pki.client_key, environ={})
+        tls_files(key_file=pki.client_key, environ=TlsFiles())
     with pytest.raises(ConfigError, match="TASYNC_SSL_CA_FILE"):
-        tls_extra(environ={"TASYNC_SSL_CA_FILE": str(tmp_path / "nope.pem")})
-    check_tls_urls(("amqps://h/",), {"ssl_ca_file": "x"})
+        tls_files(environ=TlsFiles.from_env({"TASYNC_SSL_CA_FILE": str(tmp_path / "nope.pem")}))
+    check_tls_urls(("amqps://h/",), TlsFiles(ca_file="x"))
     with pytest.raises(ConfigError):
-        check_tls_urls(("amqp://h/",), {"ssl_ca_file": "x"})
+        check_tls_urls(("amqp://h/",), TlsFiles(ca_file="x"))
 
 
 def test_a_network_runs_over_tls_from_the_environment_alone(tls_broker: TlsBroker, pki: Pki,
