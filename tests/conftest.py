@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import secret_registry
-from tests.network import BrokerAdmin, Network
+from tests.network import BrokerAdmin, Network, VhostPool
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -77,15 +76,25 @@ def broker_admin() -> Iterator[BrokerAdmin]:
         container.stop()
 
 
+@pytest.fixture(scope="session")
+def vhost_pool(broker_admin: BrokerAdmin) -> Iterator[VhostPool]:
+    """Vhosts made ahead and deleted behind the tests (``tests.network.VhostPool``)."""
+    pool = VhostPool(broker_admin)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 @pytest.fixture
-def vhost(broker_admin: BrokerAdmin, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh vhost for one test, deleted afterwards."""
-    name = f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
-    broker_admin.add_vhost(name)
+def vhost(vhost_pool: VhostPool, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh vhost for one test, deleted afterwards (its name is in the test's report)."""
+    name = vhost_pool.take()
+    request.node.user_properties.append(("vhost", name))
     try:
         yield name
     finally:
-        broker_admin.delete_vhost(name)
+        vhost_pool.give_back(name)
 
 
 @pytest.fixture

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,114 @@ class BrokerAdmin:
         check_shared_broker_verb(("delete_vhost", name))
         subprocess.run([*self.ctl, "delete_vhost", name], check=False, capture_output=True,
                        timeout=120)
+
+    def add_vhosts(self, names: list[str]) -> None:
+        """Create test vhosts (``guest`` may use them) with one ``rabbitmqctl`` run.
+
+        Each ``rabbitmqctl`` run starts an Erlang VM (about a second); two runs per test for
+        creating and one for deleting cost the suite minutes. The one evaluated expression
+        does only what ``add_vhost`` and ``set_permissions -p NAME guest`` do, and only for
+        names ``TEST_VHOST`` accepts; anything else (``eval`` at large) stays refused.
+        """
+        self._eval_on_test_vhosts(names, _ADD_VHOST)
+
+    def delete_vhosts(self, names: list[str]) -> None:
+        """Delete test vhosts with one ``rabbitmqctl`` run (see ``add_vhosts``)."""
+        self._eval_on_test_vhosts(names, _DELETE_VHOST)
+
+    def _eval_on_test_vhosts(self, names: list[str], template: str) -> None:
+        if not names:
+            return
+        bad = [n for n in names if not TEST_VHOST.fullmatch(n)]
+        if bad:
+            raise SharedBrokerGuard(f"not test vhosts: {bad}")
+        listed = ", ".join(f'<<"{name}">>' for name in names)
+        subprocess.run([*self.ctl, "eval", template.format(vhosts=listed)], check=True,
+                       capture_output=True, text=True, timeout=120)
+
+
+#: Names of the vhosts the pool makes; nothing else is created or deleted through ``eval``.
+TEST_VHOST = re.compile(r"t-pool-[0-9a-f]{16}")
+_ADD_VHOST = ("[begin ok = rabbit_vhost:add(V, <<\"tasync-tests\">>), "
+              "ok = rabbit_auth_backend_internal:set_permissions(<<\"guest\">>, V, <<\".*\">>, "
+              "<<\".*\">>, <<\".*\">>, <<\"tasync-tests\">>) end || V <- [{vhosts}]], ok.")
+_DELETE_VHOST = "[rabbit_vhost:delete(V, <<\"tasync-tests\">>) || V <- [{vhosts}]], ok."
+
+
+class VhostPool:
+    """Fresh vhosts made ahead and used ones deleted, in batches, by a thread of its own.
+
+    Every test still gets a vhost nobody used before; it just does not wait for the broker
+    to make one, nor to delete it afterwards.
+
+    Args:
+        admin: the broker.
+        ahead: how many vhosts are kept ready.
+    """
+
+    def __init__(self, admin: BrokerAdmin, *, ahead: int = 3) -> None:
+        self.admin = admin
+        self.ahead = ahead
+        self._ready: queue.Queue[str] = queue.Queue()
+        self._used: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vhost-pool", daemon=True)
+        self._thread.start()
+
+    def take(self) -> str:
+        """A new vhost, made ahead of time."""
+        self._wake.set()
+        while True:
+            try:
+                name = self._ready.get(timeout=1.0)
+            except queue.Empty:
+                if self._failure is not None:
+                    raise RuntimeError(f"making test vhosts failed: {self._failure}") from None
+                continue
+            self._wake.set()
+            return name
+
+    def give_back(self, name: str) -> None:
+        """Delete ``name`` soon, in the background."""
+        with self._lock:
+            self._used.append(name)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the thread; delete every vhost it made that is still there."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=180)
+        left: list[str] = []
+        while not self._ready.empty():
+            left.append(self._ready.get_nowait())
+        with self._lock:
+            left += self._used
+            self._used = []
+        self.admin.delete_vhosts(left)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=5.0)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                missing = self.ahead - self._ready.qsize()
+                if missing > 0:
+                    names = [f"t-pool-{uuid.uuid4().hex[:16]}" for _ in range(missing)]
+                    self.admin.add_vhosts(names)
+                    for name in names:
+                        self._ready.put(name)
+                with self._lock:
+                    used, self._used = self._used, []
+                self.admin.delete_vhosts(used)
+            except (OSError, subprocess.SubprocessError) as exc:
+                self._failure = exc
+                return
 
 
 @dataclass

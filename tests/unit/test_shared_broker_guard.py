@@ -51,3 +51,14 @@ def test_no_test_names_a_broker_wide_verb_outside_the_private_harness() -> None:
             if quoted.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert found == []
+
+
+def test_the_vhost_pool_evaluates_only_on_its_own_vhosts() -> None:
+    """``eval`` stays refused; the pool's one expression touches only ``t-pool-`` vhosts."""
+    admin = BrokerAdmin(host="127.0.0.1", port=5672, ctl=["true"])
+    for names in (["/"], ["t-pool-0123456789abcdef", "other"], ['t-pool-0123456789abcdef">>']):
+        with pytest.raises(SharedBrokerGuard, match="not test vhosts"):
+            admin.delete_vhosts(names)
+    admin.add_vhosts(["t-pool-0123456789abcdef"])  # ``true`` stands in for rabbitmqctl
+    with pytest.raises(SharedBrokerGuard):
+        admin.rabbitmqctl("eval", "ok.")
