@@ -238,7 +238,9 @@ def test_promote_while_the_master_hangs_then_it_resumes_as_backup(network: Netwo
     result = json.loads(out.stdout)
     (tmp_path.parent / "promote-hung-master.txt").write_text(f"{took:.2f} s\n")
     print(f"promote of a hung master took {took:.2f} s; {result}")
-    assert result["fenced"] == "dropped", result
+    # The hung master cannot step down: the broker drops its connection (missed heartbeats).
+    # On a loaded machine that may happen before the promotion even asks ("free").
+    assert result["fenced"] in ("dropped", "free"), result
     a.signal(signal.SIGCONT)
     wait_for(lambda: (a.status() or {}).get("role") == "backup", timeout_s=60,
              what="the resumed old master to be a backup")
