@@ -288,8 +288,7 @@ def commit_times(db_path: Path, seqs: Sequence[int] | None = None) -> dict[int, 
 
 # -- trails -----------------------------------------------------------------------------------
 
-APPLY_EVENTS = frozenset({"change_applied", "changes_applied", "change_replayed",
-                          "changes_replayed"})
+APPLY_EVENTS = frozenset({"change.applied", "change.replayed"})
 
 
 def trail_time(stamp: str) -> float:

@@ -181,9 +181,10 @@ def one_run(broker: Broker, count: int) -> dict[str, Any]:
         log("catch-up")
         b.start()
         b.wait_ready(600)
-        catch_up = trail_span(b.data_dir, "node_started", "caught_up", "node_ready")
+        catch_up = trail_span(b.data_dir, "node.started", "recovery.caught_up", "node.ready")
         events = read_trail(b.data_dir)
-        caught = trail_time(next(e for e in reversed(events) if e["event"] == "caught_up")["ts"])
+        caught = trail_time(next(e for e in reversed(events)
+                                 if e["event"] == "recovery.caught_up")["ts"])
         replay_s = caught - replay_started(b.data_dir)
         raw_s, bodies = raw_stream_read(url, count)
         raw_msgspec_s, _ = raw_stream_read(url, count, loads=msgspec.json.decode)
@@ -194,14 +195,15 @@ def one_run(broker: Broker, count: int) -> dict[str, Any]:
         d = net.start_worker("d")
         d.wait_ready(600)
         wait_for(lambda: d.status().get("applied_seq", 0) >= head, timeout_s=60, what="d")
-        snapshot = trail_span(d.data_dir, "node_started", "snapshot_installed", "node_ready")
+        snapshot = trail_span(d.data_dir, "node.started", "recovery.snapshot_installed",
+                              "node.ready")
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "tasync", "recover", "--node", "b", "--snapshot",
                         "--broker", url, "--json"], check=True, capture_output=True, timeout=600)
         recover_cli_s = time.perf_counter() - t0
-    catch_up_s = catch_up["caught_up"]
+    catch_up_s = catch_up["recovery.caught_up"]
     return {
-        "changes": count, "catch_up_s": catch_up_s, "catch_up_ready_s": catch_up["node_ready"],
+        "changes": count, "catch_up_s": catch_up_s, "catch_up_ready_s": catch_up["node.ready"],
         "replay_s": round(replay_s, 3),
         "catch_up_changes_per_s": round(count / catch_up_s),
         "raw_read_s": round(raw_s, 3), "raw_changes_per_s": round(count / raw_s),
@@ -210,8 +212,8 @@ def one_run(broker: Broker, count: int) -> dict[str, Any]:
         "raw_read_msgspec_s": round(raw_msgspec_s, 3),
         "ratio_to_raw_msgspec": round(raw_msgspec_s / catch_up_s, 3),
         "store_floor_s": round(floor_s, 3),
-        "snapshot_installed_s": snapshot["snapshot_installed"],
-        "snapshot_ready_s": snapshot["node_ready"],
+        "snapshot_installed_s": snapshot["recovery.snapshot_installed"],
+        "snapshot_ready_s": snapshot["node.ready"],
         "recover_snapshot_cli_s": round(recover_cli_s, 3), "load": load.summary(),
     }
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from broker.audit import Trail, utc_now
 from broker.errors import ConfigError
+from broker.events import Event
 from broker.messages import Change, change_to_dict
 
 CONFLICTS_FILE = "conflicts.json"
@@ -79,7 +80,7 @@ class ConflictFile:
             if added:
                 self._write(entries + added)
         for entry in added:
-            self.trail.event("conflict_kept", seq=entry["seq"], epoch=entry["epoch"],
+            self.trail.event(Event.RECOVERY_CONFLICT_KEPT, seq=entry["seq"], epoch=entry["epoch"],
                              origin=entry["origin"], op=entry["op"], kind=entry["kind"],
                              name=entry["name"], reason=reason, file=self.path.name)
         return added
@@ -96,8 +97,8 @@ class ConflictFile:
             if changed:
                 self._write(entries)
         for entry in changed:
-            self.trail.event("conflict_resubmitted", seq=entry["seq"], epoch=entry["epoch"],
-                             kind=entry["kind"], name=entry["name"],
+            self.trail.event(Event.RECOVERY_CONFLICT_RESUBMITTED, seq=entry["seq"],
+                             epoch=entry["epoch"], kind=entry["kind"], name=entry["name"],
                              new_seq=entry["resubmitted_as"])
         return len(changed)
 

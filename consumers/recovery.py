@@ -28,6 +28,7 @@ from broker import topology
 from broker.connection import close_quietly, connect
 from broker.epochs import EpochHistory, EpochMark
 from broker.errors import ConfigError, GapError, NoAnswer, RemoteError, UnfillableGap
+from broker.events import Event
 from broker.messages import ChangeBatch
 from broker.rpc import RpcClient
 from broker.store import ApplyResult
@@ -180,7 +181,7 @@ class Recovery:
             store.set_history(new)
         for era in new.eras:
             if era not in old.eras:
-                self.ctx.trail.event("epoch_learned", epoch=era.epoch, base_seq=era.base,
+                self.ctx.trail.event(Event.ERA_LEARNED, epoch=era.epoch, base_seq=era.base,
                                      origin=era.origin)
         if new.max_epoch > old_epoch:
             self.on_newer_epoch(new)
@@ -230,7 +231,7 @@ class Recovery:
                 f"the change log does not reach back to seq {store.last_seq + 1}; "
                 f"holding {store.last_seq}, need {target}: recover from a snapshot"
             )
-        self.ctx.trail.event("caught_up", seq=store.last_seq, applied=applied)
+        self.ctx.trail.event(Event.RECOVERY_CAUGHT_UP, seq=store.last_seq, applied=applied)
         return applied
 
     def _start_offset(self) -> Any:
@@ -328,7 +329,7 @@ class Recovery:
                 report.applied += tail
             report.after_seq = store.last_seq
             if report.method != "none" or report.new_conflicts:
-                self.ctx.trail.event("recovered", method=report.method, reason=reason,
+                self.ctx.trail.event(Event.RECOVERY_DONE, method=report.method, reason=reason,
                                      from_seq=report.before_seq, to_seq=report.after_seq,
                                      applied=report.applied,
                                      conflicts=len(report.new_conflicts) or None)
@@ -371,8 +372,8 @@ class Recovery:
                           ts=float(data["ts"]), history=history)
         if data.get("checksum") and store.checksum() != data["checksum"]:
             raise ConfigError(f"the snapshot from {data['node']} did not install identically")
-        self.ctx.trail.event("snapshot_installed", source=data["node"], seq=data["seq"],
-                             objects=len(objects), checksum=store.checksum()[:16])
+        self.ctx.trail.event(Event.RECOVERY_SNAPSHOT_INSTALLED, source=data["node"],
+                             seq=data["seq"], objects=len(objects), checksum=store.checksum()[:16])
         self.sync.on_applied(ApplyResult(0, 0, store.last_seq))  # state changed, no seq
         tail = 0
         if store.last_seq < view.seq:

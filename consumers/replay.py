@@ -21,6 +21,7 @@ from typing import Any
 
 from broker.epochs import EpochHistory, EpochMark
 from broker.errors import ConfigError, GapError
+from broker.events import Event
 from broker.messages import Change, ChangeBatch
 from broker.settings import Settings
 from broker.since import Since
@@ -132,7 +133,7 @@ def replay_into(recovery: Recovery, since: Since, *,
             hint = near[0].ts if near else None
         read = read_since(ctx.settings, since, store.history, on_changes=on_changes,
                           until_seq=view.seq or None, ts_hint=hint, on_mark=sync.accept_mark)
-        ctx.trail.event("replayed", since=since.describe(), changes=read.changes,
+        ctx.trail.event(Event.RECOVERY_REPLAYED, since=since.describe(), changes=read.changes,
                         reapplied=counts["reapplied"], applied=counts["applied"],
                         rejected=read.rejected or None, complete=read.complete)
         return {"node": ctx.node, "since": since.describe(), "changes": read.changes,

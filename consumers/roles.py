@@ -47,6 +47,7 @@ from broker.errors import (
     TasyncError,
     UnfillableGap,
 )
+from broker.events import Event
 from broker.rpc import RpcClient
 from broker.seat import MasterSeat
 from broker.store import ApplyResult
@@ -223,7 +224,7 @@ class Roles:
         """Start as a backup although asked to start as master, and say why."""
         with self.ctx.store.lock:
             self.ctx.store.set_meta(role="backup")
-        self.ctx.trail.event("master_refused", reason=reason, owner=owner)
+        self.ctx.trail.event(Event.MASTER_REFUSED, reason=reason, owner=owner)
         log.warning("not starting as master: %s; running as a backup (promote it with "
                     "`tasync promote %s` if it should take over)", reason, self.ctx.node)
 
@@ -272,7 +273,8 @@ class Roles:
                 self.seat.release()
                 raise
             if kept:
-                self.ctx.trail.event("seat_regained", reason=reason, epoch=self.ctx.store.epoch)
+                self.ctx.trail.event(Event.MASTER_SEAT_REGAINED, reason=reason,
+                                     epoch=self.ctx.store.epoch)
                 log.warning("took the master's seat back (%s)", reason)
             return kept
 
@@ -288,7 +290,7 @@ class Roles:
             with store.lock:
                 store.set_meta(role="backup")
             self.seat.release()
-        self.ctx.trail.event("stepped_down", reason=reason, by=by, epoch=store.epoch,
+        self.ctx.trail.event(Event.MASTER_STEPPED_DOWN, reason=reason, by=by, epoch=store.epoch,
                              seq=store.last_seq, unconfirmed=len(store.unpublished()) or None)
         log.warning("stepped down to backup: %s", reason)
         self._changed()
@@ -325,8 +327,8 @@ class Roles:
         except BaseException:
             self.seat.release()
             raise
-        ctx.trail.event("promoted", epoch=epoch, base_seq=store.last_seq, previous=previous,
-                        drained=drained)
+        ctx.trail.event(Event.MASTER_PROMOTED, epoch=epoch, base_seq=store.last_seq,
+                        previous=previous, drained=drained)
         log.warning("promoted to master: epoch %d from seq %d", epoch, store.last_seq)
         self._changed()
         self.relay.publish_outbox()  # its own committed rows the broker never confirmed, if any
@@ -342,7 +344,7 @@ class Roles:
         """
         decision = self.admission.may_be_master(self.ctx.node)
         if decision is not None and not decision.allowed:
-            self.ctx.trail.event("promotion_refused", reason=decision.reason)
+            self.ctx.trail.event(Event.MASTER_PROMOTION_REFUSED, reason=decision.reason)
             raise ConfigError(f"{self.ctx.node} may not act as master: {decision.reason} "
                               "(its tasync.hosts or --master); nothing was changed")
 
@@ -425,7 +427,7 @@ class Roles:
         with store.lock:
             store.set_history(history)
             store.set_meta(role="master")
-        self.ctx.trail.event("era_opened", epoch=epoch, base_seq=store.last_seq)
+        self.ctx.trail.event(Event.ERA_OPENED, epoch=epoch, base_seq=store.last_seq)
         return epoch
 
     def _step_down(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -433,12 +435,13 @@ class Roles:
         if int(args.get("epoch") or 0) < self.ctx.store.epoch:
             # Asked by a candidate that looked before this node's own promotion: two
             # promotions at once, and this one won. The other one stops.
-            self.ctx.trail.event("step_down_ignored", by=by, reason="asked about an older epoch")
+            self.ctx.trail.event(Event.MASTER_STEP_DOWN_IGNORED, by=by,
+                                 reason="asked about an older epoch")
             return {**self._head({}), "ignored": True}
         if time.time() > float(args.get("expires_at") or "inf"):
             # The promotion that asked gave up long ago (this node was hung): it does not
             # act on it; if it lost its seat meanwhile, keep_seat already settled that.
-            self.ctx.trail.event("step_down_ignored", by=by, reason="expired request")
+            self.ctx.trail.event(Event.MASTER_STEP_DOWN_IGNORED, by=by, reason="expired request")
             return {**self._head({}), "ignored": True}
         self.step_down(reason=f"{by} is being promoted" if by else "asked to", by=by)
         return self._head({})

@@ -28,6 +28,7 @@ from broker import topology
 from broker.consumer import ConsumerLoop, message_body
 from broker.epochs import EpochMark
 from broker.errors import GapError, MessageError, TasyncError
+from broker.events import Event
 from broker.fastdecode import decode_entry
 from broker.messages import ChangeBatch
 from broker.signing import SIGNATURE_HEADER
@@ -90,7 +91,7 @@ class SyncConsumer(ConsumerLoop):
             except TasyncError as exc:
                 if str(exc) != self._last_failure:
                     self._last_failure = str(exc)
-                    self.ctx.trail.event("recovery_failed", reason=str(exc))
+                    self.ctx.trail.event(Event.RECOVERY_FAILED, reason=str(exc))
                 raise
         self.caught_up.set()
         channel.basic_consume(topology.sync_queue(self.ctx.node), callback=self._on_message,
@@ -116,7 +117,7 @@ class SyncConsumer(ConsumerLoop):
                 exc = MessageError(f"unreadable message ({type(exc).__name__})")
             quarantine(self.channel, message, reason=str(exc), node=self.ctx.node,
                        source=topology.sync_queue(self.ctx.node))
-            self.ctx.trail.event("quarantined", queue=topology.sync_queue(self.ctx.node),
+            self.ctx.trail.event(Event.CHANGE_QUARANTINED, queue=topology.sync_queue(self.ctx.node),
                                  reason=str(exc))
             self.channel.basic_ack(message.delivery_tag)
             return
@@ -136,7 +137,7 @@ class SyncConsumer(ConsumerLoop):
             self.apply_batch(batch, replayed=False)
         except GapError as gap:
             log.warning("%s; filling it from the change log", gap)
-            self.ctx.trail.event("gap_detected", expected=gap.expected, got=gap.got)
+            self.ctx.trail.event(Event.CHANGE_GAP, expected=gap.expected, got=gap.got)
             self.recovery.fill_gap(batch.first_seq - 1)
             self.apply_batch(batch, replayed=False)
 
@@ -181,7 +182,7 @@ class SyncConsumer(ConsumerLoop):
         if verdict.stale:
             owner = verdict.history.owner(verdict.stale[0].seq)
             self.ctx.trail.event(
-                "change_rejected",
+                Event.CHANGE_REJECTED,
                 reason="stale-epoch" if batch.epoch < verdict.history.max_epoch
                 else "not-the-epoch-master",
                 origin=batch.origin, epoch=batch.epoch, current_epoch=store.epoch,
@@ -202,13 +203,13 @@ class SyncConsumer(ConsumerLoop):
         if result.reapplied:
             log.info("re-applied %d changes the node held (seq %d..)", result.reapplied,
                      batch.first_seq)
-            self.ctx.trail.event("changes_reapplied", first_seq=batch.first_seq,
+            self.ctx.trail.event(Event.CHANGE_REAPPLIED, first_seq=batch.first_seq,
                                  count=result.reapplied, origin=batch.origin)
         if result.skipped:
             log.info("skipped %d already-applied changes (seq %d..%d)", result.skipped,
                      batch.first_seq, batch.last_seq)
             if not result.applied and batch.origin != self.ctx.node:
-                self.ctx.trail.event("change_skipped", first_seq=batch.first_seq,
+                self.ctx.trail.event(Event.CHANGE_SKIPPED, first_seq=batch.first_seq,
                                      last_seq=batch.last_seq, reason="already-applied")
         if not result.applied:
             return
@@ -216,11 +217,12 @@ class SyncConsumer(ConsumerLoop):
                  result.last_seq, batch.epoch, batch.origin)
         for change in batch.changes[-result.applied:]:
             log.debug("%s seq=%d %s %s %s", how, change.seq, change.op, change.kind, change.name)
+        event = Event.CHANGE_REPLAYED if replayed else Event.CHANGE_APPLIED
         if result.applied == 1:
             c = batch.changes[-1]
-            self.ctx.trail.event(f"change_{how}", seq=c.seq, op=c.op, kind=c.kind, name=c.name,
+            self.ctx.trail.event(event, seq=c.seq, op=c.op, kind=c.kind, name=c.name,
                                  origin=c.origin)
         else:
-            self.ctx.trail.event(f"changes_{how}", first_seq=result.last_seq - result.applied + 1,
+            self.ctx.trail.event(event, first_seq=result.last_seq - result.applied + 1,
                                  last_seq=result.last_seq, count=result.applied,
                                  origin=batch.origin)

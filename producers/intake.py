@@ -27,6 +27,7 @@ from broker.alerts import Alert, new_alert_id
 from broker.allowlist import AllowList
 from broker.audit import Trail
 from broker.errors import BadRequest, ConfigError, NoAnswer, PostRefused
+from broker.events import Event
 from broker.settings import IntakeSettings
 from producers.alertmanager import NotificationMemory, parse_alertmanager
 from producers.intake_formats import AlertRequest, load_json, parse_generic
@@ -133,7 +134,7 @@ class Intake:
                         notification.receiver)
         accepted = self._publish([self._alert(r) for r in notification.requests])
         if notification.truncated and self.trail is not None:
-            self.trail.event("alertmanager.truncated", receiver=notification.receiver,
+            self.trail.event(Event.ALERTMANAGER_TRUNCATED, receiver=notification.receiver,
                              group=notification.group_key, sent=len(accepted.ids),
                              left_out=notification.truncated, retry=notification.retry)
         return accepted

@@ -30,6 +30,7 @@ import amqp
 from broker import messages, topology
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
+from broker.events import Event
 from broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request
 from broker.rpc import reply_to
 from consumers.context import NodeContext
@@ -196,7 +197,7 @@ class ControlServer(ConsumerLoop):
             try:
                 self.authorize(request, message)
             except MessageError as exc:
-                self.ctx.trail.event("change_rejected", reason=str(exc), sender=request.sender)
+                self.ctx.trail.event(Event.CHANGE_REJECTED, reason=str(exc), sender=request.sender)
                 reply_to(self.channel, message, Reply(ok=False, node=self.ctx.node,
                                                       error=str(exc), error_type="MessageError"))
                 self.channel.basic_ack(message.delivery_tag)
@@ -349,7 +350,7 @@ class ControlServer(ConsumerLoop):
             return {}
         topology.check_node_name(node)
         self._commit({"ops": [{"op": "set", "kind": "node", "name": node, "body": {}}]})
-        self.ctx.trail.event("node_registered", name=node)
+        self.ctx.trail.event(Event.NODE_REGISTERED, name=node)
         return {}
 
 

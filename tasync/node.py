@@ -25,6 +25,7 @@ from broker.allowlist import ALERT_HOSTS_FILE
 from broker.audit import Trail, setup_sync_log
 from broker.connection import close_quietly, connect
 from broker.errors import BrokerUnreachable, ConfigError, StoreDamaged
+from broker.events import Event
 from broker.seat import MasterSeat
 from broker.settings import Settings
 from broker.signing import KeyRing
@@ -137,10 +138,10 @@ class Node:
         )
         decision = admission.may_be_master(options.node)
         if self.ctx.is_master and decision is not None and not decision.allowed:
-            self.ctx.trail.event("master_refused", reason=decision.reason)
+            self.ctx.trail.event(Event.MASTER_REFUSED, reason=decision.reason)
             raise ConfigError(f"{options.node} may not act as master: {decision.reason}")
         if admission.open:
-            self.ctx.trail.event("security_open",
+            self.ctx.trail.event(Event.NODE_SECURITY_OPEN,
                                  reason="no --hosts-file or --master: any master is accepted")
         return admission
 
@@ -163,7 +164,7 @@ class Node:
 
             start_metrics_server(self.options.metrics_port, self, host=self.options.metrics_host)
         ctx = self.ctx
-        ctx.trail.event("node_started", role=ctx.role, epoch=ctx.store.epoch,
+        ctx.trail.event(Event.NODE_STARTED, role=ctx.role, epoch=ctx.store.epoch,
                         seq=ctx.store.last_seq)
         log.info("starting as %s (epoch %d, seq %d)", ctx.role, ctx.store.epoch,
                  ctx.store.last_seq)
@@ -179,7 +180,7 @@ class Node:
             if not was_ready and serving:
                 ctx.ready.set()
                 was_ready = True
-                ctx.trail.event("node_ready", seq=ctx.store.last_seq)
+                ctx.trail.event(Event.NODE_READY, seq=ctx.store.last_seq)
                 log.info("ready at seq %d", ctx.store.last_seq)
                 self._dirty.set()
             if self._dirty.is_set():
@@ -219,7 +220,7 @@ class Node:
         for consumer in self.consumers:
             consumer.stop()
         self.seat.close()
-        self.ctx.trail.event("node_stopped", seq=self.ctx.store.last_seq)
+        self.ctx.trail.event(Event.NODE_STOPPED, seq=self.ctx.store.last_seq)
         self.ctx.ready.clear()
         self.ctx.write_status_file()
         self.ctx.store.close()
@@ -245,7 +246,7 @@ def _open_store(data_dir: Path, options: NodeOptions, trail: Trail) -> NodeStore
                 "damaged file aside and catches up; meanwhile make another node the master "
                 "with tasync promote NODE") from None
         aside = _move_aside(data_dir)
-        trail.event("store_damaged", reason=exc.reason, moved_to=aside.name)
+        trail.event(Event.NODE_STORE_DAMAGED, reason=exc.reason, moved_to=aside.name)
         log.error("%s; moved it aside to %s and rebuilding this node's state from the network",
                   exc, aside)
         return NodeStore(data_dir, durable=True)

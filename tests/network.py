@@ -365,7 +365,7 @@ class Network:
                 node.kill()
 
 
-APPLY_EVENTS = {"change_applied", "changes_applied", "change_replayed", "changes_replayed"}
+APPLY_EVENTS = {"change.applied", "change.replayed"}
 
 
 def applied_seqs(data_dir: Path) -> list[int]:

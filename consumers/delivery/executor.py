@@ -25,6 +25,7 @@ from typing import Any
 from broker.alerts import Alert
 from broker.audit import Trail
 from broker.errors import ConfigError
+from broker.events import Event
 from consumers.delivery import channels
 from consumers.delivery.resolve import (
     Group,
@@ -174,7 +175,7 @@ class Executor:
         try:
             plan = resolve(self.store, alert.target_kind, alert.target)
         except Exception as exc:
-            self.trail.event("alert.failed", id=alert.id, source=alert.source,
+            self.trail.event(Event.ALERT_FAILED, id=alert.id, source=alert.source,
                              target=alert.target, reason=str(exc))
             return Outcome(FAILED, failed={alert.target: str(exc)}, rounds=0)
         return Progress(plan=plan, now=dt.datetime.now(dt.UTC))
@@ -224,7 +225,7 @@ class Executor:
                 outcome.skipped[name] = reason
             elif state in (FAILED, RETRY):
                 outcome.failed[name] = reason
-                self.trail.event("alert.failed", id=alert.id, source=alert.source,
+                self.trail.event(Event.ALERT_FAILED, id=alert.id, source=alert.source,
                                  destination=name, attempts=progress.rounds, reason=reason,
                                  **progress.trail)
         return outcome
@@ -256,7 +257,7 @@ class Executor:
             closed = closed_reason(self.store, leaf, progress.now)
             if closed is not None:
                 states[leaf.name] = (SKIPPED, closed)
-                self.trail.event("alert.skipped", id=alert.id, source=alert.source,
+                self.trail.event(Event.ALERT_SKIPPED, id=alert.id, source=alert.source,
                                  destination=leaf.name, reason=closed)
                 return SKIPPED
         payload = self.payload(alert, leaf)
@@ -273,7 +274,7 @@ class Executor:
             states[leaf.name] = (RETRY, f"unexpected error: {type(exc).__name__}")
             return RETRY
         states[leaf.name] = (DELIVERED, "")
-        self.trail.event("alert.delivered", id=alert.id, source=alert.source,
+        self.trail.event(Event.ALERT_DELIVERED, id=alert.id, source=alert.source,
                          destination=leaf.name, list=".".join(alert.hosts),
                          attempts=progress.rounds, **progress.trail)
         return DELIVERED

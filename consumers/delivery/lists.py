@@ -26,6 +26,7 @@ import amqp.exceptions
 
 from broker import topology
 from broker.audit import Trail
+from broker.events import Event
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,9 @@ class ListMonitor:
         """Trail lines for lists that became stranded or stopped being stranded."""
         now = {s.key: s for s in report.lists if s.stranded}
         for key in sorted(set(now) - self._stranded):
-            self.trail.event("alert.list_stranded", list=key, messages=now[key].messages)
+            self.trail.event(Event.ALERT_LIST_STRANDED, list=key, messages=now[key].messages)
         for key in sorted(self._stranded - set(now)):
-            self.trail.event("alert.list_recovered", list=key)
+            self.trail.event(Event.ALERT_LIST_RECOVERED, list=key)
         self._stranded = set(now)
 
     def _declare(self, queue: str) -> tuple[int, int] | None:

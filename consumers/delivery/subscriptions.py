@@ -27,6 +27,7 @@ import amqp.exceptions
 
 from broker import messages, topology
 from broker.alerts import HostList
+from broker.events import Event
 from consumers.context import NodeContext
 from consumers.delivery.hostlists import HostListWatcher
 from consumers.totals import open_db
@@ -136,7 +137,7 @@ class Subscriptions:
         except amqp.exceptions.ChannelError as exc:
             # For example a queue declared by hand with other arguments: report, keep the rest.
             self._admin = self._conn.channel()
-            self.ctx.trail.event("alert.list_error", list=key, reason=str(exc)[:200])
+            self.ctx.trail.event(Event.ALERT_LIST_ERROR, list=key, reason=str(exc)[:200])
             return
         tag = self._channel.basic_consume(
             name, no_ack=False, callback=self.on_message,

@@ -49,6 +49,7 @@ from broker.alerts import (
 from broker.allowlist import ALERT_HOSTS_FILE, AllowList
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import MessageError
+from broker.events import Event
 from broker.publisher import Outgoing
 from broker.signing import SENDER_HEADER, SIGNATURE_HEADER
 from consumers.admission import Admission
@@ -259,7 +260,7 @@ class DeliveryConsumer(ConsumerLoop):
             self._gate_deadline = None
         elif time.monotonic() >= self._gate_deadline:
             self._gate_deadline = None
-            self.ctx.trail.event("alert.dedup_behind", reason="the handled stream was not read "
+            self.ctx.trail.event(Event.ALERT_DEDUP_BEHIND, reason="the handled stream was not read "
                                  "up to now in time; taking alerts anyway")
         else:
             return False
@@ -384,7 +385,7 @@ class DeliveryConsumer(ConsumerLoop):
         who = headers.get(REQUEUED_BY_HEADER)
         if not isinstance(who, str) or not who:
             return False
-        self.ctx.trail.event("alert.requeued", id=alert.id, source=alert.source, by=who[:200],
+        self.ctx.trail.event(Event.ALERT_REQUEUED, id=alert.id, source=alert.source, by=who[:200],
                              list=message.delivery_info.get("routing_key"))
         return True
 
@@ -399,7 +400,7 @@ class DeliveryConsumer(ConsumerLoop):
         info = message.delivery_info
         self.totals.count(alert.source, duplicates=1)
         outcome, by = known if known is not None else ("in delivery", None)
-        self.ctx.trail.event("alert.duplicate", id=alert.id, source=alert.source,
+        self.ctx.trail.event(Event.ALERT_DUPLICATE, id=alert.id, source=alert.source,
                              list=info.get("routing_key"), first=by or self.node,
                              outcome=outcome)
         if known is not None and by is None and info.get("redelivered"):
@@ -542,11 +543,11 @@ class DeliveryConsumer(ConsumerLoop):
         self.totals.count(alert.source, **{outcome.status: 1}, taken_over=int(taken_over))
         self.totals.mark_seen(alert.id, outcome.status)
         if taken_over:
-            self.ctx.trail.event("alert.taken_over", id=alert.id, source=alert.source,
+            self.ctx.trail.event(Event.ALERT_TAKEN_OVER, id=alert.id, source=alert.source,
                                  list=".".join(job.hosts), first=job.hosts[0],
                                  redelivered=int(job.redelivered))
         if outcome.status == FAILED:
-            self.ctx.trail.event("alert.dead_lettered", id=alert.id, source=alert.source,
+            self.ctx.trail.event(Event.ALERT_DEAD_LETTERED, id=alert.id, source=alert.source,
                                  target=alert.target, queue=topology.DEAD_LETTER_QUEUE,
                                  attempts=outcome.rounds, reason=outcome.reason[:500])
 
@@ -554,7 +555,7 @@ class DeliveryConsumer(ConsumerLoop):
         """Refuse a message: a copy to the quarantine queue (confirmed before the ack)."""
         info = message.delivery_info
         alert_id, source = alert_identity(message)
-        self.ctx.trail.event("alert.refused", id=alert_id, source=source,
+        self.ctx.trail.event(Event.ALERT_REFUSED, id=alert_id, source=source,
                              list=info.get("routing_key"), reason=reason[:300])
         self.totals.count(source, refused=1)
         self._copies.append(quarantine_copy(message, reason=reason, node=self.node,

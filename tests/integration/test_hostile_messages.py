@@ -176,7 +176,7 @@ def test_hostile_messages_are_quarantined_and_change_nothing(network: Network, t
     assert not wrong, f"{len(wrong)} reasons do not fit:\n" + "\n".join(wrong[:20])
 
     trail = Counter(e["event"] for e in read_trail(b.data_dir))
-    assert trail["quarantined"] == len(sync) and trail["alert.refused"] == len(alerts)
+    assert trail["change.quarantined"] == len(sync) and trail["alert.refused"] == len(alerts)
     assert all(node.alive for node in network.nodes.values())
     after = b.status() or {}
     assert network.export("b") == before["export"]

@@ -84,7 +84,7 @@ def test_backup_started_with_role_master_while_a_master_runs_stays_backup(
     c = network.start("c", role="master")
     assert c.wait_ready()["role"] == "backup"
     assert masters(network) == ["a"]
-    refused = [e for e in _trail(c) if e["event"] == "master_refused"]
+    refused = [e for e in _trail(c) if e["event"] == "master.refused"]
     assert refused and refused[-1]["owner"] == "a", refused
     network.cli("config", "set", "destination", "x", "--url", "file:///tmp/x", "--wait-applied")
     assert_identical(network)
@@ -308,7 +308,7 @@ def test_backup_with_a_damaged_store_rebuilds_itself(network: Network, tmp_path:
     assert_identical(network)
     kept = sorted(p.name for p in b.data_dir.glob("node.db.damaged-*"))
     assert kept and kept[0].startswith("node.db.damaged-"), kept
-    assert any(e["event"] == "store_damaged" for e in _trail(b))
+    assert any(e["event"] == "node.store_damaged" for e in _trail(b))
 
 
 def test_master_with_a_damaged_store_refuses_to_start_as_master(network: Network) -> None:

@@ -95,7 +95,7 @@ def test_backup_stopped_during_5000_changes_catches_up_by_itself(network: Networ
     assert status["applied_seq"] == head  # ready only once it holds everything
     assert_identical(network)
     assert_no_seq_applied_twice(network, ("b",))
-    assert events(network, "b", "caught_up")
+    assert events(network, "b", "recovery.caught_up")
     assert recover(network, "b")["recovery"]["method"] == "none"
 
 
@@ -113,7 +113,7 @@ def test_lost_queue_and_log_recover_through_a_snapshot(network: Network, tmp_pat
     head = master_seq(network)
     status = network.start("b").wait_ready()
     assert status["applied_seq"] == head
-    installed = events(network, "b", "snapshot_installed")
+    installed = events(network, "b", "recovery.snapshot_installed")
     assert installed and installed[-1]["source"] == "a"
     assert_identical(network)
     result = recover(network, "b")
@@ -135,7 +135,7 @@ def test_a_drifted_store_is_repaired_with_a_snapshot(network: Network, tmp_path:
     assert c.stop() == 0
     damage(c.data_dir, "d-0001%")
     network.start("c").wait_ready()  # same seq as the master, other objects: repaired at start
-    assert events(network, "c", "snapshot_installed")
+    assert events(network, "c", "recovery.snapshot_installed")
     assert_identical(network)
 
     damage(c.data_dir, "d-0002%")  # while it runs: only a fresh checksum notices
@@ -159,7 +159,7 @@ def test_new_node_joins_after_10000_changes(network: Network, tmp_path: Path) ->
     assert status["applied_seq"] >= head
     assert_identical(network, ("a", "b", "d"))
     trail = [e["event"] for e in read_trail(network.root / "d")]
-    assert trail.index("caught_up") < trail.index("node_ready")
+    assert trail.index("recovery.caught_up") < trail.index("node.ready")
     assert sorted(set(applied_seqs(network.root / "d"))) == applied_seqs(network.root / "d")
 
 
@@ -177,7 +177,7 @@ def test_promote_change_on_the_new_master_and_hand_back(network: Network,
 
     a = network.start("a", role="master")
     assert a.wait_ready()["role"] == "backup"  # b holds the seat and owns the newest era
-    refused = events(network, "a", "master_refused")
+    refused = events(network, "a", "master.refused")
     assert refused and refused[-1]["owner"] == "b", refused
     result = recover(network, "a")
     assert result["recovery"]["conflicts"] == []
@@ -190,7 +190,7 @@ def test_promote_change_on_the_new_master_and_hand_back(network: Network,
     assert_identical(network)
     roles = {r["node"]: (r["role"], r["epoch"]) for r in network.status()}
     assert roles == {"a": ("master", 3), "b": ("backup", 3), "c": ("backup", 3)}
-    learned = [(e["epoch"], e["origin"]) for e in events(network, "c", "epoch_learned")]
+    learned = [(e["epoch"], e["origin"]) for e in events(network, "c", "era.learned")]
     assert ("2", "b") in learned and ("3", "a") in learned
     assert_no_seq_applied_twice(network, ("c",))
 
@@ -220,7 +220,7 @@ def test_unconfirmed_change_of_a_dead_master_is_kept_and_resubmitted(network: Ne
     assert network.start("a", role="master").wait_ready()["role"] == "backup"
     kept = json.loads((a.data_dir / "conflicts.json").read_text())["conflicts"]
     assert [(c["name"], c["status"], c["epoch"]) for c in kept] == [("late", "open", 1)]
-    assert [e["name"] for e in events(network, "a", "conflict_kept")] == ["late"]
+    assert [e["name"] for e in events(network, "a", "recovery.conflict_kept")] == ["late"]
     for name in ("a", "b", "c"):
         assert "late" not in json.loads(network.export(name))["destination"]
     assert_identical(network)
@@ -287,14 +287,14 @@ def test_a_stale_master_is_rejected_everywhere(network: Network, tmp_path: Path,
         conn.release()
     for name in ("a", "b", "c"):
         wait_for(lambda name=name: any(e.get("reason") == "stale-epoch" for e in
-                                       events(network, name, "change_rejected")),
+                                       events(network, name, "change.rejected")),
                  timeout_s=30, what=f"{name} rejecting the stale change")
     network.cli("config", "set", "destination", "fresh", "--url", "file:///tmp/f",
                 "--wait-applied")
     network.start("d").wait_ready()  # reads the whole log, stale change included
     export = json.loads(assert_identical(network, ("a", "b", "c", "d")))
     assert "fresh" in export["destination"] and "stale" not in export["destination"]
-    assert any(e.get("reason") == "stale-epoch" for e in events(network, "d", "change_rejected"))
+    assert any(e.get("reason") == "stale-epoch" for e in events(network, "d", "change.rejected"))
     listing = json.loads(network.cli("replay", "--since", "seq:0", "--dry-run", "--json").stdout)
     assert "stale" not in [c["name"] for c in listing["changes"]]
     assert listing["rejected"] >= 1
@@ -381,7 +381,7 @@ def test_a_hung_master_is_fenced_and_steps_down_when_it_wakes(
         import_objects(network, tmp_path, 20, "on-b-")
     finally:
         a.signal(signal.SIGCONT)
-    wait_for(lambda: events(network, "a", "stepped_down"), timeout_s=60,
+    wait_for(lambda: events(network, "a", "master.stepped_down"), timeout_s=60,
              what="a stepping down after it wakes")
     recover(network, "a")
     assert_identical(network)

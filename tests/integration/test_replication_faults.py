@@ -161,16 +161,16 @@ def test_hostile_queue_input_is_quarantined(network: Network, broker_url: str) -
         from broker.audit import read_trail
         return read_trail(b.data_dir)
 
-    wait_for(lambda: sum(e["event"] == "quarantined" for e in trail_events()) >= 3,
+    wait_for(lambda: sum(e["event"] == "change.quarantined" for e in trail_events()) >= 3,
              timeout_s=30, what="three quarantine lines")
-    wait_for(lambda: any(e["event"] == "change_skipped" for e in trail_events()),
+    wait_for(lambda: any(e["event"] == "change.skipped" for e in trail_events()),
              timeout_s=30, what="the replayed change skipped")
     assert b.alive
     assert network.export("b") == before
     network.cli("config", "set", "destination", "d2", "--url", "file:///tmp/y",
                 "--wait-applied")
     assert_identical(network)
-    reasons = [e["reason"] for e in trail_events() if e["event"] == "quarantined"]
+    reasons = [e["reason"] for e in trail_events() if e["event"] == "change.quarantined"]
     assert any("malformed JSON" in r for r in reasons)
     assert any("schema version" in r for r in reasons)
     assert wait_for(lambda: queue_depth(broker_url, topology.QUARANTINE_QUEUE) == 3,

@@ -67,13 +67,13 @@ def test_master_not_in_hosts_file_is_rejected(network: Network, tmp_path: Path,
     # ...started without one, it cannot take the master's seat from a and runs as a backup...
     rogue = network.start("rogue2", role="master")
     assert rogue.wait_ready()["role"] == "backup"
-    assert trail_has(rogue.data_dir, "master_refused", "a")
+    assert trail_has(rogue.data_dir, "master.refused", "a")
     network.settle()  # it registered itself as a node, like any backup
     before = {n: network.export(n) for n in ("b", "c")}
     # ...and what a rogue publishes anyway is rejected by every backup with an allow-list.
     rogue_publish(broker_url, "rogue2", "evil", int(b.status()["applied_seq"]) + 1)
     for node in (b, c):
-        wait_for(lambda node=node: trail_has(node.data_dir, "quarantined", "rogue2"),
+        wait_for(lambda node=node: trail_has(node.data_dir, "change.quarantined", "rogue2"),
                  timeout_s=30, what=f"{node.name} rejecting rogue2")
     assert {n: network.export(n) for n in ("b", "c")} == before
     network.cli("config", "set", "destination", "good2", "--url", "file:///tmp/g2")
@@ -115,7 +115,7 @@ def test_unsigned_or_forged_changes_are_rejected(network: Network, tmp_path: Pat
     _publish(broker_url, topology.sync_queue("b"), body, {SIGNATURE_HEADER: other.sign(body)})
     _publish(broker_url, topology.sync_queue("b"), body + b" ", {
         SIGNATURE_HEADER: KeyRing.load(key_file).sign(body)})
-    wait_for(lambda: sum(e["event"] == "quarantined" for e in read_trail(b.data_dir)) >= 3,
+    wait_for(lambda: sum(e["event"] == "change.quarantined" for e in read_trail(b.data_dir)) >= 3,
              timeout_s=30, what="three rejected changes")
     reasons = " ".join(e.get("reason", "") for e in read_trail(b.data_dir))
     assert "missing signature" in reasons and "bad signature" in reasons
@@ -136,7 +136,7 @@ def test_promote_refuses_a_node_its_hosts_file_denies(network: Network, tmp_path
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith("tasync: c may not act as master: denied by line 2 '!c'")
     assert len(out.stderr.strip().splitlines()) == 1
-    assert trail_has(c.data_dir, "promotion_refused", "denied by line 2")
+    assert trail_has(c.data_dir, "master.promotion_refused", "denied by line 2")
     roles = {r["node"]: r["role"] for r in network.status()}
     assert roles == {"a": "master", "c": "backup"}  # nobody was fenced
     network.cli("config", "set", "destination", "still", "--url", "file:///tmp/s",

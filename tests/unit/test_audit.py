@@ -17,6 +17,7 @@ from broker.audit import (
     setup_sync_log,
     utc_now,
 )
+from broker.events import Event
 
 
 @pytest.fixture
@@ -27,10 +28,10 @@ def trail(tmp_path: Path) -> Trail:
 
 
 def test_line_format(trail: Trail) -> None:
-    line = trail.event("change_applied", seq=42, kind="destination", name="d1")
+    line = trail.event(Event.CHANGE_APPLIED, seq=42, kind="destination", name="d1")
     ts, node, event, *rest = line.split(" ")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts)
-    assert (node, event, rest) == ("node-1", "change_applied",
+    assert (node, event, rest) == ("node-1", "change.applied",
                                    ["seq=42", "kind=destination", "name=d1"])
 
 
@@ -62,11 +63,11 @@ def test_none_fields_are_left_out(trail: Trail) -> None:
 
 
 def test_read_trail_returns_every_event_in_order(trail: Trail, tmp_path: Path) -> None:
-    trail.event("node_started", role="master", epoch=1)
-    trail.event("change_rejected", reason="stale epoch 1 < 2", origin="old master")
-    trail.event("node_stopped", seq=9)
+    trail.event(Event.NODE_STARTED, role="master", epoch=1)
+    trail.event(Event.CHANGE_REJECTED, reason="stale epoch 1 < 2", origin="old master")
+    trail.event(Event.NODE_STOPPED, seq=9)
     records = read_trail(tmp_path)
-    assert [r["event"] for r in records] == ["node_started", "change_rejected", "node_stopped"]
+    assert [r["event"] for r in records] == ["node.started", "change.rejected", "node.stopped"]
     assert records[1]["reason"] == "stale epoch 1 < 2"
     assert records[1]["origin"] == "old master"
     assert all(r["node"] == "node-1" for r in records)

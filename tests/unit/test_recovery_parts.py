@@ -103,7 +103,7 @@ def test_conflicts_are_kept_once_listed_and_resolved(tmp_path: Path) -> None:
     assert [(c["status"], c["resubmitted_as"]) for c in saved] == [("resubmitted", 9)]
     assert conflicts.open_entries() == []
     events = [e["event"] for e in read_trail(tmp_path)]
-    assert events == ["conflict_kept", "conflict_resubmitted"]
+    assert events == ["recovery.conflict_kept", "recovery.conflict_resubmitted"]
     (tmp_path / "conflicts.json").write_text("{broken")
     with pytest.raises(ConfigError, match="unreadable"):
         conflicts.entries()
