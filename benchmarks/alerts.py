@@ -43,6 +43,8 @@ Failover
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import signal
@@ -72,6 +74,7 @@ from benchmarks.measure import (
     summarize,
     write_json,
 )
+from benchmarks.profiling import PySpy, top_frames
 from broker import topology
 from broker.alerts import Alert, encode_alert
 from broker.audit import Trail
@@ -153,22 +156,31 @@ def two_nodes(url: str, net: Network) -> tuple[Path, LineCounter]:
 # -- throughput -------------------------------------------------------------------------------
 
 
-def measure_throughput(broker: Broker, *, count: int, batch: int) -> dict[str, Any]:
-    """Sender API -> file channel, N alerts; see the module docstring."""
+def measure_throughput(broker: Broker, *, count: int, batch: int,
+                       profile_dir: Path | None = None) -> dict[str, Any]:
+    """Sender API -> file channel, N alerts; see the module docstring.
+
+    With ``profile_dir``, py-spy samples both workers while the alerts flow.
+    """
     with broker.fresh_vhost("alerts") as url, Network(url) as net, LoadMonitor() as load:
         out, counter = two_nodes(url, net)
         hosts = ("master", "b1")
-        with AlertSender(Settings.from_url(url), name="bench") as sender:
+        spies = [PySpy(w.pid, profile_dir / f"alerts-{w.name}.txt")
+                 for w in net.workers.values()] if profile_dir else []
+        with AlertSender(Settings.from_url(url), name="bench") as sender, \
+                contextlib.ExitStack() as stack:
             sender.send(make_alerts(1, hosts, prefix="warm")[0])  # creates the list's queue
             wait_for(lambda: counter.poll() >= 1, timeout_s=30, what="the warm-up alert")
             alerts = make_alerts(count, hosts, prefix="a")
+            for spy in spies:
+                stack.enter_context(spy)
             cpu = {w.name: w.cpu_s() for w in net.workers.values()}
             t_cpu, t0 = time.process_time(), time.time()
             for start in range(0, count, batch):
                 sender.send_many(alerts[start:start + batch])
             t_sent, sender_cpu = time.time(), time.process_time() - t_cpu
-        wait_for(lambda: counter.poll() >= count + 1, timeout_s=600,
-                 what=f"{count} alerts written", interval_s=0.05)
+            wait_for(lambda: counter.poll() >= count + 1, timeout_s=600,
+                     what=f"{count} alerts written", interval_s=0.05)
         cpu = {w.name: round(w.cpu_s() - cpu[w.name], 2) for w in net.workers.values()}
         lines = read_lines(out)[1:]
         window = dedup_window(net, lines)
@@ -180,8 +192,10 @@ def measure_throughput(broker: Broker, *, count: int, batch: int) -> dict[str, A
     return {"alerts": count, "batch": batch, "wall_s": round(wall, 3),
             "send_s": round(t_sent - t0, 3), "alerts_per_s": round(count / wall),
             "unique_ids": len({line["id"] for line in lines}), "by_node": by_node,
-            "cpu_s": {**cpu, "sender": round(sender_cpu, 2)}, "dedup_window_ms": window,
-            "load": load.summary()}
+            "cpu_s": {**cpu, "sender": round(sender_cpu, 2)},
+            "worker_cpu_us_per_alert": round(1e6 * sum(cpu.values()) / count, 1),
+            "dedup_window_ms": window, "load": load.summary(),
+            **({"profiles": {s.out.stem: top_frames(s.out) for s in spies}} if spies else {})}
 
 
 def dedup_window(net: Network, lines: list[dict[str, Any]]) -> dict[str, Any]:
@@ -364,8 +378,10 @@ def measure_throughput_runs(broker: Broker, args: argparse.Namespace,
     tasync_runs, raw_runs, old_runs = [], [], []
     for number in range(1, args.runs + 1):
         log(f"run {number}/{args.runs}: {args.alerts:,} alerts through tasync")
-        tasync_runs.append(quiet(lambda: measure_throughput(broker, count=args.alerts,
-                                                            batch=args.batch)))
+        profile_dir = args.profile if number == 1 else None
+        tasync_runs.append(quiet(functools.partial(measure_throughput, broker,
+                                                   count=args.alerts, batch=args.batch,
+                                                   profile_dir=profile_dir)))
         log(f"run {number}/{args.runs}: raw baseline (prefetch {RAW_PREFETCH}, multiple acks)")
         raw_runs.append(quiet(lambda: measure_raw(broker, count=args.alerts)))
         log(f"run {number}/{args.runs}: old baseline (prefetch {OLD_PREFETCH}, single acks)")
@@ -499,6 +515,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the throughput runs and their baselines (no duplicate "
                              "window, scrape cost or failover); results in alerts-throughput"
                              "[-quick].json")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy both workers during the first throughput run (raw "
+                             "profiles in DIR, the busiest functions in the results)")
     parser.add_argument("--trials", type=int, help="failovers (default 20)")
     parser.add_argument("--interval", type=lambda s: float(s) / 1000, default=0.005,
                         metavar="MS", help="pause between two failover alerts (default 5)")
