@@ -27,7 +27,6 @@ URL forms::
 from __future__ import annotations
 
 import base64
-import contextlib
 import email.policy
 import json
 import logging
@@ -137,86 +136,24 @@ def file_path(url: str) -> str:
 #: Payloads as compact UTF-8 JSON, as ``json.dumps(ensure_ascii=False, separators=(",", ":"))``
 #: writes them, at a tenth of its cost (the file channel encodes a line per alert).
 _LINE_ENCODER = msgspec.json.Encoder()
-#: Append files kept open at most; the least recently used is closed beyond that.
-MAX_OPEN_FILES = 64
-
-
-class AppendFiles:
-    """Open ``O_APPEND`` descriptors of the files the file channel writes, one per path.
-
-    Opening and closing the file for every alert cost more than writing the line. A kept
-    descriptor is checked against the path before each write (one ``stat``): when the path
-    names another file (log rotation renamed it, someone removed or replaced it), the
-    descriptor is closed and the path opened again, so a line never goes to a file that is no
-    longer there, as it did not when the file was opened per alert. A write error closes the
-    descriptor too; the next alert opens the file afresh. Thread-safe.
-    """
-
-    def __init__(self, max_open: int = MAX_OPEN_FILES) -> None:
-        self.max_open = max_open
-        self._open: dict[str, tuple[int, int, int]] = {}  # path -> (fd, st_dev, st_ino)
-        self._lock = threading.Lock()
-
-    def append(self, path: str, data: bytes) -> int:
-        """Append ``data`` with one ``write``; returns the bytes written.
-
-        Raises:
-            OSError: the file cannot be opened or written.
-        """
-        with self._lock:
-            fd = self._fd(path)
-            try:
-                return os.write(fd, data)
-            except OSError:
-                self._close(path)
-                raise
-
-    def _fd(self, path: str) -> int:
-        entry = self._open.pop(path, None)
-        if entry is not None:
-            try:
-                st = os.stat(path)
-                same = (st.st_dev, st.st_ino) == entry[1:]
-            except OSError:
-                same = False
-            if same:
-                self._open[path] = entry  # most recently used last
-                return entry[0]
-            os.close(entry[0])
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        st = os.fstat(fd)
-        self._open[path] = (fd, st.st_dev, st.st_ino)
-        while len(self._open) > self.max_open:
-            self._close(next(iter(self._open)))
-        return fd
-
-    def _close(self, path: str) -> None:
-        entry = self._open.pop(path, None)
-        if entry is not None:
-            with contextlib.suppress(OSError):
-                os.close(entry[0])
-
-    def close(self) -> None:
-        """Close every kept descriptor."""
-        with self._lock:
-            for path in list(self._open):
-                self._close(path)
-
-
-_FILES = AppendFiles()
-
-
 def send_file(url: str, payload: dict[str, Any]) -> None:
     """Append one JSON line with a single ``write`` on an ``O_APPEND`` descriptor.
 
     One write per line keeps lines whole when several nodes on one machine share a file, and
-    the line is on disk (in the page cache) before the alert is acknowledged. The descriptor
-    stays open between alerts (``AppendFiles``).
+    the line is on disk (in the page cache) before the alert is acknowledged. The file is
+    opened for every line, so a rotated (renamed) or removed file is followed at once: a kept
+    descriptor would need a ``stat`` of the path before each write to notice, and on Linux
+    that costs what opening the file does (about 3 µs against 4.5 µs for open and close;
+    ``benchmarks/delivery_path.py``).
     """
     line = _LINE_ENCODER.encode(payload) + b"\n"
     path = file_path(url)
     try:
-        written = _FILES.append(path, line)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            written = os.write(fd, line)
+        finally:
+            os.close(fd)
     except OSError as exc:
         # A missing directory or a full disk may be fixed by an operator: retry, then dead-letter.
         raise ChannelError(f"cannot append to the file: {exc.strerror}", retryable=True) from None

@@ -76,31 +76,15 @@ def test_file_lines_are_what_json_dumps_wrote(tmp_path: Path) -> None:
     assert target.read_text(encoding="utf-8") == expected
 
 
-def test_a_kept_file_follows_rotation_and_removal(tmp_path: Path) -> None:
-    files = channels.AppendFiles()
-    path = str(tmp_path / "out.jsonl")
-    files.append(path, b"one\n")
-    os.rename(path, path + ".1")  # logrotate's default: rename, the next line makes a new file
-    files.append(path, b"two\n")
+def test_the_file_channel_follows_rotation_and_removal(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    channels.send(f"file://{path}", {"id": "one"})
+    os.rename(path, f"{path}.1")  # logrotate's default: rename, the next line makes a new file
+    channels.send(f"file://{path}", {"id": "two"})
     os.remove(path)  # removed: the next line makes it again rather than vanish with the inode
-    files.append(path, b"three\n")
-    files.append(path, b"four\n")
-    assert Path(path + ".1").read_bytes() == b"one\n"
-    assert Path(path).read_bytes() == b"three\nfour\n"
-    files.close()
-
-
-def test_kept_files_are_bounded_and_an_error_closes_the_descriptor(tmp_path: Path) -> None:
-    files = channels.AppendFiles(max_open=2)
-    for name in ("a", "b", "c"):
-        files.append(str(tmp_path / name), b"x\n")
-    assert len(files._open) == 2
-    with pytest.raises(OSError):
-        files.append(str(tmp_path / "missing" / "d"), b"x\n")
-    files.append(str(tmp_path / "a"), b"y\n")
-    assert (tmp_path / "a").read_bytes() == b"x\ny\n"
-    files.close()
-    assert files._open == {}
+    channels.send(f"file://{path}", {"id": "three"})
+    assert Path(f"{path}.1").read_text() == '{"id":"one"}\n'
+    assert path.read_text() == '{"id":"three"}\n'
 
 
 class SeqStore(Store):
