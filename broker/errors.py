@@ -8,6 +8,7 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      |    +-- InvalidObject     an object or change failed its schema or references
      |    +-- UnknownNode       a command named a node the network does not know
      |    +-- SendRefused       the network would refuse the alert; nothing was published
+     |    +-- ResolveError      an alert's target cannot become a delivery plan
      +-- MessageError           a wire message that cannot be accepted (quarantined)
      +-- BrokerUnreachable      no broker URL answered (exit 3)
      +-- ConnectionLost         the broker connection broke in the middle of a command (exit 3)
@@ -28,6 +29,8 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
      +-- NotApplied             committed, but a backup did not answer (``--strict``)
      +-- NotIdentical           after recovery a node still differs from the master
      +-- IncompleteLog          the change log may not reach back to the point asked for
+     +-- AttemptFailed          one delivery attempt failed (``retryable`` or not)
+     +-- DeliveryAborted        the worker stops during a retry wait; nothing acknowledged
      +-- IntakeError            the HTTP intake's answers (each carries its HTTP status)
           +-- BadRequest        the request cannot become alerts (400)
           +-- TooLarge          larger than the intake takes at once; split it (413)
@@ -255,3 +258,24 @@ class IntakeBusy(IntakeError):
     """Every sender stayed busy for the whole wait; the request was not queued (503)."""
 
     status = 503
+
+
+class ResolveError(ConfigError):
+    """An alert's target cannot be turned into a plan (unknown name, too deep); not retried."""
+
+
+class AttemptFailed(TasyncError):
+    """One delivery attempt to one destination failed.
+
+    Attributes:
+        retryable: whether a later attempt may succeed (a 503, a refused connection) or not
+            (a 404, a refused recipient, a bad URL).
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class DeliveryAborted(TasyncError):
+    """The worker is stopping during a retry wait; the alert stays unacknowledged."""

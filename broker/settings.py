@@ -23,6 +23,10 @@ ENV_SSL_CERT_FILE = "TASYNC_SSL_CERT_FILE"
 ENV_SSL_KEY_FILE = "TASYNC_SSL_KEY_FILE"
 ENV_RABBITMQCTL = "TASYNC_RABBITMQCTL"
 ENV_DEDUP_WINDOW = "TASYNC_DEDUP_WINDOW_S"
+ENV_DELIVERY_ATTEMPTS = "TASYNC_DELIVERY_ATTEMPTS"
+ENV_DELIVERY_BACKOFF = "TASYNC_DELIVERY_BACKOFF_S"
+ENV_DELIVERY_TIMEOUT = "TASYNC_DELIVERY_TIMEOUT_S"
+ENV_CACHE_DIR = "TASYNC_CACHE_DIR"
 
 #: How long a node remembers a settled alert id (``$TASYNC_DEDUP_WINDOW_S``), in seconds.
 DEFAULT_DEDUP_WINDOW_S = 3600.0
@@ -299,3 +303,22 @@ def dedup_window_from_env(environ: Mapping[str, str] | None = None) -> float:
     if value < 0:
         raise ValueError(f"{ENV_DEDUP_WINDOW} must be a number of seconds, got {raw!r}")
     return value
+
+
+def delivery_retry_from_env(environ: Mapping[str, str] | None = None
+                            ) -> tuple[str | None, str | None, str | None]:
+    """``$TASYNC_DELIVERY_ATTEMPTS``, ``_BACKOFF_S`` and ``_TIMEOUT_S`` as set (None: unset).
+
+    ``consumers.delivery.executor.RetryPolicy`` applies its defaults and checks the values.
+    """
+    env = os.environ if environ is None else environ
+    return (env.get(ENV_DELIVERY_ATTEMPTS) or None, env.get(ENV_DELIVERY_BACKOFF) or None,
+            env.get(ENV_DELIVERY_TIMEOUT) or None)
+
+
+def cache_dir_from_env(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the command line keeps what it caches: ``$TASYNC_CACHE_DIR``, else the XDG cache."""
+    env = os.environ if environ is None else environ
+    base = env.get(ENV_CACHE_DIR) or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tasync")
+    return Path(base)

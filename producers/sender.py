@@ -35,7 +35,6 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import amqp.exceptions
@@ -61,12 +60,11 @@ from broker.errors import (
 )
 from broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
 from broker.rpc import RpcClient
-from broker.settings import Settings
+from broker.settings import Settings, cache_dir_from_env
 from broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
 
 log = logging.getLogger("tasync.sender")
 
-ENV_CACHE_DIR = "TASYNC_CACHE_DIR"
 #: How long the first send to a new list waits for the list's nodes to subscribe.
 NEW_LIST_GRACE_S = 1.0
 #: How long a sender trusts the network's alert policy before asking again (keys rotate).
@@ -490,9 +488,7 @@ class _RouteCache:
     """Routes last seen on the master, so ``--route`` still works while every node is down."""
 
     def __init__(self) -> None:
-        base = os.environ.get(ENV_CACHE_DIR) or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tasync")
-        self.path = Path(base) / "routes.json"
+        self.path = cache_dir_from_env() / "routes.json"
 
     def _load(self) -> dict[str, list[str]]:
         try:

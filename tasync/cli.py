@@ -1,39 +1,58 @@
 """``tasync``: the operator's command line.
 
 Exit codes: 0 ok, 1 failed, 2 usage, 3 broker unreachable.
+
+Each command lives in its own module and is imported only when it runs (``LazyGroup``):
+``tasync --help`` and ``tasync status`` do not pay for the schema library, the store or the
+demo. A new command goes into ``COMMANDS`` with the first paragraph of its help.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 
-from tasync.cli_alerts import ALERT_COMMANDS, normalise_host_args
-from tasync.cli_broker import broker
-from tasync.cli_config import config
-from tasync.cli_dead import DEAD_COMMANDS
-from tasync.cli_hosts import hosts
-from tasync.cli_key import key
-from tasync.cli_recover import promote, recover
-from tasync.cli_replay import replay
-from tasync.cli_trace import trace
-from tasync.cli_wait import wait
-from tasync.client import print_table, rpc_client
-from tasync.demo import demo
-from tasync.health import ago, gather_status, watch
-from tasync.options import (
-    broker_option,
-    handle_errors,
-    json_option,
-    make_settings,
-    print_json,
-    timeout_option,
-)
+from tasync.host_args import normalise_host_args
+from tasync.lazy_group import LazyCommand, LazyGroup
+
+COMMANDS = {
+    "broker": LazyCommand("tasync.cli_broker:broker",
+                          "Prepare the broker for a tasync network."),
+    "config": LazyCommand("tasync.cli_config:config",
+                          "Change the master's configuration, or look at what a node holds."),
+    "dead": LazyCommand("tasync.cli_dead:dead", "Alerts whose delivery failed after every "
+                        "retry (the dead-letter queue)."),
+    "demo": LazyCommand("tasync.demo:demo", "Watch a tasync network work: replication, "
+                        "failover, promotion, recovery, totals."),
+    "hosts": LazyCommand("tasync.cli_hosts:hosts",
+                         "Allow-list files: tasync.hosts, telaconf.hosts, telalert.hosts."),
+    "intake": LazyCommand("tasync.cli_alerts:intake", "Accept alerts over HTTP (generic JSON, "
+                          "Alertmanager) and queue them."),
+    "key": LazyCommand("tasync.cli_key:key", "Cluster keys: make a new one, check key files."),
+    "promote": LazyCommand("tasync.cli_recover:promote", "Make NODE the master (epoch + 1) "
+                           "once it has drained every confirmed change."),
+    "quarantine": LazyCommand("tasync.cli_dead:quarantine", "What nodes refused (bad "
+                              "signature, schema, sender), with the reason."),
+    "recover": LazyCommand("tasync.cli_recover:recover", "Bring NODE to the master's state, "
+                           "and report what it applied and any conflicts."),
+    "replay": LazyCommand("tasync.cli_replay:replay", "Replay the change log from a point in "
+                          "time into nodes, or list it."),
+    "send": LazyCommand("tasync.cli_alerts:send",
+                        "Send an alert to the first live server of a precedence list."),
+    "status": LazyCommand("tasync.cli_status:status", "Every node the network knows: role, "
+                          "epoch, seq, lag, alive, ready, in sync, last seen."),
+    "totals": LazyCommand("tasync.cli_alerts:totals", "Traffic through each live server, by "
+                          "source: received, delivered, failed, taken over."),
+    "trace": LazyCommand("tasync.cli_trace:trace", "The story of one alert across every live "
+                         "node and the broker; exit 1 if unknown."),
+    "wait": LazyCommand("tasync.cli_wait:wait", "Wait until nodes are ready, a master runs, or "
+                        "alerts were delivered."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tasync")
 def cli() -> None:
     """tasync: an alert-messaging network over RabbitMQ, with replication and failover.
@@ -50,72 +69,6 @@ def cli() -> None:
       tasync send -i ops -m "disk full on db1" --route remedy
       tasync send --help                      every command's options, with examples
     """
-
-
-cli.add_command(broker)
-cli.add_command(config)
-cli.add_command(hosts)
-cli.add_command(key)
-cli.add_command(recover)
-cli.add_command(replay)
-cli.add_command(promote)
-cli.add_command(demo)
-cli.add_command(wait)
-for _command in (*ALERT_COMMANDS, *DEAD_COMMANDS, trace):
-    cli.add_command(_command)
-
-
-@cli.command()
-@click.option("--max-lag", type=click.IntRange(min=0), default=0, show_default=True,
-              metavar="CHANGES", help="How far behind the master a node may be and still "
-                                      "count as in sync (changes in flight).")
-@click.option("--watch", "watch_s", type=click.FloatRange(min=1.0), default=None,
-              metavar="SECONDS", help="Check again every SECONDS, printing one line each time "
-                                      "the health changes, until stopped.")
-@timeout_option(2.0)
-@json_option
-@broker_option
-@handle_errors
-def status(*, max_lag: int, watch_s: float | None, timeout_s: float, as_json: bool,
-           broker_url: str) -> None:
-    """Every node the network knows: role, epoch, seq, lag, alive, ready, in sync, last seen.
-
-    A health check by exit code: 0 when every known node is alive, ready and in sync;
-    4 no master answers; 5 a known node does not answer; 6 a node is not ready, behind,
-    diverged or differs from the master; 7 a precedence list holds alerts no live node of
-    it consumes; 3 the broker is unreachable. The first that applies, in that order.
-
-    \b
-    Examples:
-      tasync status
-      tasync status --json | jq .health
-      tasync status --timeout 5 --max-lag 10 || page-the-oncall
-      tasync status --watch 30        a line each time the health changes
-    """
-    if watch_s is not None:
-        watch(make_settings(broker_url), every_s=watch_s, timeout_s=timeout_s, max_lag=max_lag)
-        return
-    with rpc_client(make_settings(broker_url)) as rpc:
-        report = gather_status(rpc, timeout_s=timeout_s, max_lag=max_lag)
-    if as_json:
-        print_json(report.to_json())
-    else:
-        print_table(
-            ["node", "role", "epoch", "seq", "lag", "alive", "ready", "in sync", "checksum",
-             "last seen"],
-            [[r["node"], r.get("role", "?"), r.get("epoch", ""), r.get("applied_seq", ""),
-              r.get("lag", ""), _yes(r.get("alive")), _yes(r.get("ready")),
-              _yes(r.get("in_sync")) if r.get("alive") else "", str(r.get("checksum") or "")[:12],
-              "now" if r.get("alive") else ago(r.get("last_seen")) or "never"]
-             for r in report.rows],
-        )
-        for code, what in report.problems:
-            click.echo(f"tasync: {code.name.lower().replace('_', ' ')}: {what}", err=True)
-    sys.exit(int(report.code))
-
-
-def _yes(value: Any) -> str:
-    return "yes" if value else "no"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from broker.since import Since
 from producers.sender import AlertSender, parse_hosts
 from tasync.alert_lists import ask_all
 from tasync.client import print_table, rpc_client
+from tasync.host_args import normalise_host_args
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -38,7 +39,6 @@ from tasync.options import (
     timeout_option,
 )
 
-_HOST_FLAGS = ("-host", "--host")
 COUNTER_COLUMNS = ("received", "delivered", "failed", "taken_over", "redelivered",
                    "duplicates", "skipped", "refused", "dead_lettered")
 
@@ -67,40 +67,6 @@ Examples:
   curl -d '{"source":"remedy","destination":"ops","message":"P1"}' localhost:8080/alerts
 """
 _LIMITS = IntakeSettings()
-
-
-def normalise_host_args(argv: list[str]) -> list[str]:
-    """Rewrite the classic ``-host A B C`` (after the ``send`` word) into repeated ``--host``.
-
-    Only arguments after ``send`` change, so other commands keep their own options, and
-    ``--`` ends the rewriting. ``-host=A,B`` becomes ``--host=A,B``.
-    """
-    if "send" not in argv:
-        return list(argv)
-    start = argv.index("send") + 1
-    out = list(argv[:start])
-    index = start
-    while index < len(argv):
-        token = argv[index]
-        index += 1
-        if token == "--":
-            out.extend(argv[index - 1:])
-            break
-        if token.startswith("-host="):
-            out.append("-" + token)
-            continue
-        if token not in _HOST_FLAGS:
-            out.append(token)
-            continue
-        words = []
-        while index < len(argv) and not argv[index].startswith("-"):
-            words.append(argv[index])
-            index += 1
-        if not words:
-            out.append("--host")
-        for word in words:
-            out += ["--host", word]
-    return out
 
 
 def _keyring(key_file: Path | None) -> KeyRing | None:

@@ -65,12 +65,15 @@ def root_command(script: str) -> click.Command:
 
 
 def normalise(argv: list[str]) -> list[str]:
-    """What ``tasync``'s ``main`` does to argv before click sees it (``-host A B``)."""
-    try:
-        from tasync.cli_alerts import normalise_host_args
-    except ImportError:  # pragma: no cover - the alert commands are not in this tree
-        return list(argv)
-    return normalise_host_args(list(argv))
+    """What ``tasync``'s ``main`` does to argv before click sees it (``-host A B``).
+
+    ``argv`` starts with the script's name, as a documented command line does.
+    """
+    from tasync.host_args import normalise_host_args
+
+    if argv and argv[0] == "tasync":
+        return [argv[0], *normalise_host_args(list(argv[1:]))]
+    return list(argv)
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -24,8 +23,14 @@ from typing import Any
 
 from broker.alerts import Alert
 from broker.audit import Trail
-from broker.errors import ConfigError
+from broker.errors import AttemptFailed, ConfigError, DeliveryAborted, ResolveError
 from broker.events import Event
+from broker.settings import (
+    ENV_DELIVERY_ATTEMPTS,
+    ENV_DELIVERY_BACKOFF,
+    ENV_DELIVERY_TIMEOUT,
+    delivery_retry_from_env,
+)
 from consumers.delivery import channels
 from consumers.delivery.resolve import (
     Group,
@@ -40,14 +45,7 @@ from consumers.delivery.resolve import (
 log = logging.getLogger("tasync.delivery")
 
 DELIVERED, FAILED, SKIPPED, RETRY = "delivered", "failed", "skipped", "retry"
-ENV_ATTEMPTS = "TASYNC_DELIVERY_ATTEMPTS"
-ENV_BACKOFF = "TASYNC_DELIVERY_BACKOFF_S"
-ENV_TIMEOUT = "TASYNC_DELIVERY_TIMEOUT_S"
 _FIELD_RE = re.compile(r"\{(id|source|target|subject|priority|node|destination)\}")
-
-
-class Aborted(Exception):
-    """The worker is stopping during a retry wait; the alert stays unacknowledged."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,17 +75,17 @@ class RetryPolicy:
         Raises:
             ConfigError: a variable is set to something that is not a positive number.
         """
-        env = os.environ if environ is None else environ
+        raw_attempts, raw_backoff, raw_timeout = delivery_retry_from_env(environ)
         default = cls()
         try:
-            attempts = int(env.get(ENV_ATTEMPTS) or default.attempts)
-            backoff = float(env.get(ENV_BACKOFF) or default.backoff_s)
-            timeout = float(env.get(ENV_TIMEOUT) or default.timeout_s)
+            attempts = int(raw_attempts or default.attempts)
+            backoff = float(raw_backoff or default.backoff_s)
+            timeout = float(raw_timeout or default.timeout_s)
         except ValueError:
             attempts = 0
         if attempts < 1 or backoff < 0 or timeout <= 0:
-            raise ConfigError(f"{ENV_ATTEMPTS} must be >= 1, {ENV_BACKOFF} >= 0 and "
-                             f"{ENV_TIMEOUT} > 0")
+            raise ConfigError(f"{ENV_DELIVERY_ATTEMPTS} must be >= 1, {ENV_DELIVERY_BACKOFF} >= 0 "
+                              f"and {ENV_DELIVERY_TIMEOUT} > 0")
         return cls(attempts=attempts, backoff_s=backoff, timeout_s=timeout)
 
 
@@ -148,6 +146,66 @@ def render_subject(template: str | None, alert: Alert, *, node: str, destination
     return _FIELD_RE.sub(lambda m: values[m.group(1)], template)
 
 
+def plan_is_local(plan: Plan) -> bool:
+    """Whether every destination of ``plan`` is a local file."""
+    return all(channels.scheme_of(leaf.url) == "file" for leaf in leaves(plan))
+
+
+class PlanCache:
+    """Resolved plans by target, kept while the configuration's seq stays the same.
+
+    Resolving reads the target and every member from the store (a query and a JSON parse
+    each) for every alert; a node delivering thousands of alerts a second to a few targets
+    resolved the same plan again each time. ``refresh`` (the worker calls it once per batch
+    of alerts it takes) compares the store's seq with the one the plans were made at and
+    forgets them all when it moved, so an alert is delivered by the configuration its batch
+    was taken under. A failed resolution (an unknown target) is kept as well.
+
+    Only the consumer thread uses it. The seq is read before a plan is resolved, so a plan
+    is never older than the seq it is kept under.
+    """
+
+    def __init__(self, store: Lookup, config_seq: Callable[[], int]) -> None:
+        self.store = store
+        self.config_seq = config_seq
+        self.seq: int | None = None
+        self._plans: dict[tuple[str, str], Plan | str] = {}  # a str: why it cannot resolve
+        self._local: dict[Plan, bool] = {}
+
+    def refresh(self) -> None:
+        """Forget every plan if the configuration changed since they were resolved."""
+        seq = self.config_seq()
+        if seq != self.seq:
+            self._plans.clear()
+            self._local.clear()
+            self.seq = seq
+
+    def resolve(self, kind: str, name: str) -> Plan:
+        """The plan of ``kind``/``name``, resolved once per seq.
+
+        Raises:
+            ResolveError: as ``resolve`` does (also from the cache).
+        """
+        key = (kind, name)
+        plan = self._plans.get(key)
+        if plan is None:
+            try:
+                plan = resolve(self.store, kind, name)
+            except ResolveError as exc:
+                plan = str(exc)
+            self._plans[key] = plan
+        if isinstance(plan, str):
+            raise ResolveError(plan)  # a new one each time: a raised one keeps its traceback
+        return plan
+
+    def is_local(self, plan: Plan) -> bool:
+        """``plan_is_local``, computed once per plan."""
+        local = self._local.get(plan)
+        if local is None:
+            local = self._local[plan] = plan_is_local(plan)
+        return local
+
+
 class Executor:
     """Delivers alerts for one node; safe to use from several threads at once.
 
@@ -158,32 +216,48 @@ class Executor:
         policy: retries and timeouts.
         wait: sleeps for the given seconds and returns True if the worker is stopping.
         send: the channel dispatcher (tests substitute a fake).
+        defer_trail: keep the per-alert trail lines for the caller's ``trail.flush()``
+            (the delivery worker flushes them before it acknowledges the alerts).
+        config_seq: the store's configuration seq; with it, resolved plans are kept until
+            ``refresh_plans`` sees the seq move (see ``PlanCache``).
     """
 
     def __init__(self, *, node: str, store: Lookup, trail: Trail, policy: RetryPolicy,
                  wait: Callable[[float], bool],
-                 send: Callable[..., None] = channels.send) -> None:
+                 send: Callable[..., None] = channels.send, defer_trail: bool = False,
+                 config_seq: Callable[[], int] | None = None) -> None:
         self.node = node
         self.store = store
         self.trail = trail
         self.policy = policy
         self.wait = wait
         self.send = send
+        self._line = trail.defer if defer_trail else trail.event
+        self.plans = PlanCache(store, config_seq) if config_seq is not None else None
+
+    def refresh_plans(self) -> None:
+        """Forget the resolved plans if the configuration changed since they were made."""
+        if self.plans is not None:
+            self.plans.refresh()
 
     def prepare(self, alert: Alert) -> Progress | Outcome:
         """Resolve the alert's target: its progress record, or a failed outcome when unknown."""
         try:
-            plan = resolve(self.store, alert.target_kind, alert.target)
+            if self.plans is not None:
+                plan = self.plans.resolve(alert.target_kind, alert.target)
+            else:
+                plan = resolve(self.store, alert.target_kind, alert.target)
         except Exception as exc:
-            self.trail.event(Event.ALERT_FAILED, id=alert.id, source=alert.source,
-                             target=alert.target, reason=str(exc))
+            self._line(Event.ALERT_FAILED, id=alert.id, source=alert.source,
+                       target=alert.target, reason=str(exc))
             return Outcome(FAILED, failed={alert.target: str(exc)}, rounds=0)
         return Progress(plan=plan, now=dt.datetime.now(dt.UTC))
 
-    @staticmethod
-    def is_local(progress: Progress) -> bool:
+    def is_local(self, progress: Progress) -> bool:
         """Whether every destination is a local file: fast enough to deliver on the consumer."""
-        return all(channels.scheme_of(leaf.url) == "file" for leaf in leaves(progress.plan))
+        if self.plans is not None:
+            return self.plans.is_local(progress.plan)
+        return plan_is_local(progress.plan)
 
     def run(self, alert: Alert, progress: Progress | None = None, *,
             max_rounds: int | None = None) -> Outcome:
@@ -196,8 +270,8 @@ class Executor:
                 the progress, instead of waiting; the worker uses 1 to try local files inline.
 
         Raises:
-            Aborted: the worker is stopping; nothing was acknowledged, the broker will hand the
-                alert out again.
+            DeliveryAborted: the worker is stopping; nothing was acknowledged, the broker
+                will hand the alert out again.
         """
         if progress is None:
             prepared = self.prepare(alert)
@@ -206,7 +280,7 @@ class Executor:
             progress = prepared
         while True:
             if progress.rounds and self.wait(self.policy.delay(progress.rounds)):
-                raise Aborted(alert.id)
+                raise DeliveryAborted(alert.id)
             progress.rounds += 1
             status = self._round(progress.plan, alert, progress)
             if status != RETRY:
@@ -225,9 +299,9 @@ class Executor:
                 outcome.skipped[name] = reason
             elif state in (FAILED, RETRY):
                 outcome.failed[name] = reason
-                self.trail.event(Event.ALERT_FAILED, id=alert.id, source=alert.source,
-                                 destination=name, attempts=progress.rounds, reason=reason,
-                                 **progress.trail)
+                self._line(Event.ALERT_FAILED, id=alert.id, source=alert.source,
+                           destination=name, attempts=progress.rounds, reason=reason,
+                           **progress.trail)
         return outcome
 
     def _round(self, plan: Plan, alert: Alert, progress: Progress) -> str:
@@ -257,13 +331,13 @@ class Executor:
             closed = closed_reason(self.store, leaf, progress.now)
             if closed is not None:
                 states[leaf.name] = (SKIPPED, closed)
-                self.trail.event(Event.ALERT_SKIPPED, id=alert.id, source=alert.source,
-                                 destination=leaf.name, reason=closed)
+                self._line(Event.ALERT_SKIPPED, id=alert.id, source=alert.source,
+                           destination=leaf.name, reason=closed)
                 return SKIPPED
         payload = self.payload(alert, leaf)
         try:
             self.send(leaf.url, payload, timeout_s=self.policy.timeout_s)
-        except channels.ChannelError as exc:
+        except AttemptFailed as exc:
             result = RETRY if exc.retryable else FAILED
             states[leaf.name] = (result, str(exc))
             log.warning("alert %s to %s failed (%s)%s", alert.id, leaf.name, exc,
@@ -274,9 +348,9 @@ class Executor:
             states[leaf.name] = (RETRY, f"unexpected error: {type(exc).__name__}")
             return RETRY
         states[leaf.name] = (DELIVERED, "")
-        self.trail.event(Event.ALERT_DELIVERED, id=alert.id, source=alert.source,
-                         destination=leaf.name, list=".".join(alert.hosts),
-                         attempts=progress.rounds, **progress.trail)
+        self._line(Event.ALERT_DELIVERED, id=alert.id, source=alert.source,
+                   destination=leaf.name, list=".".join(alert.hosts),
+                   attempts=progress.rounds, **progress.trail)
         return DELIVERED
 
     def payload(self, alert: Alert, leaf: Leaf) -> dict[str, Any]:

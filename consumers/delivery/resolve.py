@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.errors import ConfigError
+from broker.errors import ResolveError
 
 MAX_DEPTH = 16
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -28,10 +28,6 @@ class Lookup(Protocol):
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         """One object's body, or None."""
-
-
-class ResolveError(ConfigError):
-    """The target cannot be turned into a plan (unknown name, too deep); not worth retrying."""
 
 
 @dataclass(frozen=True)

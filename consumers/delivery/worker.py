@@ -48,7 +48,7 @@ from broker.alerts import (
 )
 from broker.allowlist import ALERT_HOSTS_FILE, AllowList
 from broker.consumer import ConsumerLoop, message_body
-from broker.errors import MessageError
+from broker.errors import DeliveryAborted, MessageError
 from broker.events import Event
 from broker.publisher import Outgoing
 from broker.signing import SENDER_HEADER, SIGNATURE_HEADER
@@ -57,7 +57,6 @@ from consumers.context import NodeContext
 from consumers.delivery.executor import (
     FAILED,
     RETRY,
-    Aborted,
     Executor,
     Outcome,
     Progress,
@@ -70,7 +69,7 @@ from consumers.delivery.settle import Settler
 from consumers.delivery.subscriptions import Subscriptions
 from consumers.delivery.trace import trail_lines
 from consumers.quarantine import alert_identity, dead_copy, quarantine_copy
-from consumers.totals import Totals
+from consumers.totals import Tally, Totals
 
 log = logging.getLogger("tasync.delivery")
 
@@ -124,7 +123,9 @@ class DeliveryConsumer(ConsumerLoop):
         self.totals = totals
         self.executor = Executor(node=ctx.node, store=ctx.store, trail=ctx.trail,
                                  policy=policy or RetryPolicy.from_env(),
-                                 wait=self.stop_event.wait)
+                                 wait=self.stop_event.wait, defer_trail=True,
+                                 config_seq=lambda: ctx.store.last_seq)
+        self._tally = Tally()
         self.hostlists = HostListWatcher(ctx, on_change=self.config_changed)
         self.handled = HandledWatcher(ctx, window_s=totals.dedup_window_s)
         self.settler: Settler | None = None
@@ -361,6 +362,7 @@ class DeliveryConsumer(ConsumerLoop):
                 self._quarantine(message, f"unreadable message ({type(exc).__name__})")
         if not decoded:
             return
+        self.executor.refresh_plans()
         seen = self.totals.seen_outcomes(alert.id for _, alert in decoded)
         for message, alert in decoded:
             info = message.delivery_info
@@ -376,8 +378,11 @@ class DeliveryConsumer(ConsumerLoop):
                        bool(info.get("redelivered")))
             self._inflight_ids.add(alert.id)
             self._inflight += 1
-            self.totals.count(alert.source, received=1, redelivered=int(job.redelivered))
+            self._tally.add(alert.source, "received")
+            if job.redelivered:
+                self._tally.add(alert.source, "redelivered")
             self._start(job)
+        self._tally.add_to(self.totals)  # received now, not when the batch is settled
 
     def _requeued(self, message: amqp.Message, alert: Alert) -> bool:
         """Whether ``message`` is a dead letter sent again by ``tasync dead requeue``; audited."""
@@ -398,9 +403,9 @@ class DeliveryConsumer(ConsumerLoop):
         it settles it once more, so the record and a failed alert's dead-letter copy exist.
         """
         info = message.delivery_info
-        self.totals.count(alert.source, duplicates=1)
+        self._tally.add(alert.source, "duplicates")
         outcome, by = known if known is not None else ("in delivery", None)
-        self.ctx.trail.event(Event.ALERT_DUPLICATE, id=alert.id, source=alert.source,
+        self.ctx.trail.defer(Event.ALERT_DUPLICATE, id=alert.id, source=alert.source,
                              list=info.get("routing_key"), first=by or self.node,
                              outcome=outcome)
         if known is not None and by is None and info.get("redelivered"):
@@ -455,7 +460,7 @@ class DeliveryConsumer(ConsumerLoop):
         outcome: Outcome | None
         try:
             outcome = self.executor.run(job.alert, progress)
-        except Aborted:
+        except DeliveryAborted:
             outcome = None
         except Exception as exc:
             log.exception("delivery of alert %s crashed", job.alert.id)
@@ -480,9 +485,11 @@ class DeliveryConsumer(ConsumerLoop):
             except queue.Empty:
                 break
             self._finished(job, outcome, batch)
+        self.ctx.trail.flush()  # the batch's lines are in the file before its acks go out
         if not batch.acks and not batch.handled:
             return
         try:
+            self._tally.add_to(self.totals)
             self.totals.flush()
         except sqlite3.Error:
             log.exception("could not write totals; acknowledging anyway (delivery happened)")
@@ -540,14 +547,15 @@ class DeliveryConsumer(ConsumerLoop):
     def _account(self, job: _Job, outcome: Outcome) -> None:
         alert = job.alert
         taken_over = outcome.status == "delivered" and job.position > 0
-        self.totals.count(alert.source, **{outcome.status: 1}, taken_over=int(taken_over))
+        self._tally.add(alert.source, outcome.status)
         self.totals.mark_seen(alert.id, outcome.status)
         if taken_over:
-            self.ctx.trail.event(Event.ALERT_TAKEN_OVER, id=alert.id, source=alert.source,
+            self._tally.add(alert.source, "taken_over")
+            self.ctx.trail.defer(Event.ALERT_TAKEN_OVER, id=alert.id, source=alert.source,
                                  list=".".join(job.hosts), first=job.hosts[0],
                                  redelivered=int(job.redelivered))
         if outcome.status == FAILED:
-            self.ctx.trail.event(Event.ALERT_DEAD_LETTERED, id=alert.id, source=alert.source,
+            self.ctx.trail.defer(Event.ALERT_DEAD_LETTERED, id=alert.id, source=alert.source,
                                  target=alert.target, queue=topology.DEAD_LETTER_QUEUE,
                                  attempts=outcome.rounds, reason=outcome.reason[:500])
 
@@ -555,9 +563,9 @@ class DeliveryConsumer(ConsumerLoop):
         """Refuse a message: a copy to the quarantine queue (confirmed before the ack)."""
         info = message.delivery_info
         alert_id, source = alert_identity(message)
-        self.ctx.trail.event(Event.ALERT_REFUSED, id=alert_id, source=source,
+        self.ctx.trail.defer(Event.ALERT_REFUSED, id=alert_id, source=source,
                              list=info.get("routing_key"), reason=reason[:300])
-        self.totals.count(source, refused=1)
+        self._tally.add(source, "refused")
         self._copies.append(quarantine_copy(message, reason=reason, node=self.node,
                                             source=str(info.get("routing_key", ""))))
         log.warning("quarantined a message from %s: %s", info.get("routing_key"), reason)

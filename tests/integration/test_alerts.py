@@ -39,15 +39,7 @@ FAST_RETRY = {"TASYNC_DELIVERY_BACKOFF_S": "0.05", "TASYNC_DELIVERY_ATTEMPTS": "
 
 def tasync(network: Network, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run an alert command the way users do: ``tasync send ...`` (the classic -host included)."""
-    from tasync import cli
-
-    if "send" in getattr(cli, "cli").commands:  # noqa: B009 - registered by the lead's main
-        return network.cli(*args, check=check)
-    out = subprocess.run([sys.executable, "-m", "tasync.cli_alerts", *args], capture_output=True,
-                         text=True, timeout=120, env=network.env)
-    if check and out.returncode != 0:
-        raise AssertionError(f"tasync {' '.join(args)} exited {out.returncode}: {out.stderr}")
-    return out
+    return network.cli(*args, check=check)
 
 
 def lines(path: Path) -> list[dict[str, Any]]:

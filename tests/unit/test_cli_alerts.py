@@ -15,6 +15,11 @@ from tasync.cli_alerts import alerts_cli, normalise_host_args
     (["send", "--", "-host", "a", "b"], ["send", "--", "-host", "a", "b"]),
     (["config", "set", "route", "r", "--host", "a", "b"],
      ["config", "set", "route", "r", "--host", "a", "b"]),
+    # a value that happens to be the word send leaves other commands alone
+    (["config", "set", "route", "send", "--host", "a", "b"],
+     ["config", "set", "route", "send", "--host", "a", "b"]),
+    (["status", "--json", "send", "-host", "a", "b"],
+     ["status", "--json", "send", "-host", "a", "b"]),
 ])
 def test_normalise_host_args(argv: list[str], expected: list[str]) -> None:
     assert normalise_host_args(argv) == expected

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
+from broker.errors import AttemptFailed
 from consumers.delivery import channels
-from consumers.delivery.channels import ChannelError
 
 PAYLOAD = {"id": "A1", "destination": "d", "text": "disk full", "subject": "P1",
            "source": "nms", "node": "a", "delivered_at": 1.0}
@@ -90,10 +90,10 @@ def test_file_channel_appends_one_json_line_per_alert(tmp_path: Path) -> None:
 
 
 def test_file_channel_errors(tmp_path: Path) -> None:
-    with pytest.raises(ChannelError) as missing:
+    with pytest.raises(AttemptFailed) as missing:
         channels.send(f"file://{tmp_path}/no/such/dir/x.jsonl", PAYLOAD)
     assert missing.value.retryable
-    with pytest.raises(ChannelError) as remote:
+    with pytest.raises(AttemptFailed) as remote:
         channels.send("file://server/share/x", PAYLOAD)
     assert not remote.value.retryable
 
@@ -116,7 +116,7 @@ def test_webhook_basic_auth_from_url(hook: Hook) -> None:
 ])
 def test_webhook_failures_say_whether_to_retry(hook: Hook, status: int, retryable: bool) -> None:
     hook.statuses = [status]
-    with pytest.raises(ChannelError) as info:
+    with pytest.raises(AttemptFailed) as info:
         channels.send(hook.url.replace("/hook", "/hook?token=SECRET"), PAYLOAD)
     assert info.value.retryable is retryable
     assert str(status) in str(info.value)
@@ -124,7 +124,7 @@ def test_webhook_failures_say_whether_to_retry(hook: Hook, status: int, retryabl
 
 
 def test_webhook_unreachable_is_retryable() -> None:
-    with pytest.raises(ChannelError) as info:
+    with pytest.raises(AttemptFailed) as info:
         channels.send("http://127.0.0.1:1/x", PAYLOAD, timeout_s=2)
     assert info.value.retryable
 
@@ -151,19 +151,19 @@ def test_mailto_uses_the_given_or_default_server(smtp: tuple[Mailbox, int],
 
 def test_mail_refusals_and_missing_recipients(smtp: tuple[Mailbox, int]) -> None:
     _box, port = smtp
-    with pytest.raises(ChannelError) as refused:
+    with pytest.raises(AttemptFailed) as refused:
         channels.send(f"smtp://127.0.0.1:{port}/?to=refused@example.com", PAYLOAD)
     assert not refused.value.retryable
-    with pytest.raises(ChannelError, match="no recipient") as empty:
+    with pytest.raises(AttemptFailed, match="no recipient") as empty:
         channels.send(f"smtp://127.0.0.1:{port}/", PAYLOAD)
     assert not empty.value.retryable
-    with pytest.raises(ChannelError) as down:
+    with pytest.raises(AttemptFailed) as down:
         channels.send("smtp://127.0.0.1:1/?to=a@b.c", PAYLOAD, timeout_s=2)
     assert down.value.retryable
 
 
 def test_unknown_scheme_is_a_permanent_failure() -> None:
-    with pytest.raises(ChannelError, match="no channel understands") as info:
+    with pytest.raises(AttemptFailed, match="no channel understands") as info:
         channels.send("nosuchscheme://x/y", PAYLOAD)
     assert not info.value.retryable
 
@@ -171,7 +171,7 @@ def test_unknown_scheme_is_a_permanent_failure() -> None:
 def test_apprise_handles_other_schemes(tmp_path: Path) -> None:
     # Apprise's json:// plugin posts to a web server; point it at a closed port: the attempt is
     # made (the URL was understood) and fails in a retryable way.
-    with pytest.raises(ChannelError) as info:
+    with pytest.raises(AttemptFailed) as info:
         channels.send("json://127.0.0.1:1/", PAYLOAD)
     assert info.value.retryable
 
@@ -232,7 +232,7 @@ def test_mail_subject_may_be_non_ascii(smtp: tuple[Mailbox, int]) -> None:
 def test_mail_channel_refuses_a_subject_with_control_characters(smtp: tuple[Mailbox, int],
                                                                 subject: str) -> None:
     box, port = smtp
-    with pytest.raises(ChannelError) as info:
+    with pytest.raises(AttemptFailed) as info:
         channels.send(f"smtp://127.0.0.1:{port}/?to=ops@example.com",
                       {**PAYLOAD, "subject": subject})
     assert not info.value.retryable
@@ -246,7 +246,7 @@ def test_mail_channel_refuses_a_subject_with_control_characters(smtp: tuple[Mail
                                                    (503, True), (429, True)])
 def test_apprise_status_decides_the_retry(hook: Hook, status: int, retryable: bool) -> None:
     hook.statuses = [status]
-    with pytest.raises(ChannelError) as info:
+    with pytest.raises(AttemptFailed) as info:
         channels.send(hook.url.replace("http://", "json://"), PAYLOAD)
     assert info.value.retryable is retryable
     assert f"HTTP {status}" in str(info.value)

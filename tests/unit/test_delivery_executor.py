@@ -6,10 +6,8 @@ import pytest
 
 from broker.alerts import Alert
 from broker.audit import Trail, read_trail
-from broker.errors import ConfigError
-from consumers.delivery.channels import ChannelError
+from broker.errors import AttemptFailed, ConfigError, DeliveryAborted
 from consumers.delivery.executor import (
-    Aborted,
     Executor,
     RetryPolicy,
     render_subject,
@@ -67,7 +65,7 @@ def make(tmp_path: Path, channel: Channel, policy: RetryPolicy = FAST,
 
 
 def test_retries_then_delivers_once(tmp_path: Path) -> None:
-    err = ChannelError("webhook answered HTTP 500", retryable=True)
+    err = AttemptFailed("webhook answered HTTP 500", retryable=True)
     channel = Channel({"http://hook": [err, err, err, None]})
     outcome = make(tmp_path, channel).run(alert())
     assert outcome.status == "delivered" and outcome.rounds == 4
@@ -78,7 +76,7 @@ def test_retries_then_delivers_once(tmp_path: Path) -> None:
 
 
 def test_never_working_destination_fails_after_every_attempt(tmp_path: Path) -> None:
-    channel = Channel({"http://dead": [ChannelError("HTTP 503", retryable=True)] * 10})
+    channel = Channel({"http://dead": [AttemptFailed("HTTP 503", retryable=True)] * 10})
     outcome = make(tmp_path, channel).run(alert("dead"))
     assert outcome.status == "failed" and outcome.rounds == 5
     assert outcome.failed == {"dead": "HTTP 503"}
@@ -88,27 +86,27 @@ def test_never_working_destination_fails_after_every_attempt(tmp_path: Path) -> 
 
 
 def test_permanent_error_is_not_retried(tmp_path: Path) -> None:
-    channel = Channel({"http://typo": [ChannelError("HTTP 404", retryable=False)]})
+    channel = Channel({"http://typo": [AttemptFailed("HTTP 404", retryable=False)]})
     outcome = make(tmp_path, channel).run(alert("typo"))
     assert outcome.status == "failed" and outcome.rounds == 1 and len(channel.calls) == 1
 
 
 def test_sequence_moves_on_at_once_and_stops_at_the_first_success(tmp_path: Path) -> None:
-    channel = Channel({"http://dead": [ChannelError("down", retryable=True)] * 10})
+    channel = Channel({"http://dead": [AttemptFailed("down", retryable=True)] * 10})
     outcome = make(tmp_path, channel).run(alert("seq", "group"))
     assert outcome.status == "delivered" and outcome.rounds == 1
     assert [url for url, _ in channel.calls] == ["http://dead", "http://hook"]
 
 
 def test_all_mode_retries_only_what_failed(tmp_path: Path) -> None:
-    channel = Channel({"mailto:x@y": [ChannelError("421 busy", retryable=True), None]})
+    channel = Channel({"mailto:x@y": [AttemptFailed("421 busy", retryable=True), None]})
     outcome = make(tmp_path, channel).run(alert("all", "group"))
     assert outcome.status == "delivered" and outcome.rounds == 2
     assert [url for url, _ in channel.calls] == ["http://hook", "mailto:x@y", "mailto:x@y"]
 
 
 def test_all_mode_with_a_permanent_failure_fails(tmp_path: Path) -> None:
-    channel = Channel({"http://typo": [ChannelError("HTTP 404", retryable=False)]})
+    channel = Channel({"http://typo": [AttemptFailed("HTTP 404", retryable=False)]})
     outcome = make(tmp_path, channel).run(alert("allbad", "group"))
     assert outcome.status == "failed"
     assert outcome.delivered == ["hook"] and list(outcome.failed) == ["typo"]
@@ -130,13 +128,13 @@ def test_unknown_target_fails_without_delivery(tmp_path: Path) -> None:
 def test_stop_during_backoff_aborts(tmp_path: Path) -> None:
     stop = threading.Event()
     stop.set()
-    channel = Channel({"http://dead": [ChannelError("down", retryable=True)] * 10})
-    with pytest.raises(Aborted):
+    channel = Channel({"http://dead": [AttemptFailed("down", retryable=True)] * 10})
+    with pytest.raises(DeliveryAborted):
         make(tmp_path, channel, RetryPolicy(attempts=3, backoff_s=10), stop).run(alert("dead"))
 
 
 def test_inline_first_round_then_resume(tmp_path: Path) -> None:
-    err = ChannelError("HTTP 500", retryable=True)
+    err = AttemptFailed("HTTP 500", retryable=True)
     channel = Channel({"http://hook": [err, None]})
     executor = make(tmp_path, channel)
     first = executor.run(alert(), max_rounds=1)

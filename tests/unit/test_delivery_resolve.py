@@ -3,10 +3,10 @@ from typing import Any
 
 import pytest
 
+from broker.errors import ResolveError
 from consumers.delivery.resolve import (
     Group,
     Leaf,
-    ResolveError,
     closed_reason,
     in_window,
     leaves,
