@@ -27,6 +27,8 @@ ENV_DELIVERY_ATTEMPTS = "TASYNC_DELIVERY_ATTEMPTS"
 ENV_DELIVERY_BACKOFF = "TASYNC_DELIVERY_BACKOFF_S"
 ENV_DELIVERY_TIMEOUT = "TASYNC_DELIVERY_TIMEOUT_S"
 ENV_CACHE_DIR = "TASYNC_CACHE_DIR"
+#: Fault injection for the recovery tests (``before-publish``), not a setting for operators.
+ENV_FAILPOINT = "TASYNC_FAILPOINT"
 
 #: How long a node remembers a settled alert id (``$TASYNC_DEDUP_WINDOW_S``), in seconds.
 DEFAULT_DEDUP_WINDOW_S = 3600.0
@@ -322,3 +324,12 @@ def cache_dir_from_env(environ: Mapping[str, str] | None = None) -> Path:
     base = env.get(ENV_CACHE_DIR) or os.path.join(
         env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tasync")
     return Path(base)
+
+
+def failpoint_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """The fault the tests asked a worker to inject (``$TASYNC_FAILPOINT``), else ``""``.
+
+    ``before-publish``: the master exits right after committing a change and before
+    publishing it, exactly like a crash in that window.
+    """
+    return (os.environ if environ is None else environ).get(ENV_FAILPOINT, "").strip()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit import Trail
+from broker.protocol import Role
 from broker.settings import Settings
 from broker.signing import KeyRing
 from broker.store import NodeStore
@@ -92,14 +93,14 @@ class NodeContext:
         return None if head is None else max(0, head - self.store.last_seq)
 
     @property
-    def role(self) -> str:
+    def role(self) -> Role:
         """``master`` or ``backup``, as persisted in the store."""
-        return self.store.get_meta("role", "backup") or "backup"
+        return Role(self.store.get_meta("role", Role.BACKUP) or Role.BACKUP)
 
     @property
     def is_master(self) -> bool:
         """Whether this node currently accepts configuration changes."""
-        return self.role == "master"
+        return self.role is Role.MASTER
 
     def status(self, *, checksum: bool = True) -> dict[str, Any]:
         """This node's view of itself, as ``tasync status`` shows it.

@@ -48,6 +48,7 @@ from broker.errors import (
     UnfillableGap,
 )
 from broker.events import Event
+from broker.protocol import ControlOp, Role
 from broker.rpc import RpcClient
 from broker.seat import MasterSeat
 from broker.store import ApplyResult
@@ -141,12 +142,14 @@ class Roles:
         #: Serialises decisions about the seat (start, regain, promotion, step-down).
         self._lock = threading.RLock()
 
-    def handlers(self) -> dict[str, Handler]:
+    def handlers(self) -> dict[ControlOp, Handler]:
         """The control requests served here (``head`` and ``step_down`` on the master only)."""
         handlers = {
-            "head": self._head, "snapshot": self._snapshot, "recover": self._recover,
-            "replay": self._replay, "promote": self._promote, "step_down": self._step_down,
-            "conflicts": self._conflicts, "conflicts_resolved": self._conflicts_resolved,
+            ControlOp.HEAD: self._head, ControlOp.SNAPSHOT: self._snapshot,
+            ControlOp.RECOVER: self._recover, ControlOp.REPLAY: self._replay,
+            ControlOp.PROMOTE: self._promote, ControlOp.STEP_DOWN: self._step_down,
+            ControlOp.CONFLICTS: self._conflicts,
+            ControlOp.CONFLICTS_RESOLVED: self._conflicts_resolved,
         }
         return {op: _answering(op, fn) for op, fn in handlers.items()}
 
@@ -223,7 +226,7 @@ class Roles:
     def _refuse(self, reason: str, *, owner: str | None) -> None:
         """Start as a backup although asked to start as master, and say why."""
         with self.ctx.store.lock:
-            self.ctx.store.set_meta(role="backup")
+            self.ctx.store.set_meta(role=Role.BACKUP)
         self.ctx.trail.event(Event.MASTER_REFUSED, reason=reason, owner=owner)
         log.warning("not starting as master: %s; running as a backup (promote it with "
                     "`tasync promote %s` if it should take over)", reason, self.ctx.node)
@@ -288,7 +291,7 @@ class Roles:
         store = self.ctx.store
         with self._lock:
             with store.lock:
-                store.set_meta(role="backup")
+                store.set_meta(role=Role.BACKUP)
             self.seat.release()
         self.ctx.trail.event(Event.MASTER_STEPPED_DOWN, reason=reason, by=by, epoch=store.epoch,
                              seq=store.last_seq, unconfirmed=len(store.unpublished()) or None)
@@ -426,7 +429,7 @@ class Roles:
         self.relay.publish_mark(mark)
         with store.lock:
             store.set_history(history)
-            store.set_meta(role="master")
+            store.set_meta(role=Role.MASTER)
         self.ctx.trail.event(Event.ERA_OPENED, epoch=epoch, base_seq=store.last_seq)
         return epoch
 

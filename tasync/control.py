@@ -32,6 +32,7 @@ from broker.consumer import ConsumerLoop, message_body
 from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from broker.events import Event
 from broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request
+from broker.protocol import CONFIG_OPS, MASTER_OPS, NO_ANSWER_OPS, ControlOp, Role
 from broker.rpc import reply_to
 from consumers.context import NodeContext
 from consumers.peers import BEACON_EVERY_S
@@ -40,17 +41,10 @@ from producers.relay import ChangeRelay, Committed
 
 log = logging.getLogger("tasync.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-#: Requests only the master answers (a backup refuses them).
-MASTER_OPS = frozenset({"commit", "import", "import_commit", "request", "head", "hello",
-                        "step_down"})
-#: Requests that change configuration, checked against telaconf.hosts.
-CONFIG_OPS = frozenset({"commit", "import", "import_commit"})
 #: Staged parts of an import nobody touched for this long are dropped.
 IMPORT_STALE_S = 24 * 3600.0
 #: How often a node not yet registered asks the master again.
 HELLO_EVERY_S = 3.0
-#: Requests that want no answer.
-NO_ANSWER_OPS = frozenset({"beacon"})
 
 
 class ControlServer(ConsumerLoop):
@@ -71,7 +65,7 @@ class ControlServer(ConsumerLoop):
     name = "tasync-control"
 
     def __init__(self, ctx: NodeContext, *, relay: ChangeRelay, keep_seat: Callable[[], bool],
-                 handlers: Mapping[str, Handler] | None = None,
+                 handlers: Mapping[ControlOp, Handler] | None = None,
                  authorize: Callable[[Request, amqp.Message], None] | None = None,
                  on_committed: Callable[[], None] | None = None,
                  status_extra: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -83,17 +77,17 @@ class ControlServer(ConsumerLoop):
         self.authorize = authorize or (lambda _r, _m: None)
         self.on_committed = on_committed or (lambda: None)
         self.status_extra = status_extra or dict
-        self.handlers: dict[str, Handler] = {
-            "status": self._status,
-            "export": lambda _a: {"export": ctx.store.export_bytes().decode()},
-            "show": self._show,
-            "head": lambda _a: {"seq": ctx.store.last_seq, "epoch": ctx.store.epoch},
-            "commit": self._commit,
-            "import": self._import,
-            "import_commit": self._import_commit,
-            "request": self._request,
-            "hello": self._hello,
-            "beacon": self._beacon,
+        self.handlers: dict[ControlOp, Handler] = {
+            ControlOp.STATUS: self._status,
+            ControlOp.EXPORT: lambda _a: {"export": ctx.store.export_bytes().decode()},
+            ControlOp.SHOW: self._show,
+            ControlOp.HEAD: lambda _a: {"seq": ctx.store.last_seq, "epoch": ctx.store.epoch},
+            ControlOp.COMMIT: self._commit,
+            ControlOp.IMPORT: self._import,
+            ControlOp.IMPORT_COMMIT: self._import_commit,
+            ControlOp.REQUEST: self._request,
+            ControlOp.HELLO: self._hello,
+            ControlOp.BEACON: self._beacon,
             **(handlers or {}),
         }
         self._next_hello = 0.0
@@ -133,7 +127,7 @@ class ControlServer(ConsumerLoop):
         """
         store = self.ctx.store
         master = self._bound_master
-        args = {"node": self.ctx.node, "role": "master" if master else "backup",
+        args = {"node": self.ctx.node, "role": Role.MASTER if master else Role.BACKUP,
                 "epoch": store.epoch, "ready": self.ctx.ready.is_set(),
                 "seq": store.published_seq if master else store.last_seq}
         body = messages.encode(Request(op="beacon", sender=self.ctx.node, args=args))
@@ -193,7 +187,7 @@ class ControlServer(ConsumerLoop):
             log.warning("refused a control message: %s", exc)
             self.channel.basic_ack(message.delivery_tag)
             return
-        if request.op in CONFIG_OPS:
+        if _op(request.op) in CONFIG_OPS:
             try:
                 self.authorize(request, message)
             except MessageError as exc:
@@ -212,15 +206,16 @@ class ControlServer(ConsumerLoop):
         self._follow_role()
 
     def _dispatch(self, request: Request) -> Reply:
-        handler = self.handlers.get(request.op)
-        if handler is None:
+        op = _op(request.op)
+        handler = self.handlers.get(op) if op is not None else None
+        if op is None or handler is None:
             return Reply(ok=False, node=self.ctx.node, error=f"unknown request {request.op!r}",
                          error_type="ConfigError")
         try:
-            if request.op in MASTER_OPS and not (self.ctx.is_master and self.keep_seat()):
+            if op in MASTER_OPS and not (self.ctx.is_master and self.keep_seat()):
                 return Reply(ok=False, node=self.ctx.node, error_type="RemoteError",
                              error=f"{self.ctx.node} is not the master")
-            if request.op not in NO_ANSWER_OPS:
+            if op not in NO_ANSWER_OPS:
                 log.debug("request %s from %s", request.op, request.sender)
             return Reply(ok=True, node=self.ctx.node, data=handler(request.args))
         except TasyncError as exc:
@@ -377,3 +372,11 @@ def _op_from_json(item: list[Any]) -> Op:
     """A staged operation back; it was checked before it was staged, so it is not again."""
     op, kind, name, body = item
     return Op(op=op, kind=kind, name=name, body=body)
+
+
+def _op(name: str) -> ControlOp | None:
+    """The request's operation, or None for one no node answers (said as "unknown")."""
+    try:
+        return ControlOp(name)
+    except ValueError:
+        return None

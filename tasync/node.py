@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,8 +27,9 @@ from broker.audit import Trail, setup_sync_log
 from broker.connection import close_quietly, connect
 from broker.errors import BrokerUnreachable, ConfigError, StoreDamaged
 from broker.events import Event
+from broker.protocol import Role
 from broker.seat import MasterSeat
-from broker.settings import Settings
+from broker.settings import Settings, failpoint_from_env
 from broker.signing import KeyRing
 from broker.store import DB_NAME, ApplyResult, NodeStore
 from broker.topology import check_node_name
@@ -101,7 +103,8 @@ class Node:
         self.seat = MasterSeat(settings, node=options.node)
         self.relay = ChangeRelay(store, node=options.node, seat=self.seat, keyring=keyring,
                                  batch_max_changes=settings.batch_max_changes,
-                                 batch_max_bytes=settings.batch_max_bytes)
+                                 batch_max_bytes=settings.batch_max_bytes,
+                                 before_publish=_failpoint(failpoint_from_env()))
         self.admission = self._admission(options)
         self.totals = Totals(self.ctx)
         self.delivery = DeliveryConsumer(self.ctx, totals=self.totals,
@@ -121,7 +124,7 @@ class Node:
 
     def _init_role(self, role: str | None) -> None:
         """Take the command line's role as a wish: ``master`` is checked at start (``Roles``)."""
-        if role not in (None, "master", "backup"):
+        if role not in (None, *Role):
             raise ConfigError(f"unknown role {role!r}: use master or backup")
         if role is not None:
             self.ctx.store.set_meta(role=role)
@@ -239,7 +242,7 @@ def _open_store(data_dir: Path, options: NodeOptions, trail: Trail) -> NodeStore
     try:
         return NodeStore(data_dir, durable=True, verify=True)
     except StoreDamaged as exc:
-        if options.role == "master":
+        if options.role == Role.MASTER:
             raise ConfigError(
                 f"{exc}; it will not start as master on a store it cannot read. To rebuild it "
                 "from the network, start it as a backup (without --role master): it moves the "
@@ -261,3 +264,15 @@ def _move_aside(data_dir: Path) -> Path:
         if source.exists():
             os.replace(source, data_dir / f"{target.name}{suffix}")
     return target
+
+
+def _failpoint(name: str) -> Callable[[int], None] | None:
+    """The crash the recovery tests inject between a commit and its publish, if asked for."""
+    if name != "before-publish":
+        return None
+
+    def crash(seq: int) -> None:
+        log.error("failpoint before-publish: exiting after commit of seq %d", seq)
+        os._exit(70)
+
+    return crash

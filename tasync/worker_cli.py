@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from broker.protocol import Role
 from broker.settings import DEFAULT_METRICS_SOURCES, key_file_from_env
 from tasync.node import Node, NodeOptions
 from tasync.options import broker_url_option, handle_errors, make_settings
@@ -16,7 +17,7 @@ from tasync.options import broker_url_option, handle_errors, make_settings
               help="This server's name: letters, digits, '-' and '_'.")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where the node keeps its configuration store, trail and logs.")
-@click.option("--role", type=click.Choice(["master", "backup"]), default=None,
+@click.option("--role", type=click.Choice([role.value for role in Role]), default=None,
               help="Start as master or backup; default: the role stored in --data-dir, "
                    "else backup.")
 @click.option("--hosts-file", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -50,6 +50,7 @@ from broker.allowlist import ALERT_HOSTS_FILE, AllowList
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import DeliveryAborted, MessageError
 from broker.events import Event
+from broker.protocol import ControlOp
 from broker.publisher import Outgoing
 from broker.signing import SENDER_HEADER, SIGNATURE_HEADER
 from consumers.admission import Admission
@@ -175,7 +176,7 @@ class DeliveryConsumer(ConsumerLoop):
         """Re-read routes and lists soon; thread-safe, called after each applied config batch."""
         self._changed.set()
 
-    def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    def control_handlers(self) -> dict[ControlOp, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Control-request handlers this worker answers.
 
         ``totals`` (counts by source), ``delivery`` (this worker's state), ``lists`` (every
@@ -183,11 +184,11 @@ class DeliveryConsumer(ConsumerLoop):
         (what a sender must do to be accepted) and ``trace`` (one alert's trail lines).
         """
         return {
-            "totals": lambda args: self.totals.report(since=args.get("since")),
-            "delivery": lambda _args: self.status(),
-            "lists": lambda _args: self.lists.fresh(LISTS_FRESH_S).to_dict(self.node),
-            "alert_policy": self.policy,
-            "trace": self.trace,
+            ControlOp.TOTALS: lambda args: self.totals.report(since=args.get("since")),
+            ControlOp.DELIVERY: lambda _args: self.status(),
+            ControlOp.LISTS: lambda _args: self.lists.fresh(LISTS_FRESH_S).to_dict(self.node),
+            ControlOp.ALERT_POLICY: self.policy,
+            ControlOp.TRACE: self.trace,
         }
 
     def status(self) -> dict[str, Any]:

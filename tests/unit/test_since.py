@@ -62,9 +62,12 @@ def commands_with_since() -> dict[str, click.Command]:
     def walk(command: click.Command, path: str) -> None:
         if any("--since" in p.opts for p in command.params):
             found[path] = command
-        if isinstance(command, click.Group):
-            for name, sub in command.commands.items():
-                walk(sub, f"{path} {name}")
+        if isinstance(command, click.Group):  # through the group, which loads lazy commands
+            ctx = click.Context(command, info_name=path)
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                if sub is not None:
+                    walk(sub, f"{path} {name}")
 
     walk(cli, "tasync")
     return found
