@@ -2,9 +2,10 @@
 
 Every object is ``(kind, name, body)``; ``body`` is the dict that the kind's marshmallow schema
 loads, without the name. The master validates both the schema and the references (a group's
-members exist, a route names known nodes) before it commits a change; backups validate the
-schema only, because the master is the authority on references and a backup applies in seq
-order, where a bulk import may pass through states the master validated as a whole.
+members exist, a route names known nodes) before it commits a change. Backups do not check
+bodies again: they check each batch's envelope, signature and era, and apply what the master
+validated, in seq order, where a bulk import may pass through states the master validated as
+a whole. ``REFERENCES`` is the one description of the references between kinds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import logging
 import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
@@ -283,57 +285,88 @@ def _one_line(errors: Mapping[str, Any] | list[Any] | str, prefix: str = "") -> 
 
 
 State = Mapping[str, Mapping[str, Mapping[str, Any]]]
+#: Whether an object ``(kind, name)`` exists, wherever the caller keeps its configuration.
+Exists = Callable[[str, str], bool]
+#: An object's body, or None, wherever the caller keeps its configuration.
+Get = Callable[[str, str], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One kind of reference between objects: ``kind.field`` names objects of ``targets``.
+
+    The only description of the reference graph: the master's checks of a change
+    (``producers.changes``), the store's query for referrers, the checks of a whole
+    configuration (import files, the documentation's examples) and delivery all read it.
+    """
+
+    kind: str
+    field: str
+    many: bool  # a list of names, or one name
+    targets: tuple[str, ...]
+    dangling: str  # the message when a named object does not exist; {name!r} is filled in
+
+    def names(self, body: Mapping[str, Any]) -> list[str]:
+        """The names ``body`` (an object of ``kind``) refers to through this reference."""
+        value = body.get(self.field)
+        if not value:
+            return []
+        return [str(v) for v in value] if self.many else [str(value)]
+
+
+REFERENCES: tuple[Reference, ...] = (
+    Reference("destination", "schedule", False, ("schedule",),
+              "schedule {name!r} does not exist"),
+    Reference("group", "members", True, ("destination", "group"),
+              "member {name!r} is neither a destination nor a group"),
+    Reference("route", "hosts", True, ("node",), "host {name!r} is not a known node"),
+)
+
+
+def refers(ref_kind: str, body: Mapping[str, Any], kind: str, name: str) -> bool:
+    """Whether an object of ``ref_kind`` with ``body`` refers to ``(kind, name)``."""
+    return any(ref.kind == ref_kind and kind in ref.targets and name in ref.names(body)
+               for ref in REFERENCES)
+
+
+def outgoing_errors(kind: str, name: str, body: Mapping[str, Any], exists: Exists) -> list[str]:
+    """What ``(kind, name)`` with ``body`` refers to that does not exist."""
+    return [f"{kind} {name}: " + ref.dangling.format(name=target)
+            for ref in REFERENCES if ref.kind == kind
+            for target in ref.names(body)
+            if not any(exists(t, target) for t in ref.targets)]
+
+
+def group_cycle(group: str, get: Get) -> str | None:
+    """The error when ``group`` contains itself through its members, which would deliver forever."""
+    stack, seen = list((get("group", group) or {}).get("members", [])), set()
+    while stack:
+        member = stack.pop()
+        if member == group:
+            return f"group {group}: contains itself through its members"
+        if member not in seen and get("group", member) is not None:
+            seen.add(member)
+            stack.extend((get("group", member) or {}).get("members", []))
+    return None
 
 
 def reference_errors(state: State) -> list[str]:
     """Every dangling or cyclic reference in a whole configuration ``{kind: {name: body}}``."""
-    errors: list[str] = []
-    nodes = state.get("node", {})
-    destinations = state.get("destination", {})
-    groups = state.get("group", {})
-    schedules = state.get("schedule", {})
-    for name, body in destinations.items():
-        sched = body.get("schedule")
-        if sched and sched not in schedules:
-            errors.append(f"destination {name}: schedule {sched!r} does not exist")
-    for name, body in groups.items():
-        for member in body.get("members", []):
-            if member not in destinations and member not in groups:
-                errors.append(f"group {name}: member {member!r} is neither destination nor group")
-    for name, body in state.get("route", {}).items():
-        for host in body.get("hosts", []):
-            if host not in nodes:
-                errors.append(f"route {name}: host {host!r} is not a known node")
-    errors.extend(_group_cycles(groups))
+    def get(kind: str, name: str) -> Mapping[str, Any] | None:
+        return state.get(kind, {}).get(name)
+
+    def exists(kind: str, name: str) -> bool:
+        return get(kind, name) is not None
+
+    errors = [error for ref_kind in dict.fromkeys(ref.kind for ref in REFERENCES)
+              for name, body in state.get(ref_kind, {}).items()
+              for error in outgoing_errors(ref_kind, name, body, exists)]
+    errors += [cycle for group in sorted(state.get("group", {}))
+               if (cycle := group_cycle(group, get)) is not None]
     return errors
-
-
-def _group_cycles(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Groups that contain themselves through their members, which would deliver forever."""
-    found: list[str] = []
-    for start in sorted(groups):
-        stack, seen = list(groups[start].get("members", [])), set()
-        while stack:
-            member = stack.pop()
-            if member == start:
-                found.append(f"group {start}: contains itself through its members")
-                break
-            if member in groups and member not in seen:
-                seen.add(member)
-                stack.extend(groups[member].get("members", []))
-    return found
 
 
 def referrers(state: State, kind: str, name: str) -> list[str]:
     """Objects that refer to ``(kind, name)``; a delete is refused while any exist."""
-    found: list[str] = []
-    if kind == "schedule":
-        found += [f"destination {n}" for n, b in state.get("destination", {}).items()
-                  if b.get("schedule") == name]
-    if kind in ("destination", "group"):
-        found += [f"group {n}" for n, b in state.get("group", {}).items()
-                  if name in b.get("members", [])]
-    if kind == "node":
-        found += [f"route {n}" for n, b in state.get("route", {}).items()
-                  if name in b.get("hosts", [])]
-    return found
+    return [f"{ref.kind} {other}" for ref in REFERENCES if kind in ref.targets
+            for other, body in state.get(ref.kind, {}).items() if name in ref.names(body)]

@@ -25,7 +25,7 @@ from typing import Any
 
 from broker.epochs import EpochHistory
 from broker.errors import GapError, StoreDamaged
-from broker.kinds import KINDS
+from broker.kinds import KINDS, REFERENCES
 from broker.messages import Change, ChangeBatch
 
 DB_NAME = "node.db"
@@ -424,22 +424,23 @@ class NodeStore:
             yield k, n, json.loads(b)
 
     def referrers(self, kind: str, name: str) -> list[str]:
-        """Stored objects that refer to ``(kind, name)``, as ``"kind name"`` strings."""
-        queries = {
-            "schedule": ("destination", "SELECT name FROM objects WHERE kind='destination' "
-                         "AND json_extract(body, '$.schedule')=?"),
-            "destination": ("group", "SELECT o.name FROM objects o, json_each(o.body, "
-                            "'$.members') m WHERE o.kind='group' AND m.value=?"),
-            "node": ("route", "SELECT o.name FROM objects o, json_each(o.body, '$.hosts') h "
-                     "WHERE o.kind='route' AND h.value=?"),
-        }
-        queries["group"] = queries["destination"]
-        if kind not in queries:
-            return []
-        ref_kind, sql = queries[kind]
-        with self.lock:
-            rows = self._db.execute(sql, (name,)).fetchall()
-        return [f"{ref_kind} {r[0]}" for r in rows]
+        """Stored objects that refer to ``(kind, name)``, as ``"kind name"`` strings.
+
+        The references are ``broker.kinds.REFERENCES``; SQLite's JSON functions find them
+        without reading every body into Python.
+        """
+        found: list[str] = []
+        for ref in REFERENCES:
+            if kind not in ref.targets:
+                continue
+            sql = (f"SELECT o.name FROM objects o, json_each(o.body, '$.{ref.field}') m "
+                   "WHERE o.kind=? AND m.value=?" if ref.many else
+                   f"SELECT name FROM objects WHERE kind=? AND json_extract(body, "
+                   f"'$.{ref.field}')=?")
+            with self.lock:
+                rows = self._db.execute(sql, (ref.kind, name)).fetchall()
+            found += [f"{ref.kind} {row[0]}" for row in rows]
+        return found
 
     def count(self) -> int:
         """Number of configuration objects held."""

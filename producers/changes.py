@@ -1,9 +1,10 @@
 """Turning requested operations into validated changes, before the master commits them.
 
-A request carries operations ``{"op": "set"|"delete", "kind", "name", "body"}``. ``plan``
-checks each body against its kind's schema and checks references against the master's stored
-configuration overlaid with the request's own earlier operations, so a bulk import may define a
-destination and the group that uses it in one request. Nothing is written here: the relay
+A request carries operations ``{"op": "set"|"delete", "kind", "name", "body"}``.
+``parse_ops`` checks each body against its kind's schema; ``check_references`` checks
+references (``broker.kinds.REFERENCES``, the one description of them) against the master's
+stored configuration overlaid with the request's own earlier operations, so a bulk import may
+define a destination and the group that uses it in one request. Nothing is written here: the relay
 commits the result in one transaction, or not at all.
 """
 
@@ -95,58 +96,18 @@ class _Overlay:
         for ref in self.store.referrers(kind, name):
             ref_kind, ref_name = ref.split(" ", 1)
             body = self.get(ref_kind, ref_name)
-            if body is not None and _refers(ref_kind, body, kind, name):
+            if body is not None and kinds.refers(ref_kind, body, kind, name):
                 found.append(ref)
         for (ref_kind, ref_name), body in self.pending.items():
             ref = f"{ref_kind} {ref_name}"
-            if body is not None and ref not in found and _refers(ref_kind, body, kind, name):
+            if (body is not None and ref not in found
+                    and kinds.refers(ref_kind, body, kind, name)):
                 found.append(ref)
         return found
 
 
-def _refers(ref_kind: str, body: Mapping[str, Any], kind: str, name: str) -> bool:
-    if ref_kind == "destination":
-        return kind == "schedule" and body.get("schedule") == name
-    if ref_kind == "group":
-        return kind in ("destination", "group") and name in body.get("members", [])
-    if ref_kind == "route":
-        return kind == "node" and name in body.get("hosts", [])
-    return False
 
 
-def _outgoing_errors(view: _Overlay, op: Op) -> list[str]:
-    body = op.body or {}
-    where = f"{op.kind} {op.name}"
-    errors = []
-    if op.kind == "destination" and body.get("schedule"):
-        if not view.exists("schedule", body["schedule"]):
-            errors.append(f"{where}: schedule {body['schedule']!r} does not exist")
-    elif op.kind == "group":
-        for member in body.get("members", []):
-            if not (view.exists("destination", member) or view.exists("group", member)):
-                errors.append(f"{where}: member {member!r} is neither a destination nor a group")
-    elif op.kind == "route":
-        for host in body.get("hosts", []):
-            if not view.exists("node", host):
-                errors.append(f"{where}: host {host!r} is not a known node")
-    return errors
-
-
-def _cycle_error(view: _Overlay, group: str) -> str | None:
-    stack, seen = list((view.get("group", group) or {}).get("members", [])), set()
-    while stack:
-        member = stack.pop()
-        if member == group:
-            return f"group {group}: contains itself through its members"
-        if member not in seen and view.exists("group", member):
-            seen.add(member)
-            stack.extend((view.get("group", member) or {}).get("members", []))
-    return None
-
-
-def plan(store: NodeStore, raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
-    """Validate raw operations: schema, then references (see ``check_references``)."""
-    return check_references(store, parse_ops(raw_ops))
 
 
 def check_references(store: NodeStore, parsed: list[Op]) -> list[Op]:
@@ -165,8 +126,8 @@ def check_references(store: NodeStore, parsed: list[Op]) -> list[Op]:
         view.pending[(op.kind, op.name)] = op.body
     for op in ops:
         if op.op == "set":
-            problems += _outgoing_errors(view, op)
-            if op.kind == "group" and (cycle := _cycle_error(view, op.name)):
+            problems += kinds.outgoing_errors(op.kind, op.name, op.body or {}, view.exists)
+            if op.kind == "group" and (cycle := kinds.group_cycle(op.name, view.get)):
                 problems.append(cycle)
         elif users := view.referrers(op.kind, op.name):
             problems.append(f"{op.kind} {op.name}: still used by {', '.join(sorted(users)[:5])}")

@@ -1,8 +1,8 @@
 """The master's change relay: commit to the outbox, publish with confirms, then report.
 
 ``submit`` is the only way configuration changes enter the network. It validates the
-operations (``producers.changes.plan``), gives each its ``(epoch, seq)``, commits changes and
-outbox rows in one SQLite transaction, publishes them to ``tasync.config`` (reaching every sync
+operations (``producers.changes``), gives each its ``(epoch, seq)``, commits changes and outbox
+rows in one SQLite transaction, publishes them to ``tasync.config`` (reaching every sync
 queue and the change-log stream at once) and returns only after the broker confirmed. A crash
 between commit and confirm leaves the rows unpublished; ``publish_outbox`` at start sends them
 again, and backups skip what they already have by seq.

@@ -9,9 +9,14 @@ import pytest
 from broker.errors import InvalidObject
 from broker.messages import Change
 from broker.store import NodeStore
-from producers.changes import Op, dependency_sorted, parse_ops, plan
+from producers.changes import Op, check_references, dependency_sorted, parse_ops
 
 WINDOWS = [{"days": ["mon"], "start": "09:00", "end": "17:00"}]
+
+
+def plan(store: NodeStore, raw: list[dict[str, Any]]) -> list[Op]:
+    """What the master does with a request's operations: schema, then references."""
+    return check_references(store, parse_ops(raw))
 
 
 def op_set(kind: str, name: str, **body: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pytest
 from broker.errors import ConfigError, InvalidObject
 from broker.messages import Change
 from broker.store import NodeStore
-from producers.changes import plan
+from producers.changes import check_references, parse_ops
 from tasync.config_files import load_import_file, objects_to_ops
 
 EXPORT_SHAPED = {
@@ -129,7 +129,7 @@ def test_export_shaped_mapping() -> None:
 def test_export_of_a_store_round_trips(tmp_path: Path) -> None:
     store = NodeStore(tmp_path, durable=False)
     try:
-        ops = plan(store, objects_to_ops(EXPORT_SHAPED))
+        ops = check_references(store, parse_ops(objects_to_ops(EXPORT_SHAPED)))
         store.commit([Change(epoch=1, seq=i, ts=0.0, origin="m", op=o.op, kind=o.kind,
                              name=o.name, body=o.body) for i, o in enumerate(ops, 1)])
         exported = json.loads(store.export_bytes())

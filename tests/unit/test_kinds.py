@@ -239,7 +239,7 @@ def test_reference_errors_reports_every_dangling_reference() -> None:
     )
     assert kinds.reference_errors(bad) == [
         "destination d1: schedule 'missing-sched' does not exist",
-        "group g1: member 'ghost' is neither destination nor group",
+        "group g1: member 'ghost' is neither a destination nor a group",
         "route r: host 'n9' is not a known node",
     ]
 
