@@ -5,8 +5,9 @@
     telalertc -i ops -m "disk full" -host primary backup1 backup2
     tasync    send -i ops -m "disk full" -host primary backup1 backup2
 
-click cannot give one option a variable number of values, so ``main()`` passes argv through
-``normalise_host_args`` first, which turns ``-host A B C`` into ``--host A --host B --host C``.
+click cannot give one option a variable number of values, so ``tasync``'s ``main()`` passes a
+``send`` command line through ``tasync.host_args`` first, which turns ``-host A B C`` into
+``--host A --host B --host C``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from broker.since import Since
 from producers.sender import AlertSender, parse_hosts
 from tasync.alert_lists import ask_all
 from tasync.client import print_table, rpc_client
-from tasync.host_args import normalise_host_args
 from tasync.options import (
     broker_option,
     handle_errors,
@@ -251,25 +251,3 @@ def intake(*, listen: str, route_for: tuple[str, ...], default_route: str | None
         click.echo(f"{bound_host!s}:{bound_port}")
         sys.stdout.flush()
         serve(build_app([part]), sock)
-
-
-ALERT_COMMANDS = (send, totals, intake)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def alerts_cli() -> None:
-    """The alert commands on their own (``python -m tasync.cli_alerts``)."""
-
-
-for _command in ALERT_COMMANDS:
-    alerts_cli.add_command(_command)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the alert commands with the classic ``-host`` form accepted."""
-    args = normalise_host_args(list(sys.argv[1:] if argv is None else argv))
-    alerts_cli.main(args=args, prog_name="tasync")
-
-
-if __name__ == "__main__":
-    main()

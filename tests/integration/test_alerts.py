@@ -360,7 +360,7 @@ def test_bad_input_gets_clear_errors_and_nothing_crashes(network: Network,
                           if t["event"] == "alert.refused"]) == 2,
              what="two refusals in the trails")
 
-    intake = subprocess.Popen([sys.executable, "-m", "tasync.cli_alerts", "intake", "--listen",
+    intake = subprocess.Popen([sys.executable, "-m", "tasync", "intake", "--listen",
                                "127.0.0.1:0", "--default-host", "a", "--default-host", "b",
                                "--max-body", str(1 << 20)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,7 +1,8 @@
 import pytest
 from click.testing import CliRunner
 
-from tasync.cli_alerts import alerts_cli, normalise_host_args
+from tasync.cli import cli as alerts_cli
+from tasync.host_args import normalise_host_args
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
