@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from tasync.options import (
     print_json,
     timeout_option,
 )
+from tasync.progress import ProgressBar
 
 KIND_CHOICE = click.Choice(list(kinds.KINDS))
 IMPORT_PART = 1000
@@ -253,9 +255,9 @@ def config_import(*, file: Path, wait_applied: bool, strict: bool, timeout_s: fl
     """
     ops = objects_to_ops(load_import_file(file))
     settings = make_settings(broker_url)
-    show = sys.stderr.isatty() and not as_json
-    with _progress(len(ops), show) as shown:
-        result = _import(settings, ops, timeout_s=timeout_s, shown=shown)
+    with ProgressBar(not as_json, "sending") as bar:
+        result = _import(settings, ops, timeout_s=timeout_s,
+                         shown=lambda n: bar.update({"done": n, "total": len(ops)}))
     _check_import(result, ops)
     if wait_applied and result.get("count"):
         with rpc_client(settings) as rpc:
@@ -264,7 +266,7 @@ def config_import(*, file: Path, wait_applied: bool, strict: bool, timeout_s: fl
 
 
 def _import(settings: Settings, ops: list[dict[str, Any]], *, timeout_s: float,
-            shown: Any) -> dict[str, Any]:
+            shown: Callable[[int], None]) -> dict[str, Any]:
     """Send ``ops`` in parts, then have the master commit them all at once (``_Import``)."""
     session = MasterSession(settings, timeout_s=timeout_s)
     return _no_master_hint(session, _Import(session, ops, shown).step)
@@ -279,7 +281,8 @@ class _Import:
     unless every part is there, so the import is applied whole or not at all.
     """
 
-    def __init__(self, session: MasterSession, ops: list[dict[str, Any]], shown: Any) -> None:
+    def __init__(self, session: MasterSession, ops: list[dict[str, Any]],
+                 shown: Callable[[int], None]) -> None:
         self.session = session
         self.ops = ops
         self.shown = shown
@@ -333,29 +336,6 @@ def _check_import(result: dict[str, Any], ops: list[dict[str, Any]]) -> None:
                                  f"file's {expected} objects")
 
 
-class _progress:
-    """A rich progress bar on a terminal; nothing when piped or with ``--json``.
-
-    Entering gives a function that sets how many operations the master holds so far.
-    """
-
-    def __init__(self, total: int, show: bool) -> None:
-        self.total, self.show = total, show
-        self._bar: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.show:
-            return lambda _n: None
-        from rich.progress import Progress
-
-        self._bar = Progress(transient=True)
-        self._bar.start()
-        task = self._bar.add_task("sending", total=self.total)
-        return lambda n: self._bar.update(task, completed=n)
-
-    def __exit__(self, *_: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 def _local_or_remote(broker_url: str, node: str | None, data_dir: Path | None, op: str,
