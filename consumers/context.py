@@ -21,6 +21,7 @@ from broker.protocol import Role
 from broker.settings import Settings
 from broker.signing import KeyRing
 from broker.store import NodeStore
+from consumers.hooks import NodeHooks
 from consumers.peers import Peers
 
 STATUS_FILE = "status.json"
@@ -70,6 +71,7 @@ class NodeContext:
         started_at: when the process started (seconds since the epoch).
         progress: interim answers to the control request being handled.
         peers: the latest beacon of every node, this one included.
+        hooks: where the node's parts tell each other what happened (``consumers.hooks``).
     """
 
     settings: Settings
@@ -81,6 +83,7 @@ class NodeContext:
     ready: threading.Event = field(default_factory=threading.Event)
     started_at: float = field(default_factory=time.time)
     progress: RequestProgress = field(default_factory=RequestProgress)
+    hooks: NodeHooks = field(default_factory=NodeHooks)
     peers: Peers = field(init=False)
 
     def __post_init__(self) -> None:

@@ -116,10 +116,11 @@ class Applier(Protocol):
 class Recovery:
     """The recovery procedure of one node; its sync consumer applies what it finds.
 
+    When it learns an epoch newer than the node's own it calls ``ctx.hooks.newer_epoch``
+    before keeping conflicts (the node's roles step a master down there).
+
     Attributes:
         conflicts: the node's ``conflicts.json``.
-        on_newer_epoch: called (before conflicts are kept) when the node learns an epoch newer
-            than its own; the node's roles step a master down there.
     """
 
     def __init__(self, ctx: NodeContext, sync: Applier) -> None:
@@ -127,7 +128,6 @@ class Recovery:
         self.sync = sync
         self.settings = ctx.settings
         self.conflicts = ConflictFile(ctx.data_dir, ctx.trail)
-        self.on_newer_epoch: Callable[[EpochHistory], None] = lambda _h: None
 
     # -- where the network stands -------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class Recovery:
                 self.ctx.trail.event(Event.ERA_LEARNED, epoch=era.epoch, base_seq=era.base,
                                      origin=era.origin)
         if new.max_epoch > old_epoch:
-            self.on_newer_epoch(new)
+            self.ctx.hooks.newer_epoch(new)
         later = [e.base for e in new.eras[1:]]
         if not later:
             return []

@@ -138,7 +138,7 @@ class Roles:
         self.relay = relay
         self.progress: Progress = ctx.progress
         self.recovery = sync.recovery
-        self.recovery.on_newer_epoch = self._on_newer_epoch
+        ctx.hooks.newer_epoch.subscribe(self._on_newer_epoch)
         #: Serialises decisions about the seat (start, regain, promotion, step-down).
         self._lock = threading.RLock()
 
