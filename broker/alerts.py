@@ -364,7 +364,7 @@ def fast_load(data: Any) -> Alert | None:
     expressions, limits and types, only stricter: no numeric strings, no bools as numbers) and
     returns None for anything else, which the caller hands to marshmallow for its verdict and
     its error messages. It never accepts what the schema refuses;
-    ``tests/unit/test_fastalerts.py`` checks that.
+    ``tests/unit/broker/test_fastalerts.py`` checks that.
     """
     if type(data) is not dict or not _REQUIRED_KEYS <= data.keys() <= _ALERT_KEYS:
         return None

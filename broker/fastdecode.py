@@ -8,7 +8,7 @@ string lengths, no unknown key), and a short loop checks what a schema per chang
 epoch, consecutive seqs, a known op. Anything it does not accept with certainty (another
 message type, a bool where an int belongs, a number written as a string, ``NaN``) goes to
 ``broker.messages.decode``, which accepts it or refuses it with its usual reason. So the fast
-path changes speed, never what is accepted; ``tests/unit/test_fastdecode.py`` checks this
+path changes speed, never what is accepted; ``tests/unit/broker/test_fastdecode.py`` checks this
 against marshmallow.
 
 msgspec rather than orjson: it checks types while it parses, and it reads integers beyond 64

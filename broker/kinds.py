@@ -260,7 +260,7 @@ def _fast_destination(body: Mapping[str, Any]) -> dict[str, Any] | None:
     marshmallow spends about 17 µs on each: 100,000 destinations cost seconds on both sides.
     Destinations are what imports are made of, and their rules are few: this applies them by
     hand (only plain strings and None; anything else goes to marshmallow, which decides and
-    explains). ``tests/unit/test_kinds_fast.py`` holds it to the schema.
+    explains). ``tests/unit/broker/test_kinds_fast.py`` holds it to the schema.
     """
     if type(body) is not dict or not body.keys() <= _DESTINATION_KEYS:
         return None

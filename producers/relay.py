@@ -86,7 +86,7 @@ def encoded_chunks(changes: list[Change], *, max_changes: int,
 
     Sizing a batch needs each change's encoded length, and encoding the batch afterwards did
     the same work again; here a batch's body is its changes' JSON joined inside the envelope,
-    byte for byte what ``messages.encode(batch)`` gives (``tests/unit/test_relay.py``).
+    byte for byte what ``messages.encode(batch)`` gives (``tests/unit/producers/test_relay.py``).
     """
     budget = max_bytes - BATCH_ENVELOPE_BYTES
     out: list[tuple[ChangeBatch, bytes]] = []

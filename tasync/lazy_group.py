@@ -4,7 +4,7 @@
 client, the store, the demo) before printing a line: a third of a second for a listing.
 Here each command is named by ``module:attribute`` with its summary (the first paragraph of
 its help), so the listing needs no import, and running ``tasync send`` imports what ``send``
-uses and nothing else. ``tests/unit/test_lazy_cli.py`` checks that every summary is still the
+uses and nothing else. ``tests/unit/tasync/test_lazy_cli.py`` checks that every summary is still the
 command's own.
 """
 

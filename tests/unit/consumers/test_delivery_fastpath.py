@@ -21,7 +21,7 @@ from consumers.delivery import channels
 from consumers.delivery.executor import Executor, PlanCache, RetryPolicy
 from consumers.delivery.resolve import Leaf, ResolveError
 from consumers.totals import Tally
-from tests.unit.test_delivery_resolve import Store
+from tests.unit.consumers.test_delivery_resolve import Store
 
 
 def test_deferred_trail_lines_reach_the_file_at_flush_in_order(tmp_path: Path) -> None:

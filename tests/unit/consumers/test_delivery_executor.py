@@ -12,7 +12,7 @@ from consumers.delivery.executor import (
     RetryPolicy,
     render_subject,
 )
-from tests.unit.test_delivery_resolve import Store
+from tests.unit.consumers.test_delivery_resolve import Store
 
 ALWAYS_CLOSED = {"timezone": "UTC", "windows": [{"days": ["mon"], "start": "00:00",
                                                  "end": "00:01"}]}

@@ -19,7 +19,7 @@ from producers.intake import Intake, IntakeConfig
 from producers.sender import SendResult
 from tasync.web import WebPart, build_app, openapi_document
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = Path(__file__).resolve().parents[3] / "docs"
 
 AM_PAYLOAD: dict[str, Any] = {
     "version": "4", "status": "firing", "receiver": "tasync",

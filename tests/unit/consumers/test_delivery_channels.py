@@ -273,7 +273,7 @@ def test_apprise_4xx_is_tried_once_and_5xx_retried(hook: Hook, tmp_path: Path,
     from broker.alerts import Alert
     from broker.audit import Trail, read_trail
     from consumers.delivery.executor import Executor, RetryPolicy
-    from tests.unit.test_delivery_resolve import Store
+    from tests.unit.consumers.test_delivery_resolve import Store
 
     hook.statuses = list(statuses)
     store = Store({"destination": {"chat": {"url": hook.url.replace("http://", "json://")}}})
