@@ -90,6 +90,8 @@ class Settings:
         prefetch: unacknowledged messages a consumer may hold.
         batch_max_changes: changes per replication message in bulk.
         batch_max_bytes: upper bound on one replication message's body.
+        publish_window_bytes: most replication bytes the master has published and the broker
+            not yet confirmed; bounds the broker's and the master's memory in a bulk import.
         max_message_bytes: a consumer quarantines anything larger.
         changelog_max_age: stream retention by age (RabbitMQ ``x-max-age`` syntax).
         changelog_max_bytes: stream retention by size.
@@ -117,6 +119,7 @@ class Settings:
     prefetch: int = 64
     batch_max_changes: int = 1000
     batch_max_bytes: int = 1 << 20
+    publish_window_bytes: int = 8 << 20
     max_message_bytes: int = 4 << 20
     changelog_max_age: str = "7D"
     changelog_max_bytes: int = 2 << 30

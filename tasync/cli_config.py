@@ -366,8 +366,6 @@ def _local_or_remote(broker_url: str, node: str | None, data_dir: Path | None, o
             raise ConfigError(f"{data_dir} holds no tasync node (no node.db)")
         store = NodeStore(data_dir, durable=False)
         try:
-            if op == "export":
-                return {"export": store.export_bytes().decode()}
             return {"objects": [{"kind": k, "name": n, "body": b}
                                 for k, n, b in store.objects(args.get("kind"))
                                 if args.get("name") in (None, n)]}
@@ -431,5 +429,17 @@ def config_export(*, node: str | None, data_dir: Path | None, timeout_s: float,
       tasync config export --node b | sha256sum
       tasync config export --data-dir /var/lib/tasync/b   a stopped node's
     """
+    if data_dir is not None:  # streamed from the store: flat memory at any size
+        if not (data_dir / "node.db").exists():
+            raise ConfigError(f"{data_dir} holds no tasync node (no node.db)")
+        store = NodeStore(data_dir, durable=False)
+        try:
+            out = sys.stdout.buffer
+            for piece in store.export_chunks():
+                out.write(piece)
+            out.flush()
+        finally:
+            store.close()
+        return
     data = _local_or_remote(broker_url, node, data_dir, "export", {}, timeout_s)
     sys.stdout.write(data["export"])

@@ -40,14 +40,6 @@ from producers.relay import ChangeRelay
 from tasync.control import ControlServer
 
 log = logging.getLogger("tasync.node")
-#: status.json gets a fresh checksum after every change only while the last one took at most
-#: this long and fewer than ``STATUS_EAGER_CHANGES`` changes came since: hashing 100,000
-#: objects takes most of a second of CPU, which during a bulk import would be taken from
-#: applying it (100 batches, 100 hashes). ``tasync status`` always gets a fresh one.
-STATUS_CHEAP_S = 0.05
-STATUS_EAGER_CHANGES = 1000
-#: How long the configuration must then stay unchanged before status.json gets the checksum.
-STATUS_SETTLE_S = 3.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +75,9 @@ class Node:
         self.seat = MasterSeat(settings, node=options.node)
         self.relay = ChangeRelay(store, node=options.node, seat=self.seat, keyring=keyring,
                                  batch_max_changes=settings.batch_max_changes,
-                                 batch_max_bytes=settings.batch_max_bytes)
+                                 batch_max_bytes=settings.batch_max_bytes,
+                                 window_bytes=settings.publish_window_bytes,
+                                 progress=self.ctx.progress)
         self.admission = self._admission(options)
         self.totals = Totals(self.ctx)
         self.delivery = DeliveryConsumer(self.ctx, totals=self.totals,
@@ -153,10 +147,10 @@ class Node:
                  ctx.store.last_seq)
         self._report_broker()
         self.roles.start(self._stop)  # takes the seat, or starts as a backup and says why
+        self.relay.start()  # publishes what the outbox still holds, in the background
         for consumer in self.consumers:
             consumer.start()
         was_ready = False
-        settle_at: float | None = None
         ctx.write_status_file()
         while not self._stop.wait(0.2):
             serving = self.sync.caught_up.is_set() and self.control.connected.is_set()
@@ -167,17 +161,9 @@ class Node:
                 log.info("ready at seq %d", ctx.store.last_seq)
                 self._dirty.set()
             if self._dirty.is_set():
-                # Seq and readiness now; the checksum (a hash of the whole configuration) now
-                # while it is cheap, else once changes stop arriving: computing it after every
-                # applied batch made a bulk import quadratic (100 hashes of up to 100,000).
+                # The checksum and count are kept by the store, so the file is cheap to write
+                # after every applied batch, whatever the configuration's size.
                 self._dirty.clear()
-                store = ctx.store
-                cheap = (store.checksum_seconds <= STATUS_CHEAP_S
-                         and store.last_seq - store.checksum_seq < STATUS_EAGER_CHANGES)
-                ctx.write_status_file(checksum=cheap)
-                settle_at = None if cheap else time.monotonic() + STATUS_SETTLE_S
-            elif settle_at is not None and time.monotonic() >= settle_at:
-                settle_at = None
                 ctx.write_status_file()
         self.stop()
 
@@ -202,6 +188,7 @@ class Node:
             consumer.stop_event.set()
         for consumer in self.consumers:
             consumer.stop()
+        self.relay.stop()
         self.seat.close()
         self.ctx.trail.event("node_stopped", seq=self.ctx.store.last_seq)
         self.ctx.ready.clear()
