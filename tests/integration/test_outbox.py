@@ -1,4 +1,4 @@
-"""The master's outbox is published from its mark: after a timeout, after a crash (``-m faults``).
+"""The master's outbox is published from its mark: after a timeout, after a crash, at 1M objects.
 
 Real worker processes and real ``tasync`` commands. The relay's fault points
 (``producers.relay.FAILPOINT_ENV``) cut the first publishing pass of an import in half: the
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from broker import topology
 from broker.messages import ChangeBatch
 from broker.settings import Settings
 from broker.stream import read_changelog
+from tasync.progress import progress_rpc
 from tests.faults.cluster_net import store_meta
 from tests.integration.test_replication import assert_identical, write_import
 from tests.network import Network
@@ -48,6 +50,20 @@ def start(network: Network, env: dict[str, str]) -> None:
     network.start("a", role="master", env=env).wait_ready()
     for name in ("b", "c"):
         network.start(name).wait_ready()
+
+
+def test_export_through_the_broker_streams_the_same_bytes(network: Network, tmp_path: Path,
+                                                         broker_url: str) -> None:
+    network.start("a", role="master").wait_ready()
+    network.cli("config", "import", str(write_import(tmp_path / "i.json", 8000)))
+    pieces: list[str] = []
+    with progress_rpc(Settings.from_url(broker_url)) as rpc:
+        last = rpc.call_with_progress(topology.MASTER, "export", {}, idle_timeout_s=30,
+                                      on_progress=lambda p: pieces.append(p["piece"]))
+    assert len(pieces) >= 2 and last["streamed"]  # the node sent it in pieces
+    streamed = network.cli("config", "export").stdout
+    assert streamed == "".join(pieces) + last["export"] == network.export("a")
+    assert len(json.loads(streamed)["destination"]) == 8000
 
 
 @pytest.mark.faults
