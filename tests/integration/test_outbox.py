@@ -113,6 +113,7 @@ MILLION = 1_000_000
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_million_object_import_survives_a_master_kill_mid_publish(
         network: Network, tmp_path: Path) -> None:
     """One ``config import`` of 1,000,000 objects; SIGKILL of the master while it publishes.
