@@ -83,7 +83,8 @@ class ConfirmedPublisher:
     Args:
         conn: a connected kombu connection; best one used by no consumer, because waiting for
             confirms dispatches every frame of the connection.
-        timeout_s: how long the last confirm of a call may take.
+        timeout_s: how long the publisher waits for the next confirm before it gives up; a
+            long call that keeps receiving confirms never times out.
         window: most messages in flight before the publisher waits for confirms.
 
     Every message carries the connection's broker user as ``user_id`` (when it is certain,
@@ -98,7 +99,12 @@ class ConfirmedPublisher:
         self.channel = confirm_channel(conn, on_ack=self._on_ack, on_nack=self._on_nack,
                                        on_return=self._on_return)
         self._next_tag = 1
-        self._pending: set[int] = set()
+        #: Unconfirmed tags (in the order sent) and their body sizes.
+        self._pending: dict[int, int] = {}
+        self._pending_bytes = 0
+        self._settled = 0
+        self._call_first_tag = 1
+        self._first_nacked: int | None = None
         # Tags in the order sent (increasing), so a multiple ack settles a prefix without
         # scanning the whole window; entries settled singly are dropped when reached.
         self._sent: deque[int] = deque()
@@ -107,11 +113,12 @@ class ConfirmedPublisher:
         self.user_id = connection_user(conn)
 
     def _settle(self, tag: int, multiple: bool) -> None:
+        self._settled += 1
         if multiple:
             while self._sent and self._sent[0] <= tag:
-                self._pending.discard(self._sent.popleft())
+                self._pending_bytes -= self._pending.pop(self._sent.popleft(), 0)
             return
-        self._pending.discard(tag)
+        self._pending_bytes -= self._pending.pop(tag, 0)
         while self._sent and self._sent[0] not in self._pending:
             self._sent.popleft()
 
@@ -120,8 +127,23 @@ class ConfirmedPublisher:
 
     def _on_nack(self, tag: int, multiple: bool) -> None:
         before = len(self._pending)
+        first = next(iter(self._pending), tag) if multiple else tag
+        if self._first_nacked is None or first < self._first_nacked:
+            self._first_nacked = first
         self._settle(tag, multiple)
         self._nacked += before - len(self._pending)
+
+    @property
+    def confirmed_in_order(self) -> int:
+        """How many messages of the current (or last) call the broker confirmed, in order.
+
+        The first ``n`` messages were all confirmed, none refused: what a caller that
+        publishes a sequence may mark done even when the call failed further on.
+        """
+        upto = next(iter(self._pending), self._next_tag)
+        if self._first_nacked is not None:
+            upto = min(upto, self._first_nacked)
+        return max(0, upto - self._call_first_tag)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.append(routing_key)
@@ -130,34 +152,54 @@ class ConfirmedPublisher:
         """Publish one message and wait for its confirm."""
         self.publish_many([message])
 
-    def publish_many(self, messages: Iterable[Outgoing]) -> int:
+    def publish_many(self, messages: Iterable[Outgoing], *, window_bytes: int | None = None,
+                     on_confirmed: Callable[[int], None] | None = None) -> int:
         """Publish all ``messages`` in order and return once the broker confirmed every one.
 
+        Args:
+            messages: consumed lazily, so a caller may generate them as it goes.
+            window_bytes: also keep at most this many body bytes unconfirmed (a single
+                larger message still goes, alone).
+            on_confirmed: called with ``confirmed_in_order`` whenever confirms arrive.
+
         Raises:
-            PublishError: a message was nacked or a confirm did not arrive in time.
+            PublishError: a message was nacked, or no confirm arrived for ``timeout_s``.
             Unroutable: a mandatory message reached no queue.
             OSError, amqp errors: the connection broke; the caller reconnects and repeats.
         """
         self._nacked = 0
         self._returned = []
+        self._first_nacked = None
+        self._call_first_tag = self._next_tag
         count = 0
         for message in messages:
-            while len(self._pending) >= self.window:
-                self._drain(time.monotonic() + self.timeout_s)
+            while self._pending and (len(self._pending) >= self.window or (
+                    window_bytes is not None
+                    and self._pending_bytes + len(message.body) > window_bytes)):
+                self._await_confirms(on_confirmed)
             self._send(message)
             count += 1
-        deadline = time.monotonic() + self.timeout_s
         while self._pending:
-            self._drain(deadline)
+            self._await_confirms(on_confirmed)
         if self._nacked:
             raise PublishError(f"the broker refused {self._nacked} of {count} messages")
         if self._returned:
             raise Unroutable(f"no queue is bound for {self._returned[0]!r}")
         return count
 
+    def _await_confirms(self, on_confirmed: Callable[[int], None] | None) -> None:
+        """Wait until at least one more confirm (or nack) arrived, at most ``timeout_s``."""
+        before = self._settled
+        deadline = time.monotonic() + self.timeout_s
+        while self._settled == before:
+            self._drain(deadline)
+        if on_confirmed is not None:
+            on_confirmed(self.confirmed_in_order)
+
     def _send(self, message: Outgoing) -> None:
         send(self.channel, message, user_id=self.user_id)
-        self._pending.add(self._next_tag)
+        self._pending[self._next_tag] = len(message.body)
+        self._pending_bytes += len(message.body)
         self._sent.append(self._next_tag)
         self._next_tag += 1
 

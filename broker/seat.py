@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import amqp.exceptions
@@ -153,18 +153,24 @@ class MasterSeat:
                 self._drop(f"the broker no longer holds it for this node ({describe(exc)})")
                 raise SeatLost(self.lost_reason) from None
 
-    def publish(self, outgoing: Iterable[Outgoing]) -> int:
+    def publish(self, outgoing: Iterable[Outgoing], *, window_bytes: int | None = None,
+                on_confirmed: Callable[[int], None] | None = None) -> int:
         """Publish on the seat's connection and return once the broker confirmed every message.
 
+        ``window_bytes`` and ``on_confirmed`` as ``ConfirmedPublisher.publish_many``; the
+        callback runs with the seat's lock held, so it must not wait for other locks.
+
         Raises:
-            SeatLost: the connection broke (the seat went with it); nothing is confirmed.
+            SeatLost: the connection broke (the seat went with it); what ``on_confirmed`` was
+                told is confirmed, nothing else.
             PublishError: the broker refused a message or did not confirm in time.
         """
         with self._lock:
             self._require()
             assert self._publisher is not None
             try:
-                return self._publisher.publish_many(outgoing)
+                return self._publisher.publish_many(outgoing, window_bytes=window_bytes,
+                                                    on_confirmed=on_confirmed)
             except RECOVERABLE as exc:
                 self._drop(f"its connection broke while publishing ({describe(exc)})")
                 raise SeatLost(self.lost_reason) from None

@@ -133,6 +133,8 @@ class Settings:
         prefetch: unacknowledged messages a consumer may hold.
         batch_max_changes: changes per replication message in bulk.
         batch_max_bytes: upper bound on one replication message's body.
+        publish_window_bytes: most replication bytes the master has published and the broker
+            not yet confirmed; bounds the broker's and the master's memory in a bulk import.
         max_message_bytes: a consumer quarantines anything larger.
         changelog_max_age: stream retention by age (RabbitMQ ``x-max-age`` syntax).
         changelog_max_bytes: stream retention by size.
@@ -160,6 +162,7 @@ class Settings:
     prefetch: int = 64
     batch_max_changes: int = 1000
     batch_max_bytes: int = 1 << 20
+    publish_window_bytes: int = 8 << 20
     max_message_bytes: int = 4 << 20
     changelog_max_age: str = "7D"
     changelog_max_bytes: int = 2 << 30
@@ -329,7 +332,6 @@ def cache_dir_from_env(environ: Mapping[str, str] | None = None) -> Path:
 def failpoint_from_env(environ: Mapping[str, str] | None = None) -> str:
     """The fault the tests asked a worker to inject (``$TASYNC_FAILPOINT``), else ``""``.
 
-    ``before-publish``: the master exits right after committing a change and before
-    publishing it, exactly like a crash in that window.
+    The names and what each does: ``producers.relay.RelayFaults``.
     """
     return (os.environ if environ is None else environ).get(ENV_FAILPOINT, "").strip()

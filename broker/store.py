@@ -1,9 +1,15 @@
 """A node's local state in SQLite: configuration objects, its change history and the outbox.
 
-One file, ``<data-dir>/node.db``. The master commits each change, its objects and its outbox row
-in one transaction (``commit``), publishes, then marks the rows published; a restart publishes
-whatever is still unmarked. Backups ``apply`` batches idempotently by seq, so a duplicate
-delivery is a no-op and a hole is a ``GapError`` the sync worker fills from the change log.
+One file, ``<data-dir>/node.db``. The master commits each change and its objects in one
+transaction (``commit``); its outbox is every change above the published-up-to mark
+(``published_seq``, one value), which the relay moves forward as the broker confirms chunks, so
+a restart or a retry publishes from the mark on, never from the first change of a large import.
+Backups ``apply`` batches idempotently by seq, so a duplicate delivery is a no-op and a hole is a
+``GapError`` the sync worker fills from the change log.
+
+The configuration's checksum and object count are kept in the store and updated in the same
+transaction as every change, replay and snapshot install (``checksum``), so asking for them
+costs a read, whatever the configuration's size.
 
 The master runs with ``synchronous=FULL`` because its outbox is the only copy of a change until
 the broker confirms it; backups use ``NORMAL`` (safe against a killed process in WAL mode): a
@@ -39,7 +45,6 @@ CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, ts REAL NOT NULL, origin TEXT NOT NULL,
     op TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, body TEXT,
     published INTEGER NOT NULL DEFAULT 1);
-CREATE INDEX IF NOT EXISTS changes_unpublished ON changes (published) WHERE published = 0;
 DROP INDEX IF EXISTS changes_ts;
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
@@ -48,6 +53,8 @@ CREATE TABLE IF NOT EXISTS staged (
     import_id TEXT NOT NULL, part INTEGER NOT NULL, parts INTEGER NOT NULL, ops TEXT NOT NULL,
     ts REAL NOT NULL, PRIMARY KEY (import_id, part)) WITHOUT ROWID;
 """
+#: Meta keys of the outbox mark and of the kept checksum (``objects_xor``: hex) and count.
+_PUBLISHED, _XOR, _COUNT = "published_seq", "objects_xor", "objects_count"
 #: Committed request ids are kept this long: a client asks again within seconds or minutes.
 REQUESTS_KEEP_S = 7 * 86400.0
 
@@ -114,6 +121,9 @@ _SETS_FROM_CHANGES = (
     "INSERT INTO objects(kind, name, body, seq) SELECT kind, name, coalesce(body, 'null'), seq "
     "FROM changes WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq "
     "ON CONFLICT(kind, name) DO UPDATE SET body=excluded.body, seq=excluded.seq")
+#: The objects a range of changes touches, as they are before the changes (each once).
+_TOUCHED_OBJECTS = ("SELECT kind, name, body FROM objects WHERE (kind, name) IN "
+                    "(SELECT kind, name FROM changes WHERE seq BETWEEN ?1 AND ?2)")
 _DELETES_FROM_CHANGES = ("DELETE FROM objects WHERE (kind, name) IN "
                          "(SELECT kind, name FROM changes WHERE seq BETWEEN ?1 AND ?2)")
 
@@ -123,6 +133,22 @@ def canonical(body: Any) -> str:
     if _C_ENCODER is None or isinstance(body, str):
         return _CANONICAL.encode(body)
     return "".join(_C_ENCODER(body, 0))
+
+
+def object_hash(kind: str, name: str, body_text: str) -> int:
+    """A stored object's 128-bit hash: its kind, name and canonical body (``canonical``)."""
+    data = f"{kind}\0{name}\0{body_text}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "big")
+
+
+def format_checksum(count: int, xor: int) -> str:
+    """The checksum shown and compared: SHA-256 of the object count and the objects' XOR.
+
+    The XOR of every object's hash (``object_hash``) does not depend on the order objects
+    arrived in, so it is updated per change instead of recomputed; nodes holding the same
+    objects have the same value.
+    """
+    return hashlib.sha256(f"tasync-objects-v1:{count}:{xor:032x}".encode()).hexdigest()
 
 
 class NodeStore:
@@ -156,11 +182,35 @@ class NodeStore:
             self._db.close()
             raise StoreDamaged(self.path, str(exc).splitlines()[0][:200]) from None
         self.lock = threading.RLock()
-        self._checksum: str | None = None
-        #: How long the last checksum took, and the seq it was computed at: callers that would
-        #: compute it often (after every applied batch) do so only while it is cheap.
-        self.checksum_seconds = 0.0
-        self.checksum_seq = 0
+        with self.lock, self._tx():
+            self._migrate_locked()
+
+    def _migrate_locked(self) -> None:
+        """Bring a store written by an earlier version up to the kept mark and checksum.
+
+        Earlier versions flagged every outbox row (``published=0``) and hashed the whole
+        configuration on demand; the flags become the mark once, and the checksum is computed
+        once from the stored objects.
+        """
+        meta = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN (?,?,?)",
+                                     (_PUBLISHED, _XOR, _COUNT)).fetchall())
+        if _PUBLISHED not in meta:
+            row = self._db.execute("SELECT min(seq) FROM changes WHERE published=0").fetchone()
+            mark = self.last_seq if row[0] is None else int(row[0]) - 1
+            self._db.execute("UPDATE changes SET published=1 WHERE published=0")
+            self._set_meta_locked({_PUBLISHED: mark})
+        self._db.execute("DROP INDEX IF EXISTS changes_unpublished")
+        if _XOR not in meta or _COUNT not in meta:
+            self._recount_locked()
+
+    def _recount_locked(self) -> tuple[int, int]:
+        """Hash every stored object again and keep the result; returns ``(count, xor)``."""
+        count, xor = 0, 0
+        for kind, name, body in self._db.execute("SELECT kind, name, body FROM objects"):
+            count += 1
+            xor ^= object_hash(kind, name, body)
+        self._set_meta_locked({_COUNT: count, _XOR: f"{xor:x}"})
+        return count, xor
 
     def close(self) -> None:
         """Close the database file."""
@@ -225,10 +275,14 @@ class NodeStore:
 
     @property
     def published_seq(self) -> int:
-        """The highest seq the broker confirmed: committed seqs below the outbox's first row."""
+        """The highest seq the broker confirmed (the mark); the outbox is every seq above it."""
+        return int(self.get_meta(_PUBLISHED, "0") or 0)
+
+    @property
+    def unpublished_count(self) -> int:
+        """How many committed changes the broker has not confirmed yet."""
         with self.lock:
-            row = self._db.execute("SELECT min(seq) FROM changes WHERE published=0").fetchone()
-        return self.last_seq if row[0] is None else int(row[0]) - 1
+            return max(0, self.last_seq - self.published_seq)
 
     def apply(self, batch: ChangeBatch, *, force: bool = False,
               history: EpochHistory | None = None) -> ApplyResult:
@@ -237,7 +291,9 @@ class NodeStore:
         Args:
             batch: consecutive changes.
             force: also rewrite changes this node already holds (``tasync replay``): replaying
-                a suffix of the history in order restores every object it touches.
+                a suffix of the history in order restores every object it touches. The
+                checksum is then computed again from every object, since a replay repairs
+                objects that may have changed without the store (a damaged copy).
             history: eras to persist in the same transaction (learned from this batch).
         """
         with self.lock, self._tx():
@@ -248,19 +304,23 @@ class NodeStore:
                 todo = [c for c in batch.changes if c.seq > last]
             if todo and todo[0].seq > last + 1:
                 raise GapError(last + 1, todo[0].seq)
-            self._write_changes(todo, published=1)
+            self._write_changes(todo)
             fresh = todo if not force or batch.first_seq > last else [
                 c for c in todo if c.seq > last]
             if fresh:
-                self._set_meta_locked({
+                values: dict[str, object] = {
                     "last_seq": fresh[-1].seq, "last_ts": fresh[-1].ts,
-                    "epoch": max(self.epoch, batch.epoch),
-                })
+                    "epoch": max(self.epoch, batch.epoch)}
+                if self.published_seq >= last:  # no outbox here: what arrives is published
+                    values[_PUBLISHED] = fresh[-1].seq
+                self._set_meta_locked(values)
             if history is not None:
                 self._set_history_locked(history)
             if batch.requests and fresh:
                 self._record_requests([(r, first, batch.last_seq, batch.epoch)
                                        for r, first in batch.requests])
+            if force:  # a repair: objects may have drifted behind the kept checksum's back
+                self._recount_locked()
         return ApplyResult(len(fresh), len(batch.changes) - len(todo),
                            max(last, batch.last_seq), reapplied=len(todo) - len(fresh))
 
@@ -277,7 +337,7 @@ class NodeStore:
         with self.lock, self._tx():
             if changes and changes[0].seq != self.last_seq + 1:
                 raise GapError(self.last_seq + 1, changes[0].seq)
-            self._write_changes(changes, published=0)
+            self._write_changes(changes)
             if changes:
                 self._set_meta_locked({"last_seq": changes[-1].seq, "last_ts": changes[-1].ts})
                 if request_id is not None:
@@ -352,39 +412,69 @@ class NodeStore:
                                  "staged GROUP BY import_id HAVING max(ts) < ?)",
                                  (time.time() - older_than_s,))
 
-    def _write_changes(self, changes: list[Change], *, published: int) -> None:
-        """Write history rows, then bring the objects they touch up to date.
+    def _write_changes(self, changes: list[Change]) -> None:
+        """Write history rows, then bring the objects they touch, count and checksum up to date.
 
         ``changes`` hold consecutive seqs (a batch, a commit). A bulk catch-up or import spends
         its time here, so Python only binds the history rows; the objects are derived from
-        those rows by SQL, one statement per run of sets or deletes, in order.
+        those rows by SQL, one statement per run of sets or deletes, in order. The kept
+        checksum drops the hashes of the objects the changes touch as they were before, and
+        adds those of their final state (``format_checksum``).
         """
         if not changes:
             return
         if changes[-1].seq - changes[0].seq != len(changes) - 1:
             raise ValueError("changes must hold consecutive seqs")  # the SQL below reads ranges
-        self._checksum = None
         rows = [(c.seq, c.epoch, c.ts, c.origin, c.op, c.kind, c.name,
-                 None if c.body is None else canonical(c.body), published) for c in changes]
+                 None if c.body is None else canonical(c.body), 1) for c in changes]
         try:
             self._db.executemany(_INSERT_CHANGE, rows)
         except sqlite3.IntegrityError:  # a replay of seqs this node holds: rewrite them
             self._db.executemany(_REPLACE_CHANGE, rows)
+        count, xor = self._kept_locked()
+        for kind, name, body in self._db.execute(_TOUCHED_OBJECTS,
+                                                 (changes[0].seq, changes[-1].seq)):
+            count -= 1
+            xor ^= object_hash(kind, name, body)
+        final: dict[tuple[str, str], str | None] = {}
+        for row in rows:  # the last change of each object decides its final state
+            final[(row[5], row[6])] = (row[7] or "null") if row[4] == "set" else None
+        for (kind, name), body in final.items():
+            if body is not None:
+                count += 1
+                xor ^= object_hash(kind, name, body)
+        self._set_meta_locked({_COUNT: count, _XOR: f"{xor:x}"})
         for is_set, run in itertools.groupby(changes, key=lambda c: c.op == "set"):
             seqs = [c.seq for c in run]  # an import or a catch-up is a single run
             self._db.execute(_SETS_FROM_CHANGES if is_set else _DELETES_FROM_CHANGES,
                              (seqs[0], seqs[-1]))
 
+    def _kept_locked(self) -> tuple[int, int]:
+        """The kept ``(count, xor)`` (``format_checksum``)."""
+        rows = dict(self._db.execute("SELECT key, value FROM meta WHERE key IN (?,?)",
+                                     (_COUNT, _XOR)).fetchall())
+        return int(rows.get(_COUNT, 0)), int(rows.get(_XOR, "0"), 16)
+
     def mark_published(self, up_to_seq: int) -> None:
-        """The broker confirmed every change up to ``up_to_seq``."""
-        with self.lock:
-            self._db.execute(
-                "UPDATE changes SET published=1 WHERE published=0 AND seq<=?", (up_to_seq,)
-            )
+        """The broker confirmed every change up to ``up_to_seq``: move the mark (one value)."""
+        with self.lock, self._tx():
+            mark = min(max(self.published_seq, up_to_seq), self.last_seq)
+            self._set_meta_locked({_PUBLISHED: mark})
 
     def unpublished(self) -> list[Change]:
         """Committed changes the broker has not confirmed yet, in seq order."""
-        return self._changes("WHERE published=0 ORDER BY seq", ())
+        return self.changes_between(self.published_seq)
+
+    def outbox_rows(self, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
+        """Up to ``limit`` stored change rows after ``after_seq``, bodies as canonical text.
+
+        ``(seq, epoch, ts, origin, op, kind, name, body)``: what the relay publishes, without
+        decoding and encoding every body again.
+        """
+        with self.lock:
+            return self._db.execute(
+                "SELECT seq, epoch, ts, origin, op, kind, name, body FROM changes "
+                "WHERE seq>? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
 
     def changes_between(self, after_seq: int, up_to_seq: int | None = None) -> list[Change]:
         """Changes with ``after_seq < seq <= up_to_seq`` from the local history."""
@@ -443,35 +533,49 @@ class NodeStore:
         return found
 
     def count(self) -> int:
-        """Number of configuration objects held."""
+        """Number of configuration objects held (kept with every write, not counted)."""
         with self.lock:
-            return int(self._db.execute("SELECT count(*) FROM objects").fetchone()[0])
+            return self._kept_locked()[0]
+
+    def export_chunks(self) -> Iterator[bytes]:
+        """The canonical export in pieces, with flat memory, outside the store's lock.
+
+        Every kind, objects sorted by name, stable indentation: joined, the pieces are the
+        bytes of ``json.dumps(state, sort_keys=True, indent=2, ensure_ascii=False) + "\\n"``.
+        The objects are read through a second, read-only connection in one read transaction:
+        a consistent state, while this node goes on applying and committing.
+        """
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            db.execute("BEGIN")
+            rows = db.execute("SELECT kind, name, body FROM objects ORDER BY kind, name")
+            yield from _export_pieces(rows)
+        finally:
+            db.close()
 
     def export_bytes(self) -> bytes:
-        """The canonical export: every kind, objects sorted by name, stable indentation."""
-        state: dict[str, dict[str, Any]] = {kind: {} for kind in sorted(KINDS)}
-        for kind, name, body in self.objects():
-            state.setdefault(kind, {})[name] = body
-        return (json.dumps(state, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+        """The whole canonical export at once (``export_chunks``)."""
+        return b"".join(self.export_chunks())
 
     def checksum(self, *, fresh: bool = False) -> str:
-        """SHA-256 of the canonical export; nodes in sync have the same one.
+        """The configuration's checksum (``format_checksum``); nodes in sync have the same one.
 
-        It is cached between writes; ``fresh`` recomputes it, which also notices a file
-        changed behind the store's back (recovery's drift check).
+        It is kept up to date by every write, so reading it costs a read; ``fresh`` hashes
+        every stored object again (and keeps the result), which also notices a file changed
+        behind the store's back (recovery's drift check).
         """
         with self.lock:
-            if self._checksum is None or fresh:
-                started = time.perf_counter()
-                self._checksum = hashlib.sha256(self.export_bytes()).hexdigest()
-                self.checksum_seconds = time.perf_counter() - started
-                self.checksum_seq = self.last_seq
-            return self._checksum
+            if fresh:
+                with self._tx():
+                    count, xor = self._recount_locked()
+            else:
+                count, xor = self._kept_locked()
+        return format_checksum(count, xor)
 
     @property
-    def cached_checksum(self) -> str | None:
-        """The checksum if it is still valid (nothing written since it was computed), else None."""
-        return self._checksum
+    def cached_checksum(self) -> str:
+        """The checksum, always valid: it is kept with every write (same as ``checksum()``)."""
+        return self.checksum()
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
@@ -493,15 +597,16 @@ class NodeStore:
         node's history holds changes the network never had (they were kept as conflicts).
         """
         with self.lock, self._tx():
-            self._checksum = None
             self._db.execute("DELETE FROM objects")
             self._db.execute("DELETE FROM changes")
             self._db.executemany(
                 "INSERT INTO objects(kind, name, body, seq) VALUES(?,?,?,?)",
                 [(k, n, canonical(b), seq) for k, n, b in objects],
             )
+            self._recount_locked()
             self._set_meta_locked({"last_seq": seq, "epoch": max(self.epoch, epoch),
-                                   "last_ts": ts, "diverged": 0, "snapshot_seq": seq})
+                                   "last_ts": ts, "diverged": 0, "snapshot_seq": seq,
+                                   _PUBLISHED: seq})
             if history is not None:
                 self._set_history_locked(history.merge(self.history))
 
@@ -514,7 +619,37 @@ class NodeStore:
         with self.lock, self._tx():
             self._db.executemany("DELETE FROM changes WHERE seq=? AND epoch=?",
                                  [(c.seq, c.epoch) for c in changes])
-            self._set_meta_locked({"diverged": 1})
+            self._set_meta_locked({"diverged": 1, _PUBLISHED: self.last_seq})
+
+
+def _export_pieces(rows: Iterable[tuple[str, str, str]]) -> Iterator[bytes]:
+    """``export_chunks`` from ``(kind, name, body text)`` rows sorted by kind and name."""
+    empty_kinds = sorted(KINDS)
+    yield b"{"
+    lead, current = "\n", None
+    for kind, name, body in rows:
+        if kind != current:
+            if current is not None:
+                yield b"\n  }"
+            while empty_kinds and empty_kinds[0] < kind:  # kinds with no objects, in order
+                yield f"{lead}  {json.dumps(empty_kinds.pop(0))}: {{}}".encode()
+                lead = ",\n"
+            if empty_kinds and empty_kinds[0] == kind:
+                empty_kinds.pop(0)
+            yield f"{lead}  {json.dumps(kind, ensure_ascii=False)}: {{\n".encode()
+            current, lead = kind, ",\n"
+            first = True
+        text = json.dumps(json.loads(body), sort_keys=True, indent=2,
+                          ensure_ascii=False).replace("\n", "\n    ")
+        yield (("" if first else ",\n") + f"    {json.dumps(name, ensure_ascii=False)}: "
+               f"{text}").encode()
+        first = False
+    if current is not None:
+        yield b"\n  }"
+    for kind in empty_kinds:
+        yield f"{lead}  {json.dumps(kind)}: {{}}".encode()
+        lead = ",\n"
+    yield b"\n}\n" if lead != "\n" else b"}\n"
 
 
 class _Transaction:

@@ -105,13 +105,11 @@ class NodeContext:
         """Whether this node currently accepts configuration changes."""
         return self.role is Role.MASTER
 
-    def status(self, *, checksum: bool = True) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """This node's view of itself, as ``tasync status`` shows it.
 
-        Args:
-            checksum: compute the configuration checksum if it is not cached. It hashes the
-                whole configuration, so callers that write status often (after every applied
-                batch) pass False and get the cached value or None.
+        The checksum and object count are kept by the store with every change, so this is a
+        few reads whatever the configuration's size.
         """
         era = self.store.history.current
         return {
@@ -121,18 +119,15 @@ class NodeContext:
             "era_owner": era.origin if era else None,
             "applied_seq": self.store.last_seq,
             "ready": self.ready.is_set(),
-            "checksum": self.store.checksum() if checksum else self.store.cached_checksum,
+            "checksum": self.store.checksum(),
             "objects": self.store.count(),
             "pid": os.getpid(),
             "started_at": self.started_at,
         }
 
-    def write_status_file(self, *, checksum: bool = True) -> None:
-        """Write ``status.json`` atomically so local tools can read state without the broker.
-
-        ``checksum=False``: as ``status``; the file then holds the cached checksum or null.
-        """
+    def write_status_file(self) -> None:
+        """Write ``status.json`` atomically so local tools can read state without the broker."""
         path = self.data_dir / STATUS_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(checksum=checksum), sort_keys=True))
+        tmp.write_text(json.dumps(self.status(), sort_keys=True))
         os.replace(tmp, path)

@@ -42,6 +42,7 @@ from broker.errors import (
     BrokerUnreachable,
     ConfigError,
     NoAnswer,
+    PublishError,
     RemoteError,
     SeatLost,
     TasyncError,
@@ -115,6 +116,9 @@ class Outbox(Protocol):
 
     def publish_mark(self, mark: EpochMark) -> None:
         """Publish a promotion's epoch mark with confirms."""
+
+    def wake(self) -> None:
+        """Have the background publisher look at the outbox now."""
 
 
 class Roles:
@@ -220,7 +224,15 @@ class Roles:
             self.recovery.catch_up(view.seq)
         if era is None:
             self._open_era(max(store.epoch, 1))
-        self.relay.publish_outbox()
+        if catch_up:  # starting: the relay's thread publishes the outbox from its mark
+            self.relay.wake()
+        else:  # regained: what was committed before goes out before anything new
+            try:
+                self.relay.publish_outbox()
+            except PublishError as exc:
+                log.warning("the outbox is not published yet (%s); the relay goes on trying",
+                            exc)
+                self.relay.wake()
         return True
 
     def _refuse(self, reason: str, *, owner: str | None) -> None:
@@ -294,7 +306,7 @@ class Roles:
                 store.set_meta(role=Role.BACKUP)
             self.seat.release()
         self.ctx.trail.event(Event.MASTER_STEPPED_DOWN, reason=reason, by=by, epoch=store.epoch,
-                             seq=store.last_seq, unconfirmed=len(store.unpublished()) or None)
+                             seq=store.last_seq, unconfirmed=store.unpublished_count or None)
         log.warning("stepped down to backup: %s", reason)
         self._changed()
 

@@ -1,11 +1,18 @@
 """The master's change relay: commit to the outbox, publish with confirms, then report.
 
 ``submit`` is the only way configuration changes enter the network. It validates the
-operations (``producers.changes``), gives each its ``(epoch, seq)``, commits changes and outbox
-rows in one SQLite transaction, publishes them to ``tasync.config`` (reaching every sync
-queue and the change-log stream at once) and returns only after the broker confirmed. A crash
-between commit and confirm leaves the rows unpublished; ``publish_outbox`` at start sends them
-again, and backups skip what they already have by seq.
+operations (``producers.changes``), gives each its ``(epoch, seq)``, commits changes and
+objects in one SQLite transaction, publishes them to ``tasync.config`` (reaching every sync
+queue and the change-log stream at once) and returns only after the broker confirmed.
+
+The outbox is every committed change above the store's published-up-to mark. Publishing reads
+it from the mark on, in passes of bounded size, with a bounded number of bytes unconfirmed at
+a time, and moves the mark forward over each run of messages the broker confirmed in order: a
+publish that times out half-way, or a master killed half-way, resumes where the confirms
+stopped, never at the first change of a large import. Backups skip by seq whatever they got
+twice. ``submit`` publishes its own changes and retries while confirms keep coming; a
+background thread (``start``) publishes whatever is left after a timeout or a restart until
+the outbox is empty, while the node is master with the seat.
 
 A relay commits only while its node is the master of the newest era it knows and holds the
 master's seat on the broker (``broker.seat``): the store's role, the era and a round trip to the
@@ -23,13 +30,17 @@ master by then.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from broker import messages, topology
+from broker.connection import RECOVERABLE, describe
 from broker.epochs import EpochMark
-from broker.errors import FencedError
+from broker.errors import FencedError, PublishError, SeatLost
 from broker.messages import Change, ChangeBatch
 from broker.protocol import Role
 from broker.publisher import Outgoing
@@ -41,6 +52,41 @@ from producers.changes import Op, check_references
 log = logging.getLogger("tasync.relay")
 #: Bytes of a batch message beyond its changes: version, type, epoch, origin, brackets.
 BATCH_ENVELOPE_BYTES = 256
+#: What stops a background pass; it is tried again (``_run``).
+_FAILURES: tuple[type[BaseException], ...] = (PublishError, SeatLost, *RECOVERABLE,
+                                              sqlite3.Error)
+#: Outbox rows read from the store at a time.
+OUTBOX_PAGE = 5000
+#: A publishing pass holds this many body bytes, read and encoded at once; the mark moves
+#: after each (over what was confirmed in order, also when the pass failed), and the control
+#: thread's seat checks wait for at most a pass.
+PASS_BYTES = 16 << 20
+#: How long the background publisher waits after a failed pass before it tries again.
+RETRY_AFTER_S = 1.0
+
+
+def _never(reason: str) -> NoReturn:
+    raise AssertionError(f"a fault was asked for without a way to crash: {reason}")
+
+
+@dataclass(frozen=True)
+class RelayFaults:
+    """Faults the recovery and outbox tests inject into a master's relay; none by default.
+
+    The node builds this from the settings (``$TASYNC_FAILPOINT``); the relay never reads the
+    environment and never ends the process itself.
+
+    Attributes:
+        name: ``before-publish``: crash right after committing a change and before publishing
+            it (the change stays unconfirmed in the outbox). ``publish-timeout`` (once per
+            process) or ``exit-mid-publish``: the first publishing pass of more than one
+            message publishes only its first half, is marked, and then fails as a confirm
+            timeout would, or crashes as if killed.
+        crash: ends the process at once, as a SIGKILL would (given by the node).
+    """
+
+    name: str = ""
+    crash: Callable[[str], NoReturn] = _never
 
 
 @dataclass(frozen=True)
@@ -86,7 +132,7 @@ def encoded_chunks(changes: list[Change], *, max_changes: int,
 
     Sizing a batch needs each change's encoded length, and encoding the batch afterwards did
     the same work again; here a batch's body is its changes' JSON joined inside the envelope,
-    byte for byte what ``messages.encode(batch)`` gives (``tests/unit/producers/test_relay.py``).
+    byte for byte what ``messages.encode(batch)`` gives (``tests/unit/test_relay.py``).
     """
     budget = max_bytes - BATCH_ENVELOPE_BYTES
     out: list[tuple[ChangeBatch, bytes]] = []
@@ -139,8 +185,60 @@ def _batch(changes: list[Change]) -> ChangeBatch:
     return ChangeBatch(epoch=changes[0].epoch, origin=changes[0].origin, changes=tuple(changes))
 
 
+@dataclass(frozen=True)
+class _Outgoing:
+    """One batch read from the outbox, encoded: the seqs it covers and its message body."""
+
+    first_seq: int
+    last_seq: int
+    body: bytes
+
+
+def outbox_batches(rows: Iterable[tuple[Any, ...]], requests: dict[int, list[tuple[str, int]]],
+                   *, max_changes: int, max_bytes: int) -> Iterator[_Outgoing]:
+    """Encode stored change rows (``NodeStore.outbox_rows``) into batch bodies.
+
+    A row's body is already canonical JSON, so it is spliced in as it is, not decoded and
+    encoded again. Batches hold one epoch and origin each, at most ``max_changes`` changes and
+    about ``max_bytes``; the batch holding a request's last change names the request
+    (``requests``: by last seq, ``(request id, first seq)``), as ``with_requests`` does.
+    """
+    budget = max_bytes - BATCH_ENVELOPE_BYTES
+    parts: list[bytes] = []
+    ids: list[tuple[str, int]] = []
+    size, first, last, key = 0, 0, 0, (0, "")
+
+    def flush() -> _Outgoing:
+        head = messages.encode_value({"v": messages.SCHEMA_VERSION, "type": "changes",
+                                      "epoch": key[0], "origin": key[1]})
+        body = head[:-1] + b',"changes":[' + b",".join(parts) + b"]"
+        if ids:
+            body += b',"requests":' + messages.encode_value([list(r) for r in ids])
+        return _Outgoing(first, last, body + b"}")
+
+    for seq, epoch, ts, origin, op, kind, name, text in rows:
+        head = messages.encode_value({"epoch": epoch, "seq": seq, "ts": ts, "origin": origin,
+                                      "op": op, "kind": kind, "name": name, "body": None})
+        part = head if text is None else head[:-5] + text.encode() + b"}"
+        if parts and (len(parts) >= max_changes or size + len(part) + 1 > budget
+                      or (epoch, origin) != key):
+            yield flush()
+            parts, ids, size = [], [], 0
+        if not parts:
+            first, key = seq, (epoch, origin)
+        parts.append(part)
+        size += len(part) + 1
+        last = seq
+        ids += requests.get(seq, ())
+    if parts:
+        yield flush()
+
+
 class ChangeRelay:
-    """Commits and publishes the master's changes; used from one thread (the control server's).
+    """Commits and publishes the master's changes.
+
+    ``submit`` runs on the control server's thread; ``start`` runs the background publisher.
+    Both publish through ``publish_outbox``, one at a time, always from the mark on.
 
     Args:
         store: the master's store, opened with ``durable=True``.
@@ -149,62 +247,177 @@ class ChangeRelay:
         keyring: signs every batch when set.
         batch_max_changes: changes per replication message.
         batch_max_bytes: upper bound of one replication message's body.
+        window_bytes: most body bytes published and not yet confirmed.
+        progress: told how far a long publish got (it also keeps an asker's connection alive).
     """
 
     def __init__(self, store: NodeStore, *, node: str, seat: MasterSeat,
                  keyring: KeyRing | None = None, batch_max_changes: int = 1000,
-                 batch_max_bytes: int = 1 << 20,
-                 before_publish: Callable[[int], None] | None = None) -> None:
+                 batch_max_bytes: int = 1 << 20, window_bytes: int = 16 << 20,
+                 progress: Callable[[dict[str, Any]], None] | None = None,
+                 faults: RelayFaults | None = None) -> None:
         self.store = store
-        #: Called with the first committed seq, after the commit and before the publish: the
-        #: window a crash leaves a change committed but unconfirmed. The recovery tests
-        #: inject a crash here (``tasync.node``); nothing else uses it.
-        self.before_publish = before_publish or (lambda _seq: None)
+        self.faults = faults or RelayFaults()
         self.node = node
         self.seat = seat
         self.keyring = keyring
         self.batch_max_changes = batch_max_changes
         self.batch_max_bytes = batch_max_bytes
-
-    def _publish(self, encoded: list[tuple[ChangeBatch, bytes]]) -> None:
-        self.seat.publish([_message(batch, body, self.keyring) for batch, body in encoded])
-        self.store.mark_published(encoded[-1][0].last_seq)
+        self.window_bytes = window_bytes
+        self.progress = progress or (lambda _data: None)
+        #: One publisher at a time: a pass reads from the mark and moves it.
+        self._publishing = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failed = False  # the fault fired (``RelayFaults``)
 
     def publish_mark(self, mark: EpochMark) -> None:
         """Publish a promotion's epoch mark with confirms, signed like the changes."""
         self.seat.publish([_signed(messages.encode(mark),
                                    {"tasync-type": "epoch", "epoch": mark.epoch}, self.keyring)])
 
+    # -- the outbox -----------------------------------------------------------------------------
+
     def publish_outbox(self) -> int:
         """Publish every committed but unconfirmed change, in seq order; returns how many.
 
-        The request ids those changes complete go with them, so a backup knows them too.
+        Starts at the store's mark and moves it as confirms arrive; the request ids those
+        changes complete go with them, so a backup knows them too.
+
+        Raises:
+            PublishError: a confirm did not come in time or a batch was refused; the mark
+                stays after the last change confirmed in order.
+            SeatLost: the seat's connection broke.
         """
-        pending = self.store.unpublished()
-        if pending:
-            log.info("publishing %d unconfirmed changes from the outbox (seq %d..%d)",
-                     len(pending), pending[0].seq, pending[-1].seq)
-            requests = self.store.requests_ending_in(pending[0].seq, pending[-1].seq)
-            by_epoch: dict[int, list[Change]] = {}
-            for change in pending:
-                by_epoch.setdefault(change.epoch, []).append(change)
-            for group in by_epoch.values():
-                self._publish_group(group, [r for r in requests
-                                            if group[0].seq <= r.last_seq <= group[-1].seq])
-        return len(pending)
+        with self._publishing:
+            store, done = self.store, 0
+            first = store.published_seq + 1
+            if store.last_seq >= first:
+                log.info("publishing %d unconfirmed changes from the outbox (seq %d..%d)",
+                         store.last_seq - first + 1, first, store.last_seq)
+            while store.published_seq < store.last_seq:
+                after = store.published_seq
+                done += self._publish_pass(after, store.last_seq)
+                if store.published_seq == after:  # no row above the mark: nothing to send
+                    raise PublishError(f"the outbox holds no change after seq {after} "
+                                       f"although seq {store.last_seq} was committed")
+            return done
 
-    def _publish_group(self, changes: list[Change], requests: list[CommittedRequest]) -> None:
-        """Publish consecutive changes, each request id on the batch holding its last change."""
-        tagged: list[tuple[ChangeBatch, bytes]] = []
-        for batch, body in self._chunk(changes):
-            ids = tuple((r.request_id, r.first_seq) for r in requests
-                        if batch.first_seq <= r.last_seq <= batch.last_seq)
-            tagged += with_requests([(batch, body)], ids)
-        self._publish(tagged)
+    def _publish_pass(self, after: int, top: int) -> int:
+        """Publish up to ``PASS_BYTES`` of the outbox after seq ``after``; returns the count.
 
-    def _chunk(self, changes: list[Change]) -> list[tuple[ChangeBatch, bytes]]:
-        return encoded_chunks(changes, max_changes=self.batch_max_changes,
-                              max_bytes=self.batch_max_bytes)
+        The pass is read and encoded before it is published, and marked after: the seat's
+        lock is held while publishing, and a thread holding the store's lock may wait for the
+        seat's (``submit`` checks the seat inside it), so nothing here takes the store's lock
+        while holding the seat's.
+        """
+        ends: list[int] = []  # last seq of every message, in order
+        out: list[Outgoing] = []
+        size, cursor = 0, after
+        while cursor < top and size < PASS_BYTES:
+            rows = self.store.outbox_rows(cursor, min(OUTBOX_PAGE, top - cursor))
+            if not rows:
+                break
+            reqs: dict[int, list[tuple[str, int]]] = {}
+            for r in self.store.requests_ending_in(rows[0][0], rows[-1][0]):
+                reqs.setdefault(r.last_seq, []).append((r.request_id, r.first_seq))
+            for batch in outbox_batches(rows, reqs, max_changes=self.batch_max_changes,
+                                        max_bytes=self.batch_max_bytes):
+                ends.append(batch.last_seq)
+                size += len(batch.body)
+                out.append(_signed(batch.body, {"tasync-type": "changes",
+                                                "first-seq": batch.first_seq,
+                                                "last-seq": batch.last_seq}, self.keyring))
+            cursor = rows[-1][0]
+        failpoint = self.faults.name
+        cut = failpoint in ("publish-timeout", "exit-mid-publish") and not self._failed \
+            and len(out) > 1
+        if cut:
+            self._failed = True
+            out = out[:len(out) // 2]
+        confirmed = [0]  # messages confirmed in order; set with the seat's lock held
+        try:
+            self.seat.publish(out, window_bytes=self.window_bytes,
+                              on_confirmed=lambda n: confirmed.__setitem__(0, n))
+            confirmed[0] = len(out)
+        finally:
+            if confirmed[0]:
+                self.store.mark_published(ends[confirmed[0] - 1])
+        if cut and failpoint == "exit-mid-publish":
+            self.faults.crash(f"failpoint exit-mid-publish: exiting at seq "
+                              f"{ends[confirmed[0] - 1]}")
+        if cut:
+            raise PublishError(f"failpoint publish-timeout after seq {ends[confirmed[0] - 1]}")
+        if ends and threading.current_thread() is not self._thread:  # an asker's thread
+            self.progress({"stage": "publishing", "done": ends[-1], "total": top})
+        return ends[confirmed[0] - 1] - after if confirmed[0] else 0
+
+    def publish_through(self, seq: int) -> None:
+        """Publish the outbox until ``seq`` is confirmed; retry while confirms keep coming.
+
+        Raises:
+            PublishError: a pass failed without moving the mark; the background publisher
+                goes on trying.
+            SeatLost: the seat's connection broke.
+        """
+        while self.store.published_seq < seq:
+            before = self.store.published_seq
+            try:
+                self.publish_outbox()
+            except PublishError as exc:
+                if self.store.published_seq == before:
+                    self._wake.set()
+                    raise
+                log.warning("%s; publishing again from seq %d", exc,
+                            self.store.published_seq + 1)
+
+    # -- the background publisher ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Publish the outbox from a thread whenever it holds changes and this node may."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=f"tasync-relay-{self.node}",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Have the background publisher look at the outbox now."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop the background publisher (before the store closes)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10.0)
+
+    def _may_publish(self) -> bool:
+        store = self.store
+        if store.published_seq >= store.last_seq or not self.seat.held:
+            return False
+        era = store.history.current
+        return (store.get_meta("role") == Role.MASTER and era is not None
+                and era.origin == self.node)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(RETRY_AFTER_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if self._may_publish():
+                    count = self.publish_outbox()
+                    if count:
+                        log.info("published the outbox up to seq %d", self.store.published_seq)
+            except _FAILURES as exc:
+                log.warning("publishing the outbox stopped at seq %d: %s; trying again",
+                            self.store.published_seq, describe(exc))
+                self._stop.wait(RETRY_AFTER_S)
+                self._wake.set()
 
     def check_may_commit(self) -> None:
         """Refuse unless this node is the master of the newest era it knows, with the seat.
@@ -233,7 +446,7 @@ class ChangeRelay:
         ``staged`` names an import whose staged parts the commit drops in its transaction.
 
         Raises:
-            InvalidObject: nothing was committed.
+            ValidationError: nothing was committed.
             FencedError, SeatLost: this node may not commit; nothing was committed.
             SeatLost: committed locally, then the seat was lost before the broker confirmed:
                 the change is not reported; it reaches the network only if this node keeps
@@ -242,31 +455,26 @@ class ChangeRelay:
         """
         with self.store.lock:
             done = self.store.request(request_id) if request_id else None
-            if done is not None:
-                if done.last_seq > self.store.published_seq:
-                    self.check_may_commit()
-                    self.publish_outbox()
-                return Committed.from_request(done)
-            self.check_may_commit()
-            ops = check_references(self.store, parsed)
-            epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
-            changes = [
-                Change(epoch=epoch, seq=seq + i + 1, ts=now, origin=self.node, op=o.op,
-                       kind=o.kind, name=o.name, body=o.body)
-                for i, o in enumerate(ops)
-            ]
-            self.store.commit(changes, request_id=request_id, staged=staged)
+            if done is None:
+                self.check_may_commit()
+                ops = check_references(self.store, parsed)
+                epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
+                changes = [
+                    Change(epoch=epoch, seq=seq + i + 1, ts=now, origin=self.node, op=o.op,
+                           kind=o.kind, name=o.name, body=o.body)
+                    for i, o in enumerate(ops)
+                ]
+                self.store.commit(changes, request_id=request_id, staged=staged)
+        if done is not None:  # publishing happens outside the store's lock (``_publish_pass``)
+            if done.last_seq > self.store.published_seq:
+                self.check_may_commit()
+                self.publish_through(done.last_seq)
+            return Committed.from_request(done)
         if not changes:
             return Committed(seq, seq, 0, epoch)
-        self.before_publish(seq + 1)
-        if self.store.published_seq == changes[0].seq - 1:
-            # The outbox holds exactly these changes: publish them from memory rather than
-            # reading 100,000 rows back and decoding their bodies again.
-            this = [] if request_id is None else [CommittedRequest(
-                request_id, changes[0].seq, changes[-1].seq, epoch)]
-            self._publish_group(changes, this)
-        else:
-            self.publish_outbox()  # older rows are still unconfirmed: they go first, in order
+        if self.faults.name == "before-publish":
+            self.faults.crash(f"failpoint before-publish: exiting after commit of seq {seq + 1}")
+        self.publish_through(changes[-1].seq)  # older unconfirmed rows go first, in order
         log.info("committed seq %d..%d (%d changes)", changes[0].seq, changes[-1].seq,
                  len(changes))
         return Committed(changes[0].seq, changes[-1].seq, len(changes), epoch)

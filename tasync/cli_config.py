@@ -345,8 +345,6 @@ def _local_or_remote(broker_url: str, node: str | None, data_dir: Path | None, o
             raise ConfigError(f"{data_dir} holds no tasync node (no node.db)")
         store = NodeStore(data_dir, durable=False)
         try:
-            if op == "export":
-                return {"export": store.export_bytes().decode()}
             return {"objects": [{"kind": k, "name": n, "body": b}
                                 for k, n, b in store.objects(args.get("kind"))
                                 if args.get("name") in (None, n)]}
@@ -410,5 +408,35 @@ def config_export(*, node: str | None, data_dir: Path | None, timeout_s: float,
       tasync config export --node b | sha256sum
       tasync config export --data-dir /var/lib/tasync/b   a stopped node's
     """
-    data = _local_or_remote(broker_url, node, data_dir, "export", {}, timeout_s)
-    sys.stdout.write(data["export"])
+    out = sys.stdout.buffer
+    if data_dir is not None:
+        _export_local(data_dir, out)
+    else:
+        _export_remote(broker_url, node, timeout_s, out)
+    out.flush()
+
+
+def _export_local(data_dir: Path, out: Any) -> None:
+    """Write a stopped or running node's export from its store, piece by piece."""
+    if not (data_dir / "node.db").exists():
+        raise ConfigError(f"{data_dir} holds no tasync node (no node.db)")
+    store = NodeStore(data_dir, durable=False)
+    try:
+        for chunk in store.export_chunks():
+            out.write(chunk)
+    finally:
+        store.close()
+
+
+def _export_remote(broker_url: str, node: str | None, idle_timeout_s: float, out: Any) -> None:
+    """Write a node's export as its interim replies bring it (flat memory at any size)."""
+    from tasync.progress import progress_rpc
+
+    def write(data: dict[str, Any]) -> None:
+        out.write(str(data.get("piece", "")).encode())
+
+    with progress_rpc(make_settings(broker_url)) as rpc:
+        check_known(rpc, [node])
+        data = rpc.call_with_progress(target_key(node), "export", {},
+                                      idle_timeout_s=idle_timeout_s, on_progress=write)
+    out.write(str(data["export"]).encode())

@@ -17,10 +17,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from broker.allowlist import ALERT_HOSTS_FILE
 from broker.audit import Trail, setup_sync_log
@@ -39,18 +38,10 @@ from consumers.delivery.worker import DeliveryConsumer
 from consumers.roles import Roles
 from consumers.sync import SyncConsumer
 from consumers.totals import Totals
-from producers.relay import ChangeRelay
+from producers.relay import ChangeRelay, RelayFaults
 from tasync.control import ControlServer
 
 log = logging.getLogger("tasync.node")
-#: status.json gets a fresh checksum after every change only while the last one took at most
-#: this long and fewer than ``STATUS_EAGER_CHANGES`` changes came since: hashing 100,000
-#: objects takes most of a second of CPU, which during a bulk import would be taken from
-#: applying it (100 batches, 100 hashes). ``tasync status`` always gets a fresh one.
-STATUS_CHEAP_S = 0.05
-STATUS_EAGER_CHANGES = 1000
-#: How long the configuration must then stay unchanged before status.json gets the checksum.
-STATUS_SETTLE_S = 3.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +95,9 @@ class Node:
         self.relay = ChangeRelay(store, node=options.node, seat=self.seat, keyring=keyring,
                                  batch_max_changes=settings.batch_max_changes,
                                  batch_max_bytes=settings.batch_max_bytes,
-                                 before_publish=_failpoint(failpoint_from_env()))
+                                 window_bytes=settings.publish_window_bytes,
+                                 progress=self.ctx.progress,
+                                 faults=RelayFaults(failpoint_from_env(), _crash))
         self.admission = self._admission(options)
         self.totals = Totals(self.ctx)
         self.delivery = DeliveryConsumer(self.ctx, totals=self.totals,
@@ -173,10 +166,10 @@ class Node:
                  ctx.store.last_seq)
         self._report_broker()
         self.roles.start(self._stop)  # takes the seat, or starts as a backup and says why
+        self.relay.start()  # publishes what the outbox still holds, in the background
         for consumer in self.consumers:
             consumer.start()
         was_ready = False
-        settle_at: float | None = None
         ctx.write_status_file()
         while not self._stop.wait(0.2):
             serving = self.sync.caught_up.is_set() and self.control.connected.is_set()
@@ -187,17 +180,9 @@ class Node:
                 log.info("ready at seq %d", ctx.store.last_seq)
                 self._dirty.set()
             if self._dirty.is_set():
-                # Seq and readiness now; the checksum (a hash of the whole configuration) now
-                # while it is cheap, else once changes stop arriving: computing it after every
-                # applied batch made a bulk import quadratic (100 hashes of up to 100,000).
+                # The checksum and count are kept by the store, so the file is cheap to write
+                # after every applied batch, whatever the configuration's size.
                 self._dirty.clear()
-                store = ctx.store
-                cheap = (store.checksum_seconds <= STATUS_CHEAP_S
-                         and store.last_seq - store.checksum_seq < STATUS_EAGER_CHANGES)
-                ctx.write_status_file(checksum=cheap)
-                settle_at = None if cheap else time.monotonic() + STATUS_SETTLE_S
-            elif settle_at is not None and time.monotonic() >= settle_at:
-                settle_at = None
                 ctx.write_status_file()
         self.stop()
 
@@ -222,6 +207,7 @@ class Node:
             consumer.stop_event.set()
         for consumer in self.consumers:
             consumer.stop()
+        self.relay.stop()
         self.seat.close()
         self.ctx.trail.event(Event.NODE_STOPPED, seq=self.ctx.store.last_seq)
         self.ctx.ready.clear()
@@ -266,13 +252,7 @@ def _move_aside(data_dir: Path) -> Path:
     return target
 
 
-def _failpoint(name: str) -> Callable[[int], None] | None:
-    """The crash the recovery tests inject between a commit and its publish, if asked for."""
-    if name != "before-publish":
-        return None
-
-    def crash(seq: int) -> None:
-        log.error("failpoint before-publish: exiting after commit of seq %d", seq)
-        os._exit(70)
-
-    return crash
+def _crash(reason: str) -> NoReturn:
+    """End the process at once, as a SIGKILL would (the faults the tests inject)."""
+    log.error("%s", reason)
+    os._exit(70)

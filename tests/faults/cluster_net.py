@@ -231,9 +231,10 @@ def store_meta(data_dir: Path) -> tuple[int, int]:
     except sqlite3.OperationalError:
         return 0, 0  # not created yet
     try:
-        row = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
-        pending = db.execute("SELECT COUNT(*) FROM changes WHERE published=0").fetchone()
-        return int(row[0]) if row else 0, int(pending[0])
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN "
+                               "('last_seq', 'published_seq')").fetchall())
+        last = int(meta.get("last_seq", 0))
+        return last, last - int(meta.get("published_seq", last))
     except sqlite3.OperationalError:
         return 0, 0  # schema not created yet
     finally:

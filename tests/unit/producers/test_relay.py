@@ -1,6 +1,7 @@
 """Batching and signing of the master's changes (producers/relay.py: chunk, batch_messages)."""
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -9,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker import topology
-from broker.errors import MessageError
+from broker.errors import MessageError, PublishError
 from broker.messages import Change, ChangeBatch, decode, encode
 from broker.signing import SIGNATURE_HEADER, KeyRing
-from producers.relay import batch_messages, chunk, encoded_chunks
+from broker.store import NodeStore
+from producers.relay import ChangeRelay, batch_messages, chunk, encoded_chunks, outbox_batches
 
 RING = KeyRing.parse("k1:" + "ab" * 32)
 
@@ -155,3 +157,75 @@ def test_request_ids_ride_on_the_last_batch_byte_for_byte() -> None:
     for batch, body in encoded:
         assert body == messages.encode(batch)
         assert messages.decode(body, max_bytes=1 << 22) == batch
+
+
+# -- the outbox: published from the mark, in passes, resumed where the confirms stopped ------------
+
+
+class FlakySeat:
+    """A seat whose broker confirms only the first ``confirm`` messages of the next call."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int]] = []
+        self.confirm: int | None = None
+        self.held = True
+
+    def publish(self, out: Any, *, window_bytes: int | None = None,
+                on_confirmed: Any = None) -> int:
+        out = list(out)
+        limit, self.confirm = self.confirm, None
+        for i, message in enumerate(out):
+            if limit is not None and i == limit:
+                on_confirmed(limit)
+                raise PublishError("no confirm in time")
+            self.sent.append((message.headers["first-seq"], message.headers["last-seq"]))
+            decoded = decode(message.body, max_bytes=1 << 30, expect="changes")
+            first, last = self.sent[-1]
+            assert [c.seq for c in decoded.changes] == list(range(first, last + 1))
+        return len(out)
+
+
+def test_outbox_resumes_at_the_mark_after_a_timeout(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path, durable=False)
+    store.commit(changes(5000))
+    seat = FlakySeat()
+    relay = ChangeRelay(store, node="master", seat=seat,  # type: ignore[arg-type]
+                        batch_max_changes=100)
+    seat.confirm = 7  # seven batches confirmed, then the broker goes quiet
+    with pytest.raises(PublishError):
+        relay.publish_outbox()
+    assert store.published_seq == 700 and store.unpublished_count == 4300
+    relay.publish_outbox()
+    assert store.published_seq == 5000
+    seqs = [s for first, last in seat.sent for s in range(first, last + 1)]
+    assert seqs == list(range(1, 5001))  # every seq once: the retry began at the mark
+
+
+def test_publish_through_retries_while_the_mark_moves(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path, durable=False)
+    store.commit(changes(300))
+    seat = FlakySeat()
+    relay = ChangeRelay(store, node="master", seat=seat,  # type: ignore[arg-type]
+                        batch_max_changes=100)
+    seat.confirm = 1
+    relay.publish_through(300)  # one batch confirmed, then a timeout: it goes on by itself
+    assert store.published_seq == 300
+    assert [first for first, _ in seat.sent] == [1, 101, 201]
+    store.commit(changes(10, first=301))
+    seat.confirm = 0  # nothing confirmed: the mark did not move, the caller hears of it
+    with pytest.raises(PublishError):
+        relay.publish_through(310)
+    assert store.published_seq == 300
+
+
+def test_outbox_batches_splice_stored_bodies_and_request_ids(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path, durable=False)
+    cs = changes(250)
+    store.commit(cs, request_id="req-1")
+    rows = store.outbox_rows(0, 1000)
+    batches = list(outbox_batches(rows, {250: [("req-1", 1)]}, max_changes=100,
+                                  max_bytes=1 << 20))
+    assert [(b.first_seq, b.last_seq) for b in batches] == [(1, 100), (101, 200), (201, 250)]
+    decoded = [decode(b.body, max_bytes=1 << 30, expect="changes") for b in batches]
+    assert [c for d in decoded for c in d.changes] == cs
+    assert [d.requests for d in decoded] == [(), (), (("req-1", 1),)]

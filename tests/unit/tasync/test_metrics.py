@@ -81,7 +81,7 @@ def test_node_state_is_read_at_each_scrape(node: SimpleNamespace, server: Any) -
     }
 
     node.ctx.ready.set()
-    node.ctx.store.set_meta(epoch=3, last_seq=42, role="master")
+    node.ctx.store.set_meta(epoch=3, last_seq=42, published_seq=42, role="master")
     node.changes_applied = 42
     node.lag_changes = lambda: 5
     second = scrape(server.port)
