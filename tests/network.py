@@ -358,6 +358,10 @@ class Network:
         return self.cli("config", "export", "--data-dir", str(self.root / name)).stdout
 
     def close(self) -> None:
+        """Stop every node cleanly, all at once: each is told first, then each is waited for."""
+        for node in self.nodes.values():
+            if node.alive:
+                node.signal(signal.SIGTERM)
         for node in self.nodes.values():
             try:
                 node.stop(timeout_s=15)
