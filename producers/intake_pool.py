@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from broker import topology
 from broker.alerts import Alert
-from broker.connection import close_quietly, connect
+from broker.connection import RECOVERABLE, close_quietly, connect, describe
 from broker.errors import BrokerUnreachable, IntakeBusy, PublishError, TasyncError, TopologyMissing
 from broker.settings import Settings
 from producers.sender import AlertSender, SendResult
@@ -187,6 +187,18 @@ class SenderPool:
             sender.close()  # its connection may be the silent one: the next use opens another
             self.circuit.suspect()
             raise
+        except RECOVERABLE as exc:
+            # The broker closed the channel or the connection under the sender (a 404 of an
+            # exchange a vhost without the topology lacks, a broker going away): say why, as
+            # a reason the route answers 503 with, never as an unexpected error.
+            sender.close()
+            why = self.circuit.probe()
+            if why is None:
+                self.circuit.suspect()
+                raise PublishError(f"the broker dropped the sender's channel "
+                                   f"({describe(exc)})") from None
+            self.circuit.trip(why)
+            raise why from None
         finally:
             self._idle.put(sender)
 
