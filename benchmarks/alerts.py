@@ -69,6 +69,7 @@ from benchmarks.measure import (
     machine_info,
     median,
     print_verdict,
+    require_plotting,
     run_quiet,
     shown,
     summarize,
@@ -538,6 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_plotting()
     results = run(args)
     suffix = ("-throughput" if args.throughput_only else "") + ("-quick" if args.quick else "")
     results["plots"] = [shown(p) for p in plot(results, args.img_dir, suffix)]

@@ -39,6 +39,15 @@ MB = 1 << 20
 # -- statistics -------------------------------------------------------------------------------
 
 
+def require_plotting() -> None:
+    """Stop at once, in one line, when the figures cannot be drawn: before minutes of runs."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("benchmarks: the figures need matplotlib; install the bench extra: "
+                         "pip install -e '.[bench]'") from None
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) with linear interpolation, as numpy's default."""
     if not values:

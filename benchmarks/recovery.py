@@ -59,6 +59,7 @@ from benchmarks.measure import (
     machine_info,
     median,
     print_verdict,
+    require_plotting,
     run_quiet,
     shown,
     write_json,
@@ -273,6 +274,7 @@ def plot(report: dict[str, Any], img_dir: Path, suffix: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    require_plotting()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recovery",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10,000 changes, one run")

@@ -52,6 +52,7 @@ from benchmarks.measure import (
     code_version,
     fill_defaults,
     machine_info,
+    require_plotting,
     run_quiet,
     shown,
     summarize,
@@ -361,6 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    require_plotting()
     results = run(args)
     results["quick"] = args.quick
     results["verdict"] = verdicts(results)
