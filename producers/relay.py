@@ -130,49 +130,20 @@ def encoded_chunks(changes: list[Change], *, max_changes: int,
                    max_bytes: int) -> list[tuple[ChangeBatch, bytes]]:
     """``chunk`` and ``messages.encode`` at once, encoding every change only once.
 
-    Sizing a batch needs each change's encoded length, and encoding the batch afterwards did
-    the same work again; here a batch's body is its changes' JSON joined inside the envelope,
-    byte for byte what ``messages.encode(batch)`` gives (``tests/unit/test_relay.py``).
+    The batching is ``outbox_batches``'s, fed the changes as rows whose bodies are encoded
+    the way ``messages.encode`` encodes them, so a batch's body is byte for byte what
+    ``messages.encode(batch)`` gives (``tests/unit/producers/test_relay.py``).
     """
-    budget = max_bytes - BATCH_ENVELOPE_BYTES
+    rows = [(c.seq, c.epoch, c.ts, c.origin, c.op, c.kind, c.name,
+             None if c.body is None else messages.encode_value(c.body).decode())
+            for c in changes]
     out: list[tuple[ChangeBatch, bytes]] = []
-    current: list[Change] = []
-    parts: list[bytes] = []
-    size = 0
-    for change in changes:
-        part = messages.encode_value(messages.change_to_dict(change))
-        if current and (len(current) >= max_changes or size + len(part) + 1 > budget):
-            out.append(_encoded(current, parts))
-            current, parts, size = [], [], 0
-        current.append(change)
-        parts.append(part)
-        size += len(part) + 1
-    if current:
-        out.append(_encoded(current, parts))
+    start = 0
+    for batch in outbox_batches(rows, {}, max_changes=max_changes, max_bytes=max_bytes):
+        end = start + batch.last_seq - batch.first_seq + 1
+        out.append((_batch(changes[start:end]), batch.body))
+        start = end
     return out
-
-
-def _encoded(changes: list[Change], parts: list[bytes]) -> tuple[ChangeBatch, bytes]:
-    batch = _batch(changes)
-    head = messages.encode_value({"v": messages.SCHEMA_VERSION, "type": "changes",
-                                  "epoch": batch.epoch, "origin": batch.origin})
-    return batch, head[:-1] + b',"changes":[' + b",".join(parts) + b"]}"
-
-
-def with_requests(encoded: list[tuple[ChangeBatch, bytes]],
-                  requests: tuple[tuple[str, int], ...]) -> list[tuple[ChangeBatch, bytes]]:
-    """The same batches, the last one also naming the request ids its last change completes.
-
-    Backups record them, so a later master can answer a client that asks again after a
-    promotion (``NodeStore.request``).
-    """
-    if not requests or not encoded:
-        return encoded
-    batch, body = encoded[-1]
-    last = ChangeBatch(epoch=batch.epoch, origin=batch.origin, changes=batch.changes,
-                       requests=requests)
-    tail = messages.encode_value([list(r) for r in requests])
-    return [*encoded[:-1], (last, body[:-1] + b',"requests":' + tail + b"}")]
 
 
 def chunk(changes: list[Change], *, max_changes: int, max_bytes: int) -> list[ChangeBatch]:
@@ -201,7 +172,8 @@ def outbox_batches(rows: Iterable[tuple[Any, ...]], requests: dict[int, list[tup
     A row's body is already canonical JSON, so it is spliced in as it is, not decoded and
     encoded again. Batches hold one epoch and origin each, at most ``max_changes`` changes and
     about ``max_bytes``; the batch holding a request's last change names the request
-    (``requests``: by last seq, ``(request id, first seq)``), as ``with_requests`` does.
+    (``requests``: by last seq, ``(request id, first seq)``), so a backup records them too
+    and a later master can answer a client that asks again (``NodeStore.request``).
     """
     budget = max_bytes - BATCH_ENVELOPE_BYTES
     parts: list[bytes] = []

@@ -145,18 +145,20 @@ def test_encoded_chunks_are_byte_identical_to_encoding_each_batch() -> None:
         assert len(body) <= 2_000
 
 
-def test_request_ids_ride_on_the_last_batch_byte_for_byte() -> None:
+def test_request_ids_ride_on_the_last_batch_byte_for_byte(tmp_path: Path) -> None:
     from broker import messages
-    from producers.relay import with_requests
 
     changes = [Change(epoch=1, seq=s, ts=1.0, origin="m", op="set", kind="node", name=f"n{s}",
                       body={}) for s in range(1, 2501)]
-    encoded = with_requests(encoded_chunks(changes, max_changes=1000, max_bytes=1 << 20),
-                            (("req", 1),))
-    assert [b.requests for b, _ in encoded] == [(), (), (("req", 1),)]
-    for batch, body in encoded:
-        assert body == messages.encode(batch)
-        assert messages.decode(body, max_bytes=1 << 22) == batch
+    store = NodeStore(tmp_path, durable=False)
+    store.commit(changes, request_id="req")
+    batches = list(outbox_batches(store.outbox_rows(0, 5000), {2500: [("req", 1)]},
+                                  max_changes=1000, max_bytes=1 << 20))
+    decoded = [messages.decode(b.body, max_bytes=1 << 22) for b in batches]
+    assert [d.requests for d in decoded] == [(), (), (("req", 1),)]
+    for batch, body in zip(decoded, batches, strict=True):
+        assert body.body == messages.encode(batch)
+    assert [c for d in decoded for c in d.changes] == changes
 
 
 # -- the outbox: published from the mark, in passes, resumed where the confirms stopped ------------
