@@ -68,7 +68,7 @@ def test_a_gap_is_detected_and_filled_from_the_change_log_before_applying(
         make_context: MakeContext, run: Callable[[ConsumerLoop], ConsumerLoop],
         memory_settings: Settings) -> None:
     sync, _applied = start_sync(make_context, run)
-    store = sync.ctx.store
+    store, connection = sync.ctx.store, sync.conn
     publish(memory_settings, batch(change(1, "d1")))
     wait_for(lambda: store.last_seq == 1, timeout_s=10.0, what="seq 1 applied")
     # Seq 2 reaches the change log but not the node's queue; seq 3 then arrives live.
@@ -80,3 +80,5 @@ def test_a_gap_is_detected_and_filled_from_the_change_log_before_applying(
     assert [(g["expected"], g["got"]) for g in gaps] == [("2", "3")]
     assert [name for _k, name, _b in store.objects("destination")] == ["d1", "d2", "d3"]
     assert events(sync.ctx, Event.CHANGE_REPLAYED)  # seq 2 came from the log
+    # Filled in place: no reconnect and catch-up, no redelivery of seq 3 to skip.
+    assert sync.conn is connection and not events(sync.ctx, Event.CHANGE_SKIPPED)
