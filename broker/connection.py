@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import amqp.exceptions
 from kombu import Connection
 
-from broker.errors import AccessDenied, BrokerUnreachable
+from broker.errors import AccessDenied, BrokerUnreachable, ConfigError
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
@@ -57,15 +57,37 @@ def _ssl_options(settings: Settings) -> dict[str, Any] | bool:
 
 def make_connection(settings: Settings, *, name: str = "tasync",
                     heartbeat_s: float | None = None) -> Connection:
-    """A kombu connection over all URLs, not yet connected."""
+    """A kombu connection over all URLs, not yet connected.
+
+    ``memory://`` URLs select the in-process broker of the unit tests (``broker.memory``):
+    the same kombu connection, with channels that never leave the process.
+    """
     return Connection(
         ";".join(settings.broker_urls),
         heartbeat=settings.heartbeat_s if heartbeat_s is None else heartbeat_s,
         connect_timeout=settings.connect_timeout_s,
         failover_strategy="round-robin",
         ssl=_ssl_options(settings),
+        transport=_transport(settings),
         transport_options={"client_properties": {"connection_name": name}},
     )
+
+
+def _transport(settings: Settings) -> Any:
+    """The transport for the URLs: None (kombu picks py-amqp's by the URL), or the in-process one.
+
+    Raises:
+        ConfigError: ``memory://`` mixed with broker URLs; one network is in one place.
+    """
+    memory = [url.startswith("memory://") for url in settings.broker_urls]
+    if not any(memory):
+        return None
+    if not all(memory):
+        raise ConfigError("memory:// (the in-process broker) cannot be mixed with other "
+                          "broker URLs")
+    from broker.memory import MemoryTransport  # only tests use it; nodes never load it
+
+    return MemoryTransport
 
 
 def connect(settings: Settings, *, name: str = "tasync", retry_s: float | None = None,

@@ -37,6 +37,11 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
           +-- PostRefused       no or wrong token (401), not on the allow-list (403)
           +-- IntakeBusy        every sender stayed busy; nothing was queued (503)
 
+One more lives here, outside the root on purpose: ``NotEmulated``, raised by the in-process
+broker of the unit tests (``broker.memory``) when code asks it for a broker feature it does not
+emulate. It is a ``NotImplementedError``, a mistake in a test's setup, so that no handler that
+turns a ``TasyncError`` into an answer or a quarantine reason ever hides it.
+
 Errors defined here and nowhere else: a reader finds every failure the product can report in
 one file, and a name means one thing (``InvalidObject`` is tasync's; marshmallow's own
 ``ValidationError`` stays inside the schema code that turns it into ``InvalidObject``).
@@ -279,3 +284,7 @@ class AttemptFailed(TasyncError):
 
 class DeliveryAborted(TasyncError):
     """The worker is stopping during a retry wait; the alert stays unacknowledged."""
+
+
+class NotEmulated(NotImplementedError):
+    """The in-process broker (``memory://``) was asked for a feature it does not emulate."""

@@ -1,48 +1,22 @@
 """Turning requested operations into validated changes, before the master commits them.
 
-A request carries operations ``{"op": "set"|"delete", "kind", "name", "body"}``.
-``parse_ops`` checks each body against its kind's schema; ``check_references`` checks
-references (``broker.kinds.REFERENCES``, the one description of them) against the master's
-stored configuration overlaid with the request's own earlier operations, so a bulk import may
-define a destination and the group that uses it in one request. Nothing is written here: the relay
+A request carries operations ``{"op": "set"|"delete", "kind", "name", "body"}``. The control
+server checks each body against its kind's schema as the request arrives
+(``broker.commits.parse_ops``); ``check_references`` checks references
+(``broker.kinds.REFERENCES``, the one description of them) against the master's stored
+configuration overlaid with the request's own earlier operations, so a bulk import may define a
+destination and the group that uses it in one request. Nothing is written here: the relay
 commits the result in one transaction, or not at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from broker import kinds
+from broker.commits import Op
 from broker.errors import InvalidObject
 from broker.store import NodeStore
-
-
-@dataclass(frozen=True, kw_only=True)
-class Op:
-    """One validated operation, ready to become a change."""
-
-    op: str
-    kind: str
-    name: str
-    body: dict[str, Any] | None
-
-
-def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
-    """Validate the shape and schema of each operation (no references yet)."""
-    ops: list[Op] = []
-    for index, raw in enumerate(raw_ops):
-        if not isinstance(raw, Mapping):
-            raise InvalidObject(f"operation {index + 1}: not an object")
-        op, kind, name = raw.get("op", "set"), raw.get("kind"), raw.get("name")
-        if op not in ("set", "delete"):
-            raise InvalidObject(f"operation {index + 1}: op must be 'set' or 'delete'")
-        kinds.check_kind(str(kind))
-        kinds.check_name(str(kind), name)  # type: ignore[arg-type]
-        body = kinds.load_body(str(kind), str(name), raw.get("body") or {}) if op == "set" else None
-        ops.append(Op(op=op, kind=str(kind), name=str(name), body=body))
-    return ops
 
 
 def net_effect(store: NodeStore, ops: list[Op]) -> list[Op]:

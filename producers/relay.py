@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from broker import messages, topology
+from broker.commits import Committed, Op
 from broker.connection import RECOVERABLE, describe
 from broker.epochs import EpochMark
 from broker.errors import FencedError, PublishError, SeatLost
@@ -46,8 +47,8 @@ from broker.protocol import Role
 from broker.publisher import Outgoing
 from broker.seat import MasterSeat
 from broker.signing import SIGNATURE_HEADER, KeyRing
-from broker.store import CommittedRequest, NodeStore
-from producers.changes import Op, check_references
+from broker.store import NodeStore
+from producers.changes import check_references
 
 log = logging.getLogger("tasync.relay")
 #: Bytes of a batch message beyond its changes: version, type, epoch, origin, brackets.
@@ -87,25 +88,6 @@ class RelayFaults:
 
     name: str = ""
     crash: Callable[[str], NoReturn] = _never
-
-
-@dataclass(frozen=True)
-class Committed:
-    """What a ``submit`` committed and the broker confirmed.
-
-    ``repeated`` is set when the request id had been committed before: nothing new was.
-    """
-
-    first_seq: int
-    last_seq: int
-    count: int
-    epoch: int
-    repeated: bool = False
-
-    @classmethod
-    def from_request(cls, done: CommittedRequest) -> Committed:
-        """The answer a request id got the first time it was committed."""
-        return cls(done.first_seq, done.last_seq, done.count, done.epoch, repeated=True)
 
 
 def batch_messages(batches: Iterable[ChangeBatch], keyring: KeyRing | None) -> list[Outgoing]:
@@ -413,7 +395,7 @@ class ChangeRelay:
                staged: str | None = None) -> Committed:
         """Check references, commit and publish operations; returns once the broker confirmed.
 
-        ``parsed`` comes from ``producers.changes.parse_ops``, which checked each body's schema.
+        ``parsed`` comes from ``broker.commits.parse_ops``, which checked each body's schema.
         A ``request_id`` committed before returns that first result and commits nothing.
         ``staged`` names an import whose staged parts the commit drops in its transaction.
 

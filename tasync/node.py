@@ -34,12 +34,12 @@ from broker.store import DB_NAME, ApplyResult, NodeStore
 from broker.topology import check_node_name
 from consumers.admission import Admission
 from consumers.context import NodeContext
+from consumers.control import ControlServer
 from consumers.delivery.worker import DeliveryConsumer
 from consumers.roles import Roles
 from consumers.sync import SyncConsumer
 from consumers.totals import Totals
 from producers.relay import ChangeRelay, RelayFaults
-from tasync.control import ControlServer
 
 log = logging.getLogger("tasync.node")
 
@@ -107,7 +107,7 @@ class Node:
         self.roles = Roles(self.ctx, self.sync, seat=self.seat, relay=self.relay,
                            admission=self.admission)
         self.control = ControlServer(
-            self.ctx, relay=self.relay, keep_seat=self.roles.keep_seat,
+            self.ctx, committer=self.relay, keep_seat=self.roles.keep_seat,
             handlers={**self.roles.handlers(), **self.delivery.control_handlers()},
             authorize=self.admission.admit_config_request, on_committed=self._dirty.set,
             status_extra=self.roles.status_extra)

@@ -243,12 +243,12 @@ def test_unconfirmed_change_of_a_dead_master_is_kept_and_resubmitted(network: Ne
 
 def test_a_stale_master_is_rejected_everywhere(network: Network, tmp_path: Path,
                                                broker_url: str) -> None:
+    from broker.commits import parse_ops
     from broker.errors import SeatLost
     from broker.messages import Change, ChangeBatch
     from broker.publisher import ConfirmedPublisher
     from broker.seat import MasterSeat
     from broker.store import NodeStore
-    from producers.changes import parse_ops
     from producers.relay import ChangeRelay, batch_messages
 
     start_trio(network)

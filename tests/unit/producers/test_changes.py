@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
+from broker.commits import Op, parse_ops
 from broker.errors import InvalidObject
 from broker.messages import Change
 from broker.store import NodeStore
-from producers.changes import Op, check_references, dependency_sorted, parse_ops
+from producers.changes import check_references, dependency_sorted
 
 WINDOWS = [{"days": ["mon"], "start": "09:00", "end": "17:00"}]
 
@@ -64,36 +65,6 @@ def fails(store: NodeStore, raw: list[dict[str, Any]], *expected: str) -> Invali
     # All or nothing: a refused request leaves the store exactly as it was.
     assert (store.export_bytes(), store.last_seq, store.unpublished()) == before
     return info.value
-
-
-# -- parse_ops --------------------------------------------------------------------------------
-
-
-def test_parse_ops_normalises_bodies_and_defaults_op_to_set() -> None:
-    ops = parse_ops([{"kind": "group", "name": "g", "body": {"members": ["d"]}},
-                     op_del("destination", "d")])
-    assert ops == [Op(op="set", kind="group", name="g", body={"members": ["d"], "mode": "all"}),
-                   Op(op="delete", kind="destination", name="d", body=None)]
-
-
-@pytest.mark.parametrize(("raw", "match"), [
-    ("not an object", "operation 1: not an object"),
-    ({"op": "upsert", "kind": "node", "name": "a"}, "operation 1: op must be"),
-    ({"kind": "printer", "name": "p"}, "unknown kind 'printer'"),
-    ({"kind": "destination", "name": "bad name", "body": {"url": "file:///x"}},
-     "invalid destination name"),
-    ({"kind": "destination", "name": "d", "body": {"url": "file:///x", "typo": 1}},
-     "destination d: typo: Unknown field"),
-    ({"kind": "destination", "name": "d"}, "destination d: url: Missing data"),
-])
-def test_parse_ops_rejects_bad_operations(raw: Any, match: str) -> None:
-    with pytest.raises(InvalidObject, match=match):
-        parse_ops([raw])
-
-
-def test_parse_ops_counts_operations_from_one() -> None:
-    with pytest.raises(InvalidObject, match="operation 2: not an object"):
-        parse_ops([dest("d"), 7])  # type: ignore[list-item]
 
 
 def test_dependency_sorted_orders_sets_forward_and_deletes_backward() -> None:

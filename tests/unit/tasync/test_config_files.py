@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
+from broker.commits import parse_ops
 from broker.errors import ConfigError, InvalidObject
 from broker.messages import Change
 from broker.store import NodeStore
-from producers.changes import check_references, parse_ops
+from producers.changes import check_references
 from tasync.config_files import load_import_file, objects_to_ops
 
 EXPORT_SHAPED = {

@@ -11,10 +11,14 @@ server has the node's roles confirm that it still holds the master's seat (``kee
 master that was stopped or cut off never acts on a request addressed to the role it lost.
 
 Configuration requests are idempotent by their request id: a client that lost its answer
-sends the same request again and gets the first result (``producers.relay``). A bulk import
+sends the same request again and gets the first result (the master's change relay). A bulk import
 arrives part by part; each part is checked and staged durably in the master's store, so a
 restart of the master loses nothing the client sent, and the import commits only when every
 part is there, all of it in one transaction.
+
+The server checks each operation's schema (``broker.commits.parse_ops``) and hands the
+operations to a ``Committer``: what it needs of the master's change relay, declared here so that
+consumers never import producers. The node hands its relay in.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import amqp
 
 from broker import messages, topology
+from broker.commits import Committed, Op, parse_ops
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from broker.events import Event
@@ -36,8 +41,6 @@ from broker.protocol import CONFIG_OPS, MASTER_OPS, NO_ANSWER_OPS, ControlOp, Ro
 from broker.rpc import reply_to
 from consumers.context import NodeContext
 from consumers.peers import BEACON_EVERY_S
-from producers.changes import Op, parse_ops
-from producers.relay import ChangeRelay, Committed
 
 log = logging.getLogger("tasync.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -49,12 +52,25 @@ HELLO_EVERY_S = 3.0
 EXPORT_PIECE_BYTES = 256 << 10
 
 
+class Committer(Protocol):
+    """What the control server needs of the master's change relay (``producers.relay``)."""
+
+    def submit(self, parsed: list[Op], *, request_id: str | None = None,
+               staged: str | None = None) -> Committed:
+        """Check references, commit and publish ``parsed``; return once the broker confirmed.
+
+        A ``request_id`` committed before returns that first result and commits nothing;
+        ``staged`` names the import whose staged parts the commit drops. Raises a
+        ``TasyncError`` (``SeatLost`` among them) when nothing was reported committed.
+        """
+
+
 class ControlServer(ConsumerLoop):
     """Dispatches control requests to handlers.
 
     Args:
         ctx: the node context.
-        relay: commits and publishes changes while this node is the master.
+        committer: commits and publishes changes while this node is the master.
         keep_seat: confirms (or regains) the master's seat; False when the node is not the
             master (``consumers.roles.Roles.keep_seat``).
         handlers: requests other parts of the node answer (roles, delivery), by name.
@@ -66,7 +82,7 @@ class ControlServer(ConsumerLoop):
 
     name = "tasync-control"
 
-    def __init__(self, ctx: NodeContext, *, relay: ChangeRelay, keep_seat: Callable[[], bool],
+    def __init__(self, ctx: NodeContext, *, committer: Committer, keep_seat: Callable[[], bool],
                  handlers: Mapping[ControlOp, Handler] | None = None,
                  authorize: Callable[[Request, amqp.Message], None] | None = None,
                  on_committed: Callable[[], None] | None = None,
@@ -74,7 +90,7 @@ class ControlServer(ConsumerLoop):
         super().__init__(ctx.settings, prefetch=16)
         self.ctx = ctx
         self.name = f"tasync-control-{ctx.node}"
-        self.relay = relay
+        self.committer = committer
         self.keep_seat = keep_seat
         self.authorize = authorize or (lambda _r, _m: None)
         self.on_committed = on_committed or (lambda: None)
@@ -274,7 +290,7 @@ class ControlServer(ConsumerLoop):
     def _submit(self, ops: list[Op], *, request_id: str | None,
                 staged: str | None = None) -> dict[str, Any]:
         try:
-            committed = self.relay.submit(ops, request_id=request_id, staged=staged)
+            committed = self.committer.submit(ops, request_id=request_id, staged=staged)
         except SeatLost as exc:
             committed = self._after_seat_lost(exc, request_id)
         if committed.count and not committed.repeated:
