@@ -97,7 +97,7 @@ def add_user(*, name: str, role: str, users_file: Path) -> None:
     \b
     Examples:
       tasync console add-user alice --role admin --users-file console.users
-      printf '%s\\n' "$PASSWORD" | tasync console add-user bob --role viewer --users-file console.users
+      tasync console add-user bob --role viewer --users-file console.users < password.txt
     """
     from tasync.console.users import add_user as add
 

@@ -54,7 +54,8 @@ def test_log_in_and_see_every_node(browser: Any, console: ConsoleServer) -> None
 
     page = watch_console(log_in(browser, console, "alice"))
     page.wait_for_selector("tr[data-node='c']")
-    rows = {r.get_attribute("data-node"): r for r in page.query_selector_all("table.nodes tr[data-node]")}
+    rows = {r.get_attribute("data-node"): r
+            for r in page.query_selector_all("table.nodes tr[data-node]")}
     assert sorted(rows) == ["a", "b", "c"]
     assert all(r.get_attribute("data-alive") == "yes" for r in rows.values())
     assert "master" in rows["a"].inner_text() and "master" not in rows["b"].inner_text()
