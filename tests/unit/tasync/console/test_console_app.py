@@ -22,7 +22,7 @@ NO_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"
 
 def test_the_console_mounts_beside_the_intake(tmp_path: Path) -> None:
     add_user(tmp_path / "users", "alice", "admin", "correct horse")
-    settings = Settings.from_env(NO_BROKER)
+    settings = Settings.from_env(NO_BROKER, connect_timeout_s=0.5, connect_retry_s=0.5)
     with open_intake(IntakeConfig(default_hosts=("a",)), settings) as intake:
         app = build_app([intake, console_part(settings, tmp_path / "users",
                                               prefix="/console")])
