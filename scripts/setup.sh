@@ -2,7 +2,9 @@
 # Set up a machine for tasync: a venv with the package, and a RabbitMQ that answers on 5672.
 #   scripts/setup.sh          the package and its runtime dependencies
 #   scripts/setup.sh --test   also the test and lint extras, and the programs some tests run
-#                             (Alertmanager, promtool: apt-get, as root)
+#                             (Alertmanager, promtool, Chromium for the console's browser
+#                             tests: apt-get, as root; Playwright drives that Chromium and
+#                             never downloads a browser of its own)
 # RabbitMQ: use the one at 127.0.0.1:5672 if it answers, else start the installed
 # rabbitmq-server, else install it with apt-get (needs root) and start it.
 set -euo pipefail
@@ -19,7 +21,8 @@ fi
 .venv/bin/python -m pip install -q -e ".${extras}"
 
 # Real third-party programs some tests run (they skip, saying why, where one is missing):
-# Alertmanager in front of the HTTP intake, promtool for the documented alerting rules.
+# Alertmanager in front of the HTTP intake, promtool for the documented alerting rules,
+# Debian's Chromium (and its WebDriver) for the web console's browser tests.
 test_tool() {  # COMMAND DEBIAN-PACKAGE
   command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -35,6 +38,8 @@ test_tool() {  # COMMAND DEBIAN-PACKAGE
 if [ -n "$extras" ]; then
   command -v alertmanager >/dev/null 2>&1 || test_tool prometheus-alertmanager prometheus-alertmanager
   test_tool promtool prometheus
+  test_tool chromium chromium
+  test_tool chromedriver chromium-driver
 fi
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }

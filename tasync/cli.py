@@ -21,6 +21,8 @@ COMMANDS = {
                           "Prepare the broker for a tasync network."),
     "config": LazyCommand("tasync.cli_config:config",
                           "Change the master's configuration, or look at what a node holds."),
+    "console": LazyCommand("tasync.console.command:console", "Serve the web console: the "
+                           "network's health and its configuration, in a browser."),
     "dead": LazyCommand("tasync.cli_dead:dead", "Alerts whose delivery failed after every "
                         "retry (the dead-letter queue)."),
     "demo": LazyCommand("tasync.demo:demo", "Watch a tasync network work: replication, "

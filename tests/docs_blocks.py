@@ -15,7 +15,8 @@ from tests.cli_contract import ROOT, commands_in, logical_lines
 
 DOCS = ROOT / "docs"
 #: Documents written with the markers above; every command in them is checked.
-OWN_DOCS = ["operations.md", "security.md", "configuration.md", "integrations.md"]
+OWN_DOCS = ["operations.md", "security.md", "configuration.md", "integrations.md",
+            "console.md"]
 #: Other documents: only their shell blocks are checked.
 OTHER_DOCS = ["../README.md", "architecture.md"]
 #: Wrapper scripts the documents define, and the command each runs.

@@ -1,0 +1,111 @@
+"""``tasync console``: serve the web console; ``tasync console add-user``: give someone access."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from broker.errors import ConfigError
+from tasync.options import broker_option, handle_errors, make_settings, timeout_option
+
+USERS_HELP = "The users file (NAME:ROLE:ARGON2-HASH lines; tasync console add-user writes it)."
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{value!r}: use HOST:PORT", param_hint="--listen")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="Where to serve the console (port 0 picks a free one and prints it).")
+@click.option("--users-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help=USERS_HELP + "  Required to serve.")
+@click.option("--secure-cookie", is_flag=True,
+              help="Mark the session cookie Secure although the console serves plain HTTP "
+                   "(behind a proxy that terminates TLS). Over HTTPS it always is.")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.5), default=2.0,
+              show_default=True, metavar="SECONDS",
+              help="How often the network page refreshes itself.")
+@timeout_option(2.0, "How long to wait for nodes to answer (as tasync status --timeout).")
+@broker_option
+@click.pass_context
+@handle_errors
+def console(ctx: click.Context, *, listen: str, users_file: Path | None, secure_cookie: bool,
+            poll_s: float, timeout_s: float, broker_url: str) -> None:
+    """Serve the web console: the network's health and its configuration, in a browser.
+
+    Users log in with a name and password from --users-file; viewers read, admins also change
+    the configuration (through the master, as tasync config does). Put it behind a
+    TLS-terminating proxy (with --secure-cookie) to reach it from elsewhere than this host.
+
+    \b
+    Examples:
+      tasync console add-user alice --role admin --users-file console.users
+      tasync console --listen 127.0.0.1:8080 --users-file console.users
+      tasync console --listen 0.0.0.0:8443 --users-file /etc/tasync/console.users --secure-cookie
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if users_file is None:
+        raise click.UsageError("give --users-file (make one with tasync console add-user)")
+    from tasync.console.app import console_part
+    from tasync.console.users import UsersFile
+    from tasync.web import bind, build_app, serve
+
+    if UsersFile(users_file).count() == 0:
+        raise ConfigError(f"{users_file} has no users: add one with tasync console add-user")
+    _log_to_stderr()
+    host, port = _listen(listen)
+    part = console_part(make_settings(broker_url), users_file, secure_cookie=secure_cookie,
+                        timeout_s=timeout_s, poll_s=poll_s)
+    sock = bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    click.echo(f"console listening on http://{bound_host!s}:{bound_port}", err=True)
+    click.echo(f"{bound_host!s}:{bound_port}")
+    sys.stdout.flush()
+    serve(build_app([part]), sock)
+
+
+def _log_to_stderr() -> None:
+    """Logins, refusals and changes as lines on stderr (names quoted; never a password)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("tasync.console")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+@console.command("add-user")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True,
+              help="viewer reads; operator also sends; admin also changes the configuration.")
+@click.option("--users-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              metavar="FILE", help=USERS_HELP)
+@handle_errors
+def add_user(*, name: str, role: str, users_file: Path) -> None:
+    """Add a console user, or set a user's role and password anew.
+
+    The password is asked for twice on a terminal, or read as the first line of standard
+    input (for scripts). Only its argon2 hash is written, to a file only its owner can read.
+
+    \b
+    Examples:
+      tasync console add-user alice --role admin --users-file console.users
+      tasync console add-user bob --role viewer --users-file console.users < password.txt
+    """
+    from tasync.console.users import add_user as add
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("no password given on standard input")
+    new = add(users_file, name, role, password)
+    click.echo(f"{'added' if new else 'updated'} {name} ({role}) in {users_file}")

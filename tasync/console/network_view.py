@@ -1,0 +1,94 @@
+"""The network page's data: ``tasync status`` gathered as the command gathers it, and shown.
+
+The console asks the nodes exactly as ``tasync status --json`` does (``tasync.health``), so the
+page and the command cannot disagree. One gathering serves every open page: a page that polls
+while another gathering is under way waits for it, and a result younger than ``max_age_s`` is
+served again, so ten open browsers cost the network what one does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import amqp.exceptions
+
+from broker.connection import RECOVERABLE, describe
+from broker.errors import TasyncError
+from broker.settings import Settings
+from tasync.client import rpc_client
+from tasync.health import NetworkStatus, ago, gather_status
+
+#: What makes one gathering fail without failing the page: it says why instead.
+_TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One gathering: the report (None when the broker could not be asked), why not, when."""
+
+    report: NetworkStatus | None
+    error: str | None
+    at: float
+
+
+class StatusSource:
+    """The network's status, gathered at most once per ``max_age_s`` for all pages.
+
+    Args:
+        settings: how to reach the broker.
+        timeout_s: how long to wait for nodes to answer (as ``tasync status --timeout``).
+        max_age_s: how long a gathering is served again.
+    """
+
+    def __init__(self, settings: Settings, *, timeout_s: float, max_age_s: float = 1.0) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._last: Snapshot | None = None
+
+    def get(self) -> Snapshot:
+        """A recent snapshot; blocks while one is gathered (call it from a worker thread)."""
+        with self._lock:
+            last = self._last
+            if last is None or time.monotonic() - last.at >= self.max_age_s:
+                last = self._last = self._gather()
+            return last
+
+    def _gather(self) -> Snapshot:
+        try:
+            with rpc_client(self.settings) as rpc:
+                report = gather_status(rpc, timeout_s=self.timeout_s)
+        except amqp.exceptions.NotFound:
+            return Snapshot(None, "the virtual host has no tasync topology (run tasync broker "
+                                  "setup)", time.monotonic())
+        except _TROUBLE as exc:
+            message = str(exc) if isinstance(exc, TasyncError) else describe(exc)
+            return Snapshot(None, message, time.monotonic())
+        return Snapshot(report, None, time.monotonic())
+
+
+def view_rows(report: NetworkStatus) -> list[dict[str, Any]]:
+    """Each node's row as the page shows it (the same columns as ``tasync status``)."""
+    rows = []
+    for r in report.rows:
+        alive = bool(r.get("alive"))
+        checksum = str(r.get("checksum") or "")
+        rows.append({
+            "node": str(r["node"]), "role": str(r.get("role") or "?"),
+            "master": r.get("role") == "master", "alive": alive, "ready": bool(r.get("ready")),
+            "in_sync": bool(r.get("in_sync")) if alive else None,
+            "epoch": _text(r.get("epoch")), "seq": _text(r.get("applied_seq")),
+            "lag": _text(r.get("lag")), "checksum": checksum[:12], "checksum_full": checksum,
+            "last_seen": "now" if alive else ago(r.get("last_seen")) or "never",
+            "degraded": not alive or not r.get("ready") or not r.get("in_sync")
+                        or bool(r.get("diverged")),
+        })
+    return rows
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
