@@ -26,6 +26,11 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--console-screenshots", action="store_true",
+                     help="write the console's browser-test screenshots to docs/img")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def leak_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """At the end of every session, fail if a registered secret is in any log-like file.

@@ -132,7 +132,23 @@ def log_in(browser: Any, console: ConsoleServer, user: str) -> Any:
     return page
 
 
+#: Where ``screenshot`` writes: docs/img with ``--console-screenshots``, else a temporary
+#: directory, so an ordinary test run leaves the checkout as it was.
+_SHOTS_DIR: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def screenshots_dir(request: pytest.FixtureRequest,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    chosen = (SCREENSHOTS if request.config.getoption("--console-screenshots")
+              else tmp_path_factory.mktemp("console-screenshots"))
+    _SHOTS_DIR[:] = [chosen]
+    return chosen
+
+
 def screenshot(page: Any, name: str) -> None:
-    """Save the page as docs/img/console-NAME.png."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"console-{name}.png"), full_page=True)
+    """Save the whole page as console-NAME.png (docs/img with ``--console-screenshots``)."""
+    target = _SHOTS_DIR[0] / f"console-{name}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 0, f"empty screenshot {target}"
