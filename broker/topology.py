@@ -325,7 +325,7 @@ def missing_error(exc: amqp.exceptions.NotFound,
     """The ``TopologyMissing`` a broker's 404 means, or None when it names no tasync object.
 
     RabbitMQ says which object is absent (``no exchange 'tasync.control' in vhost 't1'``);
-    ``vhost`` replaces the one it names when the caller knows better (it never should not).
+    a caller that knows its settings passes ``vhost`` to name it as they spell it.
     """
     found = _NOT_FOUND.search(str(exc))
     if found is None:
