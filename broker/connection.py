@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import amqp.exceptions
 from kombu import Connection
 
-from broker.errors import AccessDenied, BrokerUnreachable, ConfigError
+from broker import topology
+from broker.errors import AccessDenied, BrokerUnreachable, ConfigError, TopologyMissing
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
@@ -188,8 +189,8 @@ def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "ta
     Raises:
         AccessDenied: the broker refused an operation for lack of permission; a retry would
             only be refused again, so it is not retried.
-        amqp.exceptions.NotFound: an exchange does not exist (the virtual host has no
-            topology): reconnecting cannot create it, so it is not retried either.
+        TopologyMissing: an exchange does not exist (the virtual host has no topology):
+            reconnecting cannot create it, so it is not retried either.
         BrokerUnreachable: no connection could be (re)established in time.
     """
     budget = settings.connect_retry_s if retry_s is None else retry_s
@@ -209,7 +210,8 @@ def ensure(settings: Settings, fn: Callable[[Connection], T], *, name: str = "ta
                 conn, delay = None, _pause(delay)
                 continue
             close_quietly(conn)
-            raise
+            raise (topology.missing_error(exc, settings.vhost)
+                   or TopologyMissing(topology.setup_advice(settings.vhost, str(exc)))) from None
         except RECOVERABLE as exc:
             _lost(exc, conn, deadline, settings)
             conn, delay = None, _pause(delay)

@@ -19,7 +19,7 @@ import amqp.exceptions
 from kombu import Connection
 
 from broker.connection import RECOVERABLE, close_quietly, connect, describe, refusal
-from broker.errors import BrokerUnreachable, MessageError
+from broker.errors import BrokerUnreachable, MessageError, TopologyMissing
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
@@ -130,6 +130,10 @@ class ConsumerLoop:
                     troubled = False
                 self.on_connected()
                 self._drain_until_stopped()
+            except TopologyMissing as exc:  # waits for `tasync broker setup`, said plainly
+                log.warning("%s: %s; retrying", self.name, exc, extra={"problem": str(exc)})
+                troubled = True
+                self.on_disconnected(str(exc))
             except RECOVERABLE as exc:
                 reason = (refusal(exc) if isinstance(exc, amqp.exceptions.AccessRefused)
                           else describe(exc))

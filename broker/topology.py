@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import amqp.exceptions
 
-from broker.errors import ConfigError
+from broker.errors import ConfigError, TopologyMissing
 from broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
@@ -155,7 +155,7 @@ def _declare(channel: Any, what: str, active: Callable[[Any], T],
     channel it happens on, and the caller's channel must keep its prefetch and confirm mode.
 
     Raises:
-        amqp.exceptions.NotFound: refused, and the object does not exist either.
+        TopologyMissing: refused, and the object does not exist either.
     """
     connection = channel.connection
     scratch = connection.channel()
@@ -169,10 +169,10 @@ def _declare(channel: Any, what: str, active: Callable[[Any], T],
     scratch = connection.channel()
     try:
         return passive(scratch)
-    except amqp.exceptions.NotFound:
-        log.warning("%s does not exist and this user may not declare it (%s): run `tasync "
-                    "broker setup` as an admin", what, refused)
-        raise
+    except amqp.exceptions.NotFound as exc:
+        log.warning("%s does not exist and this user may not declare it (%s)", what, refused)
+        raise (missing_error(exc, connection.virtual_host)
+               or TopologyMissing(setup_advice(connection.virtual_host, what))) from None
     finally:
         _close(scratch)
 
@@ -307,6 +307,28 @@ def missing_for_alerts(connection: Any) -> str | None:
 
 
 def setup_advice(vhost: str, missing: str) -> str:
-    """The one line a sender shows when the virtual host has no topology."""
+    """The one wording of "this virtual host has no tasync topology", wherever it is said.
+
+    ``missing`` names the first object found absent (``exchange tasync.alerts``). The
+    command line, the HTTP intake and a node's log all say it with these words, so an
+    operator who has read it once recognises it everywhere.
+    """
     return (f"virtual host {vhost!r} has no tasync topology ({missing} does not exist): run "
             "`tasync broker setup` against it")
+
+
+_NOT_FOUND = re.compile(r"no (exchange|queue) '(tasync\.[^']*)' in vhost '([^']*)'")
+
+
+def missing_error(exc: amqp.exceptions.NotFound,
+                  vhost: str | None = None) -> TopologyMissing | None:
+    """The ``TopologyMissing`` a broker's 404 means, or None when it names no tasync object.
+
+    RabbitMQ says which object is absent (``no exchange 'tasync.control' in vhost 't1'``);
+    a caller that knows its settings passes ``vhost`` to name it as they spell it.
+    """
+    found = _NOT_FOUND.search(str(exc))
+    if found is None:
+        return None
+    what, name, named_vhost = found.groups()
+    return TopologyMissing(setup_advice(vhost or named_vhost, f"{what} {name}"))

@@ -46,6 +46,7 @@ from broker.errors import (
     RemoteError,
     SeatLost,
     TasyncError,
+    TopologyMissing,
     UnfillableGap,
 )
 from broker.events import Event
@@ -64,7 +65,8 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: Failures inside a request that become its error answer (``_answering``).
 _FAILURES: tuple[type[BaseException], ...] = (*RECOVERABLE, sqlite3.Error)
 #: The broker could not be asked: a decision about the seat waits until it can be.
-_UNREACHABLE: tuple[type[BaseException], ...] = (BrokerUnreachable, *RECOVERABLE)
+_UNREACHABLE: tuple[type[BaseException], ...] = (BrokerUnreachable, TopologyMissing,
+                                                  *RECOVERABLE)
 #: Asking who the master is failed: nobody is known.
 _UNKNOWN: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
 #: How long a promotion waits for the seat when a master holds it, by default. It covers the

@@ -35,13 +35,15 @@ HEADER = """\
 
 Every command below prints the same text with `--help`. All commands that talk to the
 network take `--broker URL` (default `$TASYNC_BROKER_URL`, several URLs separated by `;` are
-tried in order). Exit codes: 0 ok, 1 failed, 2 usage, 3 broker unreachable or lost in the
-middle of a command; `status` adds named codes for a degraded network. An error is one line
-on stderr; a command given `--json` also prints it on stdout as
-`{"error": ..., "type": ..., "errors": {field: [messages]}, "exit_code": N}`, with the type
-and the field errors the answering node reported (`InvalidObject`, `ConfigError`, ...).
-How the pieces fit together: [operations.md](operations.md); every field of every kind:
-[configuration.md](configuration.md).
+tried in order) and `--connect-timeout SECONDS`; both are options of `tasync` itself, so they
+may come before the command or after it (`tasync --broker URL status` and `tasync status
+--broker URL` are the same; given in both places, the one after the command wins). Exit
+codes: 0 ok, 1 failed, 2 usage, 3 broker unreachable or lost in the middle of a command;
+`status` adds named codes for a degraded network. An error is one line on stderr; a command
+given `--json` also prints it on stdout as `{"error": ..., "type": ..., "errors": {field:
+[messages]}, "exit_code": N}`, with the type and the field errors the answering node reported
+(`InvalidObject`, `ConfigError`, ...). How the pieces fit together:
+[operations.md](operations.md); every field of every kind: [configuration.md](configuration.md).
 """
 
 

@@ -183,6 +183,10 @@ class SenderPool:
             error = self._explain(exc)
             self.circuit.trip(error)
             raise error from None
+        except TopologyMissing as exc:  # the same words as the probe's and the CLI's
+            sender.close()
+            self.circuit.trip(exc)
+            raise
         except PublishError:
             sender.close()  # its connection may be the silent one: the next use opens another
             self.circuit.suspect()

@@ -4,7 +4,12 @@ Exit codes: 0 ok, 1 failed, 2 usage, 3 broker unreachable.
 
 Each command lives in its own module and is imported only when it runs (``LazyGroup``):
 ``tasync --help`` and ``tasync status`` do not pay for the schema library, the store or the
-demo. A new command goes into ``COMMANDS`` with the first paragraph of its help.
+demo. A new command goes into ``COMMANDS`` with the first paragraph of its help, and
+``connects=False`` when it never talks to the broker.
+
+``--broker`` and ``--connect-timeout`` are the group's own options (``tasync.options``), given
+before the command or after it: ``tasync --broker URL status`` and ``tasync status --broker
+URL`` mean the same, and a value after the command wins.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import click
 
 from tasync.host_args import normalise_host_args
 from tasync.lazy_group import LazyCommand, LazyGroup
+from tasync.options import GLOBAL_OPTIONS, prepare, with_options
 
 COMMANDS = {
     "broker": LazyCommand("tasync.cli_broker:broker",
@@ -28,10 +34,12 @@ COMMANDS = {
     "demo": LazyCommand("tasync.demo:demo", "Watch a tasync network work: replication, "
                         "failover, promotion, recovery, totals."),
     "hosts": LazyCommand("tasync.cli_hosts:hosts",
-                         "Allow-list files: tasync.hosts, telaconf.hosts, telalert.hosts."),
+                         "Allow-list files: tasync.hosts, telaconf.hosts, telalert.hosts.",
+                         connects=False),
     "intake": LazyCommand("tasync.cli_alerts:intake", "Accept alerts over HTTP (generic JSON, "
                           "Alertmanager) and queue them."),
-    "key": LazyCommand("tasync.cli_key:key", "Cluster keys: make a new one, check key files."),
+    "key": LazyCommand("tasync.cli_key:key", "Cluster keys: make a new one, check key files.",
+                       connects=False),
     "promote": LazyCommand("tasync.cli_recover:promote", "Make NODE the master (epoch + 1) "
                            "once it has drained every confirmed change."),
     "quarantine": LazyCommand("tasync.cli_dead:quarantine", "What nodes refused (bad "
@@ -53,7 +61,12 @@ COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy=COMMANDS,
+def _prepare(command: click.Command, entry: LazyCommand) -> click.Command:
+    return prepare(command, connects=entry.connects)
+
+
+@with_options(*GLOBAL_OPTIONS)
+@click.group(cls=LazyGroup, lazy=COMMANDS, prepare=_prepare,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tasync")
 def cli() -> None:
@@ -62,7 +75,8 @@ def cli() -> None:
     \b
     One node is the master: change its configuration with `tasync config`, and every
     backup applies the same changes in the same order. Alerts sent with `tasync send`
-    go to the first live node of a precedence list.
+    go to the first live node of a precedence list. --broker and --connect-timeout may
+    be given here, before the command, or after it.
     \b
     Examples:
       tasync demo                             watch a network work, on this machine

@@ -30,8 +30,6 @@ from producers.sender import AlertSender, parse_hosts
 from tasync.alert_lists import ask_all
 from tasync.client import print_table, rpc_client
 from tasync.options import (
-    broker_option,
-    handle_errors,
     json_option,
     make_settings,
     print_json,
@@ -94,12 +92,9 @@ def _keyring(key_file: Path | None) -> KeyRing | None:
               default=None, help="Cluster key file to sign the alert "
                                  "(default: $TASYNC_CLUSTER_KEY_FILE).")
 @json_option
-@broker_option
-@handle_errors
 def send(*, destination: str | None, group: str | None, text: str | None,
          subject: str | None, source: str, alert_id: str | None, priority: int,
-         route: str | None, hosts: tuple[str, ...], key_file: Path | None, as_json: bool,
-         broker_url: str) -> None:
+         route: str | None, hosts: tuple[str, ...], key_file: Path | None, as_json: bool) -> None:
     """Send an alert; the help text is ``SEND_HELP`` (kept apart for click's layout)."""
     if bool(destination) == bool(group):
         raise click.UsageError("give exactly one of -i DEST or -g GROUP")
@@ -112,7 +107,7 @@ def send(*, destination: str | None, group: str | None, text: str | None,
     if not route and not hosts:
         raise click.UsageError("name the servers with --host A B ... or --route NAME")
     # A script that cannot reach any broker gets exit 3 within seconds and may retry later.
-    settings = make_settings(broker_url, connect_retry_s=10.0)
+    settings = make_settings(connect_retry_s=10.0)
     with AlertSender(settings, keyring=_keyring(key_file)) as sender:
         host_list = parse_hosts(hosts) if hosts else sender.resolve_route(str(route))
         alert = Alert(id=alert_id or new_alert_id(), source=source,
@@ -133,9 +128,7 @@ def send(*, destination: str | None, group: str | None, text: str | None,
 @since_option(allow_seq=False, what="only traffic from")
 @timeout_option(2.0)
 @json_option
-@broker_option
-@handle_errors
-def totals(*, since: Since | None, timeout_s: float, as_json: bool, broker_url: str) -> None:
+def totals(*, since: Since | None, timeout_s: float, as_json: bool) -> None:
     """Traffic through each live server, by source: received, delivered, failed, taken over.
 
     "Taken over" counts alerts a server delivered although it was not first in their
@@ -150,7 +143,7 @@ def totals(*, since: Since | None, timeout_s: float, as_json: bool, broker_url: 
       tasync totals --since 2026-01-31T08:00:00Z --json
     """
     start = since.ts if since is not None else None
-    with rpc_client(make_settings(broker_url)) as rpc:
+    with rpc_client(make_settings()) as rpc:
         answers, missing = ask_all(rpc, "totals", {"since": start}, timeout_s=timeout_s)
     reports = sorted(answers, key=lambda d: str(d.get("node")))
     if as_json:
@@ -221,12 +214,10 @@ def _listen(value: str) -> tuple[str, int]:
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the intake's trail (telalert.trail) here: alerts Alertmanager "
                    "left out.")
-@broker_option
-@handle_errors
 def intake(*, listen: str, route_for: tuple[str, ...], default_route: str | None,
            default_hosts: tuple[str, ...], max_body: int, max_alerts: int, senders: int,
            retry_window_s: float, token_file: Path | None, hosts_file: Path | None,
-           key_file: Path | None, data_dir: Path | None, broker_url: str) -> None:
+           key_file: Path | None, data_dir: Path | None) -> None:
     """Run the HTTP intake; the help text is ``INTAKE_HELP``."""
     from producers.intake import IntakeConfig
     from tasync.intake_app import open_intake
@@ -244,7 +235,7 @@ def intake(*, listen: str, route_for: tuple[str, ...], default_route: str | None
         allow=AllowList.load(hosts_file) if hosts_file else None, limits=limits)
     sock = bind(host, port)
     trail = Trail(data_dir, "intake") if data_dir else None
-    with open_intake(config, make_settings(broker_url), keyring=_keyring(key_file),
+    with open_intake(config, make_settings(), keyring=_keyring(key_file),
                      trail=trail) as part:
         bound_host, bound_port = sock.getsockname()[:2]
         click.echo(f"intake listening on http://{bound_host!s}:{bound_port}", err=True)

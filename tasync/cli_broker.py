@@ -33,7 +33,7 @@ from broker.users import (
     user_urls,
     write_credentials,
 )
-from tasync.options import broker_option, handle_errors, json_option, make_settings, print_json
+from tasync.options import json_option, make_settings, print_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,14 +69,14 @@ def tls_options(fn: F) -> F:
                              "amqps:// [$TASYNC_SSL_CA_FILE].")(fn)
 
 
-def tls_settings(broker_url: str, ca_file: Path | None, cert_file: Path | None,
+def tls_settings(ca_file: Path | None, cert_file: Path | None,
                  key_file: Path | None, **overrides: Any) -> Settings:
     """Settings from ``--broker`` and the TLS options (else ``$TASYNC_SSL_*``); usage errors."""
     try:
         tls = tls_files(ca_file, cert_file, key_file)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    return make_settings(broker_url, tls=tls, **overrides)
+    return make_settings(tls=tls, **overrides)
 
 
 @click.group()
@@ -118,14 +118,12 @@ def broker() -> None:
               help="How to run rabbitmqctl, e.g. 'rabbitmqctl -n rabbit@mq1'.")
 @json_option
 @tls_options
-@broker_option
-@handle_errors
 def broker_setup(*, with_users: bool, nodes: tuple[str, ...], hosts_file: Path | None,
                  single_master: str | None, admins: tuple[str, ...], senders: tuple[str, ...],
                  senders_create_lists: bool, credentials_out: Path | None, show_passwords: bool,
                  reset_passwords: bool, ctl_command: str, as_json: bool,
                  tls_ca_file: Path | None, tls_cert_file: Path | None,
-                 tls_key_file: Path | None, broker_url: str) -> None:
+                 tls_key_file: Path | None) -> None:
     """Declare the topology; with ``--users``, create the broker users (see SETUP_HELP)."""
     accounts: list[Account] = []
     if with_users:
@@ -140,7 +138,7 @@ def broker_setup(*, with_users: bool, nodes: tuple[str, ...], hosts_file: Path |
     elif nodes or admins or senders or hosts_file or single_master or credentials_out:
         raise click.UsageError("--node, --hosts-file, --master, --admin, --sender and "
                                "--credentials-out only make sense with --users")
-    settings = tls_settings(broker_url, tls_ca_file, tls_cert_file, tls_key_file)
+    settings = tls_settings(tls_ca_file, tls_cert_file, tls_key_file)
     node_names = [a.name for a in accounts if a.role == "node"]
     declare_topology(settings, node_names)
     report: dict[str, Any] = {"broker": settings.display_urls, "topology": "declared",
@@ -264,8 +262,12 @@ def _print_report(report: dict[str, Any], outcomes: list[Outcome], settings: Set
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the ``broker`` group alone (``python -m tasync.cli_broker setup ...``)."""
-    broker.main(args=argv, prog_name="tasync broker")
+    """``python -m tasync.cli_broker setup ...``: ``tasync broker setup ...``, options and all."""
+    import sys
+
+    from tasync.cli import main as tasync_main
+
+    tasync_main(["broker", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -34,8 +34,6 @@ from tasync.config_files import load_import_file, objects_to_ops
 from tasync.health import ago, gather_status
 from tasync.known_nodes import check_known
 from tasync.options import (
-    broker_option,
-    handle_errors,
     json_option,
     make_settings,
     print_json,
@@ -189,10 +187,8 @@ def wait_option(fn: Any) -> Any:
 @click.option("--description", help="node: free text.")
 @wait_option
 @timeout_option(30.0)
-@broker_option
-@handle_errors
 def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: bool,
-               strict: bool, timeout_s: float, broker_url: str, **fields: Any) -> None:
+               strict: bool, timeout_s: float, **fields: Any) -> None:
     """Create or replace one object on the master.
 
     \b
@@ -204,7 +200,7 @@ def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: boo
           "windows": [{"days": ["mon","tue","wed","thu","fri"], "start": "08:00", "end": "18:00"}]}'
     """
     body = kinds.load_body(kind, name, _body_from_options(kind, body_json, fields))
-    settings = make_settings(broker_url)
+    settings = make_settings()
     result = _commit(settings, [{"op": "set", "kind": kind, "name": name, "body": body}],
                      wait_applied=wait_applied, strict=strict, timeout_s=timeout_s)
     _report(result, f"{kind} {name}", False)
@@ -216,10 +212,8 @@ def config_set(*, kind: str, name: str, body_json: str | None, wait_applied: boo
 @wait_option
 @timeout_option(30.0)
 @json_option
-@broker_option
-@handle_errors
 def config_delete(*, kind: str, name: str, wait_applied: bool, strict: bool,
-                  timeout_s: float, as_json: bool, broker_url: str) -> None:
+                  timeout_s: float, as_json: bool) -> None:
     """Delete one object on the master (refused while others refer to it).
 
     \b
@@ -228,7 +222,7 @@ def config_delete(*, kind: str, name: str, wait_applied: bool, strict: bool,
       tasync config delete destination old-pager --wait-applied
     """
     kinds.check_name(kind, name)
-    result = _commit(make_settings(broker_url), [{"op": "delete", "kind": kind, "name": name}],
+    result = _commit(make_settings(), [{"op": "delete", "kind": kind, "name": name}],
                      wait_applied=wait_applied, strict=strict, timeout_s=timeout_s)
     _report(result, f"{kind} {name} deleted", as_json)
 
@@ -238,10 +232,8 @@ def config_delete(*, kind: str, name: str, wait_applied: bool, strict: bool,
 @wait_option
 @timeout_option(300.0)
 @json_option
-@broker_option
-@handle_errors
 def config_import(*, file: Path, wait_applied: bool, strict: bool, timeout_s: float,
-                  as_json: bool, broker_url: str) -> None:
+                  as_json: bool) -> None:
     """Load many objects from a JSON or YAML file, all or nothing.
 
     The file is either an export (``{kind: {name: body}}``) or a list of
@@ -254,7 +246,7 @@ def config_import(*, file: Path, wait_applied: bool, strict: bool, timeout_s: fl
       tasync config import export-of-b.json --wait-applied --timeout 600
     """
     ops = objects_to_ops(load_import_file(file))
-    settings = make_settings(broker_url)
+    settings = make_settings()
     with ProgressBar(not as_json, "sending") as bar:
         result = _import(settings, ops, timeout_s=timeout_s,
                          shown=lambda n: bar.update({"done": n, "total": len(ops)}))
@@ -338,7 +330,7 @@ def _check_import(result: dict[str, Any], ops: list[dict[str, Any]]) -> None:
 
 
 
-def _local_or_remote(broker_url: str, node: str | None, data_dir: Path | None, op: str,
+def _local_or_remote(node: str | None, data_dir: Path | None, op: str,
                      args: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     if data_dir is not None:
         if not (data_dir / "node.db").exists():
@@ -350,7 +342,7 @@ def _local_or_remote(broker_url: str, node: str | None, data_dir: Path | None, o
                                 if args.get("name") in (None, n)]}
         finally:
             store.close()
-    with rpc_client(make_settings(broker_url)) as rpc:
+    with rpc_client(make_settings()) as rpc:
         check_known(rpc, [node])
         return rpc.call_one(target_key(node), op, args, timeout_s=timeout_s)
 
@@ -367,10 +359,8 @@ data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, pa
 @data_dir_option
 @timeout_option(10.0)
 @json_option
-@broker_option
-@handle_errors
 def config_show(*, kind: str | None, name: str | None, node: str | None, data_dir: Path | None,
-                timeout_s: float, as_json: bool, broker_url: str) -> None:
+                timeout_s: float, as_json: bool) -> None:
     """Show what a node holds: everything, one kind, or one object.
 
     \b
@@ -379,7 +369,7 @@ def config_show(*, kind: str | None, name: str | None, node: str | None, data_di
       tasync config show route remedy --node b
       tasync config show destination --data-dir /var/lib/tasync/b   without the broker
     """
-    data = _local_or_remote(broker_url, node, data_dir, "show",
+    data = _local_or_remote(node, data_dir, "show",
                             {"kind": kind, "name": name}, timeout_s)
     objects = data["objects"]
     if name and not objects:
@@ -396,10 +386,7 @@ def config_show(*, kind: str | None, name: str | None, node: str | None, data_di
 @node_option
 @data_dir_option
 @timeout_option(60.0)
-@broker_option
-@handle_errors
-def config_export(*, node: str | None, data_dir: Path | None, timeout_s: float,
-                  broker_url: str) -> None:
+def config_export(*, node: str | None, data_dir: Path | None, timeout_s: float) -> None:
     """Print a node's whole configuration as canonical JSON (nodes in sync print equal bytes).
 
     \b
@@ -412,7 +399,7 @@ def config_export(*, node: str | None, data_dir: Path | None, timeout_s: float,
     if data_dir is not None:
         _export_local(data_dir, out)
     else:
-        _export_remote(broker_url, node, timeout_s, out)
+        _export_remote(node, timeout_s, out)
     out.flush()
 
 
@@ -428,14 +415,14 @@ def _export_local(data_dir: Path, out: Any) -> None:
         store.close()
 
 
-def _export_remote(broker_url: str, node: str | None, idle_timeout_s: float, out: Any) -> None:
+def _export_remote(node: str | None, idle_timeout_s: float, out: Any) -> None:
     """Write a node's export as its interim replies bring it (flat memory at any size)."""
     from tasync.progress import progress_rpc
 
     def write(data: dict[str, Any]) -> None:
         out.write(str(data.get("piece", "")).encode())
 
-    with progress_rpc(make_settings(broker_url)) as rpc:
+    with progress_rpc(make_settings()) as rpc:
         check_known(rpc, [node])
         data = rpc.call_with_progress(target_key(node), "export", {},
                                       idle_timeout_s=idle_timeout_s, on_progress=write)

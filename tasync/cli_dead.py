@@ -33,7 +33,7 @@ from broker import topology
 from broker.alerts import ID_RE
 from broker.browse import Browsed, QueueBrowser, browse
 from broker.connection import close_quietly, connect
-from broker.errors import ConfigError, MessageError
+from broker.errors import ConfigError, MessageError, TopologyMissing
 from broker.settings import Settings, key_file_from_env
 from broker.signing import KeyRing
 from consumers.quarantine import (
@@ -46,7 +46,7 @@ from consumers.quarantine import (
 )
 from producers.sender import AlertSender
 from tasync.client import print_table
-from tasync.options import broker_option, handle_errors, json_option, make_settings, print_json
+from tasync.options import json_option, make_settings, print_json
 
 DEFAULT_LIMIT = 1000
 _LIST_WIDTH = 60
@@ -105,14 +105,15 @@ def _looking(settings: Settings, queue: str, limit: int) -> Iterator[tuple[Queue
             try:
                 seen = browser.read()
             except amqp.exceptions.NotFound:
-                raise ConfigError(f"{queue} does not exist: run `tasync broker setup`") from None
+                raise TopologyMissing(topology.setup_advice(settings.vhost,
+                                                            f"queue {queue}")) from None
             yield browser, seen
     finally:
         close_quietly(conn)
 
 
-def _list(queue: str, title: str, *, limit: int, as_json: bool, broker_url: str) -> None:
-    with _looking(make_settings(broker_url), queue, limit) as (browser, seen):
+def _list(queue: str, title: str, *, limit: int, as_json: bool) -> None:
+    with _looking(make_settings(), queue, limit) as (browser, seen):
         rows = [describe(m) for m in seen]
         total = browser.total
     if as_json:
@@ -129,8 +130,8 @@ def _short(text: str | None) -> str:
     return text if len(text) <= _LIST_WIDTH else text[:_LIST_WIDTH - 1] + "…"
 
 
-def _show(queue: str, key: str, *, limit: int, as_json: bool, broker_url: str) -> None:
-    with _looking(make_settings(broker_url), queue, limit) as (_browser, seen):
+def _show(queue: str, key: str, *, limit: int, as_json: bool) -> None:
+    with _looking(make_settings(), queue, limit) as (_browser, seen):
         rows = [describe(m) for m in seen if describe(m)["key"] == key]
     if not rows:
         raise ConfigError(f"nothing in {queue} is {key!r} (looked at the first {limit}; "
@@ -168,10 +169,8 @@ def _looking_commands(group: click.Group, queue: str, title: str, *, list_help: 
     """)
     @_limit_option
     @json_option
-    @broker_option
-    @handle_errors
-    def list_(*, limit: int, as_json: bool, broker_url: str) -> None:
-        _list(queue, title, limit=limit, as_json=as_json, broker_url=broker_url)
+    def list_(*, limit: int, as_json: bool) -> None:
+        _list(queue, title, limit=limit, as_json=as_json)
 
     @group.command("show", help=f"""{show_help}
 
@@ -183,10 +182,8 @@ def _looking_commands(group: click.Group, queue: str, title: str, *, list_help: 
     @click.argument("key", metavar="ID")
     @_limit_option
     @json_option
-    @broker_option
-    @handle_errors
-    def show(*, key: str, limit: int, as_json: bool, broker_url: str) -> None:
-        _show(queue, key, limit=limit, as_json=as_json, broker_url=broker_url)
+    def show(*, key: str, limit: int, as_json: bool) -> None:
+        _show(queue, key, limit=limit, as_json=as_json)
 
 
 # -- dead letters -------------------------------------------------------------------------------
@@ -215,10 +212,8 @@ def dead() -> None:
                                  "signatures are kept).")
 @_limit_option
 @json_option
-@broker_option
-@handle_errors
 def dead_requeue(*, alert_id: str | None, everything: bool, dry_run: bool,
-                 key_file: Path | None, limit: int, as_json: bool, broker_url: str) -> None:
+                 key_file: Path | None, limit: int, as_json: bool) -> None:
     """Send dead letters again through the normal path, once the destination is fixed.
 
     Each is published to its precedence list with confirms; only then is its dead copy
@@ -231,7 +226,7 @@ def dead_requeue(*, alert_id: str | None, everything: bool, dry_run: bool,
     """
     if bool(alert_id) == everything:
         raise click.UsageError("give an alert ID or --all")
-    settings = make_settings(broker_url, connect_retry_s=10.0)
+    settings = make_settings(connect_retry_s=10.0)
     path = key_file or key_file_from_env()
     with _looking(settings, topology.DEAD_LETTER_QUEUE, limit) as (browser, seen):
         chosen = [m for m in seen if everything or describe(m)["key"] == alert_id]

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from broker.allowlist import AllowList
-from tasync.options import handle_errors, json_option, print_json
+from tasync.options import json_option, print_json
 
 
 @click.group()
@@ -25,7 +25,6 @@ def hosts() -> None:
 @click.option("--who", "identities", multiple=True, metavar="NAME|IP",
               help="Also say whether this node, host or address is allowed (repeat).")
 @json_option
-@handle_errors
 def hosts_check(*, file: Path, identities: tuple[str, ...], as_json: bool) -> None:
     """Validate FILE, list its rules in order, and decide for --who identities.
 

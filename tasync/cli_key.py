@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from broker.signing import KeyRing, new_key_line
-from tasync.options import handle_errors, json_option, print_json
+from tasync.options import json_option, print_json
 
 
 @click.group()
@@ -31,7 +31,6 @@ def key() -> None:
 @click.option("--id", "key_id", metavar="ID",
               help="The key id (1-32 of A-Z a-z 0-9 _ . -); default: k, the UTC time and 6 "
                    "random hex digits.")
-@handle_errors
 def key_generate(*, key_id: str | None) -> None:
     """Print a new key-file line, KEY_ID:SECRET, with a random 32-byte secret.
 
@@ -50,7 +49,6 @@ def key_generate(*, key_id: str | None) -> None:
 @click.argument("files", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path))
 @json_option
-@handle_errors
 def key_check(*, files: tuple[Path, ...], as_json: bool) -> None:
     """Read each key file as a node would at start; say which key signs and which verify.
 

@@ -21,8 +21,6 @@ from consumers.roles import SEAT_WAIT_S
 from tasync.health import gather_status
 from tasync.known_nodes import check_known
 from tasync.options import (
-    broker_option,
-    handle_errors,
     json_option,
     make_settings,
     print_json,
@@ -139,10 +137,8 @@ def _print_recovery(report: dict[str, Any], done: list[dict[str, Any]],
               help="Also send the node's kept conflicts through the current master.")
 @timeout_option(120.0)
 @json_option
-@broker_option
-@handle_errors
 def recover(*, node: str, source: str | None, force_snapshot: bool, resubmit: bool,
-            timeout_s: float, as_json: bool, broker_url: str) -> None:
+            timeout_s: float, as_json: bool) -> None:
     """Bring NODE to the master's state, and report what it applied and any conflicts.
 
     The node replays the change log when the log still reaches back to its last change;
@@ -160,7 +156,7 @@ def recover(*, node: str, source: str | None, force_snapshot: bool, resubmit: bo
     Exit status: 0 only when NODE's checksum equals the master's afterwards.
     --timeout bounds the silence between two answers, not the whole recovery.
     """
-    settings = make_settings(broker_url)
+    settings = make_settings()
     args = {"source": source, "snapshot": force_snapshot}
     with progress_rpc(settings) as rpc:
         check_known(rpc, [node, source])
@@ -203,9 +199,7 @@ def _wait_epoch(rpc: ProgressRpc, epoch: int, *, timeout_s: float) -> tuple[list
 @click.argument("node")
 @timeout_option(60.0)
 @json_option
-@broker_option
-@handle_errors
-def promote(*, node: str, timeout_s: float, as_json: bool, broker_url: str) -> None:
+def promote(*, node: str, timeout_s: float, as_json: bool) -> None:
     """Make NODE the master (epoch + 1) once it has drained every confirmed change.
 
     NODE takes the broker's master seat, which only one node holds at a time: the current
@@ -221,7 +215,7 @@ def promote(*, node: str, timeout_s: float, as_json: bool, broker_url: str) -> N
       tasync promote b      the master died: b takes over
       tasync promote a      hand back to a once `tasync recover --node a` made it identical
     """
-    settings = make_settings(broker_url)
+    settings = make_settings()
     with progress_rpc(settings) as rpc, ProgressBar(not as_json, f"promoting {node}") as bar:
         check_known(rpc, [node])
         seat_s = min(SEAT_WAIT_S, timeout_s / 2)  # leaves time to drain and answer

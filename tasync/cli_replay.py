@@ -26,8 +26,6 @@ from tasync.client import print_table
 from tasync.health import gather_status
 from tasync.known_nodes import check_known
 from tasync.options import (
-    broker_option,
-    handle_errors,
     json_option,
     make_settings,
     print_json,
@@ -85,10 +83,8 @@ def _replay_node(rpc: ProgressRpc, node: str, since: Since, *, timeout_s: float,
 @click.option("--dry-run", is_flag=True, help="Only list the changes; change nothing.")
 @timeout_option(120.0)
 @json_option
-@broker_option
-@handle_errors
 def replay(*, since: Since, node: str | None, all_nodes: bool, dry_run: bool, timeout_s: float,
-           as_json: bool, broker_url: str) -> None:
+           as_json: bool) -> None:
     """Replay the change log from a point in time into nodes, or list it.
 
     A replay re-applies every change after the point in seq order, also those a node
@@ -104,7 +100,7 @@ def replay(*, since: Since, node: str | None, all_nodes: bool, dry_run: bool, ti
     Exit status: 1 when the log may not reach back that far, or a node still differs from
     the master afterwards (tasync recover repairs it).
     """
-    settings = make_settings(broker_url)
+    settings = make_settings()
     if dry_run:
         if node or all_nodes:
             raise click.UsageError("--dry-run lists the log; it takes no --node or --all")

@@ -10,8 +10,6 @@ import click
 from tasync.client import print_table, rpc_client
 from tasync.health import ago, gather_status, watch
 from tasync.options import (
-    broker_option,
-    handle_errors,
     json_option,
     make_settings,
     print_json,
@@ -28,10 +26,7 @@ from tasync.options import (
                                       "the health changes, until stopped.")
 @timeout_option(2.0)
 @json_option
-@broker_option
-@handle_errors
-def status(*, max_lag: int, watch_s: float | None, timeout_s: float, as_json: bool,
-           broker_url: str) -> None:
+def status(*, max_lag: int, watch_s: float | None, timeout_s: float, as_json: bool) -> None:
     """Every node the network knows: role, epoch, seq, lag, alive, ready, in sync, last seen.
 
     A health check by exit code: 0 when every known node is alive, ready and in sync;
@@ -47,9 +42,9 @@ def status(*, max_lag: int, watch_s: float | None, timeout_s: float, as_json: bo
       tasync status --watch 30        a line each time the health changes
     """
     if watch_s is not None:
-        watch(make_settings(broker_url), every_s=watch_s, timeout_s=timeout_s, max_lag=max_lag)
+        watch(make_settings(), every_s=watch_s, timeout_s=timeout_s, max_lag=max_lag)
         return
-    with rpc_client(make_settings(broker_url)) as rpc:
+    with rpc_client(make_settings()) as rpc:
         report = gather_status(rpc, timeout_s=timeout_s, max_lag=max_lag)
     if as_json:
         print_json(report.to_json())

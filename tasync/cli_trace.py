@@ -24,8 +24,6 @@ from tasync.alert_lists import ask_all
 from tasync.cli_dead import DEFAULT_LIMIT, describe
 from tasync.client import print_table, rpc_client
 from tasync.options import (
-    broker_option,
-    handle_errors,
     json_option,
     make_settings,
     print_json,
@@ -97,10 +95,7 @@ def _when(ts: float) -> str:
               help="Look at most at this many dead letters and quarantined messages.")
 @timeout_option(2.0)
 @json_option
-@broker_option
-@handle_errors
-def trace(*, alert_id: str, limit: int, timeout_s: float, as_json: bool,
-          broker_url: str) -> None:
+def trace(*, alert_id: str, limit: int, timeout_s: float, as_json: bool) -> None:
     """The story of one alert across every live node and the broker; exit 1 if unknown.
 
     Accepted (when, by which sender, along which list), taken by which node, each
@@ -112,7 +107,7 @@ def trace(*, alert_id: str, limit: int, timeout_s: float, as_json: bool,
       tasync trace INC42
       tasync trace INC42 --json
     """
-    settings = make_settings(broker_url)
+    settings = make_settings()
     with rpc_client(settings) as rpc:
         answers, missing = ask_all(rpc, "trace", {"id": alert_id}, timeout_s=timeout_s)
     result = story(alert_id, answers, _from_broker(settings, alert_id, limit))

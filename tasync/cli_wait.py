@@ -21,8 +21,6 @@ from broker.rpc import RpcClient
 from broker.since import Since
 from tasync.client import rpc_client
 from tasync.options import (
-    broker_option,
-    handle_errors,
     make_settings,
     since_option,
     timeout_option,
@@ -82,9 +80,7 @@ def wait() -> None:
 @click.option("--node", "nodes", multiple=True, required=True, metavar="NAME",
               help="A node to wait for (repeat the option for several).")
 @wait_timeout_option
-@broker_option
-@handle_errors
-def wait_ready(*, nodes: tuple[str, ...], timeout_s: float, broker_url: str) -> None:
+def wait_ready(*, nodes: tuple[str, ...], timeout_s: float) -> None:
     """Wait until every NODE is ready: caught up, answering requests, and registered.
 
     A node reports ready once it holds every change committed before it started and its
@@ -100,7 +96,7 @@ def wait_ready(*, nodes: tuple[str, ...], timeout_s: float, broker_url: str) -> 
     for node in nodes:
         topology.check_node_name(node)
     done: dict[str, dict[str, Any]] = {}
-    with rpc_client(make_settings(broker_url)) as rpc:
+    with rpc_client(make_settings()) as rpc:
 
         def check(budget_s: float) -> str | None:
             seen: list[str] = []
@@ -129,9 +125,7 @@ def wait_ready(*, nodes: tuple[str, ...], timeout_s: float, broker_url: str) -> 
 
 @wait.command("master")
 @wait_timeout_option
-@broker_option
-@handle_errors
-def wait_master(*, timeout_s: float, broker_url: str) -> None:
+def wait_master(*, timeout_s: float) -> None:
     """Wait until a master runs and is ready to accept configuration changes.
 
     \b
@@ -141,7 +135,7 @@ def wait_master(*, timeout_s: float, broker_url: str) -> None:
     Exit status: 0 once a master is ready, 1 when --timeout passes first.
     """
     found: dict[str, Any] = {}
-    with rpc_client(make_settings(broker_url)) as rpc:
+    with rpc_client(make_settings()) as rpc:
 
         def check(budget_s: float) -> str | None:
             status = _status(rpc, topology.MASTER, budget_s)
@@ -163,10 +157,8 @@ def wait_master(*, timeout_s: float, broker_url: str) -> None:
 @click.option("--source", metavar="SOURCE", help="Count only alerts of this source.")
 @since_option(allow_seq=False, what="count only deliveries from")
 @wait_timeout_option
-@broker_option
-@handle_errors
-def wait_delivered(*, count: int, source: str | None, since: Since | None, timeout_s: float,
-                   broker_url: str) -> None:
+def wait_delivered(*, count: int, source: str | None, since: Since | None,
+                   timeout_s: float) -> None:
     """Wait until the live nodes together delivered at least --count alerts.
 
     The count is what `tasync totals` shows as delivered, summed over the nodes that answer:
@@ -181,7 +173,7 @@ def wait_delivered(*, count: int, source: str | None, since: Since | None, timeo
     """
     args = {"since": since.ts if since is not None else None}
     delivered: dict[str, int] = {}
-    with rpc_client(make_settings(broker_url)) as rpc:
+    with rpc_client(make_settings()) as rpc:
 
         def check(budget_s: float) -> str | None:
             try:

@@ -21,10 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.errors import ConfigError, ExitCode
-from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL
+from broker.settings import DEFAULT_BROKER_URL
 from tasync.demo_network import Stage, demo_broker
 from tasync.health import SEVERITY
-from tasync.options import handle_errors, print_json
+from tasync.options import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    broker_url,
+    connect_timeout_s,
+    print_json,
+)
 
 ALERTS_PER_SOURCE = 10
 
@@ -175,16 +180,13 @@ class Story:
 
 
 @click.command()
-@click.option("--broker", "broker_url", envvar=ENV_BROKER_URL, default=DEFAULT_BROKER_URL,
-              metavar="URL", help="Broker to run on; when none answers, a private one starts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
-@handle_errors
-def demo(*, broker_url: str, as_json: bool) -> None:
+def demo(*, as_json: bool) -> None:
     """Watch a tasync network work: replication, failover, promotion, recovery, totals.
 
     Starts a master and two backups on this machine, runs the story, checks every step's
-    result, and removes everything it started. Uses the broker at $TASYNC_BROKER_URL or
-    localhost (in a fresh vhost when it can make one); when none answers it starts a private
+    result, and removes everything it started. Uses the broker of --broker (in a fresh vhost
+    when it can make one); when none answers within --connect-timeout it starts a private
     RabbitMQ node from the installed rabbitmq-server.
 
     \b
@@ -194,7 +196,8 @@ def demo(*, broker_url: str, as_json: bool) -> None:
     """
     console = Console(stderr=as_json)
     with tempfile.TemporaryDirectory(prefix="tasync-demo-") as tmp, \
-            demo_broker(broker_url, console.print) as url:
+            demo_broker(broker_url() or DEFAULT_BROKER_URL, console.print,
+                        wait_s=connect_timeout_s() or DEFAULT_CONNECT_TIMEOUT_S) as url:
         stage = Stage(broker_url=url, root=Path(tmp))
         try:
             summary = Story(stage, console).run()

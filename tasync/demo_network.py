@@ -35,9 +35,9 @@ def _with_vhost(url: str, vhost: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
 
 
-def _reachable(url: str) -> bool:
+def _reachable(url: str, wait_s: float) -> bool:
     try:
-        close_quietly(connect(Settings.from_url(url), name="tasync-demo-probe", retry_s=1.0))
+        close_quietly(connect(Settings.from_url(url), name="tasync-demo-probe", retry_s=wait_s))
         return True
     except BrokerUnreachable:
         return False
@@ -56,14 +56,15 @@ def _vhost_in_use(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def demo_broker(url: str, say: Callable[[str], None]) -> Iterator[str]:
+def demo_broker(url: str, say: Callable[[str], None], *, wait_s: float = 1.0) -> Iterator[str]:
     """Yield the URL the demo runs on, and clean up afterwards.
 
     Uses the broker at ``url`` when it answers (in a fresh vhost when ``rabbitmqctl`` can make
     one), else starts a private RabbitMQ node, else a container where a Docker engine runs.
+    ``wait_s`` is how long the broker at ``url`` may take to answer.
     """
     host = urlsplit(url).hostname or "localhost"
-    if _reachable(url):
+    if _reachable(url, wait_s):
         vhost = f"tasync-demo-{secrets.token_hex(3)}"
         local = host in ("localhost", "127.0.0.1", "::1")
         if local and shutil.which("rabbitmqctl") and _ctl("add_vhost", vhost):

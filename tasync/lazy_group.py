@@ -6,11 +6,16 @@ Here each command is named by ``module:attribute`` with its summary (the first p
 its help), so the listing needs no import, and running ``tasync send`` imports what ``send``
 uses and nothing else. ``tests/unit/tasync/test_lazy_cli.py`` checks that every summary is still the
 command's own.
+
+A loaded command passes through the group's ``prepare`` before it runs or shows its help: the
+one place where what every command shares (the group's global options, the error handling) is
+given to each, instead of a stack of decorators repeated on every command.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import click
@@ -21,14 +26,25 @@ class LazyCommand(NamedTuple):
 
     target: str  # "module:attribute"
     summary: str  # the first paragraph of the command's help, on one line
+    connects: bool = True  # talks to the broker: takes the group's global options too
+
+
+#: What a ``LazyGroup`` does to a command it loads (see ``tasync.options.prepare``).
+Prepare = Callable[[click.Command, LazyCommand], click.Command]
+
+
+def _as_is(command: click.Command, _entry: LazyCommand) -> click.Command:
+    return command
 
 
 class LazyGroup(click.Group):
     """A ``click.Group`` whose commands are imported on first use (see the module)."""
 
-    def __init__(self, *args: Any, lazy: dict[str, LazyCommand], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: dict[str, LazyCommand], prepare: Prepare = _as_is,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = dict(lazy)
+        self.prepare = prepare
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """Every command's name, loaded or not, sorted as click sorts them."""
@@ -42,11 +58,13 @@ class LazyGroup(click.Group):
         return command
 
     def load(self, name: str) -> click.Command:
-        """Import the command ``name`` and keep it, as if it had been added eagerly."""
-        module_name, _, attribute = self.lazy[name].target.partition(":")
+        """Import the command ``name``, prepare it and keep it, as if it had been added eagerly."""
+        entry = self.lazy[name]
+        module_name, _, attribute = entry.target.partition(":")
         command = getattr(importlib.import_module(module_name), attribute)
         if not isinstance(command, click.Command):
-            raise TypeError(f"{self.lazy[name].target} is not a click command")
+            raise TypeError(f"{entry.target} is not a click command")
+        command = self.prepare(command, entry)
         self.add_command(command, name)
         return command
 

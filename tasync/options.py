@@ -1,8 +1,18 @@
-"""Click options shared by every command, and the one place errors become exit codes.
+"""Click options shared by the commands, and the one place errors become exit codes.
 
-Commands take ``--broker`` and ``--json`` the same way everywhere; a
-``TasyncError`` raised anywhere below becomes a one-line message on stderr and its exit code,
-never a traceback.
+``--broker URL`` and ``--connect-timeout SECONDS`` belong to the whole command line, not to one
+command, so they are declared once here (``GLOBAL_OPTIONS``) and given to the ``tasync`` group:
+``tasync --broker URL status``. Scripts also put them after the command (``tasync status
+--broker URL --json``), so ``prepare`` hands the same two options to every command that talks
+to the broker when the group loads it. Wherever they are given, their values go to the click
+context (``ctx.meta``), a value given after the command wins over one given before it, and
+``make_settings`` reads them there: no command takes them as parameters of its own.
+
+``prepare`` also wraps every command in ``handle_errors``: a ``TasyncError`` raised anywhere
+below becomes a one-line message on stderr and its exit code, never a traceback.
+
+Imports are kept light (the broker client is imported when a command needs it), because the
+``tasync`` group imports this module to list its commands.
 """
 
 from __future__ import annotations
@@ -10,56 +20,138 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import amqp.exceptions
 import click
 
-from broker.connection import RECOVERABLE, describe
-from broker.errors import ConfigError, ExitCode, RemoteError, TasyncError
-from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL, Settings
-from broker.since import Since
-from broker.tls import check_tls_urls, tls_files
+from broker.errors import ConfigError, ConnectionLost, ExitCode, RemoteError, TasyncError
+from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
+    from broker.since import Since
 
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=click.Command)
 
 
-#: Where ``--connect-timeout`` keeps its value for ``make_settings`` (the click context's meta).
+#: Where the global options keep their values in the click context's ``meta``.
+_BROKER_URL_KEY = "tasync.broker_url"
 _CONNECT_TIMEOUT_KEY = "tasync.connect_timeout_s"
 #: A person is waiting: give up on an unreachable broker after this long (loopback answers
 #: or refuses within milliseconds; a remote broker within a second or so).
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 
 
-def _remember_connect_timeout(ctx: click.Context, _param: click.Parameter,
-                              value: float) -> float:
-    ctx.meta[_CONNECT_TIMEOUT_KEY] = value
-    return value
+def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A callback that keeps an option's value in ``ctx.meta`` under ``key``.
+
+    The group parses its options before the command does, so the command's own value replaces
+    the group's only when it was typed on the command line; an unset one (its default, or the
+    environment) leaves what the group found.
+    """
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        typed = ctx.get_parameter_source(str(param.name)) is click.core.ParameterSource.COMMANDLINE
+        if typed or key not in ctx.meta:
+            ctx.meta[key] = value
+        return value
+    return callback
 
 
-def broker_url_option(fn: F) -> F:
+def broker_url_param() -> click.Option:
     """``--broker URL``: several URLs separated by ``;`` are tried in order."""
-    return click.option(
-        "--broker", "broker_url", envvar=ENV_BROKER_URL, default=DEFAULT_BROKER_URL,
+    return click.Option(
+        ["--broker", "broker_url"], envvar=ENV_BROKER_URL, default=DEFAULT_BROKER_URL,
         show_default="$TASYNC_BROKER_URL or " + DEFAULT_BROKER_URL.replace("guest:guest@", ""),
         metavar="URL", help="Broker URL(s); separate several with ';' to fail over in order.",
-    )(fn)
+        expose_value=False, callback=_remember(_BROKER_URL_KEY))
 
 
-def broker_option(fn: F) -> F:
-    """``--broker URL`` and ``--connect-timeout SECONDS``, for commands a person waits on.
-
-    The timeout is not passed to the command: ``make_settings`` reads it, so every command
-    that connects honours it without a parameter of its own.
-    """
-    fn = click.option(
-        "--connect-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_CONNECT_TIMEOUT_S,
-        show_default=True, metavar="SECONDS", expose_value=False,
-        callback=_remember_connect_timeout,
+def connect_timeout_param() -> click.Option:
+    """``--connect-timeout SECONDS``: how long a person waits for an unreachable broker."""
+    return click.Option(
+        ["--connect-timeout", "connect_timeout_s"], type=click.FloatRange(min=0.1),
+        default=DEFAULT_CONNECT_TIMEOUT_S, show_default=True, metavar="SECONDS",
         help="How long to keep trying to reach the broker before giving up (exit 3).",
-    )(fn)
-    return broker_url_option(fn)
+        expose_value=False, callback=_remember(_CONNECT_TIMEOUT_KEY))
+
+
+#: The options of the ``tasync`` group that every command talking to the broker also takes.
+GLOBAL_OPTIONS: tuple[Callable[[], click.Option], ...] = (broker_url_param,
+                                                          connect_timeout_param)
+
+
+def with_options(*params: Callable[[], click.Parameter]) -> Callable[[C], C]:
+    """Add a fresh copy of each of ``params`` after the options ``command`` has (once)."""
+    def add(command: C) -> C:
+        have = {p.name for p in command.params}
+        command.params.extend(p for p in (make() for make in params) if p.name not in have)
+        return command
+    return add
+
+
+_prepared: weakref.WeakSet[click.Command] = weakref.WeakSet()
+_offline: weakref.WeakSet[click.Command] = weakref.WeakSet()
+
+
+def offline(command: C) -> C:
+    """Mark a command of a connecting group that never talks to the broker (no global options)."""
+    _offline.add(command)
+    return command
+
+
+def is_offline(command: click.Command) -> bool:
+    """Whether ``command`` was marked ``offline``."""
+    return command in _offline
+
+
+def prepare(command: click.Command, *, connects: bool) -> click.Command:
+    """Give ``command`` and every command below it what each tasync command has.
+
+    Every callback runs under ``handle_errors``; with ``connects``, every command that runs
+    (not the groups between, unless a group runs without a subcommand too), except those
+    marked ``offline``, also takes ``GLOBAL_OPTIONS``, listed after its own options.
+    Safe to call again on the same command: it is changed once.
+    """
+    for each in _walk(command):
+        if each in _prepared:
+            continue
+        _prepared.add(each)
+        if each.callback is not None:
+            each.callback = handle_errors(each.callback)
+        runs = not isinstance(each, click.Group) or each.invoke_without_command
+        if connects and runs and each not in _offline:
+            with_options(*GLOBAL_OPTIONS)(each)
+    return command
+
+
+def _walk(command: click.Command) -> Iterator[click.Command]:
+    yield command
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            yield from _walk(sub)
+
+
+def broker_url() -> str | None:
+    """The ``--broker`` URL(s) of the running command.
+
+    None outside a command that takes ``--broker``; ``Settings.from_env`` then reads
+    ``$TASYNC_BROKER_URL``.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or _BROKER_URL_KEY not in ctx.meta:
+        return None
+    return str(ctx.meta[_BROKER_URL_KEY])
+
+
+def connect_timeout_s() -> float | None:
+    """The ``--connect-timeout`` of the running command, or None where it takes none."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or _CONNECT_TIMEOUT_KEY not in ctx.meta:
+        return None
+    return float(ctx.meta[_CONNECT_TIMEOUT_KEY])
 
 
 def json_option(fn: F) -> F:
@@ -86,6 +178,8 @@ def since_option(*, allow_seq: bool, required: bool = False,
     parser serve them all; ``allow_seq`` says whether ``seq:K`` means something to it.
     """
     def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Since | None:
+        from broker.since import Since
+
         if value is None:
             return None
         try:
@@ -103,24 +197,27 @@ def since_option(*, allow_seq: bool, required: bool = False,
     return wrap
 
 
-def make_settings(broker_url: str, **overrides: Any) -> Settings:
-    """Settings from ``--broker`` and the TLS environment; bad input is a usage error.
+def make_settings(**overrides: Any) -> Settings:
+    """Settings from ``--broker``, ``--connect-timeout`` and the TLS environment.
 
     Every command and the worker build their settings here, so ``$TASYNC_SSL_CA_FILE``,
     ``$TASYNC_SSL_CERT_FILE`` and ``$TASYNC_SSL_KEY_FILE`` reach each of them the same way: a
     process pointed at ``amqps://`` in its environment needs no TLS options on its command
-    line. TLS files given as options (``tls=tls_files(...)``) win over the environment.
+    line. TLS files given as options (``tls=tls_files(...)``) win over the environment. Bad
+    input is a usage error (exit 2).
     """
+    from broker.settings import Settings
+    from broker.tls import check_tls_urls, tls_files
+
     tls = overrides.pop("tls", None)
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and _CONNECT_TIMEOUT_KEY in ctx.meta:
-        timeout_s = float(ctx.meta[_CONNECT_TIMEOUT_KEY])
+    timeout_s = connect_timeout_s()
+    if timeout_s is not None:
         overrides.setdefault("connect_timeout_s", timeout_s)
         overrides.setdefault("connect_retry_s", timeout_s)
     try:
         if tls is None or not tls.given:
             tls = tls_files()
-        settings = Settings.from_env(broker_url, tls=tls, **overrides)
+        settings = Settings.from_env(broker_url(), tls=tls, **overrides)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--broker") from None
     except ConfigError as exc:
@@ -135,33 +232,44 @@ def make_settings(broker_url: str, **overrides: Any) -> Settings:
 def handle_errors(fn: F) -> F:
     """Turn ``TasyncError`` into ``tasync: <message>`` on stderr and the error's exit code.
 
-    A connection that breaks in the middle of a command (the broker restarted or dropped it)
-    surfaces from the client library as an ``OSError`` or an AMQP connection error: it is the
-    broker being unreachable, exit 3, said in one line.
+    With ``--json`` the error is also printed on stdout (``error_json``). Two failures of the
+    client library are said the same way: a 404 for one of tasync's exchanges or queues is
+    the virtual host lacking the topology (``TopologyMissing``, exit 1), and a connection that
+    breaks in the middle of a command (an ``OSError`` or an AMQP connection error) is the
+    broker lost (``ConnectionLost``, exit 3).
     """
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except TasyncError as exc:
-            click.echo(f"tasync: {exc}", err=True)
-            if _wants_json():
-                print_json(error_json(exc))
-            sys.exit(int(exc.exit_code))
-        except amqp.exceptions.NotFound as exc:
-            if "'tasync." not in str(exc):
-                raise
-            missing = str(exc).split("NOT_FOUND - ", 1)[-1].splitlines()[0][:200]
-            click.echo(f"tasync: the virtual host has no tasync topology ({missing}): run "
-                       "tasync broker setup", err=True)
-            sys.exit(int(ExitCode.FAILED))
-        except RECOVERABLE as exc:
-            click.echo(f"tasync: lost the connection to the broker ({describe(exc)})", err=True)
-            sys.exit(int(ExitCode.BROKER_UNREACHABLE))
         except KeyboardInterrupt:
             click.echo("tasync: interrupted", err=True)
             sys.exit(int(ExitCode.FAILED))
+        except Exception as exc:
+            error = _as_tasync_error(exc)
+            if error is None:
+                raise
+            click.echo(f"tasync: {error}", err=True)
+            if _wants_json():
+                print_json(error_json(error))
+            sys.exit(int(error.exit_code))
     return wrapper  # type: ignore[return-value]
+
+
+def _as_tasync_error(exc: Exception) -> TasyncError | None:
+    """``exc`` as the ``TasyncError`` it means, or None for a bug (shown as a traceback)."""
+    if isinstance(exc, TasyncError):
+        return exc
+    import amqp.exceptions
+
+    from broker import topology
+    from broker.connection import RECOVERABLE, describe
+
+    if isinstance(exc, amqp.exceptions.NotFound):
+        return topology.missing_error(exc)
+    if isinstance(exc, RECOVERABLE):
+        return ConnectionLost(f"lost the connection to the broker ({describe(exc)})")
+    return None
 
 
 def error_json(exc: TasyncError) -> dict[str, Any]:

@@ -9,9 +9,10 @@ import click
 from broker.protocol import Role
 from broker.settings import DEFAULT_METRICS_SOURCES, key_file_from_env
 from tasync.node import Node, NodeOptions
-from tasync.options import broker_url_option, handle_errors, make_settings
+from tasync.options import broker_url_param, handle_errors, make_settings, with_options
 
 
+@with_options(broker_url_param)
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--node", required=True, metavar="NAME",
               help="This server's name: letters, digits, '-' and '_'.")
@@ -48,13 +49,12 @@ from tasync.options import broker_url_option, handle_errors, make_settings
                    "counted as 'other'.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Per-message detail in tasync.log and on stderr.")
-@broker_url_option
 @handle_errors
 def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None,
          single_master: str | None, conf_hosts_file: Path | None,
          alert_hosts_file: Path | None, key_file: Path | None, heartbeat_s: float, prefetch: int,
          metrics_port: int | None, metrics_host: str, metrics_sources: tuple[str, ...],
-         verbose: bool, broker_url: str) -> None:
+         verbose: bool) -> None:
     """Run a tasync node: apply configuration changes, deliver alerts, answer requests.
 
     It logs to <data-dir>/tasync.log and, one short line per event (for journald and docker
@@ -68,7 +68,7 @@ def main(*, node: str, data_dir: Path, role: str | None, hosts_file: Path | None
       tasync-worker --node c --data-dir /srv/c --metrics-port 9100 --metrics-source nms
     """
     named = tuple(sorted({*DEFAULT_METRICS_SOURCES, *metrics_sources}))
-    settings = make_settings(broker_url, heartbeat_s=heartbeat_s, prefetch=prefetch,
+    settings = make_settings(heartbeat_s=heartbeat_s, prefetch=prefetch,
                              metrics_sources=named)
     options = NodeOptions(
         node=node, data_dir=data_dir, role=role, verbose=verbose,

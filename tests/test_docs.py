@@ -81,8 +81,7 @@ def check_config_set(params: dict[str, Any]) -> None:
     """The body a ``config set`` line builds must validate, as the CLI would check it."""
     from tasync.cli_config import _body_from_options
 
-    not_fields = {"kind", "name", "body_json", "wait_applied", "strict", "timeout_s",
-                  "broker_url"}
+    not_fields = {"kind", "name", "body_json", "wait_applied", "strict", "timeout_s"}
     fields = {k: v for k, v in params.items() if k not in not_fields}
     body = _body_from_options(params["kind"], params["body_json"], fields)
     kinds.load_body(params["kind"], params["name"], body)

@@ -27,6 +27,7 @@ import amqp.exceptions
 
 from broker import messages, topology
 from broker.alerts import HostList
+from broker.errors import TopologyMissing
 from broker.events import Event
 from consumers.context import NodeContext
 from consumers.delivery.hostlists import HostListWatcher
@@ -134,7 +135,7 @@ class Subscriptions:
         try:
             self._announce(hosts)
             name = topology.declare_alert_queue(self._admin, hosts)
-        except amqp.exceptions.ChannelError as exc:
+        except (amqp.exceptions.ChannelError, TopologyMissing) as exc:
             # For example a queue declared by hand with other arguments: report, keep the rest.
             self._admin = self._conn.channel()
             self.ctx.trail.event(Event.ALERT_LIST_ERROR, list=key, reason=str(exc)[:200])

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from broker.errors import ConfigError
-from tasync.options import broker_option, handle_errors, make_settings, timeout_option
+from tasync.options import make_settings, offline, timeout_option
 
 USERS_HELP = "The users file (NAME:ROLE:ARGON2-HASH lines; tasync console add-user writes it)."
 
@@ -33,11 +33,9 @@ def _listen(value: str) -> tuple[str, int]:
               show_default=True, metavar="SECONDS",
               help="How often the network page refreshes itself.")
 @timeout_option(2.0, "How long to wait for nodes to answer (as tasync status --timeout).")
-@broker_option
 @click.pass_context
-@handle_errors
 def console(ctx: click.Context, *, listen: str, users_file: Path | None, secure_cookie: bool,
-            poll_s: float, timeout_s: float, broker_url: str) -> None:
+            poll_s: float, timeout_s: float) -> None:
     """Serve the web console: the network's health and its configuration, in a browser.
 
     Users log in with a name and password from --users-file; viewers read, admins also change
@@ -62,7 +60,7 @@ def console(ctx: click.Context, *, listen: str, users_file: Path | None, secure_
         raise ConfigError(f"{users_file} has no users: add one with tasync console add-user")
     _log_to_stderr()
     host, port = _listen(listen)
-    part = console_part(make_settings(broker_url), users_file, secure_cookie=secure_cookie,
+    part = console_part(make_settings(), users_file, secure_cookie=secure_cookie,
                         timeout_s=timeout_s, poll_s=poll_s)
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -81,13 +79,13 @@ def _log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
+@offline
 @console.command("add-user")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True,
               help="viewer reads; operator also sends; admin also changes the configuration.")
 @click.option("--users-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
               metavar="FILE", help=USERS_HELP)
-@handle_errors
 def add_user(*, name: str, role: str, users_file: Path) -> None:
     """Add a console user, or set a user's role and password anew.
 

@@ -10,11 +10,8 @@ import json
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from broker.audit import read_trail
 from broker.connection import close_quietly, connect
 from broker.settings import Settings
 from producers.sender import AlertSender
+from tests.harness.webhook import Webhook
 from tests.network import Network, NodeProcess
 from tests.waiting import wait_for
 
@@ -117,55 +115,6 @@ def alerts(count: int, *, prefix: str, hosts: tuple[str, ...], source: str = "te
 def totals(network: Network) -> dict[str, dict[str, Any]]:
     data = json.loads(tasync(network, "totals", "--json").stdout)
     return {report["node"]: report for report in data["nodes"]}
-
-
-class Webhook:
-    """A local HTTP endpoint: a script of statuses per alert id, an optional delay.
-
-    The script is read at each request, so a test may change it (``always``) while the
-    workers run; ``hold`` cleared keeps requests waiting until it is set again.
-    """
-
-    def __init__(self, *, fail_first: int = 0, always: int | None = None,
-                 delay_s: float = 0.0) -> None:
-        self.attempts: Counter[str] = Counter()
-        self.by_node: list[tuple[str, str]] = []
-        self.accepted: list[str] = []
-        self.always = always
-        self.hold = threading.Event()
-        self.hold.set()
-        self.lock = threading.Lock()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with hook.lock:
-                    hook.by_node.append((body["id"], body["node"]))
-                if delay_s:
-                    time.sleep(delay_s)
-                hook.hold.wait(60)
-                with hook.lock:
-                    hook.attempts[body["id"]] += 1
-                    status = hook.always or (
-                        500 if hook.attempts[body["id"]] <= fail_first else 200)
-                    if status == 200:
-                        hook.accepted.append(body["id"])
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

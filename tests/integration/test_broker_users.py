@@ -24,7 +24,7 @@ import pytest
 
 from broker import topology
 from broker.connection import close_quietly, connect, ensure
-from broker.errors import AccessDenied
+from broker.errors import AccessDenied, TopologyMissing
 from broker.permissions import Account, node_permissions, permissions_for
 from broker.publisher import ConfirmedPublisher, Outgoing
 from broker.settings import Settings
@@ -368,7 +368,8 @@ def test_declares_fall_back_to_passive_and_keep_the_callers_channel(users: Users
             admin.channel().queue_delete(topology.HOSTLISTS_QUEUE)
         finally:
             close_quietly(admin)
-        with pytest.raises(amqp.exceptions.NotFound):
+        with pytest.raises(TopologyMissing, match=r"queue tasync\.hostlists does not exist\): run "
+                           r"`tasync broker setup`"):
             topology.declare_alerts(channel)
         assert channel.is_open
     finally:

@@ -1,11 +1,14 @@
 """Names and arguments of the broker topology (broker/topology.py)."""
 
-from typing import Any
+from typing import Any, cast
 
+import amqp.exceptions
 import pytest
+from kombu import Connection
 
 from broker import topology
-from broker.errors import ConfigError
+from broker.connection import ensure
+from broker.errors import ConfigError, TopologyMissing
 from broker.settings import Settings
 
 
@@ -140,3 +143,37 @@ def test_declare_sync_queue_returns_the_message_count() -> None:
     channel = RecordingChannel()
     assert topology.declare_sync_queue(channel, "n1") == 4
     assert channel.named("queue_bind") == [(("tasync.sync.n1", topology.CONFIG_EXCHANGE, ""), {})]
+
+
+def _not_found(text: str) -> amqp.exceptions.NotFound:
+    return amqp.exceptions.NotFound(f"NOT_FOUND - {text}", (60, 40), 404)
+
+
+def test_a_404_for_a_tasync_object_is_the_topology_missing_in_one_wording() -> None:
+    error = topology.missing_error(_not_found("no exchange 'tasync.alerts' in vhost 'v1'"))
+    assert isinstance(error, TopologyMissing)
+    assert str(error) == topology.setup_advice("v1", "exchange tasync.alerts") == (
+        "virtual host 'v1' has no tasync topology (exchange tasync.alerts does not exist): "
+        "run `tasync broker setup` against it")
+    queue = topology.missing_error(_not_found("no queue 'tasync.dead-letter' in vhost 'v'"),
+                                   vhost="v2")
+    assert str(queue) == topology.setup_advice("v2", "queue tasync.dead-letter")
+
+
+def test_a_404_for_something_else_is_not_the_topology() -> None:
+    assert topology.missing_error(_not_found("no queue 'amq.gen-x' in vhost 'v1'")) is None
+    assert topology.missing_error(_not_found("something else")) is None
+
+
+def test_ensure_says_the_topology_is_missing_instead_of_retrying() -> None:
+    calls = []
+
+    def publish(_conn: object) -> None:
+        calls.append(1)
+        raise _not_found("no exchange 'tasync.alerts' in vhost 'v1'")
+
+    settings = Settings.from_url("amqp://guest:guest@127.0.0.1:1/v1")
+    with pytest.raises(TopologyMissing) as raised:
+        ensure(settings, publish, conn=cast(Connection, RecordingChannel()), retry_s=5.0)
+    assert calls == [1]
+    assert str(raised.value) == topology.setup_advice("v1", "exchange tasync.alerts")

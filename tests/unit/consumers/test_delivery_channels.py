@@ -2,7 +2,6 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -11,48 +10,16 @@ from aiosmtpd.controller import Controller
 
 from broker.errors import AttemptFailed
 from consumers.delivery import channels
+from tests.harness.webhook import Webhook
 
 PAYLOAD = {"id": "A1", "destination": "d", "text": "disk full", "subject": "P1",
            "source": "nms", "node": "a", "delivered_at": 1.0}
 
 
-class Hook:
-    """A local webhook answering from a script of status codes."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.requests: list[dict[str, Any]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.requests.append({"body": json.loads(body), "headers": dict(self.headers),
-                                      "path": self.path})
-                status = hook.statuses.pop(0) if hook.statuses else 200
-                self.send_response(status)
-                if status in (301, 302):
-                    self.send_header("Location", "http://127.0.0.1:1/")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def hook() -> Iterator[Hook]:
-    server = Hook([])
-    yield server
-    server.close()
+def hook() -> Iterator[Webhook]:
+    with Webhook() as server:
+        yield server
 
 
 class Mailbox:
@@ -98,23 +65,23 @@ def test_file_channel_errors(tmp_path: Path) -> None:
     assert not remote.value.retryable
 
 
-def test_webhook_posts_json_with_idempotency_key(hook: Hook) -> None:
+def test_webhook_posts_json_with_idempotency_key(hook: Webhook) -> None:
     channels.send(hook.url, PAYLOAD)
     (request,) = hook.requests
-    assert request["body"] == PAYLOAD
-    assert request["headers"]["Idempotency-Key"] == "A1"
-    assert request["headers"]["Content-Type"] == "application/json"
+    assert request.body == PAYLOAD
+    assert request.headers["Idempotency-Key"] == "A1"
+    assert request.headers["Content-Type"] == "application/json"
 
 
-def test_webhook_basic_auth_from_url(hook: Hook) -> None:
+def test_webhook_basic_auth_from_url(hook: Webhook) -> None:
     channels.send(hook.url.replace("http://", "http://user:s%40cret@"), PAYLOAD)
-    assert hook.requests[0]["headers"]["Authorization"] == "Basic dXNlcjpzQGNyZXQ="
+    assert hook.requests[0].headers["Authorization"] == "Basic dXNlcjpzQGNyZXQ="
 
 
 @pytest.mark.parametrize(("status", "retryable"), [
     (500, True), (503, True), (429, True), (404, False), (400, False), (302, False),
 ])
-def test_webhook_failures_say_whether_to_retry(hook: Hook, status: int, retryable: bool) -> None:
+def test_webhook_failures_say_whether_to_retry(hook: Webhook, status: int, retryable: bool) -> None:
     hook.statuses = [status]
     with pytest.raises(AttemptFailed) as info:
         channels.send(hook.url.replace("/hook", "/hook?token=SECRET"), PAYLOAD)
@@ -244,7 +211,7 @@ def test_mail_channel_refuses_a_subject_with_control_characters(smtp: tuple[Mail
 
 @pytest.mark.parametrize(("status", "retryable"), [(400, False), (404, False), (500, True),
                                                    (503, True), (429, True)])
-def test_apprise_status_decides_the_retry(hook: Hook, status: int, retryable: bool) -> None:
+def test_apprise_status_decides_the_retry(hook: Webhook, status: int, retryable: bool) -> None:
     hook.statuses = [status]
     with pytest.raises(AttemptFailed) as info:
         channels.send(hook.url.replace("http://", "json://"), PAYLOAD)
@@ -256,18 +223,18 @@ def test_apprise_status_decides_the_retry(hook: Hook, status: int, retryable: bo
 @pytest.mark.parametrize(("priority", "kind"), [(9, "failure"), (8, "failure"), (7, "warning"),
                                                 (6, "warning"), (5, "info"), (2, "info"),
                                                 (1, "success"), (0, "success")])
-def test_apprise_gets_the_priority_as_its_notify_type(hook: Hook, priority: int,
+def test_apprise_gets_the_priority_as_its_notify_type(hook: Webhook, priority: int,
                                                       kind: str) -> None:
     channels.send(hook.url.replace("http://", "json://"), {**PAYLOAD, "priority": priority})
     (request,) = hook.requests
-    assert request["body"]["type"] == kind
-    assert request["body"]["title"] == "P1" and request["body"]["message"] == "disk full"
+    assert request.body["type"] == kind
+    assert request.body["title"] == "P1" and request.body["message"] == "disk full"
 
 
 @pytest.mark.parametrize(("statuses", "tries", "status"), [([400], 1, "failed"),
                                                             ([500] * 3, 3, "failed"),
                                                             ([500, 502], 3, "delivered")])
-def test_apprise_4xx_is_tried_once_and_5xx_retried(hook: Hook, tmp_path: Path,
+def test_apprise_4xx_is_tried_once_and_5xx_retried(hook: Webhook, tmp_path: Path,
                                                     statuses: list[int], tries: int,
                                                     status: str) -> None:
     from broker.alerts import Alert
@@ -284,7 +251,7 @@ def test_apprise_4xx_is_tried_once_and_5xx_retried(hook: Hook, tmp_path: Path,
                   text="link down", priority=9, hosts=("a",))
     outcome = executor.run(alert)
     assert outcome.status == status and len(hook.requests) == tries
-    assert {r["body"]["type"] for r in hook.requests} == {"failure"}
+    assert {r.body["type"] for r in hook.requests} == {"failure"}
     if status == "failed":
         (line,) = [e for e in read_trail(tmp_path)
                    if e["event"] == "alert.failed"]

@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 
+from broker import topology
 from broker.alerts import Alert
 from broker.errors import BrokerUnreachable, IntakeBusy, PublishError, TasyncError, TopologyMissing
 from producers.intake_pool import BrokerCircuit, SenderPool
@@ -103,8 +104,7 @@ def test_an_unreachable_broker_opens_the_circuit_until_a_probe_succeeds() -> Non
 
 
 def test_a_broker_without_the_topology_is_told_apart_from_an_unreachable_one() -> None:
-    missing = TopologyMissing("virtual host 'x' has no tasync topology: run `tasync broker "
-                              "setup` against it")
+    missing = TopologyMissing(topology.setup_advice("x", "exchange tasync.alerts"))
     sender = FakeSender(fail=BrokerUnreachable(
         "broker unreachable at amqp://x: Basic.publish: (404) NOT_FOUND - no exchange"))
     senders = pool([sender], Probe([missing, missing]))
@@ -143,4 +143,15 @@ def test_waiting_requests_are_released_when_the_circuit_opens() -> None:
         gate.set()
         with pytest.raises(BrokerUnreachable):
             first.result()
+    senders.close()
+
+
+def test_a_sender_that_finds_the_topology_missing_opens_the_circuit_with_its_words() -> None:
+    missing = TopologyMissing(topology.setup_advice("x", "exchange tasync.alerts"))
+    sender = FakeSender(fail=missing)
+    senders = pool([sender], Probe([], then=missing))
+    with pytest.raises(TopologyMissing) as raised:
+        senders.send_many([ALERT])
+    assert raised.value is missing and senders.circuit.error is missing
+    assert sender.closed == 1
     senders.close()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
+import amqp.exceptions
 import click
 from click.testing import CliRunner
 
-from broker.errors import InvalidObject, NoAnswer, RemoteError, TasyncError
+from broker import topology
+from broker.errors import InvalidObject, NoAnswer, RemoteError
 from tasync.options import error_json, handle_errors, json_option
 
 
-def command_raising(error: TasyncError) -> click.Command:
+def command_raising(error: Exception) -> click.Command:
     @click.command()
     @json_option
     @handle_errors
@@ -43,3 +45,26 @@ def test_a_local_error_is_named_by_its_class() -> None:
     found = error_json(InvalidObject("bad", errors={"name": ["too long"]}))
     assert (found["type"], found["errors"]) == ("InvalidObject", {"name": ["too long"]})
     assert error_json(NoAnswer("x"))["errors"] == {}
+
+
+def test_a_404_for_a_tasync_object_is_the_topology_missing_said_once_for_everyone() -> None:
+    not_found = amqp.exceptions.NotFound(
+        "NOT_FOUND - no exchange 'tasync.control' in vhost 'v1'", (60, 40), 404)
+    result = CliRunner().invoke(command_raising(not_found), ["--json"])
+    advice = topology.setup_advice("v1", "exchange tasync.control")
+    assert result.exit_code == 1
+    assert result.stderr == f"tasync: {advice}\n"
+    assert json.loads(result.stdout) == {"error": advice, "type": "TopologyMissing",
+                                         "errors": {}, "exit_code": 1}
+
+
+def test_a_connection_broken_mid_command_is_exit_3_in_one_line() -> None:
+    result = CliRunner().invoke(command_raising(ConnectionResetError("reset by peer")), [])
+    assert result.exit_code == 3
+    assert result.stderr.startswith("tasync: lost the connection to the broker (")
+    assert result.stderr.count("\n") == 1
+
+
+def test_any_other_failure_stays_a_traceback_to_report() -> None:
+    result = CliRunner().invoke(command_raising(KeyError("bug")), [])
+    assert isinstance(result.exception, KeyError)
