@@ -23,7 +23,10 @@ def every_command() -> list[tuple[str, click.Command, click.Context]]:
     found: list[tuple[str, click.Command, click.Context]] = []
 
     def walk(command: click.Command, path: str, parent: click.Context | None) -> None:
-        ctx = click.Context(command, info_name=path.rsplit(" ", 1)[-1], parent=parent)
+        # With the command's own context settings (``-h`` as well as ``--help``), as click
+        # makes them when it runs: click keeps the first help option it builds per command.
+        ctx = click.Context(command, info_name=path.rsplit(" ", 1)[-1], parent=parent,
+                            **command.context_settings)
         found.append((path, command, ctx))
         if isinstance(command, click.Group):
             for name in command.list_commands(ctx):
