@@ -103,7 +103,7 @@ class Node:
         self.delivery = DeliveryConsumer(self.ctx, totals=self.totals,
                                          senders=self.admission.senders)
         self.sync = SyncConsumer(self.ctx, on_applied=self._applied,
-                                 admit=self.admission.admit_batch)
+                                 admit=self.admission.admit_batch, own=self.relay)
         self.roles = Roles(self.ctx, self.sync, seat=self.seat, relay=self.relay,
                            admission=self.admission)
         self.control = ControlServer(
