@@ -147,9 +147,9 @@ class Node:
         return self.ctx.lag_changes
 
     def _applied(self, result: ApplyResult) -> None:
+        """Count and refresh the status file; the delivery worker follows the routes itself."""
         self.changes_applied += result.applied
         self._dirty.set()
-        self.delivery.config_changed()
 
     def run(self) -> None:
         """Start every consumer and serve until SIGTERM or SIGINT."""
