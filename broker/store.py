@@ -182,6 +182,10 @@ class NodeStore:
             self._db.close()
             raise StoreDamaged(self.path, str(exc).splitlines()[0][:200]) from None
         self.lock = threading.RLock()
+        #: The eras as last parsed, with the stored text they came from (``history``).
+        self._history: tuple[str | None, EpochHistory] = (None, EpochHistory())
+        #: Per kind, how often this object wrote objects of it; ``""``: every kind (a snapshot).
+        self._versions: dict[str, int] = {}
         with self.lock, self._tx():
             self._migrate_locked()
 
@@ -256,8 +260,18 @@ class NodeStore:
 
     @property
     def history(self) -> EpochHistory:
-        """The eras this node knows (``broker.epochs``)."""
-        return EpochHistory.from_json(self.get_meta("epochs"))
+        """The eras this node knows (``broker.epochs``).
+
+        Read on every commit and every applied batch, and changed only by a promotion, so the
+        parsed value is kept and parsed again only when the stored text differs (a rolled-back
+        transaction leaves the text, and so the value, as it was).
+        """
+        text = self.get_meta("epochs")
+        parsed_from, history = self._history
+        if text != parsed_from:
+            history = EpochHistory.from_json(text)
+            self._history = (text, history)
+        return history
 
     def set_history(self, history: EpochHistory) -> None:
         """Persist the eras; the node's epoch follows the newest one."""
@@ -267,6 +281,20 @@ class NodeStore:
     def _set_history_locked(self, history: EpochHistory) -> None:
         self._set_meta_locked({"epochs": history.to_json(),
                                "epoch": max(self.epoch, history.max_epoch)})
+
+    def kind_version(self, kind: str) -> int:
+        """A number that grows whenever objects of ``kind`` may have changed through this store.
+
+        Held in memory and cheap to read, for a part that keeps something derived from one kind
+        (the delivery worker's subscriptions follow the routes) and must not redo it after every
+        change of other kinds. A snapshot install counts for every kind; a transaction that
+        rolls back may count too (a harmless extra refresh).
+        """
+        return self._versions.get(kind, 0) + self._versions.get("", 0)
+
+    def _bump_locked(self, kinds: Iterable[str]) -> None:
+        for kind in kinds:
+            self._versions[kind] = self._versions.get(kind, 0) + 1
 
     @property
     def diverged(self) -> bool:
@@ -425,6 +453,7 @@ class NodeStore:
             return
         if changes[-1].seq - changes[0].seq != len(changes) - 1:
             raise ValueError("changes must hold consecutive seqs")  # the SQL below reads ranges
+        self._bump_locked({c.kind for c in changes})
         rows = [(c.seq, c.epoch, c.ts, c.origin, c.op, c.kind, c.name,
                  None if c.body is None else canonical(c.body), 1) for c in changes]
         try:
@@ -604,6 +633,7 @@ class NodeStore:
                 [(k, n, canonical(b), seq) for k, n, b in objects],
             )
             self._recount_locked()
+            self._bump_locked([""])
             self._set_meta_locked({"last_seq": seq, "epoch": max(self.epoch, epoch),
                                    "last_ts": ts, "diverged": 0, "snapshot_seq": seq,
                                    _PUBLISHED: seq})

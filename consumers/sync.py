@@ -11,6 +11,12 @@ reports ready only once it holds everything committed before it started.
 
 One lock serialises applying: this consumer's deliveries, and recovery, replay and promotion
 requests that the control server runs in its own thread.
+
+The master's own queue carries its own batches back to it. Judged and applied, each would be
+skipped by seq, so while it is the master the node skips them without decoding: when the
+headers name it as origin, its current epoch and a last seq it holds, and the relay confirms
+the body is byte for byte one it encoded from its own committed rows (``own_batch``). Headers
+alone are never trusted (they are not signed); a backup always takes the full path.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import amqp
 
@@ -42,20 +48,31 @@ log = logging.getLogger("tasync.sync")
 RETRY_S = 10.0
 
 
+class OwnBatches(Protocol):
+    """What the sync consumer needs of the master's relay (``producers.relay.ChangeRelay``)."""
+
+    def own_batch(self, body: bytes, *, epoch: int, last_seq: int) -> bool:
+        """Whether ``body`` is one of this node's own batches of ``epoch`` up to ``last_seq``."""
+
+
 class SyncConsumer(ConsumerLoop):
-    """Consumes ``tasync.sync.<node>``; ``on_applied`` is called after every applied batch."""
+    """Consumes ``tasync.sync.<node>``; ``on_applied`` is called after every applied batch.
+
+    ``own`` (the node's relay) recognises the master's own batches, which it then skips
+    without decoding; without it every batch takes the full path.
+    """
 
     name = "tasync-sync"
 
     def __init__(self, ctx: NodeContext, *,
                  on_applied: Callable[[ApplyResult], None] | None = None,
-                 on_gap: Callable[[int, int], None] | None = None,
-                 admit: Callable[[ChangeBatch, amqp.Message], None] | None = None) -> None:
+                 admit: Callable[[ChangeBatch, amqp.Message], None] | None = None,
+                 own: OwnBatches | None = None) -> None:
         super().__init__(ctx.settings)
         self.ctx = ctx
         self.name = f"tasync-sync-{ctx.node}"
         self.on_applied = on_applied or (lambda _r: None)
-        self.on_gap = on_gap
+        self.own = own
         #: Set once the start-up catch-up is done; the node is ready when its control server
         #: also listens (``tasync.node``).
         self.caught_up = threading.Event()
@@ -109,6 +126,9 @@ class SyncConsumer(ConsumerLoop):
                 log.warning("cannot recover yet: %s; trying again in %g s", exc, RETRY_S)
 
     def _on_message(self, message: amqp.Message) -> None:
+        if self._is_own_applied(message):
+            self.channel.basic_ack(message.delivery_tag)
+            return
         try:
             item = self._decode(message)
         except Exception as exc:  # a poison message must not wedge the node: quarantine it
@@ -129,6 +149,31 @@ class SyncConsumer(ConsumerLoop):
             if self.ctx.store.diverged and not self.ctx.is_master:
                 self.recovery.recover(reason="diverged")
         self.channel.basic_ack(message.delivery_tag)
+
+    def _is_own_applied(self, message: amqp.Message) -> bool:
+        """Whether ``message`` is the master's own batch, which the full path would only skip.
+
+        The headers are a hint anyone who may publish could forge, so they only pick the
+        candidates: the body must also be one the relay encoded from this node's rows of the
+        same epoch (``OwnBatches``). Such a body decodes to changes of this node's current era,
+        all at or below its last seq: judged, the era owns them; applied, each is skipped by
+        seq, with no trail line for one's own origin and no ``on_applied``. Role, epoch and
+        seq are read under the store's lock, which a step-down or promotion also takes; the
+        body is hashed before, outside it.
+        """
+        if self.own is None:
+            return False
+        headers = message.properties.get("application_headers") or {}
+        epoch, last_seq = headers.get("epoch"), headers.get("last-seq")
+        if (headers.get("origin") != self.ctx.node or type(epoch) is not int
+                or type(last_seq) is not int):
+            return False
+        if not self.own.own_batch(message_body(message), epoch=epoch, last_seq=last_seq):
+            return False
+        store = self.ctx.store
+        with store.lock:
+            return (self.ctx.is_master and store.epoch == epoch and store.last_seq >= last_seq
+                    and not store.diverged)
 
     def _apply_live(self, batch: ChangeBatch) -> None:
         if self.ctx.store.diverged and not self.ctx.is_master:

@@ -25,14 +25,22 @@ Every request may carry an id. The master keeps the ids it committed, with the s
 became, and the batches carry them to every backup: a client that lost its answer asks again
 with the same id and gets the first result instead of a second commit, whichever node is the
 master by then.
+
+Every batch message names its seqs, epoch and origin in headers. The master's own sync queue
+receives its batches too; they are already in its store, so its sync consumer skips them
+without decoding them. Headers are not signed, so they only select the candidates: the relay
+remembers a digest of every batch body it encoded from its own committed rows (``own_batch``),
+and only a body byte for byte equal to one of those is skipped (``consumers.sync``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -64,6 +72,10 @@ OUTBOX_PAGE = 5000
 PASS_BYTES = 16 << 20
 #: How long the background publisher waits after a failed pass before it tries again.
 RETRY_AFTER_S = 1.0
+#: Digests of own batch bodies kept for the master's sync consumer (``own_batch``): four
+#: imports of 1,000,000 changes, 32 bytes each; the oldest are forgotten (and a forgotten body
+#: takes the full path, which skips it by seq).
+OWN_BODIES_KEPT = 4096
 
 
 def _never(reason: str) -> NoReturn:
@@ -96,8 +108,27 @@ def batch_messages(batches: Iterable[ChangeBatch], keyring: KeyRing | None) -> l
 
 
 def _message(batch: ChangeBatch, body: bytes, keyring: KeyRing | None) -> Outgoing:
-    return _signed(body, {"tasync-type": "changes", "first-seq": batch.first_seq,
-                          "last-seq": batch.last_seq}, keyring)
+    return _signed(body, batch_headers(batch.first_seq, batch.last_seq, batch.epoch,
+                                       batch.origin), keyring)
+
+
+def batch_headers(first_seq: int, last_seq: int, epoch: int, origin: str) -> dict[str, object]:
+    """What a batch message says of itself outside its body (unsigned: a hint, never trusted).
+
+    A node reads ``origin``, ``epoch`` and ``last-seq`` to tell its own batches from others'
+    without decoding them; an operator sees them in the management UI.
+    """
+    return {"tasync-type": "changes", "first-seq": first_seq, "last-seq": last_seq,
+            "epoch": epoch, "origin": origin}
+
+
+def body_digest(body: bytes) -> bytes:
+    """A collision-resistant digest of a message body (what ``own_batch`` compares).
+
+    SHA-256: the fastest of ``hashlib``'s on processors with SHA extensions (about 1 GB/s
+    here, against 0.6 GB/s for BLAKE2b), a few times cheaper than decoding the batch.
+    """
+    return hashlib.sha256(body).digest()
 
 
 def _signed(body: bytes, headers: dict[str, object], keyring: KeyRing | None) -> Outgoing:
@@ -140,11 +171,13 @@ def _batch(changes: list[Change]) -> ChangeBatch:
 
 @dataclass(frozen=True)
 class _Outgoing:
-    """One batch read from the outbox, encoded: the seqs it covers and its message body."""
+    """One batch read from the outbox, encoded: its seqs, epoch, origin and message body."""
 
     first_seq: int
     last_seq: int
     body: bytes
+    epoch: int
+    origin: str
 
 
 def outbox_batches(rows: Iterable[tuple[Any, ...]], requests: dict[int, list[tuple[str, int]]],
@@ -168,7 +201,7 @@ def outbox_batches(rows: Iterable[tuple[Any, ...]], requests: dict[int, list[tup
         body = head[:-1] + b',"changes":[' + b",".join(parts) + b"]"
         if ids:
             body += b',"requests":' + messages.encode_value([list(r) for r in ids])
-        return _Outgoing(first, last, body + b"}")
+        return _Outgoing(first, last, body + b"}", key[0], key[1])
 
     for seq, epoch, ts, origin, op, kind, name, text in rows:
         head = messages.encode_value({"epoch": epoch, "seq": seq, "ts": ts, "origin": origin,
@@ -225,11 +258,35 @@ class ChangeRelay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed = False  # the fault fired (``RelayFaults``)
+        #: Digest of every own batch body encoded here -> (epoch, last seq), oldest first.
+        self._own: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+        self._own_lock = threading.Lock()
 
     def publish_mark(self, mark: EpochMark) -> None:
         """Publish a promotion's epoch mark with confirms, signed like the changes."""
         self.seat.publish([_signed(messages.encode(mark),
                                    {"tasync-type": "epoch", "epoch": mark.epoch}, self.keyring)])
+
+    def own_batch(self, body: bytes, *, epoch: int, last_seq: int) -> bool:
+        """Whether ``body`` is a batch this relay encoded from its own rows of ``epoch``.
+
+        True only for a body byte for byte equal to one encoded by ``_publish_pass`` from
+        changes this node committed in ``epoch``, up to ``last_seq``: decoding it would give
+        changes the store already holds. Each body is recognised once (a redelivery takes the
+        full path).
+        """
+        with self._own_lock:
+            known = self._own.pop(body_digest(body), None)
+        return known == (epoch, last_seq)
+
+    def _remember(self, batch: _Outgoing) -> None:
+        """Remember an own batch before it is published (its sync queue may hold it at once)."""
+        if batch.origin != self.node:
+            return
+        with self._own_lock:
+            self._own[body_digest(batch.body)] = (batch.epoch, batch.last_seq)
+            while len(self._own) > OWN_BODIES_KEPT:
+                self._own.popitem(last=False)
 
     # -- the outbox -----------------------------------------------------------------------------
 
@@ -280,9 +337,9 @@ class ChangeRelay:
                                         max_bytes=self.batch_max_bytes):
                 ends.append(batch.last_seq)
                 size += len(batch.body)
-                out.append(_signed(batch.body, {"tasync-type": "changes",
-                                                "first-seq": batch.first_seq,
-                                                "last-seq": batch.last_seq}, self.keyring))
+                self._remember(batch)
+                out.append(_signed(batch.body, batch_headers(
+                    batch.first_seq, batch.last_seq, batch.epoch, batch.origin), self.keyring))
             cursor = rows[-1][0]
         failpoint = self.faults.name
         cut = failpoint in ("publish-timeout", "exit-mid-publish") and not self._failed \

@@ -103,7 +103,7 @@ class Node:
         self.delivery = DeliveryConsumer(self.ctx, totals=self.totals,
                                          senders=self.admission.senders)
         self.sync = SyncConsumer(self.ctx, on_applied=self._applied,
-                                 admit=self.admission.admit_batch)
+                                 admit=self.admission.admit_batch, own=self.relay)
         self.roles = Roles(self.ctx, self.sync, seat=self.seat, relay=self.relay,
                            admission=self.admission)
         self.control = ControlServer(
@@ -147,9 +147,9 @@ class Node:
         return self.ctx.lag_changes
 
     def _applied(self, result: ApplyResult) -> None:
+        """Count and refresh the status file; the delivery worker follows the routes itself."""
         self.changes_applied += result.applied
         self._dirty.set()
-        self.delivery.config_changed()
 
     def run(self) -> None:
         """Start every consumer and serve until SIGTERM or SIGINT."""

@@ -35,6 +35,9 @@ from consumers.totals import open_db
 
 log = logging.getLogger("tasync.delivery")
 
+#: The one configuration kind the subscriptions are derived from (``routes``).
+ROUTE_KIND = "route"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS consumed (key TEXT PRIMARY KEY, hosts TEXT NOT NULL, since REAL);
 """
@@ -114,7 +117,8 @@ class Subscriptions:
 
     def routes(self) -> list[tuple[str, ...]]:
         """The precedence lists of every named route in the replicated configuration."""
-        return [tuple(body.get("hosts", ())) for _k, _n, body in self.ctx.store.objects("route")]
+        return [tuple(body.get("hosts", ()))
+                for _k, _n, body in self.ctx.store.objects(ROUTE_KIND)]
 
     def _announce(self, hosts: tuple[str, ...]) -> None:
         """Record a list on the host-list stream unless it is recorded already.

@@ -14,8 +14,10 @@ reason), and acknowledge the batch once the broker confirmed those (``settle``).
 
 Which lists: every list that names this node, for good (``subscriptions``). It waits to take
 alerts until it has read the handled stream up to now, so a node that returns knows what the
-others delivered meanwhile. The runtime calls ``config_changed`` after each applied
-configuration batch.
+others delivered meanwhile. Of the replicated configuration only the routes decide which lists
+it consumes, so it subscribes again when the store's routes changed (``NodeStore.kind_version``,
+an in-memory count the worker reads at every idle moment), not after every change; the host-list
+watcher calls ``config_changed`` when it learns a list naming this node.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from consumers.delivery.handled import HandledWatcher
 from consumers.delivery.hostlists import HostListWatcher
 from consumers.delivery.lists import ListMonitor
 from consumers.delivery.settle import Settler
-from consumers.delivery.subscriptions import Subscriptions
+from consumers.delivery.subscriptions import ROUTE_KIND, Subscriptions
 from consumers.delivery.trace import trail_lines
 from consumers.quarantine import alert_identity, dead_copy, quarantine_copy
 from consumers.totals import Tally, Totals
@@ -77,7 +79,6 @@ log = logging.getLogger("tasync.delivery")
 BATCH_MAX = 500
 STOP_GRACE_S = 5.0
 RESYNC_S = 60.0
-SEQ_CHECK_S = 0.5
 #: How long a ``lists`` request waits for a check made after it arrived.
 LISTS_FRESH_S = 2.0
 
@@ -151,8 +152,7 @@ class DeliveryConsumer(ConsumerLoop):
         self._gate_deadline: float | None = None
         self._gate_passed = False
         self._last_resync = time.monotonic()
-        self._last_seq_check = 0.0
-        self._seen_seq = -1
+        self._seen_routes = -1
         if senders is None and (ctx.data_dir / ALERT_HOSTS_FILE).exists():
             senders = AllowList.load(ctx.data_dir / ALERT_HOSTS_FILE)
         self.admission = Admission(senders=senders)
@@ -173,7 +173,7 @@ class DeliveryConsumer(ConsumerLoop):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def config_changed(self) -> None:
-        """Re-read routes and lists soon; thread-safe, called after each applied config batch."""
+        """Re-read routes and lists soon; thread-safe (the host-list watcher's new lists)."""
         self._changed.set()
 
     def control_handlers(self) -> dict[ControlOp, Callable[[dict[str, Any]], dict[str, Any]]]:
@@ -271,22 +271,21 @@ class DeliveryConsumer(ConsumerLoop):
         return True
 
     def on_idle(self) -> None:
-        """Re-subscribe after a configuration change, check the lists' queues now and then.
+        """Re-subscribe after a change of routes or lists, check the lists' queues now and then.
 
-        Besides ``config_changed``, the store's seq is looked at twice a second: the master
-        commits its own changes without an "applied" event, and a missed call must not leave
-        a route unconsumed.
+        The routes are followed through the store's count of route writes, read here at every
+        idle moment: it moves with a backup's applied batches, the master's own commits, a
+        replay and a snapshot alike, and changes of other kinds leave the subscriptions alone.
+        A resync every ``RESYNC_S`` remains as a backstop.
         """
         self.lists.tick()
         now = time.monotonic()
         if self._gate_deadline is not None and not self._open_gate():
             return
-        if now - self._last_seq_check >= SEQ_CHECK_S:
-            self._last_seq_check = now
-            seq = self.ctx.store.last_seq
-            if seq != self._seen_seq:
-                self._seen_seq = seq
-                self._changed.set()
+        routes = self.ctx.store.kind_version(ROUTE_KIND)
+        if routes != self._seen_routes:
+            self._seen_routes = routes
+            self._changed.set()
         if self._changed.is_set() or now - self._last_resync > RESYNC_S:
             self._changed.clear()
             self._last_resync = now

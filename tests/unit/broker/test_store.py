@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from broker.epochs import EpochHistory, Era
 from broker.errors import GapError
 from broker.kinds import KINDS
 from broker.messages import Change, ChangeBatch
@@ -418,3 +419,28 @@ def test_a_damaged_file_is_reported_not_a_traceback(tmp_path: Path) -> None:
     with pytest.raises(StoreDamaged) as caught:
         NodeStore(tmp_path, durable=False, verify=True)
     assert "is unreadable" in str(caught.value) and "\n" not in str(caught.value)
+
+
+# -- what changed, per kind, and the eras as parsed -----------------------------------------------
+
+
+def test_kind_version_moves_only_for_the_kinds_written(store: NodeStore) -> None:
+    route, destination = store.kind_version("route"), store.kind_version("destination")
+    store.apply(batch(setc(1, "destination", "d1", {"url": "file:///one"})))
+    assert store.kind_version("route") == route
+    assert store.kind_version("destination") > destination
+    store.commit([setc(2, "route", "r", {"hosts": ["a"]})])  # a master's own commit counts too
+    assert store.kind_version("route") > route
+    route = store.kind_version("route")
+    store.apply(batch(setc(2, "route", "r", {"hosts": ["a"]})))  # held already: nothing written
+    assert store.kind_version("route") == route
+    store.replace_all([], seq=9, epoch=1, ts=1.0)  # a snapshot may change every kind
+    assert store.kind_version("route") > route and store.kind_version("node") > 0
+
+
+def test_history_is_parsed_again_only_when_its_stored_text_changes(store: NodeStore) -> None:
+    first = EpochHistory().learn(Era(1, 0, "a"))
+    store.set_history(first)
+    assert store.history is store.history == first
+    store.set_history(first.learn(Era(2, 5, "b")))
+    assert store.history.max_epoch == 2 and store.history.current == Era(2, 5, "b")

@@ -92,3 +92,34 @@ def test_a_failing_destination_goes_to_the_dead_letters_with_its_reason(
     assert "cannot append to the file" in str(headers)
     wait_for(lambda: settled(memory_broker), timeout_s=10.0, what="the alert acknowledged")
     assert (worker.totals.lookup("alert-2") or {}).get("outcome") == "failed"
+
+
+def test_subscriptions_follow_route_changes_and_ignore_other_kinds(
+        node: tuple[NodeContext, DeliveryConsumer], monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, worker = node
+    idle, syncs = [0], [0]
+    on_idle, sync = worker.on_idle, worker.subscriptions.sync
+
+    def counted_idle() -> None:
+        on_idle()
+        idle[0] += 1
+
+    def counted_sync() -> None:
+        syncs[0] += 1
+        sync()
+
+    monkeypatch.setattr(worker, "on_idle", counted_idle)
+    monkeypatch.setattr(worker.subscriptions, "sync", counted_sync)
+    wait_for(lambda: idle[0] >= 3, timeout_s=10.0, what="the worker settled after its start")
+    syncs[0] = 0
+    now = time.time()
+    ctx.store.apply(batch(Change(epoch=1, seq=4, ts=now, origin="a", op="set",
+                                 kind="destination", name="more", body={"url": "file:///x"})))
+    seen = idle[0]
+    wait_for(lambda: idle[0] >= seen + 3, timeout_s=10.0, what="the worker idle after it")
+    assert syncs == [0]  # a destination does not decide which lists the node consumes
+    ctx.store.apply(batch(Change(epoch=1, seq=5, ts=now, origin="a", op="set", kind="route",
+                                 name="r", body={"hosts": ["b", "c"]})))
+    wait_for(lambda: "b.c" in worker.status()["lists"], timeout_s=10.0,
+             what="the route's list consumed")
+    assert syncs == [1]

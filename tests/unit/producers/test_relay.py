@@ -109,7 +109,7 @@ def test_batch_messages_without_a_key_ring_are_unsigned() -> None:
         assert msg.persistent
         assert SIGNATURE_HEADER not in msg.headers
         assert msg.headers == {"tasync-type": "changes", "first-seq": b.first_seq,
-                               "last-seq": b.last_seq}
+                               "last-seq": b.last_seq, "epoch": b.epoch, "origin": b.origin}
         assert decode(msg.body, max_bytes=1 << 20, expect="changes") == b
 
 
@@ -231,3 +231,50 @@ def test_outbox_batches_splice_stored_bodies_and_request_ids(tmp_path: Path) -> 
     decoded = [decode(b.body, max_bytes=1 << 30, expect="changes") for b in batches]
     assert [c for d in decoded for c in d.changes] == cs
     assert [d.requests for d in decoded] == [(), (), (("req-1", 1),)]
+
+
+# -- own batches: what the master's sync consumer may skip without decoding ------------------------
+
+
+class RecordingSeat:
+    """A seat whose broker confirms everything; keeps what was published."""
+
+    held = True
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def publish(self, out: Any, *, window_bytes: int | None = None,
+                on_confirmed: Any = None) -> int:
+        self.sent += list(out)
+        return len(self.sent)
+
+
+def test_own_batch_recognises_each_published_body_once(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path, durable=False)
+    store.commit(changes(5))
+    seat = RecordingSeat()
+    relay = ChangeRelay(store, node="master", seat=seat,  # type: ignore[arg-type]
+                        batch_max_changes=3)
+    relay.publish_outbox()
+    first, second = seat.sent
+    assert (first.headers["origin"], first.headers["epoch"], first.headers["last-seq"]) == (
+        "master", 3, 3)
+    assert relay.own_batch(bytes(first.body), epoch=3, last_seq=3)
+    assert not relay.own_batch(first.body, epoch=3, last_seq=3)  # a repeat takes the full path
+    assert not relay.own_batch(second.body + b" ", epoch=3, last_seq=5)  # another body
+    assert not relay.own_batch(second.body, epoch=2, last_seq=5)  # another epoch
+    assert not relay.own_batch(second.body, epoch=3, last_seq=5)  # a mismatch forgot it
+    store.close()
+
+
+def test_batches_of_another_origin_are_never_remembered_as_own(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path, durable=False)
+    store.commit(changes(2, origin="elsewhere"))
+    seat = RecordingSeat()
+    relay = ChangeRelay(store, node="master", seat=seat)  # type: ignore[arg-type]
+    relay.publish_outbox()
+    (message,) = seat.sent
+    assert message.headers["origin"] == "elsewhere"
+    assert not relay.own_batch(message.body, epoch=3, last_seq=2)
+    store.close()
