@@ -35,8 +35,9 @@ from benchmarks.common import Broker, Network, log, wait_for
 from benchmarks.measure import RESULTS_DIR, write_json
 
 TRACE_PATH = Path(__file__).resolve().parent / "flowtrace"
-#: Quiet time before a flow: the window the nodes' background is read from.
-IDLE_S = 3.0
+#: Quiet time before a flow, the window the nodes' background is read from: longer than the
+#: longest periodic check a node runs (stranded lists, every 5 s).
+IDLE_S = 6.0
 
 
 def tasync(url: str, env: dict[str, str], *args: str) -> None:
