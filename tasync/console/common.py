@@ -33,6 +33,15 @@ class Auth:
     user: User
 
 
+def actor(auth: Auth) -> str:
+    """How the trail names a console user: ``console:NAME``.
+
+    User names are plain (``tasync.console.users.USER_NAME_RE``), so a trail line holds the
+    name as it is and ``grep by=console:alice`` finds what alice did.
+    """
+    return f"console:{auth.user.name}"
+
+
 Handler = Callable[[Request, Auth], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from broker.audit import read_trail
 from tests.console.conftest import ConsoleServer, log_in, screenshot
 from tests.integration.test_replication import assert_identical
 from tests.network import Network
@@ -36,6 +37,17 @@ def csp_violations(messages: list[str]) -> list[str]:
 def config_show(trio: Network, kind: str) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = json.loads(trio.cli("config", "show", kind, "--json").stdout)
     return objects
+
+
+def audited(trio: Network, event: str, node: str = "a", **match: str) -> list[dict[str, str]]:
+    """``event``'s lines in ``node``'s trail file matching ``match``, with the fields asked for.
+
+    Read from the node's own trail file (what an auditor greps), not from any log.
+    """
+    lines = [t for t in read_trail(trio.nodes[node].data_dir) if t["event"] == event
+             and all(t.get(k) == v for k, v in match.items())]
+    keep = ("by", "op", "kind", "name", "id")
+    return [{k: t[k] for k in keep if k in t} for t in lines]
 
 
 def test_log_in_and_see_every_node(browser: Any, console: ConsoleServer) -> None:
@@ -94,6 +106,8 @@ def test_an_invalid_destination_is_explained_beside_the_field_then_applied_every
     page.click("#save")
     page.wait_for_url("**/config/destination")
     assert "ops-hook: committed seq" in page.inner_text(".flash")
+    assert audited(trio, "change.committed", name="ops-hook") == [
+        {"by": "console:alice", "op": "set", "kind": "destination", "name": "ops-hook"}]
     row = page.locator("tr[data-name='ops-hook']")
     assert row.locator(".value-url").inner_text() == "file:///tmp/ops-hook.jsonl"
     screenshot(page, "config")
@@ -117,6 +131,8 @@ def test_an_invalid_destination_is_explained_beside_the_field_then_applied_every
     page.click("#confirm-delete")
     page.wait_for_url("**/config/destination")
     assert "ops-hook deleted: committed" in page.inner_text(".flash")
+    assert [t["op"] for t in audited(trio, "change.committed", name="ops-hook")] == [
+        "set", "set", "delete"]  # each change through the console, on the master's trail
     assert config_show(trio, "destination") == []
     assert not csp_violations(messages), messages
     page.context.close()
