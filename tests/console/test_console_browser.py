@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -166,6 +167,75 @@ def test_hostile_names_and_texts_render_as_text(browser: Any, console: ConsoleSe
     page.context.close()
     trio.cli("config", "set", "node", "a", "--description", "")
     trio.cli("config", "delete", "destination", "hostile")
+
+
+#: An alert text that is markup, quotes and terminal control characters at once.
+ALERT_TEXT = HOSTILE + "\x07 bell \x1b[31mred"
+#: An alert id may be any printable ASCII without spaces: markup and quotes included.
+HOSTILE_ID = "<i>\"t1'</i>"
+
+
+def delivered_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def test_send_a_test_alert_and_trace_it(browser: Any, console: ConsoleServer,
+                                        trio: Network) -> None:
+    out = trio.root / "console-out.jsonl"
+    trio.cli("config", "set", "destination", "console-out", "--url", f"file://{out}")
+    trio.cli("config", "set", "route", "ab", "--host", "a", "--host", "b", "--wait-applied")
+    page = log_in(browser, console, "olga")
+    messages = watch_console(page)
+    assert page.inner_text("#who") == "olga (operator)"
+    page.click("header >> text=Alerts")
+    page.wait_for_url("**/alerts")
+    page.select_option("#f-target", "destination:console-out")
+    page.select_option("#f-route", "ab")
+    page.fill("#f-hosts", "a b")
+    page.fill("#f-text", ALERT_TEXT)
+    page.fill("#f-id", HOSTILE_ID)
+    page.click("#send")
+    assert "not both" in page.inner_text("#err-route")  # refused beside the field, kept
+    assert page.input_value("#f-id") == HOSTILE_ID
+    page.fill("#f-hosts", "a zz")
+    page.select_option("#f-route", "")
+    page.click("#send")
+    assert "unknown node 'zz'" in page.inner_text("#err-hosts")  # the sender's own check
+    page.fill("#f-hosts", "")
+    page.select_option("#f-route", "ab")
+    page.click("#send")
+
+    page.wait_for_url("**/alerts/trace?id=*")
+    assert f"sent alert {HOSTILE_ID} to destination console-out along a b" in \
+        page.inner_text(".flash")
+    page.evaluate("window.__same_page = 1")
+    page.wait_for_selector("#trace-live[data-outcome='delivered']")  # refreshed in place
+    assert page.evaluate("window.__same_page") == 1
+    (line,) = wait_for(lambda: delivered_lines(out), what="the alert in the file")
+    assert (line["id"], line["text"], line["node"]) == (HOSTILE_ID, ALERT_TEXT, "a")
+    assert page.inner_text("#trace-of") == HOSTILE_ID
+    assert "by console:olga" in page.inner_text("#accepted")
+    delivered = page.locator("tr[data-event='alert.delivered']")
+    assert delivered.count() == 1 and "destination=console-out" in delivered.inner_text()
+    screenshot(page, "trace")
+    # the delivering node's trail names who sent it
+    assert any(t["event"] == "alert.delivered" and t.get("sender") == "console:olga"
+               and t.get("id") == HOSTILE_ID for t in read_trail(trio.nodes["a"].data_dir))
+
+    # traced again from the box, as someone on call would
+    page.goto(console.url + "/alerts")
+    page.fill("#trace-id", HOSTILE_ID)
+    page.click("#trace")
+    assert page.inner_text("#outcome") == "delivered"
+    page.fill("#trace-id", "never-sent")
+    page.click("#trace")
+    assert "Nothing is known of this id" in page.inner_text("#trace-unknown")
+    assert page.locator("main i, main b, main img, main script").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert not csp_violations(messages), messages
+    page.context.close()
 
 
 def test_a_viewer_cannot_change_anything(browser: Any, console: ConsoleServer,
