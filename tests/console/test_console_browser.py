@@ -238,6 +238,67 @@ def test_send_a_test_alert_and_trace_it(browser: Any, console: ConsoleServer,
     page.context.close()
 
 
+def send_from_page(page: Any, console: ConsoleServer, target: str, text: str,
+                   alert_id: str) -> None:
+    """Send a test alert through the alerts page along route ab; lands on its trace."""
+    page.goto(console.url + "/alerts")
+    page.select_option("#f-target", target)
+    page.select_option("#f-route", "ab")
+    page.fill("#f-text", text)
+    page.fill("#f-id", alert_id)
+    page.click("#send")
+    page.wait_for_url("**/alerts/trace?id=*")
+
+
+def test_a_dead_letter_is_seen_then_re_sent_once_its_destination_is_fixed(
+        browser: Any, console: ConsoleServer, trio: Network) -> None:
+    broken = f"file://{trio.root}/no-such-directory/out.jsonl"
+    fixed = trio.root / "console-fixed.jsonl"
+    trio.cli("config", "set", "destination", "console-dead", "--url", broken,
+             "--wait-applied")
+    page = log_in(browser, console, "olga")
+    messages = watch_console(page)
+    send_from_page(page, console, "destination:console-dead", ALERT_TEXT, "dead-1")
+    page.wait_for_selector("#trace-live[data-outcome='dead']")  # retried, then dead
+    assert "cannot append to the file" in page.inner_text(".dead-row")
+
+    page.click("#tab-dead")
+    page.wait_for_url("**/alerts/dead")
+    row = page.locator("tr[data-key='dead-1']")
+    assert "No such file or directory" in row.locator(".reason").inner_text()
+    assert row.locator(".text").inner_text().startswith("<script>window.__pwned=1</script>")
+    screenshot(page, "dead")
+    row.locator(".key a").click()
+    page.wait_for_url("**/alerts/dead/show?key=dead-1")
+    shown = ALERT_TEXT.replace("\x07", "\\x07").replace("\x1b", "\\x1b")
+    assert page.inner_text("#message-text") == shown  # control characters spelled out
+    assert page.inner_text(".m-node") == "a" and page.inner_text(".m-attempts") == "3"
+
+    # an admin fixes the destination in the console; the operator re-sends
+    admin = log_in(browser, console, "alice")
+    admin.goto(console.url + "/config/destination/console-dead/edit")
+    admin.fill("#f-url", f"file://{fixed}")
+    admin.click("#save")
+    admin.wait_for_url("**/config/destination")
+    admin.context.close()
+    trio.settle()
+    page.click("#re-send")
+    page.wait_for_url("**/alerts/trace?id=dead-1")
+    assert "re-sent dead-1 along a b" in page.inner_text(".flash")
+    page.wait_for_selector("#trace-live[data-outcome='delivered']")
+    assert page.locator("tr[data-event='alert.requeued']").count() == 1
+    (line,) = wait_for(lambda: delivered_lines(fixed), what="the re-sent alert in the file")
+    assert (line["id"], line["text"]) == ("dead-1", ALERT_TEXT)
+    assert audited(trio, "alert.requeued", id="dead-1") == [
+        {"by": "console:olga", "id": "dead-1"}]
+    page.goto(console.url + "/alerts/dead")
+    assert page.locator("tr[data-key='dead-1']").count() == 0
+    assert page.inner_text("#dead-total").startswith("0 in the queue")
+    assert page.evaluate("window.__pwned") is None
+    assert not csp_violations(messages), messages
+    page.context.close()
+
+
 def test_a_viewer_cannot_change_anything(browser: Any, console: ConsoleServer,
                                          trio: Network) -> None:
     page = log_in(browser, console, "victor")
