@@ -42,6 +42,7 @@ from tasync.console.common import (
 )
 from tasync.console.config_pages import ConfigPages
 from tasync.console.network_view import StatusSource, view_rows
+from tasync.console.ops_pages import OpsPages
 from tasync.console.security import SecurityHeaders
 from tasync.console.sessions import (
     COOKIE,
@@ -90,6 +91,7 @@ class Console:
         """The console's routes, relative to where it is mounted, with its headers on all."""
         config = ConfigPages(self)
         alerts = AlertPages(self)
+        ops = OpsPages(self, self.status)
         routes: list[BaseRoute] = [
             Route("/", self._home, methods=["GET"]),
             Route("/login", self._login_page, methods=["GET"]),
@@ -99,6 +101,7 @@ class Console:
             Route("/network/live", self.guard("viewer", self._network_live), methods=["GET"]),
             *config.routes(),
             *alerts.routes(),
+            *ops.routes(),
             Mount("/static", app=StaticFiles(packages=[("tasync.console", "static")])),
         ]
         return [Mount("", routes=routes, middleware=[Middleware(SecurityHeaders)])]

@@ -35,6 +35,12 @@ def csp_violations(messages: list[str]) -> list[str]:
     return [m for m in messages if "Content Security Policy" in m]
 
 
+def status(trio: Network) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(trio.cli("status", "--json",
+                                                     check=False).stdout)["nodes"]
+    return rows
+
+
 def config_show(trio: Network, kind: str) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = json.loads(trio.cli("config", "show", kind, "--json").stdout)
     return objects
@@ -319,8 +325,37 @@ def test_a_viewer_cannot_change_anything(browser: Any, console: ConsoleServer,
     deleted = page.request.post(console.url + "/config/node/b/delete", form={"csrf": csrf},
                                 headers={"Origin": console.url})
     assert deleted.status == 403
-    assert config_show(trio, "destination") == []
+    assert "viewers" not in {o["name"] for o in config_show(trio, "destination")}
     assert {o["name"] for o in config_show(trio, "node")} == {"a", "b", "c"}
+
+    # no action of the alert pages or the operations either: hidden, and refused by the server
+    page.goto(console.url + "/alerts")
+    assert page.locator("#trace-id").count() == 1 and page.locator("#send-form").count() == 0
+    page.goto(console.url + "/alerts/dead")
+    assert page.locator(".re-send").count() == 0
+    page.goto(console.url + "/network")
+    page.wait_for_selector("tr[data-node='b']")
+    assert page.locator("a.promote").count() == 0
+    answer = page.goto(console.url + "/operations/promote?node=b")
+    assert answer is not None and answer.status == 403
+    for path, form in (("/alerts/send", {"target": "destination:console-out", "route": "ab",
+                                         "text": "from a viewer"}),
+                       ("/alerts/dead/requeue", {"key": "dead-1"}),
+                       ("/operations/promote", {"node": "b"})):
+        posted = page.request.post(console.url + path, form={"csrf": csrf, **form},
+                                   headers={"Origin": console.url})
+        assert posted.status == 403 and "your role (viewer) may not" in posted.text(), path
+    page.context.close()
+
+    # an operator sends and re-sends, but promotes nothing
+    page = log_in(browser, console, "olga")
+    page.wait_for_selector("tr[data-node='b']")
+    assert page.locator("a.promote").count() == 0
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    posted = page.request.post(console.url + "/operations/promote",
+                               form={"csrf": csrf, "node": "b"}, headers={"Origin": console.url})
+    assert posted.status == 403 and "it needs admin" in posted.text()
+    assert sorted(r["node"] for r in status(trio) if r["role"] == "master") == ["a"]
     page.context.close()
 
 
@@ -354,7 +389,7 @@ def test_a_cross_site_form_post_is_refused(browser: Any, console: ConsoleServer,
                              data={"name": "evil", "url": "file:///tmp/e"},
                              headers={"Origin": console.url})
         assert answer.status_code == 403 and "expired" in answer.text  # no CSRF token
-    assert config_show(trio, "destination") == []
+    assert "evil" not in {o["name"] for o in config_show(trio, "destination")}
     page.context.close()
 
 
@@ -386,6 +421,30 @@ def test_pages_carry_a_strict_policy_and_the_cookie_is_guarded(console: ConsoleS
     log = console.log()
     assert "login refused for 'alice'" in log and "'alice' logged in (admin)" in log
     assert all(p not in log for p in console.passwords.values())
+
+
+def test_promote_a_backup_after_a_confirmation(browser: Any, console: ConsoleServer,
+                                               trio: Network) -> None:
+    page = log_in(browser, console, "alice")
+    messages = watch_console(page)
+    page.wait_for_selector("tr[data-node='b'] a.promote")
+    assert page.locator("tr[data-node='a'] a.promote").count() == 0  # the master has none
+    page.click("tr[data-node='b'] a.promote")
+    page.wait_for_url("**/operations/promote?node=b")
+    what = page.inner_text("#what-happens")
+    assert "b becomes the master of the network with a new epoch, 2" in what
+    assert "The current master, a, is asked to step down" in what
+    screenshot(page, "promote")
+    page.click("#confirm-promote")
+    page.wait_for_url("**/network")
+    assert "b is the master now: epoch 2" in page.inner_text(".flash")
+    assert "a stepped down" in page.inner_text(".flash")
+    page.wait_for_selector("tr[data-node='b'].master")  # the live table shows the new master
+    assert "master" not in page.locator("tr[data-node='a']").get_attribute("class").split()
+    assert sorted(r["node"] for r in status(trio) if r["role"] == "master") == ["b"]
+    assert audited(trio, "master.promoted", node="b") == [{"by": "console:alice"}]
+    assert not csp_violations(messages), messages
+    page.context.close()
 
 
 def test_a_killed_node_turns_down_without_a_reload(browser: Any, console: ConsoleServer,
