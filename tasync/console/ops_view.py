@@ -51,7 +51,8 @@ def plan(report: NetworkStatus, node: str) -> dict[str, Any]:
     seq, lag = row.get("applied_seq"), row.get("lag")
     behind = f", {lag} behind the master" if lag else ""
     steps.append(f"{node} first applies every change the broker confirmed (it is at seq "
-                 f"{seq}{behind}); configuration changes wait until it is done, a few seconds.")
+                 f"{seq}{behind}); meanwhile, a few seconds, no master takes configuration "
+                 "changes.")
     steps.append("Alerts go on being delivered: delivery does not depend on the master.")
     warnings = []
     if not row.get("alive"):

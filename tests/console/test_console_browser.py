@@ -333,6 +333,9 @@ def test_a_viewer_cannot_change_anything(browser: Any, console: ConsoleServer,
     assert page.locator("#trace-id").count() == 1 and page.locator("#send-form").count() == 0
     page.goto(console.url + "/alerts/dead")
     assert page.locator(".re-send").count() == 0
+    quarantine = page.goto(console.url + "/alerts/quarantine")
+    assert quarantine is not None and quarantine.status == 200
+    assert page.inner_text("#dead-total").endswith("in the queue.")
     page.goto(console.url + "/network")
     page.wait_for_selector("tr[data-node='b']")
     assert page.locator("a.promote").count() == 0
