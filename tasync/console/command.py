@@ -38,7 +38,7 @@ def _listen(value: str) -> tuple[str, int]:
 @handle_errors
 def console(ctx: click.Context, *, listen: str, users_file: Path | None, secure_cookie: bool,
             poll_s: float, timeout_s: float, broker_url: str) -> None:
-    """Serve the web console: health, configuration, alerts and promotion, in a browser.
+    """Serve the web console: the network's health and its configuration, in a browser.
 
     Users log in with a name and password from --users-file; viewers read (traces and dead
     letters included), operators also send test alerts and re-send dead letters, admins also
