@@ -37,6 +37,7 @@ class Event(enum.StrEnum):
     ERA_LEARNED = "era.learned"
 
     # configuration changes on this node
+    CHANGE_COMMITTED = "change.committed"
     CHANGE_APPLIED = "change.applied"
     CHANGE_REPLAYED = "change.replayed"
     CHANGE_REAPPLIED = "change.reapplied"

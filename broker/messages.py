@@ -45,6 +45,27 @@ class Change(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 #: Most request ids one batch may name, and the longest id (``ChangeBatch.requests``).
 MAX_BATCH_REQUESTS = 1000
 MAX_REQUEST_ID_CHARS = 128
+#: Longest name of the person a request acts for (``request_actor``).
+MAX_ACTOR_CHARS = 128
+
+
+def request_actor(args: dict[str, Any]) -> str | None:
+    """Who a control request acts for (its ``by`` argument), or None when it names nobody.
+
+    A client that acts on a person's behalf (the web console, for its logged-in user) names
+    them, and the node writes the name to its trail beside what was done. It must be short
+    and printable: a trail line is one line.
+
+    Raises:
+        MessageError: ``by`` is not 1-``MAX_ACTOR_CHARS`` printable characters.
+    """
+    value = args.get("by")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ACTOR_CHARS \
+            or not value.isprintable():
+        raise MessageError(f"by must be 1-{MAX_ACTOR_CHARS} printable characters")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,7 +36,7 @@ from broker.commits import Committed, Op, parse_ops
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from broker.events import Event
-from broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request
+from broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request, request_actor
 from broker.protocol import CONFIG_OPS, MASTER_OPS, NO_ANSWER_OPS, ControlOp, Role
 from broker.rpc import reply_to
 from consumers.context import NodeContext
@@ -282,10 +282,26 @@ class ControlServer(ConsumerLoop):
     # -- configuration changes ----------------------------------------------------------------
 
     def _commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Commit a client's operations; the master writes who asked when the request says.
+
+        A client acting for a person (the web console, for its logged-in user) names them in
+        ``by``, and the master writes ``change.committed`` with the name. The line is written
+        once per change, not for a repeat of the same request id, so the trail names each
+        person once for what they changed; a request that changed nothing writes none.
+        """
         ops = args.get("ops")
         if not isinstance(ops, list):
             raise MessageError("commit needs a list of operations")
-        return self._submit(parse_ops(ops), request_id=_request_id(args, "request_id"))
+        by = request_actor(args)
+        parsed = parse_ops(ops)
+        result = self._submit(parsed, request_id=_request_id(args, "request_id"))
+        if by is not None and result["count"] and not result["repeated"]:
+            what = ({"op": parsed[0].op, "kind": parsed[0].kind, "name": parsed[0].name}
+                    if len(parsed) == 1 else {})
+            self.ctx.trail.event(Event.CHANGE_COMMITTED, by=by, first_seq=result["first_seq"],
+                                 last_seq=result["last_seq"], count=result["count"],
+                                 epoch=result["epoch"], **what)
+        return result
 
     def _submit(self, ops: list[Op], *, request_id: str | None,
                 staged: str | None = None) -> dict[str, Any]:

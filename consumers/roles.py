@@ -50,6 +50,7 @@ from broker.errors import (
     UnfillableGap,
 )
 from broker.events import Event
+from broker.messages import request_actor
 from broker.protocol import ControlOp, Role
 from broker.rpc import RpcClient
 from broker.seat import MasterSeat
@@ -318,7 +319,12 @@ class Roles:
     # -- promotion ----------------------------------------------------------------------------
 
     def _promote(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Make this node the master; who asked (``by``, when the client names them) is audited.
+
+        ``master.promoted`` carries the name, as ``change.committed`` does for a change.
+        """
         ctx, store = self.ctx, self.ctx.store
+        by = request_actor(args)
         if ctx.is_master and self.keep_seat():
             return {"node": ctx.node, "epoch": store.epoch, "base_seq": store.last_seq,
                     "already": True, "previous": None, "fenced": "free", "drained": 0,
@@ -345,7 +351,7 @@ class Roles:
             self.seat.release()
             raise
         ctx.trail.event(Event.MASTER_PROMOTED, epoch=epoch, base_seq=store.last_seq,
-                        previous=previous, drained=drained)
+                        previous=previous, drained=drained, by=by)
         log.warning("promoted to master: epoch %d from seq %d", epoch, store.last_seq)
         self._changed()
         self.relay.publish_outbox()  # its own committed rows the broker never confirmed, if any

@@ -29,9 +29,20 @@ from broker import kinds
 from broker.connection import RECOVERABLE, describe
 from broker.errors import RemoteError, TasyncError
 from broker.settings import Settings
-from tasync.console.common import Auth, Endpoint, Handler, NetworkTrouble, base, read_form
+from tasync.console.alert_pages import AlertPages
+from tasync.console.common import (
+    Auth,
+    Endpoint,
+    Handler,
+    NetworkTrouble,
+    base,
+    read_form,
+    visible,
+    when,
+)
 from tasync.console.config_pages import ConfigPages
 from tasync.console.network_view import StatusSource, view_rows
+from tasync.console.ops_pages import OpsPages
 from tasync.console.security import SecurityHeaders
 from tasync.console.sessions import (
     COOKIE,
@@ -73,10 +84,14 @@ class Console:
         self.templates = Environment(loader=PackageLoader("tasync.console", "templates"),
                                      autoescape=True, undefined=StrictUndefined,
                                      trim_blocks=True, lstrip_blocks=True)
+        self.templates.filters["visible"] = visible
+        self.templates.filters["when"] = when
 
     def routes(self) -> list[BaseRoute]:
         """The console's routes, relative to where it is mounted, with its headers on all."""
         config = ConfigPages(self)
+        alerts = AlertPages(self)
+        ops = OpsPages(self, self.status)
         routes: list[BaseRoute] = [
             Route("/", self._home, methods=["GET"]),
             Route("/login", self._login_page, methods=["GET"]),
@@ -85,6 +100,8 @@ class Console:
             Route("/network", self.guard("viewer", self._network), methods=["GET"]),
             Route("/network/live", self.guard("viewer", self._network_live), methods=["GET"]),
             *config.routes(),
+            *alerts.routes(),
+            *ops.routes(),
             Mount("/static", app=StaticFiles(packages=[("tasync.console", "static")])),
         ]
         return [Mount("", routes=routes, middleware=[Middleware(SecurityHeaders)])]

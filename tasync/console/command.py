@@ -38,9 +38,11 @@ def console(ctx: click.Context, *, listen: str, users_file: Path | None, secure_
             poll_s: float, timeout_s: float) -> None:
     """Serve the web console: the network's health and its configuration, in a browser.
 
-    Users log in with a name and password from --users-file; viewers read, admins also change
-    the configuration (through the master, as tasync config does). Put it behind a
-    TLS-terminating proxy (with --secure-cookie) to reach it from elsewhere than this host.
+    Users log in with a name and password from --users-file; viewers read (traces and dead
+    letters included), operators also send test alerts and re-send dead letters, admins also
+    change the configuration (through the master, as tasync config does) and promote a
+    backup. What they do goes to the trail with their name. Put it behind a TLS-terminating
+    proxy (with --secure-cookie) to reach it from elsewhere than this host.
 
     \b
     Examples:
@@ -83,7 +85,8 @@ def _log_to_stderr() -> None:
 @console.command("add-user")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["viewer", "operator", "admin"]), required=True,
-              help="viewer reads; operator also sends; admin also changes the configuration.")
+              help="viewer reads; operator also sends and re-sends alerts; admin also "
+                   "changes the configuration and promotes.")
 @click.option("--users-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
               metavar="FILE", help=USERS_HELP)
 def add_user(*, name: str, role: str, users_file: Path) -> None:

@@ -6,6 +6,7 @@ them, one way.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +34,15 @@ class Auth:
     user: User
 
 
+def actor(auth: Auth) -> str:
+    """How the trail names a console user: ``console:NAME``.
+
+    User names are plain (``tasync.console.users.USER_NAME_RE``), so a trail line holds the
+    name as it is and ``grep by=console:alice`` finds what alice did.
+    """
+    return f"console:{auth.user.name}"
+
+
 Handler = Callable[[Request, Auth], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -56,6 +66,25 @@ class Pages(Protocol):
 
     async def blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn`` on a worker thread; a broker or network failure becomes ``NetworkTrouble``."""
+
+
+def visible(value: Any) -> str:
+    """``value`` as text with its control characters spelled out (``\\x07``), as the trail does.
+
+    An alert text or a reason may hold any character; a bell or an escape sequence shown as
+    it is would be invisible, or would mislead. Line breaks and tabs stay, as the page's
+    ``pre-wrap`` shows them. Autoescaping still applies to the result.
+    """
+    return "".join(c if c.isprintable() or c in "\n\t" else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in str(value))
+
+
+def when(ts: Any) -> str:
+    """A time in seconds since the epoch as ``YYYY-MM-DD HH:MM:SS UTC`` (empty when unknown)."""
+    if not isinstance(ts, int | float):
+        return ""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def base(request: Request) -> str:

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Route
 from broker import kinds
 from broker.errors import RemoteError
 from tasync.console import config_view
-from tasync.console.common import Auth, NetworkTrouble, Pages, base
+from tasync.console.common import Auth, NetworkTrouble, Pages, actor, base
 from tasync.console.config_view import FIELDS, GENERAL, PAGE_OBJECTS
 
 log = logging.getLogger("tasync.console")
@@ -135,6 +135,7 @@ class ConfigPages:
         """Commit ``op`` on the master; the errors by field, or none and a message for the user."""
         try:
             result = await self.console.blocking(config_view.commit, self.console.settings, op,
+                                                 by=actor(auth),
                                                  timeout_s=max(self.console.timeout_s, 30.0))
         except RemoteError as exc:
             return config_view.refusal(kind, body, exc)

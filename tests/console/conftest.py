@@ -21,13 +21,14 @@ import pytest
 
 from tests.harness import secret_registry
 from tests.harness.intake import stop_process
-from tests.integration.test_replication import start_trio
 from tests.network import BrokerAdmin, Network, VhostPool
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+#: Retries in a blink, so that a failing destination dead-letters its alert within a second.
+FAST_RETRY = {"TASYNC_DELIVERY_BACKOFF_S": "0.05", "TASYNC_DELIVERY_ATTEMPTS": "3"}
 #: Screenshots of the main pages, shown in docs/console.md.
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "img"
 
@@ -79,12 +80,14 @@ def start_console(network: Network, root: Path, roles: dict[str, str],
 @pytest.fixture(scope="module")
 def trio(vhost_pool: VhostPool, broker_admin: BrokerAdmin,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
-    """Nodes a (master), b and c, shared by the tests of one module."""
+    """Nodes a (master), b and c, shared by the tests of one module; quick to dead-letter."""
     vhost = vhost_pool.take()
     network = Network(broker_url=broker_admin.url(vhost),
                       root=tmp_path_factory.mktemp("console-network"))
     try:
-        start_trio(network)
+        network.start("a", role="master", env=FAST_RETRY).wait_ready()
+        for name in ("b", "c"):
+            network.start(name, env=FAST_RETRY).wait_ready()
         yield network
     finally:
         network.close()
@@ -93,8 +96,9 @@ def trio(vhost_pool: VhostPool, broker_admin: BrokerAdmin,
 
 @pytest.fixture(scope="module")
 def console(trio: Network) -> Iterator[ConsoleServer]:
-    """A console on ``trio`` with an admin (alice) and a viewer (victor)."""
-    server = start_console(trio, trio.root, {"alice": "admin", "victor": "viewer"})
+    """A console on ``trio`` with an admin (alice), an operator (olga) and a viewer (victor)."""
+    server = start_console(trio, trio.root, {"alice": "admin", "olga": "operator",
+                                             "victor": "viewer"})
     try:
         yield server
     finally:

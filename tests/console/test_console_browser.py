@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.audit import read_trail
 from tests.console.conftest import ConsoleServer, log_in, screenshot
 from tests.integration.test_replication import assert_identical
 from tests.network import Network
@@ -33,9 +35,26 @@ def csp_violations(messages: list[str]) -> list[str]:
     return [m for m in messages if "Content Security Policy" in m]
 
 
+def status(trio: Network) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(trio.cli("status", "--json",
+                                                     check=False).stdout)["nodes"]
+    return rows
+
+
 def config_show(trio: Network, kind: str) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = json.loads(trio.cli("config", "show", kind, "--json").stdout)
     return objects
+
+
+def audited(trio: Network, event: str, node: str = "a", **match: str) -> list[dict[str, str]]:
+    """``event``'s lines in ``node``'s trail file matching ``match``, with the fields asked for.
+
+    Read from the node's own trail file (what an auditor greps), not from any log.
+    """
+    lines = [t for t in read_trail(trio.nodes[node].data_dir) if t["event"] == event
+             and all(t.get(k) == v for k, v in match.items())]
+    keep = ("by", "op", "kind", "name", "id")
+    return [{k: t[k] for k in keep if k in t} for t in lines]
 
 
 def test_log_in_and_see_every_node(browser: Any, console: ConsoleServer) -> None:
@@ -94,6 +113,8 @@ def test_an_invalid_destination_is_explained_beside_the_field_then_applied_every
     page.click("#save")
     page.wait_for_url("**/config/destination")
     assert "ops-hook: committed seq" in page.inner_text(".flash")
+    assert audited(trio, "change.committed", name="ops-hook") == [
+        {"by": "console:alice", "op": "set", "kind": "destination", "name": "ops-hook"}]
     row = page.locator("tr[data-name='ops-hook']")
     assert row.locator(".value-url").inner_text() == "file:///tmp/ops-hook.jsonl"
     screenshot(page, "config")
@@ -117,6 +138,8 @@ def test_an_invalid_destination_is_explained_beside_the_field_then_applied_every
     page.click("#confirm-delete")
     page.wait_for_url("**/config/destination")
     assert "ops-hook deleted: committed" in page.inner_text(".flash")
+    assert [t["op"] for t in audited(trio, "change.committed", name="ops-hook")] == [
+        "set", "set", "delete"]  # each change through the console, on the master's trail
     assert config_show(trio, "destination") == []
     assert not csp_violations(messages), messages
     page.context.close()
@@ -152,6 +175,136 @@ def test_hostile_names_and_texts_render_as_text(browser: Any, console: ConsoleSe
     trio.cli("config", "delete", "destination", "hostile")
 
 
+#: An alert text that is markup, quotes and terminal control characters at once.
+ALERT_TEXT = HOSTILE + "\x07 bell \x1b[31mred"
+#: An alert id may be any printable ASCII without spaces: markup and quotes included.
+HOSTILE_ID = "<i>\"t1'</i>"
+
+
+def delivered_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def test_send_a_test_alert_and_trace_it(browser: Any, console: ConsoleServer,
+                                        trio: Network) -> None:
+    out = trio.root / "console-out.jsonl"
+    trio.cli("config", "set", "destination", "console-out", "--url", f"file://{out}")
+    trio.cli("config", "set", "route", "ab", "--host", "a", "--host", "b", "--wait-applied")
+    page = log_in(browser, console, "olga")
+    messages = watch_console(page)
+    assert page.inner_text("#who") == "olga (operator)"
+    page.click("header >> text=Alerts")
+    page.wait_for_url("**/alerts")
+    page.select_option("#f-target", "destination:console-out")
+    page.select_option("#f-route", "ab")
+    page.fill("#f-hosts", "a b")
+    page.fill("#f-text", ALERT_TEXT)
+    page.fill("#f-id", HOSTILE_ID)
+    page.click("#send")
+    assert "not both" in page.inner_text("#err-route")  # refused beside the field, kept
+    assert page.input_value("#f-id") == HOSTILE_ID
+    page.fill("#f-hosts", "a zz")
+    page.select_option("#f-route", "")
+    page.click("#send")
+    assert "unknown node 'zz'" in page.inner_text("#err-hosts")  # the sender's own check
+    page.fill("#f-hosts", "")
+    page.select_option("#f-route", "ab")
+    page.click("#send")
+
+    page.wait_for_url("**/alerts/trace?id=*")
+    assert f"sent alert {HOSTILE_ID} to destination console-out along a b" in \
+        page.inner_text(".flash")
+    page.evaluate("window.__same_page = 1")
+    page.wait_for_selector("#trace-live[data-outcome='delivered']")  # refreshed in place
+    assert page.evaluate("window.__same_page") == 1
+    (line,) = wait_for(lambda: delivered_lines(out), what="the alert in the file")
+    assert (line["id"], line["text"], line["node"]) == (HOSTILE_ID, ALERT_TEXT, "a")
+    assert page.inner_text("#trace-of") == HOSTILE_ID
+    assert "by console:olga" in page.inner_text("#accepted")
+    delivered = page.locator("tr[data-event='alert.delivered']")
+    assert delivered.count() == 1 and "destination=console-out" in delivered.inner_text()
+    screenshot(page, "trace")
+    # the delivering node's trail names who sent it
+    assert any(t["event"] == "alert.delivered" and t.get("sender") == "console:olga"
+               and t.get("id") == HOSTILE_ID for t in read_trail(trio.nodes["a"].data_dir))
+
+    # traced again from the box, as someone on call would
+    page.goto(console.url + "/alerts")
+    page.fill("#trace-id", HOSTILE_ID)
+    page.click("#trace")
+    assert page.inner_text("#outcome") == "delivered"
+    page.fill("#trace-id", "never-sent")
+    page.click("#trace")
+    assert "Nothing is known of this id" in page.inner_text("#trace-unknown")
+    assert page.locator("main i, main b, main img, main script").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert not csp_violations(messages), messages
+    page.context.close()
+
+
+def send_from_page(page: Any, console: ConsoleServer, target: str, text: str,
+                   alert_id: str) -> None:
+    """Send a test alert through the alerts page along route ab; lands on its trace."""
+    page.goto(console.url + "/alerts")
+    page.select_option("#f-target", target)
+    page.select_option("#f-route", "ab")
+    page.fill("#f-text", text)
+    page.fill("#f-id", alert_id)
+    page.click("#send")
+    page.wait_for_url("**/alerts/trace?id=*")
+
+
+def test_a_dead_letter_is_seen_then_re_sent_once_its_destination_is_fixed(
+        browser: Any, console: ConsoleServer, trio: Network) -> None:
+    broken = f"file://{trio.root}/no-such-directory/out.jsonl"
+    fixed = trio.root / "console-fixed.jsonl"
+    trio.cli("config", "set", "destination", "console-dead", "--url", broken,
+             "--wait-applied")
+    page = log_in(browser, console, "olga")
+    messages = watch_console(page)
+    send_from_page(page, console, "destination:console-dead", ALERT_TEXT, "dead-1")
+    page.wait_for_selector("#trace-live[data-outcome='dead']")  # retried, then dead
+    assert "cannot append to the file" in page.inner_text(".dead-row")
+
+    page.click("#tab-dead")
+    page.wait_for_url("**/alerts/dead")
+    row = page.locator("tr[data-key='dead-1']")
+    assert "No such file or directory" in row.locator(".reason").inner_text()
+    assert row.locator(".text").inner_text().startswith("<script>window.__pwned=1</script>")
+    screenshot(page, "dead")
+    row.locator(".key a").click()
+    page.wait_for_url("**/alerts/dead/show?key=dead-1")
+    shown = ALERT_TEXT.replace("\x07", "\\x07").replace("\x1b", "\\x1b")
+    assert page.inner_text("#message-text") == shown  # control characters spelled out
+    assert page.inner_text(".m-node") == "a" and page.inner_text(".m-attempts") == "3"
+
+    # an admin fixes the destination in the console; the operator re-sends
+    admin = log_in(browser, console, "alice")
+    admin.goto(console.url + "/config/destination/console-dead/edit")
+    admin.fill("#f-url", f"file://{fixed}")
+    admin.click("#save")
+    admin.wait_for_url("**/config/destination")
+    admin.context.close()
+    trio.settle()
+    page.click("#re-send")
+    page.wait_for_url("**/alerts/trace?id=dead-1")
+    assert "re-sent dead-1 along a b" in page.inner_text(".flash")
+    page.wait_for_selector("#trace-live[data-outcome='delivered']")
+    assert page.locator("tr[data-event='alert.requeued']").count() == 1
+    (line,) = wait_for(lambda: delivered_lines(fixed), what="the re-sent alert in the file")
+    assert (line["id"], line["text"]) == ("dead-1", ALERT_TEXT)
+    assert audited(trio, "alert.requeued", id="dead-1") == [
+        {"by": "console:olga", "id": "dead-1"}]
+    page.goto(console.url + "/alerts/dead")
+    assert page.locator("tr[data-key='dead-1']").count() == 0
+    assert page.inner_text("#dead-total").startswith("0 in the queue")
+    assert page.evaluate("window.__pwned") is None
+    assert not csp_violations(messages), messages
+    page.context.close()
+
+
 def test_a_viewer_cannot_change_anything(browser: Any, console: ConsoleServer,
                                          trio: Network) -> None:
     page = log_in(browser, console, "victor")
@@ -172,8 +325,40 @@ def test_a_viewer_cannot_change_anything(browser: Any, console: ConsoleServer,
     deleted = page.request.post(console.url + "/config/node/b/delete", form={"csrf": csrf},
                                 headers={"Origin": console.url})
     assert deleted.status == 403
-    assert config_show(trio, "destination") == []
+    assert "viewers" not in {o["name"] for o in config_show(trio, "destination")}
     assert {o["name"] for o in config_show(trio, "node")} == {"a", "b", "c"}
+
+    # no action of the alert pages or the operations either: hidden, and refused by the server
+    page.goto(console.url + "/alerts")
+    assert page.locator("#trace-id").count() == 1 and page.locator("#send-form").count() == 0
+    page.goto(console.url + "/alerts/dead")
+    assert page.locator(".re-send").count() == 0
+    quarantine = page.goto(console.url + "/alerts/quarantine")
+    assert quarantine is not None and quarantine.status == 200
+    assert page.inner_text("#dead-total").endswith("in the queue.")
+    page.goto(console.url + "/network")
+    page.wait_for_selector("tr[data-node='b']")
+    assert page.locator("a.promote").count() == 0
+    answer = page.goto(console.url + "/operations/promote?node=b")
+    assert answer is not None and answer.status == 403
+    for path, form in (("/alerts/send", {"target": "destination:console-out", "route": "ab",
+                                         "text": "from a viewer"}),
+                       ("/alerts/dead/requeue", {"key": "dead-1"}),
+                       ("/operations/promote", {"node": "b"})):
+        posted = page.request.post(console.url + path, form={"csrf": csrf, **form},
+                                   headers={"Origin": console.url})
+        assert posted.status == 403 and "your role (viewer) may not" in posted.text(), path
+    page.context.close()
+
+    # an operator sends and re-sends, but promotes nothing
+    page = log_in(browser, console, "olga")
+    page.wait_for_selector("tr[data-node='b']")
+    assert page.locator("a.promote").count() == 0
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    posted = page.request.post(console.url + "/operations/promote",
+                               form={"csrf": csrf, "node": "b"}, headers={"Origin": console.url})
+    assert posted.status == 403 and "it needs admin" in posted.text()
+    assert sorted(r["node"] for r in status(trio) if r["role"] == "master") == ["a"]
     page.context.close()
 
 
@@ -207,7 +392,7 @@ def test_a_cross_site_form_post_is_refused(browser: Any, console: ConsoleServer,
                              data={"name": "evil", "url": "file:///tmp/e"},
                              headers={"Origin": console.url})
         assert answer.status_code == 403 and "expired" in answer.text  # no CSRF token
-    assert config_show(trio, "destination") == []
+    assert "evil" not in {o["name"] for o in config_show(trio, "destination")}
     page.context.close()
 
 
@@ -239,6 +424,30 @@ def test_pages_carry_a_strict_policy_and_the_cookie_is_guarded(console: ConsoleS
     log = console.log()
     assert "login refused for 'alice'" in log and "'alice' logged in (admin)" in log
     assert all(p not in log for p in console.passwords.values())
+
+
+def test_promote_a_backup_after_a_confirmation(browser: Any, console: ConsoleServer,
+                                               trio: Network) -> None:
+    page = log_in(browser, console, "alice")
+    messages = watch_console(page)
+    page.wait_for_selector("tr[data-node='b'] a.promote")
+    assert page.locator("tr[data-node='a'] a.promote").count() == 0  # the master has none
+    page.click("tr[data-node='b'] a.promote")
+    page.wait_for_url("**/operations/promote?node=b")
+    what = page.inner_text("#what-happens")
+    assert "b becomes the master of the network with a new epoch, 2" in what
+    assert "The current master, a, is asked to step down" in what
+    screenshot(page, "promote")
+    page.click("#confirm-promote")
+    page.wait_for_url("**/network")
+    assert "b is the master now: epoch 2" in page.inner_text(".flash")
+    assert "a stepped down" in page.inner_text(".flash")
+    page.wait_for_selector("tr[data-node='b'].master")  # the live table shows the new master
+    assert "master" not in page.locator("tr[data-node='a']").get_attribute("class").split()
+    assert sorted(r["node"] for r in status(trio) if r["role"] == "master") == ["b"]
+    assert audited(trio, "master.promoted", node="b") == [{"by": "console:alice"}]
+    assert not csp_violations(messages), messages
+    page.context.close()
 
 
 def test_a_killed_node_turns_down_without_a_reload(browser: Any, console: ConsoleServer,

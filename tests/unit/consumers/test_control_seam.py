@@ -24,7 +24,7 @@ from broker.settings import Settings
 from broker.store import NodeStore
 from consumers.context import NodeContext
 from consumers.control import ControlServer
-from tests.unit.consumers.conftest import MakeContext, batch, change
+from tests.unit.consumers.conftest import MakeContext, batch, change, events
 from tests.waiting import wait_for
 
 
@@ -135,3 +135,23 @@ def _call_master(rpc: RpcClient, op: str, args: dict[str, object]) -> dict[str, 
         return rpc.call_one(topology.MASTER, op, args, timeout_s=5.0)
     except NoAnswer:
         return None
+
+
+def test_a_commit_for_a_named_person_is_audited_once_with_their_name(
+        make_context: MakeContext, run: Callable[[ConsumerLoop], ConsumerLoop],
+        rpc: RpcClient) -> None:
+    ctx = make_context("a", role=Role.MASTER)
+    serve(ctx, run, master=True)
+    ops = [{"op": "set", "kind": "destination", "name": "pager",
+            "body": {"url": "file:///tmp/pager"}}]
+    args = {"ops": ops, "request_id": "r-by", "by": "console:alice"}
+    wait_for(lambda: _call_master(rpc, "commit", args), timeout_s=10.0, what="the answer")
+    rpc.call_one(topology.MASTER, "commit", args, timeout_s=5.0)  # a repeat: no second line
+    rpc.call_one(topology.MASTER, "commit", {"ops": ops, "request_id": "r-cli"},
+                 timeout_s=5.0)  # nobody named: no line
+    lines = events(ctx, "change.committed")
+    assert [(t["by"], t["op"], t["kind"], t["name"], t["first_seq"]) for t in lines] == [
+        ("console:alice", "set", "destination", "pager", "2")]
+    with pytest.raises(RemoteError, match="by must be"):
+        rpc.call_one(topology.MASTER, "commit", {"ops": ops, "by": "eve\nforged line"},
+                     timeout_s=5.0)
