@@ -61,16 +61,22 @@ def decode_staged(text: str | bytes) -> list[Op]:
 def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
     """Validate the shape and schema of each operation (no references yet)."""
     ops: list[Op] = []
+    append = ops.append
     for index, raw in enumerate(raw_ops):
-        if not isinstance(raw, Mapping):
+        # ``type() is dict`` first: an import checks 100,000 and ``isinstance`` against the
+        # ``Mapping`` ABC costs several times as much
+        if type(raw) is not dict and not isinstance(raw, Mapping):
             raise InvalidObject(f"operation {index + 1}: not an object")
-        op, kind, name = raw.get("op", "set"), raw.get("kind"), raw.get("name")
-        if op not in ("set", "delete"):
+        op, kind, name = raw.get("op", "set"), str(raw.get("kind")), raw.get("name")
+        if op == "set":  # load_body checks the kind and the name first, as below
+            body = kinds.load_body(kind, name, raw.get("body") or {})  # type: ignore[arg-type]
+            append(Op(op=op, kind=kind, name=name, body=body))
+        elif op == "delete":
+            kinds.check_kind(kind)
+            kinds.check_name(kind, name)
+            append(Op(op=op, kind=kind, name=name, body=None))
+        else:
             raise InvalidObject(f"operation {index + 1}: op must be 'set' or 'delete'")
-        kinds.check_kind(str(kind))
-        kinds.check_name(str(kind), name)  # type: ignore[arg-type]
-        body = kinds.load_body(str(kind), str(name), raw.get("body") or {}) if op == "set" else None
-        ops.append(Op(op=op, kind=str(kind), name=str(name), body=body))
     return ops
 
 
