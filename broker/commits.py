@@ -10,7 +10,9 @@ imports the relay.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +69,10 @@ def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
         # ``Mapping`` ABC costs several times as much
         if type(raw) is not dict and not isinstance(raw, Mapping):
             raise InvalidObject(f"operation {index + 1}: not an object")
-        op, kind, name = raw.get("op", "set"), str(raw.get("kind")), raw.get("name")
+        op, kind = raw.get("op", "set"), str(raw.get("kind"))
+        name: str = raw.get("name")  # type: ignore[assignment]  # check_name refuses a non-str
         if op == "set":  # load_body checks the kind and the name first, as below
-            body = kinds.load_body(kind, name, raw.get("body") or {})  # type: ignore[arg-type]
+            body = kinds.load_body(kind, name, raw.get("body") or {})
             append(Op(op=op, kind=kind, name=name, body=body))
         elif op == "delete":
             kinds.check_kind(kind)
@@ -78,6 +81,31 @@ def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
         else:
             raise InvalidObject(f"operation {index + 1}: op must be 'set' or 'delete'")
     return ops
+
+
+#: Operations from which a commit counts as bulk (``collector_paused``).
+BULK_OPS = 1000
+
+
+@contextlib.contextmanager
+def collector_paused(bulk: bool = True) -> Iterator[None]:
+    """Keep Python's cycle collector out of a bulk step (when ``bulk``), then let it run again.
+
+    A bulk import builds hundreds of thousands of small containers (operations, bodies,
+    changes) that all live until the step ends; each 700 allocations start a collection that
+    walks them again, and the full ones walk the whole heap: a fifth of the master's CPU for a
+    100,000-object import went there. None of them is garbage before the step ends, and plain
+    reference counting frees them then, so nothing is lost by pausing. Only CPU-bound steps
+    are wrapped (never a wait on the broker): the pause is process-wide.
+    """
+    if not bulk or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @dataclass(frozen=True)

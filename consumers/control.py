@@ -31,7 +31,14 @@ from typing import Any, Protocol
 import amqp
 
 from broker import messages, topology
-from broker.commits import Committed, Op, decode_staged, encode_staged, parse_ops
+from broker.commits import (
+    Committed,
+    Op,
+    collector_paused,
+    decode_staged,
+    encode_staged,
+    parse_ops,
+)
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from broker.events import Event
@@ -329,7 +336,9 @@ class ControlServer(ConsumerLoop):
                 and isinstance(ops, list)):
             raise MessageError("import needs import_id, part (0-based) < parts, and a list ops")
         try:
-            parsed = parse_ops(ops)
+            with collector_paused():
+                parsed = parse_ops(ops)
+                text = encode_staged(parsed)
         except TasyncError:
             self.ctx.store.drop_staged(import_id=import_id)
             raise
@@ -337,7 +346,7 @@ class ControlServer(ConsumerLoop):
             self._next_sweep = time.monotonic() + IMPORT_SWEEP_EVERY_S
             self.ctx.store.drop_staged(older_than_s=IMPORT_STALE_S)
         staged = self.ctx.store.stage(import_id, int(part), int(parts),  # type: ignore[arg-type]
-                                      encode_staged(parsed))
+                                      text)
         return {"import_id": import_id, "staged": staged, "parts": parts}
 
     def _import_commit(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -358,7 +367,9 @@ class ControlServer(ConsumerLoop):
                 f"parts (the master may have restarted or changed); missing part "
                 f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
                 missing=missing)
-        ops = [o for text in self.ctx.store.staged_ops(import_id) for o in decode_staged(text)]
+        with collector_paused():
+            ops = [o for text in self.ctx.store.staged_ops(import_id)
+                   for o in decode_staged(text)]
         if len(ops) != expected:
             self.ctx.store.drop_staged(import_id=import_id)
             raise ImportIncomplete(f"import {import_id[:12]}: {len(ops)} operations arrived, "
