@@ -412,18 +412,19 @@ class ChangeRelay:
                 (or regains) the seat, else it becomes a conflict of this node.
             PublishError: committed locally but not confirmed; the rows stay in the outbox.
         """
-        with self.store.lock, collector_paused(len(parsed) >= BULK_OPS):
+        with self.store.lock:
             done = self.store.request(request_id) if request_id else None
             if done is None:
-                self.check_may_commit()
-                ops = check_references(self.store, parsed)
-                epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
-                changes = [
-                    Change(epoch=epoch, seq=seq + i + 1, ts=now, origin=self.node, op=o.op,
-                           kind=o.kind, name=o.name, body=o.body)
-                    for i, o in enumerate(ops)
-                ]
-                self.store.commit(changes, request_id=request_id, staged=staged)
+                self.check_may_commit()  # a round trip to the broker: not in the pause below
+                with collector_paused(len(parsed) >= BULK_OPS):
+                    ops = check_references(self.store, parsed)
+                    epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
+                    changes = [
+                        Change(epoch=epoch, seq=seq + i + 1, ts=now, origin=self.node,
+                               op=o.op, kind=o.kind, name=o.name, body=o.body)
+                        for i, o in enumerate(ops)
+                    ]
+                    self.store.commit(changes, request_id=request_id, staged=staged)
         if done is not None:  # publishing happens outside the store's lock (``_publish_pass``)
             if done.last_seq > self.store.published_seq:
                 self.check_may_commit()
