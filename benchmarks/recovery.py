@@ -80,12 +80,14 @@ def import_objects(url: str, count: int) -> int:
     ops = [{"op": "set", "kind": "destination", "name": f"r{i:06d}",
             "body": {"url": f"file:///tmp/r{i}.jsonl"}} for i in range(count)]
     import_id = uuid.uuid4().hex
+    parts = max(1, -(-count // PART))
     with rpc_client(Settings.from_url(url)) as rpc:
-        result: dict[str, Any] = {}
-        for start in range(0, count, PART):
-            result = rpc.call_one(topology.MASTER, "import", {
-                "import_id": import_id, "ops": ops[start:start + PART],
-                "final": start + PART >= count}, timeout_s=600)
+        for part in range(parts):
+            rpc.call_one(topology.MASTER, "import", {
+                "import_id": import_id, "part": part, "parts": parts,
+                "ops": ops[part * PART:(part + 1) * PART]}, timeout_s=600)
+        result: dict[str, Any] = rpc.call_one(topology.MASTER, "import_commit", {
+            "import_id": import_id, "parts": parts, "ops": count}, timeout_s=600)
     return int(result["last_seq"])
 
 

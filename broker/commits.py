@@ -10,18 +10,28 @@ imports the relay.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from broker import kinds
 from broker.errors import InvalidObject
 from broker.store import CommittedRequest
 
 
-@dataclass(frozen=True, kw_only=True)
-class Op:
-    """One validated operation, ready to become a change."""
+class Op(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One validated operation, ready to become a change.
+
+    A msgspec ``Struct`` rather than a frozen dataclass: a bulk import makes one per object
+    twice on the master (checked on arrival, read back from the staged parts when it commits),
+    and a frozen dataclass costs twenty times as much to build. It behaves like one: keyword
+    construction, immutable, equal by value. ``array_like`` is the staged form
+    (``encode_staged``): ``[op, kind, name, body]``.
+    """
 
     op: str
     kind: str
@@ -29,20 +39,73 @@ class Op:
     body: dict[str, Any] | None
 
 
+_STAGED = msgspec.json.Decoder(list[Op])
+_ENCODER = msgspec.json.Encoder()
+
+
+def encode_staged(ops: list[Op]) -> str:
+    """Checked operations as one staged part keeps them: ``[[op, kind, name, body], ...]``.
+
+    The bodies were normalised by ``parse_ops`` (strings, lists of strings and None only), so
+    this is the JSON ``json.dumps`` would write, without spaces.
+    """
+    return _ENCODER.encode(ops).decode()
+
+
+def decode_staged(text: str | bytes) -> list[Op]:
+    """A staged part's operations back (``encode_staged``, or ``json.dumps`` of the same lists).
+
+    They were checked before they were staged, so only their shape is checked again.
+    """
+    return _STAGED.decode(text)
+
+
 def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
     """Validate the shape and schema of each operation (no references yet)."""
     ops: list[Op] = []
+    append = ops.append
     for index, raw in enumerate(raw_ops):
-        if not isinstance(raw, Mapping):
+        # ``type() is dict`` first: an import checks 100,000 and ``isinstance`` against the
+        # ``Mapping`` ABC costs several times as much
+        if type(raw) is not dict and not isinstance(raw, Mapping):
             raise InvalidObject(f"operation {index + 1}: not an object")
-        op, kind, name = raw.get("op", "set"), raw.get("kind"), raw.get("name")
-        if op not in ("set", "delete"):
+        op, kind = raw.get("op", "set"), str(raw.get("kind"))
+        name: str = raw.get("name")  # type: ignore[assignment]  # check_name refuses a non-str
+        if op == "set":  # load_body checks the kind and the name first, as below
+            body = kinds.load_body(kind, name, raw.get("body") or {})
+            append(Op(op=op, kind=kind, name=name, body=body))
+        elif op == "delete":
+            kinds.check_kind(kind)
+            kinds.check_name(kind, name)
+            append(Op(op=op, kind=kind, name=name, body=None))
+        else:
             raise InvalidObject(f"operation {index + 1}: op must be 'set' or 'delete'")
-        kinds.check_kind(str(kind))
-        kinds.check_name(str(kind), name)  # type: ignore[arg-type]
-        body = kinds.load_body(str(kind), str(name), raw.get("body") or {}) if op == "set" else None
-        ops.append(Op(op=op, kind=str(kind), name=str(name), body=body))
     return ops
+
+
+#: Operations from which a commit counts as bulk (``collector_paused``).
+BULK_OPS = 1000
+
+
+@contextlib.contextmanager
+def collector_paused(bulk: bool = True) -> Iterator[None]:
+    """Keep Python's cycle collector out of a bulk step (when ``bulk``), then let it run again.
+
+    A bulk import builds hundreds of thousands of small containers (operations, bodies,
+    changes) that all live until the step ends; each 700 allocations start a collection that
+    walks them again, and the full ones walk the whole heap: a fifth of the master's CPU for a
+    100,000-object import went there. None of them is garbage before the step ends, and plain
+    reference counting frees them then, so nothing is lost by pausing. Only CPU-bound steps
+    are wrapped (never a wait on the broker): the pause is process-wide.
+    """
+    if not bulk or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,14 @@ def to_dict(message: Any) -> dict[str, Any]:
 
 
 def encode(message: Any) -> bytes:
-    """Serialise a message dataclass to compact JSON bytes."""
+    """Serialise a message dataclass to compact JSON bytes.
+
+    A change batch goes through ``encode_value`` (msgspec), as the relay's batches do, so the
+    two spell it the same; everything else through ``json.dumps``, which the alert layer's own
+    encoder matches byte for byte (``broker.alerts.encode_alert``).
+    """
+    if type(message) is ChangeBatch:
+        return encode_value(to_dict(message))
     return json.dumps(to_dict(message), separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -287,6 +294,17 @@ def decode(body: bytes, *, max_bytes: int, expect: str | None = None) -> Any:
         raise MessageError(f"invalid {type_name} message: {str(exc)[:200]}") from None
 
 
+_ENCODER = msgspec.json.Encoder()
+
+
 def encode_value(value: Any) -> bytes:
-    """Compact JSON of any JSON-ready value (used to size batches before encoding them)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact JSON of any JSON-ready value (the relay encodes every change's head with it).
+
+    msgspec, a tenth of ``json.dumps``'s cost for the small dicts of a batch: the same bytes
+    (compact, UTF-8 unescaped, the same string escapes), except that a float in exponent form
+    is spelled ``1e16`` rather than ``1e+16``, which every JSON reader reads as the same number.
+    Change timestamps never take that form, and validated bodies hold no floats. The
+    configuration's checksum is computed from ``broker.store.canonical``, never from these
+    bytes.
+    """
+    return _ENCODER.encode(value)

@@ -52,7 +52,12 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE TABLE IF NOT EXISTS staged (
     import_id TEXT NOT NULL, part INTEGER NOT NULL, parts INTEGER NOT NULL, ops TEXT NOT NULL,
     ts REAL NOT NULL, PRIMARY KEY (import_id, part)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS staged_parts ON staged(import_id, parts, ts);
 """
+#: ``staged_parts`` covers every question about staged parts but their operations (which parts
+#: an import holds, under which total, how old): a part's row holds its operations, about
+#: 100 kB for 1,000 objects, and without the index each question read every staged part's
+#: pages, so staging an import of many parts was quadratic in its size.
 #: Meta keys of the outbox mark and of the kept checksum (``objects_xor``: hex) and count.
 _PUBLISHED, _XOR, _COUNT = "published_seq", "objects_xor", "objects_count"
 #: Committed request ids are kept this long: a client asks again within seconds or minutes.
@@ -417,8 +422,8 @@ class NodeStore:
             return self._staged_parts(import_id)
 
     def _staged_parts(self, import_id: str) -> list[int]:
-        rows = self._db.execute("SELECT part FROM staged WHERE import_id=? ORDER BY part",
-                                (import_id,)).fetchall()
+        rows = self._db.execute("SELECT part FROM staged INDEXED BY staged_parts "
+                                "WHERE import_id=? ORDER BY part", (import_id,)).fetchall()
         return [int(r[0]) for r in rows]
 
     def staged_ops(self, import_id: str) -> Iterator[str]:

@@ -23,7 +23,6 @@ consumers never import producers. The node hands its relay in.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +31,14 @@ from typing import Any, Protocol
 import amqp
 
 from broker import messages, topology
-from broker.commits import Committed, Op, parse_ops
+from broker.commits import (
+    Committed,
+    Op,
+    collector_paused,
+    decode_staged,
+    encode_staged,
+    parse_ops,
+)
 from broker.consumer import ConsumerLoop, message_body
 from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from broker.events import Event
@@ -46,6 +52,9 @@ log = logging.getLogger("tasync.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: Staged parts of an import nobody touched for this long are dropped.
 IMPORT_STALE_S = 24 * 3600.0
+#: How often arriving import parts look for stale ones: the search reads every staged part,
+#: so doing it for each of an import's parts would make staging quadratic in its size.
+IMPORT_SWEEP_EVERY_S = 600.0
 #: How often a node not yet registered asks the master again.
 HELLO_EVERY_S = 3.0
 #: Bytes of export per interim reply of a streamed export (``_export``).
@@ -110,6 +119,7 @@ class ControlServer(ConsumerLoop):
         }
         self._next_hello = 0.0
         self._next_beacon = 0.0
+        self._next_sweep = 0.0
         self._bound_master = False
 
     def setup(self, channel: Any) -> None:
@@ -342,13 +352,17 @@ class ControlServer(ConsumerLoop):
                 and isinstance(ops, list)):
             raise MessageError("import needs import_id, part (0-based) < parts, and a list ops")
         try:
-            parsed = parse_ops(ops)
+            with collector_paused():
+                parsed = parse_ops(ops)
+                text = encode_staged(parsed)
         except TasyncError:
             self.ctx.store.drop_staged(import_id=import_id)
             raise
-        self.ctx.store.drop_staged(older_than_s=IMPORT_STALE_S)
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + IMPORT_SWEEP_EVERY_S
+            self.ctx.store.drop_staged(older_than_s=IMPORT_STALE_S)
         staged = self.ctx.store.stage(import_id, int(part), int(parts),  # type: ignore[arg-type]
-                                      json.dumps([_op_json(o) for o in parsed]))
+                                      text)
         return {"import_id": import_id, "staged": staged, "parts": parts}
 
     def _import_commit(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -369,8 +383,9 @@ class ControlServer(ConsumerLoop):
                 f"parts (the master may have restarted or changed); missing part "
                 f"{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
                 missing=missing)
-        ops = [_op_from_json(o) for text in self.ctx.store.staged_ops(import_id)
-               for o in json.loads(text)]
+        with collector_paused():
+            ops = [o for text in self.ctx.store.staged_ops(import_id)
+                   for o in decode_staged(text)]
         if len(ops) != expected:
             self.ctx.store.drop_staged(import_id=import_id)
             raise ImportIncomplete(f"import {import_id[:12]}: {len(ops)} operations arrived, "
@@ -415,17 +430,6 @@ def _request_id(args: dict[str, Any], key: str, *, required: bool = False) -> st
 
 def _count(value: Any, *, zero: bool = False) -> bool:
     return type(value) is int and value >= (0 if zero else 1)
-
-
-def _op_json(op: Op) -> list[Any]:
-    """An operation checked by ``parse_ops``, as staged: its body is already normalised."""
-    return [op.op, op.kind, op.name, op.body]
-
-
-def _op_from_json(item: list[Any]) -> Op:
-    """A staged operation back; it was checked before it was staged, so it is not again."""
-    op, kind, name, body = item
-    return Op(op=op, kind=kind, name=name, body=body)
 
 
 def _op(name: str) -> ControlOp | None:

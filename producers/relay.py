@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from broker import messages, topology
-from broker.commits import Committed, Op
+from broker.commits import BULK_OPS, Committed, Op, collector_paused
 from broker.connection import RECOVERABLE, describe
 from broker.epochs import EpochMark
 from broker.errors import FencedError, PublishError, SeatLost
@@ -325,22 +325,8 @@ class ChangeRelay:
         """
         ends: list[int] = []  # last seq of every message, in order
         out: list[Outgoing] = []
-        size, cursor = 0, after
-        while cursor < top and size < PASS_BYTES:
-            rows = self.store.outbox_rows(cursor, min(OUTBOX_PAGE, top - cursor))
-            if not rows:
-                break
-            reqs: dict[int, list[tuple[str, int]]] = {}
-            for r in self.store.requests_ending_in(rows[0][0], rows[-1][0]):
-                reqs.setdefault(r.last_seq, []).append((r.request_id, r.first_seq))
-            for batch in outbox_batches(rows, reqs, max_changes=self.batch_max_changes,
-                                        max_bytes=self.batch_max_bytes):
-                ends.append(batch.last_seq)
-                size += len(batch.body)
-                self._remember(batch)
-                out.append(_signed(batch.body, batch_headers(
-                    batch.first_seq, batch.last_seq, batch.epoch, batch.origin), self.keyring))
-            cursor = rows[-1][0]
+        with collector_paused(top - after >= BULK_OPS):
+            self._read_pass(after, top, ends, out)
         failpoint = self.faults.name
         cut = failpoint in ("publish-timeout", "exit-mid-publish") and not self._failed \
             and len(out) > 1
@@ -363,6 +349,25 @@ class ChangeRelay:
         if ends and threading.current_thread() is not self._thread:  # an asker's thread
             self.progress({"stage": "publishing", "done": ends[-1], "total": top})
         return ends[confirmed[0] - 1] - after if confirmed[0] else 0
+
+    def _read_pass(self, after: int, top: int, ends: list[int], out: list[Outgoing]) -> None:
+        """Read and encode up to ``PASS_BYTES`` of the outbox after ``after`` into ``out``."""
+        size, cursor = 0, after
+        while cursor < top and size < PASS_BYTES:
+            rows = self.store.outbox_rows(cursor, min(OUTBOX_PAGE, top - cursor))
+            if not rows:
+                break
+            reqs: dict[int, list[tuple[str, int]]] = {}
+            for r in self.store.requests_ending_in(rows[0][0], rows[-1][0]):
+                reqs.setdefault(r.last_seq, []).append((r.request_id, r.first_seq))
+            for batch in outbox_batches(rows, reqs, max_changes=self.batch_max_changes,
+                                        max_bytes=self.batch_max_bytes):
+                ends.append(batch.last_seq)
+                size += len(batch.body)
+                self._remember(batch)
+                out.append(_signed(batch.body, batch_headers(
+                    batch.first_seq, batch.last_seq, batch.epoch, batch.origin), self.keyring))
+            cursor = rows[-1][0]
 
     def publish_through(self, seq: int) -> None:
         """Publish the outbox until ``seq`` is confirmed; retry while confirms keep coming.
@@ -467,15 +472,16 @@ class ChangeRelay:
         with self.store.lock:
             done = self.store.request(request_id) if request_id else None
             if done is None:
-                self.check_may_commit()
-                ops = check_references(self.store, parsed)
-                epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
-                changes = [
-                    Change(epoch=epoch, seq=seq + i + 1, ts=now, origin=self.node, op=o.op,
-                           kind=o.kind, name=o.name, body=o.body)
-                    for i, o in enumerate(ops)
-                ]
-                self.store.commit(changes, request_id=request_id, staged=staged)
+                self.check_may_commit()  # a round trip to the broker: not in the pause below
+                with collector_paused(len(parsed) >= BULK_OPS):
+                    ops = check_references(self.store, parsed)
+                    epoch, seq, now = self.store.epoch, self.store.last_seq, time.time()
+                    changes = [
+                        Change(epoch=epoch, seq=seq + i + 1, ts=now, origin=self.node,
+                               op=o.op, kind=o.kind, name=o.name, body=o.body)
+                        for i, o in enumerate(ops)
+                    ]
+                    self.store.commit(changes, request_id=request_id, staged=staged)
         if done is not None:  # publishing happens outside the store's lock (``_publish_pass``)
             if done.last_seq > self.store.published_seq:
                 self.check_may_commit()

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from broker import kinds
+from broker.commits import collector_paused
 from broker.errors import ConfigError
 
 MAX_FILE_BYTES = 512 << 20
@@ -47,11 +48,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in data:
-            raise ValueError(f"duplicate key {key!r}")
-        data[key] = value
+    """The object the pairs make, unless a key is given twice (then the first such key).
+
+    Called for every object of the file: the dict is built in C and only a file with a
+    duplicate is searched key by key.
+    """
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return data
 
 
@@ -73,10 +81,11 @@ def load_import_file(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     try:
-        if path.suffix.lower() == ".json":
-            return json.loads(text, object_pairs_hook=_unique_pairs,
-                              parse_constant=_no_constant)
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        with collector_paused():  # the whole file's objects live on: nothing to collect
+            if path.suffix.lower() == ".json":
+                return json.loads(text, object_pairs_hook=_unique_pairs,
+                                  parse_constant=_no_constant)
+            return yaml.load(text, Loader=_UniqueKeyLoader)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     except ValueError as exc:  # from the hooks above
@@ -126,5 +135,10 @@ def _one_op(index: int, item: Any) -> dict[str, Any]:
 
 
 def objects_to_ops(data: Any) -> list[dict[str, Any]]:
-    """Normalise an export-shaped mapping or a list of operations into validated operations."""
-    return [_one_op(index, item) for index, item in enumerate(_raw_ops(data), 1)]
+    """Normalise an export-shaped mapping or a list of operations into validated operations.
+
+    The operations live until the import ends, so the cycle collector is kept out of building
+    them (``broker.commits.collector_paused``).
+    """
+    with collector_paused():
+        return [_one_op(index, item) for index, item in enumerate(_raw_ops(data), 1)]

@@ -1,10 +1,19 @@
 """The commit's contract (broker/commits.py): operations checked by schema, and results."""
 
+import gc
+import json
 from typing import Any
 
 import pytest
 
-from broker.commits import Committed, Op, parse_ops
+from broker.commits import (
+    Committed,
+    Op,
+    collector_paused,
+    decode_staged,
+    encode_staged,
+    parse_ops,
+)
 from broker.errors import InvalidObject
 from broker.store import CommittedRequest
 
@@ -47,3 +56,30 @@ def test_parse_ops_counts_operations_from_one() -> None:
 def test_a_repeated_request_is_answered_with_its_first_seqs() -> None:
     done = CommittedRequest("r1", first_seq=5, last_seq=7, epoch=2)
     assert Committed.from_request(done) == Committed(5, 7, 3, 2, repeated=True)
+
+
+def test_staged_parts_round_trip_and_parts_staged_by_json_dumps_still_read() -> None:
+    ops = parse_ops([{"kind": "group", "name": "g", "body": {"members": ["d", "é"]}},
+                     op_del("destination", "d"), dest("x")])
+    text = encode_staged(ops)
+    assert decode_staged(text) == ops
+    assert json.loads(text) == [[o.op, o.kind, o.name, o.body] for o in ops]
+    earlier = json.dumps([[o.op, o.kind, o.name, o.body] for o in ops])  # an earlier version's
+    assert decode_staged(earlier) == ops
+
+
+def test_collector_paused_for_a_bulk_step_only_and_back_after_an_error() -> None:
+    assert gc.isenabled()
+    with collector_paused(bulk=False):
+        assert gc.isenabled()
+    with pytest.raises(InvalidObject), collector_paused():
+        assert not gc.isenabled()
+        parse_ops(["not an object"])  # type: ignore[list-item]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # whoever paused it first turns it back on
+    finally:
+        gc.enable()

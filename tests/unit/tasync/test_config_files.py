@@ -230,3 +230,16 @@ def test_an_anchor_without_alias_is_harmless(tmp_path: Path) -> None:
     path = tmp_path / "anchor.yaml"
     path.write_text("destination:\n  d1: &d {url: 'file:///tmp/d1'}\n")
     assert load_import_file(path) == {"destination": {"d1": {"url": "file:///tmp/d1"}}}
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('{"destination": {"d": {"url": "file:///a", "url": "file:///b"}}}', "url"),
+    ('{"destination": {"d": {"url": "file:///a"}, "e": {}, "d": {}}}', "d"),
+    ('{"node": {"a": {}}, "node": {}}', "node"),
+])
+def test_json_import_files_refuse_the_first_key_given_twice(tmp_path: Path, text: str,
+                                                            key: str) -> None:
+    path = tmp_path / "dup.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"duplicate key '{key}'"):
+        load_import_file(path)
