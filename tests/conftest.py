@@ -7,6 +7,7 @@ else a RabbitMQ container through testcontainers where a Docker engine runs.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -43,6 +44,46 @@ def leak_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     base = tmp_path_factory.getbasetemp()
     secret_registry.check_tree(base)
     check_no_tracebacks(base)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:  # one of pytest-xdist's processes: the controller scans across them all
+        secret_registry.save(base.parent / f"{SECRETS_FILE_PREFIX}{worker}.json")
+
+
+#: Under pytest-xdist each worker process has a base temporary directory of its own below the
+#: controller's, and knows only the secrets its own tests registered. Each worker scans its own
+#: files (``leak_guard``) and leaves its secrets in this file beside them; when every worker has
+#: finished, the controller scans every worker's files for every worker's secrets, so a secret
+#: made in one process is looked for in the outputs of the others too.
+SECRETS_FILE_PREFIX = "registered-secrets-"
+#: What the controller's scan found, for the summary at the end of the run.
+LEAKS = pytest.StashKey[str]()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On pytest-xdist's controller, the whole session's secret scan (see ``leak_guard``)."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return  # a worker, or no xdist: leak_guard has scanned the one session's files
+    factory: pytest.TempPathFactory = config._tmp_path_factory  # type: ignore[attr-defined]
+    root = factory.getbasetemp()
+    saved = sorted(root.glob(f"{SECRETS_FILE_PREFIX}*.json"))
+    secrets: dict[str, str] = {}
+    for path in saved:
+        secrets.update(secret_registry.load(path))
+    try:
+        secret_registry.check_tree(root, secrets)
+    except secret_registry.SecretLeak as leak:
+        config.stash[LEAKS] = str(leak)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            config: pytest.Config) -> None:
+    """Show the controller's cross-worker leak, if any: the run has failed because of it."""
+    leak = config.stash.get(LEAKS, None)
+    if leak:
+        terminalreporter.section("secret leak across the session", sep="=", red=True)
+        terminalreporter.write_line(leak)
 
 
 def check_no_tracebacks(root: Path) -> None:

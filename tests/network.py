@@ -307,6 +307,17 @@ class Network:
         self.nodes[name] = node
         return node.start()
 
+    def start_all(self, *names: str, args: tuple[str, ...] = ()) -> list[NodeProcess]:
+        """Start backups ``names`` at once and wait until every one is ready.
+
+        Their boots (an interpreter, a store, a broker connection each) overlap instead of
+        queueing; each node still has to report ready on its own.
+        """
+        nodes = [self.start(name, args=args) for name in names]
+        for node in nodes:
+            node.wait_ready()
+        return nodes
+
     def cli(self, *args: str, check: bool = True, timeout: float = 300.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``tasync --broker URL ...`` as a user would."""

@@ -11,7 +11,8 @@ The whole session is guarded too: the autouse, session-scoped ``leak_guard`` fix
 logs, trails, stderr captures, every ``tasync`` command's output recorded by
 ``tests.network.Network.cli``) at the very end of the session for every secret any test
 registered (``tests.harness.secret_registry``), so a leak in any test is caught (reported as
-an error at teardown).
+an error at teardown). When pytest-xdist runs the suite in several processes, each scans its own
+files so, and the controller then scans every process's files for every process's secrets.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ base temporary directory for every registered secret. Files that are meant to ho
 from __future__ import annotations
 
 import fnmatch
+import json
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +37,22 @@ def registered() -> dict[str, str]:
     """Every registered secret and its label."""
     with _lock:
         return dict(_secrets)
+
+
+def save(path: Path) -> None:
+    """Write every registered secret to ``path`` (not log-like: never scanned as an output).
+
+    pytest-xdist runs tests in several processes; each leaves its secrets for the controller,
+    which scans all the processes' files for all of them.
+    """
+    path.write_text(json.dumps(registered()))
+    path.chmod(0o600)
+
+
+def load(path: Path) -> dict[str, str]:
+    """The secrets a process ``save``-d (value to label)."""
+    loaded: dict[str, str] = json.loads(path.read_text())
+    return loaded
 
 
 def variants(secret: str) -> set[str]:

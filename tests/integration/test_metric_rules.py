@@ -119,9 +119,11 @@ def scrape_all(network: Network, ports: dict[str, int]) -> Series:
 
 def start(network: Network) -> dict[str, int]:
     ports = dict(zip(("a", "b", "c"), free_ports(3), strict=True))
-    for name, port in ports.items():
-        network.start(name, role="master" if name == "a" else None,
-                      args=("--metrics-port", str(port))).wait_ready()
+    network.start("a", role="master", args=("--metrics-port", str(ports["a"]))).wait_ready()
+    backups = [network.start(name, args=("--metrics-port", str(ports[name])))
+               for name in ("b", "c")]  # the backups boot side by side
+    for node in backups:
+        node.wait_ready()
     return ports
 
 

@@ -25,9 +25,9 @@ def write_import(path: Path, count: int, *, prefix: str = "d") -> Path:
 
 
 def start_trio(network: Network) -> None:
+    """Master ``a`` first; then backups ``b`` and ``c``, booting side by side."""
     network.start("a", role="master").wait_ready()
-    for name in ("b", "c"):
-        network.start(name).wait_ready()
+    network.start_all("b", "c")
 
 
 def assert_identical(network: Network, names: tuple[str, ...] = ("a", "b", "c")) -> str:
