@@ -76,16 +76,16 @@ from benchmarks.measure import (
     write_json,
 )
 from benchmarks.profiling import PySpy, top_frames
-from broker import topology
-from broker.alerts import Alert, encode_alert
-from broker.audit import Trail
-from broker.settings import Settings
-from broker.signing import SENDER_HEADER
-from broker.store import NodeStore
-from consumers.context import NodeContext
-from consumers.totals import DB_NAME, Totals
-from producers.sender import AlertSender
+from tasync.broker import topology
+from tasync.broker.alerts import Alert, encode_alert
+from tasync.broker.audit import Trail
+from tasync.broker.settings import Settings
+from tasync.broker.signing import SENDER_HEADER
+from tasync.broker.store import NodeStore
 from tasync.client import rpc_client
+from tasync.consumers.context import NodeContext
+from tasync.consumers.totals import DB_NAME, Totals
+from tasync.producers.sender import AlertSender
 
 TARGETS = {"throughput_ratio": 0.8, "throughput_alerts_per_s": 8000, "failover_p99_ms": 200.0}
 #: The raw baseline's consumer: prefetch and how many messages one ``multiple`` ack covers.

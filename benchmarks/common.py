@@ -36,8 +36,8 @@ from urllib.parse import quote
 
 import psutil
 
-from broker.audit import TRAIL_NAME, parse_trail_line
-from broker.store import DB_NAME
+from tasync.broker.audit import TRAIL_NAME, parse_trail_line
+from tasync.broker.store import DB_NAME
 
 
 def log(message: str) -> None:

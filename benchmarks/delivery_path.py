@@ -26,15 +26,15 @@ from typing import Any
 
 from benchmarks.common import log
 from benchmarks.measure import RESULTS_DIR, code_version, write_json
-from broker.audit import Trail
-from broker.messages import Change
-from broker.settings import Settings
-from broker.store import NodeStore
-from consumers.context import NodeContext
-from consumers.delivery import channels
-from consumers.delivery.executor import PlanCache
-from consumers.delivery.resolve import resolve
-from consumers.totals import Tally, Totals
+from tasync.broker.audit import Trail
+from tasync.broker.messages import Change
+from tasync.broker.settings import Settings
+from tasync.broker.store import NodeStore
+from tasync.consumers.context import NodeContext
+from tasync.consumers.delivery import channels
+from tasync.consumers.delivery.executor import PlanCache
+from tasync.consumers.delivery.resolve import resolve
+from tasync.consumers.totals import Tally, Totals
 
 BATCH = 500
 

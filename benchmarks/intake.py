@@ -49,9 +49,9 @@ from benchmarks.measure import (
     summarize,
     write_json,
 )
-from broker.alerts import Alert
-from broker.settings import Settings
-from producers.sender import AlertSender
+from tasync.broker.alerts import Alert
+from tasync.broker.settings import Settings
+from tasync.producers.sender import AlertSender
 
 TARGETS = {"ratio": 0.8, "alerts_per_s": 5000.0}
 HOSTS = ("b1",)

@@ -64,12 +64,12 @@ from benchmarks.measure import (
     shown,
     write_json,
 )
-from broker import topology
-from broker.audit import SYNC_LOG_NAME, read_trail
-from broker.fastdecode import decode_entry
-from broker.messages import ChangeBatch
-from broker.settings import Settings
-from broker.store import NodeStore
+from tasync.broker import topology
+from tasync.broker.audit import SYNC_LOG_NAME, read_trail
+from tasync.broker.fastdecode import decode_entry
+from tasync.broker.messages import ChangeBatch
+from tasync.broker.settings import Settings
+from tasync.broker.store import NodeStore
 from tasync.client import rpc_client
 
 PART = 1000

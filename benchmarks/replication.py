@@ -67,11 +67,11 @@ from benchmarks.replication_report import (
     summarize_latency,
     verdicts,
 )
-from broker import kinds, topology
-from broker.messages import Change, ChangeBatch
-from broker.settings import Settings
-from producers.relay import batch_messages, chunk
+from tasync.broker import kinds, topology
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.settings import Settings
 from tasync.client import rpc_client
+from tasync.producers.relay import batch_messages, chunk
 
 BACKUP_COUNTS = (1, 3, 5)
 IMPORT_BACKUPS = 3

@@ -16,7 +16,7 @@ settles a batch of alerts: the ids with their outcomes. Every node follows that 
 writes the ids into the window it judges duplicates by, so an id is delivered once by the whole
 network, whichever node of the list takes each repeat.
 
-All three register themselves with ``broker.messages`` at import time, so ``messages.decode``
+All three register themselves with ``tasync.broker.messages`` at import time, so ``messages.decode``
 and ``messages.encode`` handle them like every other wire message.
 """
 
@@ -35,10 +35,10 @@ import msgspec
 from marshmallow import Schema, fields, post_load, validate, validates
 from marshmallow import ValidationError as SchemaError
 
-from broker import messages
-from broker.errors import InvalidObject
-from broker.kinds import NAME_RE
-from broker.topology import NODE_NAME_RE
+from tasync.broker import messages
+from tasync.broker.errors import InvalidObject
+from tasync.broker.kinds import NAME_RE
+from tasync.broker.topology import NODE_NAME_RE
 
 #: Longest alert text accepted (characters). Pagers and chat tools truncate far earlier; the
 #: limit exists so a runaway script cannot fill queues with megabyte "alerts".
@@ -317,7 +317,8 @@ def validated(alert: Alert) -> Alert:
     message the delivery worker has to refuse later.
 
     Raises:
-        broker.errors.InvalidObject: naming each bad field, e.g. ``text: the message is empty``.
+        tasync.broker.errors.InvalidObject: naming each bad field, e.g. ``text: the message is
+            empty``.
     """
     data = alert_to_dict(alert)
     try:

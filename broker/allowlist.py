@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from broker.errors import ConfigError
+from tasync.broker.errors import ConfigError
 
 MASTER_HOSTS_FILE = "tasync.hosts"
 """Who may act as sync master."""

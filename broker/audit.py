@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from broker.settings import stderr_is_journal
+from tasync.broker.settings import stderr_is_journal
 
 TRAIL_NAME = "telalert.trail"
 SYNC_LOG_NAME = "tasync.log"

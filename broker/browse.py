@@ -29,8 +29,8 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
-from broker.consumer import message_body
-from broker.errors import MessageError
+from tasync.broker.consumer import message_body
+from tasync.broker.errors import MessageError
 
 #: How long a look waits for the next message before it takes the queue as read.
 IDLE_S = 0.5

@@ -4,8 +4,8 @@ The control server (a consumer) receives the operations of ``config set``, ``del
 imports, checks each body's schema (``parse_ops``) and hands them to the master's change relay
 (a producer), which checks references, commits and publishes, and answers with ``Committed``.
 Both ends name these types, so they live here, below both: the control server declares what it
-needs of the relay as a ``Protocol`` beside itself (``consumers.control.Committer``) and never
-imports the relay.
+needs of the relay as a ``Protocol`` beside itself (``tasync.consumers.control.Committer``) and
+never imports the relay.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from broker import kinds
-from broker.errors import InvalidObject
-from broker.store import CommittedRequest
+from tasync.broker import kinds
+from tasync.broker.errors import InvalidObject
+from tasync.broker.store import CommittedRequest
 
 
 class Op(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import amqp.exceptions
 from kombu import Connection
 
-from broker import topology
-from broker.errors import AccessDenied, BrokerUnreachable, ConfigError, TopologyMissing
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.errors import AccessDenied, BrokerUnreachable, ConfigError, TopologyMissing
+from tasync.broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
 T = TypeVar("T")
@@ -60,7 +60,7 @@ def make_connection(settings: Settings, *, name: str = "tasync",
                     heartbeat_s: float | None = None) -> Connection:
     """A kombu connection over all URLs, not yet connected.
 
-    ``memory://`` URLs select the in-process broker of the unit tests (``broker.memory``):
+    ``memory://`` URLs select the in-process broker of the unit tests (``tasync.broker.memory``):
     the same kombu connection, with channels that never leave the process.
     """
     return Connection(
@@ -86,7 +86,7 @@ def _transport(settings: Settings) -> Any:
     if not all(memory):
         raise ConfigError("memory:// (the in-process broker) cannot be mixed with other "
                           "broker URLs")
-    from broker.memory import MemoryTransport  # only tests use it; nodes never load it
+    from tasync.broker.memory import MemoryTransport  # only tests use it; nodes never load it
 
     return MemoryTransport
 

@@ -18,9 +18,9 @@ from typing import Any
 import amqp.exceptions
 from kombu import Connection
 
-from broker.connection import RECOVERABLE, close_quietly, connect, describe, refusal
-from broker.errors import BrokerUnreachable, MessageError, TopologyMissing
-from broker.settings import Settings
+from tasync.broker.connection import RECOVERABLE, close_quietly, connect, describe, refusal
+from tasync.broker.errors import BrokerUnreachable, MessageError, TopologyMissing
+from tasync.broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from marshmallow import Schema, fields, post_load, validate
 
-from broker import messages
-from broker.messages import Change, ChangeBatch
+from tasync.broker import messages
+from tasync.broker.messages import Change, ChangeBatch
 
 
 @dataclass(frozen=True, order=True)

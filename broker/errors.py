@@ -38,8 +38,8 @@ subclass pick the exit code or the quarantine reason. The tree stays shallow on 
           +-- IntakeBusy        every sender stayed busy; nothing was queued (503)
 
 One more lives here, outside the root on purpose: ``NotEmulated``, raised by the in-process
-broker of the unit tests (``broker.memory``) when code asks it for a broker feature it does not
-emulate. It is a ``NotImplementedError``, a mistake in a test's setup, so that no handler that
+broker of the unit tests (``tasync.broker.memory``) when code asks it for a broker feature it does
+not emulate. It is a ``NotImplementedError``, a mistake in a test's setup, so that no handler that
 turns a ``TasyncError`` into an answer or a quarantine reason ever hides it.
 
 Errors defined here and nowhere else: a reader finds every failure the product can report in
@@ -178,7 +178,7 @@ class FencedError(TasyncError):
 
 
 class SeatLost(FencedError):
-    """This node does not (or no longer) hold the master's seat on the broker (``broker.seat``).
+    """This node does not (or no longer) hold the master's seat (``tasync.broker.seat``).
 
     A change is reported committed only while its master holds the seat, so a master that
     lost it refuses to commit, and a commit caught by the loss is answered with this error,

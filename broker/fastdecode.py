@@ -3,11 +3,11 @@
 Catching up means decoding the change log: 100,000 changes are 100 messages, and marshmallow
 spends about 40 µs on each change (nested schema, a dozen fields), which alone would be most of
 a catch-up's time. Here msgspec reads a ``changes`` message straight into ``Change`` records,
-checking in C the types and limits ``broker.messages.ChangeSchema`` checks (strict integers,
+checking in C the types and limits ``tasync.broker.messages.ChangeSchema`` checks (strict integers,
 string lengths, no unknown key), and a short loop checks what a schema per change cannot: one
 epoch, consecutive seqs, a known op. Anything it does not accept with certainty (another
 message type, a bool where an int belongs, a number written as a string, ``NaN``) goes to
-``broker.messages.decode``, which accepts it or refuses it with its usual reason. So the fast
+``tasync.broker.messages.decode``, which accepts it or refuses it with its usual reason. So the fast
 path changes speed, never what is accepted; ``tests/unit/broker/test_fastdecode.py`` checks this
 against marshmallow.
 
@@ -21,9 +21,9 @@ from typing import Annotated, Any
 
 import msgspec
 
-from broker import messages
-from broker.errors import MessageError
-from broker.messages import (
+from tasync.broker import messages
+from tasync.broker.errors import MessageError
+from tasync.broker.messages import (
     MAX_BATCH_REQUESTS,
     MAX_REQUEST_ID_CHARS,
     OPS,
@@ -72,7 +72,7 @@ def _batch(body: bytes) -> ChangeBatch | None:
 
 
 def decode_entry(body: bytes, *, max_bytes: int) -> Any:
-    """Like ``broker.messages.decode`` (no ``expect``), fast for valid change batches."""
+    """Like ``tasync.broker.messages.decode`` (no ``expect``), fast for valid change batches."""
     if len(body) > max_bytes:
         raise MessageError(f"oversized message: {len(body)} bytes > {max_bytes}")
     return _batch(body) or messages.decode(body, max_bytes=max_bytes)

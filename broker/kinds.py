@@ -19,8 +19,8 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
-from broker.errors import InvalidObject
-from broker.topology import NODE_NAME_RE
+from tasync.broker.errors import InvalidObject
+from tasync.broker.topology import NODE_NAME_RE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}\Z")
 #: C0 and C1 control characters and DEL: never part of a URL, a subject or a name, and a NUL or
@@ -296,7 +296,7 @@ class Reference:
     """One kind of reference between objects: ``kind.field`` names objects of ``targets``.
 
     The only description of the reference graph: the master's checks of a change
-    (``producers.changes``), the store's query for referrers, the checks of a whole
+    (``tasync.producers.changes``), the store's query for referrers, the checks of a whole
     configuration (import files, the documentation's examples) and delivery all read it.
     """
 

@@ -1,7 +1,7 @@
 """An in-process broker for unit tests, selected by a ``memory://`` broker URL.
 
 The consumers, the relay and the RPC client talk to py-amqp channels under kombu connections
-(``broker.connection``). With ``Settings(broker_urls=("memory://guest@/<vhost>",))`` the same
+(``tasync.broker.connection``). With ``Settings(broker_urls=("memory://guest@/<vhost>",))`` the same
 ``connect`` hands out a real kombu ``Connection`` whose transport is ``MemoryTransport``: its
 channels keep exchanges, queues and messages in this process, so a test runs the production
 code unchanged, without RabbitMQ and without a subprocess, and looks at the broker's state
@@ -34,7 +34,7 @@ accepted and nothing is ever trimmed), queue length limits and overflow, message
 heartbeats and blocked connections, permissions, clustering, and persistence (everything is
 gone with the process). A channel error is raised by the call that caused it, also for
 ``basic_publish``, where RabbitMQ closes the channel asynchronously. Anything it does not
-emulate raises ``broker.errors.NotEmulated`` instead of quietly behaving otherwise.
+emulate raises ``tasync.broker.errors.NotEmulated`` instead of quietly behaving otherwise.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import amqp.protocol
 import amqp.sasl
 from kombu.transport import pyamqp
 
-from broker.errors import NotEmulated
+from tasync.broker.errors import NotEmulated
 
 #: The pseudo-queue of RabbitMQ's direct reply-to.
 REPLY_TO = "amq.rabbitmq.reply-to"

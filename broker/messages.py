@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from marshmallow import Schema, ValidationError, fields, post_load, validate
 
-from broker.errors import MessageError
+from tasync.broker.errors import MessageError
 
 SCHEMA_VERSION = 1
 OPS = ("set", "delete")
@@ -27,7 +27,7 @@ class Change(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     The one message record that is a msgspec ``Struct`` rather than a frozen dataclass: a
     catch-up decodes 100,000 of them, and msgspec builds and checks them in C, at a sixth of
-    what making the dataclasses cost (``broker.fastdecode``). It behaves like one: keyword
+    what making the dataclasses cost (``tasync.broker.fastdecode``). It behaves like one: keyword
     construction that checks nothing, immutable, equal by value. The limits annotated here are
     ``ChangeSchema``'s; only msgspec's decoding enforces them.
     """
@@ -120,7 +120,7 @@ class _Strict(Schema):
 
 
 class ChangeSchema(_Strict):
-    """A change on the wire; bodies are checked per kind by ``broker.kinds`` when applied."""
+    """A change on the wire; bodies are checked per kind by ``tasync.broker.kinds`` when applied."""
 
     epoch = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
     seq = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
@@ -257,7 +257,7 @@ def encode(message: Any) -> bytes:
 
     A change batch goes through ``encode_value`` (msgspec), as the relay's batches do, so the
     two spell it the same; everything else through ``json.dumps``, which the alert layer's own
-    encoder matches byte for byte (``broker.alerts.encode_alert``).
+    encoder matches byte for byte (``tasync.broker.alerts.encode_alert``).
     """
     if type(message) is ChangeBatch:
         return encode_value(to_dict(message))
@@ -304,7 +304,7 @@ def encode_value(value: Any) -> bytes:
     (compact, UTF-8 unescaped, the same string escapes), except that a float in exponent form
     is spelled ``1e16`` rather than ``1e+16``, which every JSON reader reads as the same number.
     Change timestamps never take that form, and validated bodies hold no floats. The
-    configuration's checksum is computed from ``broker.store.canonical``, never from these
+    configuration's checksum is computed from ``tasync.broker.store.canonical``, never from these
     bytes.
     """
     return _ENCODER.encode(value)

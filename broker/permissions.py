@@ -8,7 +8,7 @@ each operation needs was measured on RabbitMQ 3.10.8 and shapes every expression
   default exchange is the resource ``amq.default``; direct reply-to answers and the quarantine
   go through it, so every node needs it. Consuming ``amq.rabbitmq.reply-to`` needs nothing.
 * ``exchange.declare`` and ``queue.declare`` of an object that already exists still need
-  *configure*; passive declares need no permission at all (``broker.topology`` falls back to
+  *configure*; passive declares need no permission at all (``tasync.broker.topology`` falls back to
   them when a node may not configure the shared topology).
 * ``queue.bind`` needs *write* on the queue and *read* on the exchange, and on a topic exchange
   also the topic *read* permission for the binding key.
@@ -27,7 +27,8 @@ it, the change-log, host-list and handled streams; it may bind its control queue
 Known limit (RabbitMQ has no per-queue publish permission): whoever may write to
 ``amq.default`` can put a message into any queue by name. Nodes need that for replies, so a
 node's user could inject into another node's sync queue; receivers must therefore admit a
-change only when its broker-validated ``user_id`` is master-capable (``consumers.admission``).
+change only when its broker-validated ``user_id`` is master-capable
+(``tasync.consumers.admission``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from broker import topology
+from tasync.broker import topology
 
 Role = Literal["node", "admin", "sender"]
 

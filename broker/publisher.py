@@ -18,8 +18,8 @@ from typing import Any
 import amqp
 from kombu import Connection
 
-from broker.connection import connection_user
-from broker.errors import PublishError
+from tasync.broker.connection import connection_user
+from tasync.broker.errors import PublishError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +88,7 @@ class ConfirmedPublisher:
         window: most messages in flight before the publisher waits for confirms.
 
     Every message carries the connection's broker user as ``user_id`` (when it is certain,
-    ``broker.connection.connection_user``), so the broker vouches for who published it and
+    ``tasync.broker.connection.connection_user``), so the broker vouches for who published it and
     receivers can check that identity against their allow-lists.
     """
 

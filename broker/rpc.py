@@ -18,10 +18,10 @@ from typing import Any
 import amqp
 from kombu import Connection
 
-from broker import messages, topology
-from broker.connection import connection_user
-from broker.errors import MessageError, NoAnswer, RemoteError
-from broker.messages import Reply, Request
+from tasync.broker import messages, topology
+from tasync.broker.connection import connection_user
+from tasync.broker.errors import MessageError, NoAnswer, RemoteError
+from tasync.broker.messages import Reply, Request
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 

@@ -36,11 +36,11 @@ from typing import Any
 import amqp.exceptions
 from kombu import Connection
 
-from broker import topology
-from broker.connection import RECOVERABLE, close_quietly, connect, describe
-from broker.errors import SeatLost
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import RECOVERABLE, close_quietly, connect, describe
+from tasync.broker.errors import SeatLost
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing
+from tasync.broker.settings import Settings
 
 log = logging.getLogger("tasync.seat")
 

@@ -89,7 +89,7 @@ def vhost_of(url: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class TlsFiles:
-    """The files of TLS to the broker, for ``amqps://`` URLs (``broker.tls`` checks them).
+    """The files of TLS to the broker, for ``amqps://`` URLs (``tasync.broker.tls`` checks them).
 
     Attributes:
         ca_file: CA bundle that signed the broker's certificate (None: the system's CAs).
@@ -314,7 +314,7 @@ def delivery_retry_from_env(environ: Mapping[str, str] | None = None
                             ) -> tuple[str | None, str | None, str | None]:
     """``$TASYNC_DELIVERY_ATTEMPTS``, ``_BACKOFF_S`` and ``_TIMEOUT_S`` as set (None: unset).
 
-    ``consumers.delivery.executor.RetryPolicy`` applies its defaults and checks the values.
+    ``tasync.consumers.delivery.executor.RetryPolicy`` applies its defaults and checks the values.
     """
     env = os.environ if environ is None else environ
     return (env.get(ENV_DELIVERY_ATTEMPTS) or None, env.get(ENV_DELIVERY_BACKOFF) or None,
@@ -332,6 +332,6 @@ def cache_dir_from_env(environ: Mapping[str, str] | None = None) -> Path:
 def failpoint_from_env(environ: Mapping[str, str] | None = None) -> str:
     """The fault the tests asked a worker to inject (``$TASYNC_FAILPOINT``), else ``""``.
 
-    The names and what each does: ``producers.relay.RelayFaults``.
+    The names and what each does: ``tasync.producers.relay.RelayFaults``.
     """
     return (os.environ if environ is None else environ).get(ENV_FAILPOINT, "").strip()

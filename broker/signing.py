@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from broker.errors import ConfigError, MessageError
+from tasync.broker.errors import ConfigError, MessageError
 
 #: The AMQP header that carries ``KeyRing.sign(body)`` on every change batch, epoch mark and
 #: alert. One name for every producer and consumer: a receiver looking under another name

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.epochs import EpochHistory
-from broker.errors import GapError, StoreDamaged
-from broker.kinds import KINDS, REFERENCES
-from broker.messages import Change, ChangeBatch
+from tasync.broker.epochs import EpochHistory
+from tasync.broker.errors import GapError, StoreDamaged
+from tasync.broker.kinds import KINDS, REFERENCES
+from tasync.broker.messages import Change, ChangeBatch
 
 DB_NAME = "node.db"
 
@@ -265,7 +265,7 @@ class NodeStore:
 
     @property
     def history(self) -> EpochHistory:
-        """The eras this node knows (``broker.epochs``).
+        """The eras this node knows (``tasync.broker.epochs``).
 
         Read on every commit and every applied batch, and changed only by a promotion, so the
         parsed value is kept and parsed again only when the stored text differs (a rolled-back
@@ -550,7 +550,7 @@ class NodeStore:
     def referrers(self, kind: str, name: str) -> list[str]:
         """Stored objects that refer to ``(kind, name)``, as ``"kind name"`` strings.
 
-        The references are ``broker.kinds.REFERENCES``; SQLite's JSON functions find them
+        The references are ``tasync.broker.kinds.REFERENCES``; SQLite's JSON functions find them
         without reading every body into Python.
         """
         found: list[str] = []

@@ -8,7 +8,8 @@ A stream has no end marker over AMQP 0-9-1: a read ends when the caller says so 
 target seq), or after the stream has been quiet for ``idle_s``. A master that writes more often
 than that keeps a stream from ever being quiet, so a read that only wants the log as it stood
 (``log_head``) also ends at an offset or a while after its first message. Besides change
-batches the log holds the epoch marks of promotions (``broker.epochs``), in order with the changes.
+batches the log holds the epoch marks of promotions (``tasync.broker.epochs``), in order with the
+changes.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
-from broker import topology
-from broker.connection import close_quietly, connect
-from broker.consumer import message_body
-from broker.epochs import EpochHistory, EpochMark
-from broker.errors import MessageError
-from broker.fastdecode import decode_entry
-from broker.messages import ChangeBatch
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.consumer import message_body
+from tasync.broker.epochs import EpochHistory, EpochMark
+from tasync.broker.errors import MessageError
+from tasync.broker.fastdecode import decode_entry
+from tasync.broker.messages import ChangeBatch
+from tasync.broker.settings import Settings
 
 log = logging.getLogger("tasync.sync")
 

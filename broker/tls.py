@@ -1,9 +1,9 @@
 """TLS to the broker: which files to use, from options or the environment, checked early.
 
-``broker.connection`` turns ``Settings.tls`` (``TlsFiles``) into py-amqp's TLS options for
+``tasync.broker.connection`` turns ``Settings.tls`` (``TlsFiles``) into py-amqp's TLS options for
 ``amqps://`` URLs. This module fills it from ``--ca-file/--cert-file/--key-file`` or
 ``$TASYNC_SSL_CA_FILE``, ``$TASYNC_SSL_CERT_FILE``, ``$TASYNC_SSL_KEY_FILE`` (options win, the
-variables are read in ``broker.settings``), so every process of a network can be pointed at
+variables are read in ``tasync.broker.settings``), so every process of a network can be pointed at
 its certificates once, in its environment.
 
 Files are checked when settings are built, so a typo gives a one-line usage error naming the
@@ -41,8 +41,8 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from broker.errors import ConfigError
-from broker.settings import (
+from tasync.broker.errors import ConfigError
+from tasync.broker.settings import (
     ENV_SSL_CA_FILE,
     ENV_SSL_CERT_FILE,
     ENV_SSL_KEY_FILE,

@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 
 import amqp.exceptions
 
-from broker.errors import ConfigError, TopologyMissing
-from broker.settings import Settings
+from tasync.broker.errors import ConfigError, TopologyMissing
+from tasync.broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
 T = TypeVar("T")
@@ -43,7 +43,7 @@ DEAD_LETTER_EXCHANGE = "tasync.dead"
 DEAD_LETTER_QUEUE = "tasync.dead-letter"
 QUARANTINE_QUEUE = "tasync.quarantine"
 HOSTLISTS_QUEUE = "tasync.hostlists"
-#: The master's seat: an exclusive queue only one connection can hold (``broker.seat``).
+#: The master's seat: an exclusive queue only one connection can hold (``tasync.broker.seat``).
 MASTER_SEAT = "tasync.master.seat"
 HANDLED_STREAM = "tasync.handled"
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from broker.errors import BrokerAdminError, ConfigError
-from broker.permissions import Account, Permissions, permissions_for
-from broker.settings import rabbitmqctl_from_env
+from tasync.broker.errors import BrokerAdminError, ConfigError
+from tasync.broker.permissions import Account, Permissions, permissions_for
+from tasync.broker.settings import rabbitmqctl_from_env
 
 #: 32 random bytes, URL-safe base64: no character needs escaping in a broker URL.
 PASSWORD_BYTES = 32

@@ -1,8 +1,8 @@
 """Who may do what: the allow-list checks a node applies to what it receives.
 
-Three lists share one format (``broker.allowlist``): ``tasync.hosts`` says who may act as sync
-master, ``telaconf.hosts`` who may change configuration, ``telalert.hosts`` who may send alerts.
-The identities checked are the ones a receiver can trust or at least cross-check: the
+Three lists share one format (``tasync.broker.allowlist``): ``tasync.hosts`` says who may act as
+sync master, ``telaconf.hosts`` who may change configuration, ``telalert.hosts`` who may send
+alerts. The identities checked are the ones a receiver can trust or at least cross-check: the
 ``user_id`` property (RabbitMQ refuses a publish whose ``user_id`` is not the connection's
 user), the node or host name the sender states, and nothing the payload alone could forge
 without also holding the cluster key when messages are signed.
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.allowlist import AllowList, Decision
-from broker.errors import ConfigError, MessageError
-from broker.messages import ChangeBatch, Request
+from tasync.broker.allowlist import AllowList, Decision
+from tasync.broker.errors import ConfigError, MessageError
+from tasync.broker.messages import ChangeBatch, Request
 
 
 def _sender_host(sender: str) -> str | None:

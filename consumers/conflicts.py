@@ -18,10 +18,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from broker.audit import Trail, utc_now
-from broker.errors import ConfigError
-from broker.events import Event
-from broker.messages import Change, change_to_dict
+from tasync.broker.audit import Trail, utc_now
+from tasync.broker.errors import ConfigError
+from tasync.broker.events import Event
+from tasync.broker.messages import Change, change_to_dict
 
 CONFLICTS_FILE = "conflicts.json"
 OPEN = "open"

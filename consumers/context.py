@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.audit import Trail
-from broker.protocol import Role
-from broker.settings import Settings
-from broker.signing import KeyRing
-from broker.store import NodeStore
-from consumers.hooks import NodeHooks
-from consumers.peers import Peers
+from tasync.broker.audit import Trail
+from tasync.broker.protocol import Role
+from tasync.broker.settings import Settings
+from tasync.broker.signing import KeyRing
+from tasync.broker.store import NodeStore
+from tasync.consumers.hooks import NodeHooks
+from tasync.consumers.peers import Peers
 
 STATUS_FILE = "status.json"
 
@@ -71,7 +71,7 @@ class NodeContext:
         started_at: when the process started (seconds since the epoch).
         progress: interim answers to the control request being handled.
         peers: the latest beacon of every node, this one included.
-        hooks: where the node's parts tell each other what happened (``consumers.hooks``).
+        hooks: where the node's parts tell each other what happened (``tasync.consumers.hooks``).
     """
 
     settings: Settings

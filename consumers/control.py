@@ -16,7 +16,7 @@ arrives part by part; each part is checked and staged durably in the master's st
 restart of the master loses nothing the client sent, and the import commits only when every
 part is there, all of it in one transaction.
 
-The server checks each operation's schema (``broker.commits.parse_ops``) and hands the
+The server checks each operation's schema (``tasync.broker.commits.parse_ops``) and hands the
 operations to a ``Committer``: what it needs of the master's change relay, declared here so that
 consumers never import producers. The node hands its relay in.
 """
@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 import amqp
 
-from broker import messages, topology
-from broker.commits import (
+from tasync.broker import messages, topology
+from tasync.broker.commits import (
     Committed,
     Op,
     collector_paused,
@@ -39,14 +39,14 @@ from broker.commits import (
     encode_staged,
     parse_ops,
 )
-from broker.consumer import ConsumerLoop, message_body
-from broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
-from broker.events import Event
-from broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request, request_actor
-from broker.protocol import CONFIG_OPS, MASTER_OPS, NO_ANSWER_OPS, ControlOp, Role
-from broker.rpc import reply_to
-from consumers.context import NodeContext
-from consumers.peers import BEACON_EVERY_S
+from tasync.broker.consumer import ConsumerLoop, message_body
+from tasync.broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
+from tasync.broker.events import Event
+from tasync.broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request, request_actor
+from tasync.broker.protocol import CONFIG_OPS, MASTER_OPS, NO_ANSWER_OPS, ControlOp, Role
+from tasync.broker.rpc import reply_to
+from tasync.consumers.context import NodeContext
+from tasync.consumers.peers import BEACON_EVERY_S
 
 log = logging.getLogger("tasync.control")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -62,7 +62,7 @@ EXPORT_PIECE_BYTES = 256 << 10
 
 
 class Committer(Protocol):
-    """What the control server needs of the master's change relay (``producers.relay``)."""
+    """What the control server needs of the master's change relay (``tasync.producers.relay``)."""
 
     def submit(self, parsed: list[Op], *, request_id: str | None = None,
                staged: str | None = None) -> Committed:
@@ -81,7 +81,7 @@ class ControlServer(ConsumerLoop):
         ctx: the node context.
         committer: commits and publishes changes while this node is the master.
         keep_seat: confirms (or regains) the master's seat; False when the node is not the
-            master (``consumers.roles.Roles.keep_seat``).
+            master (``tasync.consumers.roles.Roles.keep_seat``).
         handlers: requests other parts of the node answer (roles, delivery), by name.
         authorize: checks a configuration request's sender (telaconf.hosts); raises
             ``MessageError`` to refuse.
@@ -150,7 +150,7 @@ class ControlServer(ConsumerLoop):
     def send_beacon(self) -> None:
         """Tell every node (this one included) who this node is and where it stands.
 
-        A request to ``all`` that wants no answer (``consumers.peers``): peers learn when
+        A request to ``all`` that wants no answer (``tasync.consumers.peers``): peers learn when
         this node was last seen, and from the master's beacon how far behind they are.
         """
         store = self.ctx.store

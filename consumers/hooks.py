@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from broker.epochs import EpochHistory
+from tasync.broker.epochs import EpochHistory
 
 T = TypeVar("T")
 

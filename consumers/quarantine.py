@@ -16,11 +16,11 @@ from typing import Any
 
 import amqp
 
-from broker import audit, topology
-from broker.alerts import ID_RE, SOURCE_RE
-from broker.consumer import message_body
-from broker.errors import MessageError
-from broker.publisher import Outgoing
+from tasync.broker import audit, topology
+from tasync.broker.alerts import ID_RE, SOURCE_RE
+from tasync.broker.consumer import message_body
+from tasync.broker.errors import MessageError
+from tasync.broker.publisher import Outgoing
 
 log = logging.getLogger("tasync.quarantine")
 

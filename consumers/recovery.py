@@ -24,18 +24,18 @@ from typing import Any, Protocol
 
 import amqp.exceptions
 
-from broker import topology
-from broker.connection import close_quietly, connect
-from broker.epochs import EpochHistory, EpochMark
-from broker.errors import ConfigError, GapError, NoAnswer, RemoteError, UnfillableGap
-from broker.events import Event
-from broker.messages import ChangeBatch
-from broker.rpc import RpcClient
-from broker.store import ApplyResult
-from broker.stream import log_head, read_changelog
-from consumers.conflicts import ConflictFile
-from consumers.context import NodeContext
-from consumers.snapshots import fetch_snapshot
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.epochs import EpochHistory, EpochMark
+from tasync.broker.errors import ConfigError, GapError, NoAnswer, RemoteError, UnfillableGap
+from tasync.broker.events import Event
+from tasync.broker.messages import ChangeBatch
+from tasync.broker.rpc import RpcClient
+from tasync.broker.store import ApplyResult
+from tasync.broker.stream import log_head, read_changelog
+from tasync.consumers.conflicts import ConflictFile
+from tasync.consumers.context import NodeContext
+from tasync.consumers.snapshots import fetch_snapshot
 
 log = logging.getLogger("tasync.sync")
 #: How far before the last applied change a change-log read starts (clock skew between hosts).
@@ -94,7 +94,7 @@ class Ticker:
 
 
 class Applier(Protocol):
-    """What recovery needs of the node's sync consumer (``consumers.sync.SyncConsumer``).
+    """What recovery needs of the node's sync consumer (``tasync.consumers.sync.SyncConsumer``).
 
     Declared here so the sync consumer can own a ``Recovery`` without the two modules needing
     each other.

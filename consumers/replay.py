@@ -1,10 +1,10 @@
 """Every change since a point in time, from the change log: listed for an auditor, or replayed.
 
-``tasync replay --since T`` names the point (``broker.since``: a time, a duration or
+``tasync replay --since T`` names the point (``tasync.broker.since``: a time, a duration or
 ``seq:K``). The change log is read from a little before that point (timestamp offsets find a
-chunk, not a message), every entry is judged by the eras (``broker.epochs``) so a stale master's
-rejected changes are never listed nor replayed, repeats of a change (an outbox published twice)
-count once, and only what lies after the point is kept. The read also tells whether the log
+chunk, not a message), every entry is judged by the eras (``tasync.broker.epochs``) so a stale
+master's rejected changes are never listed nor replayed, repeats of a change (an outbox published
+twice) count once, and only what lies after the point is kept. The read also tells whether the log
 provably reaches back to the point.
 
 Replaying into a node rewrites every object the replayed changes touch, in seq order, even
@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from broker.epochs import EpochHistory, EpochMark
-from broker.errors import ConfigError, GapError
-from broker.events import Event
-from broker.messages import Change, ChangeBatch
-from broker.settings import Settings
-from broker.since import Since
-from broker.stream import read_changelog
-from consumers.recovery import REWIND_S, Progress, Recovery, Ticker
+from tasync.broker.epochs import EpochHistory, EpochMark
+from tasync.broker.errors import ConfigError, GapError
+from tasync.broker.events import Event
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.settings import Settings
+from tasync.broker.since import Since
+from tasync.broker.stream import read_changelog
+from tasync.consumers.recovery import REWIND_S, Progress, Recovery, Ticker
 
 __all__ = ["Since", "SinceRead", "read_since", "replay_into", "stream_offset"]
 

@@ -1,6 +1,7 @@
 """Who is master: the seat, starting as master, promotion, stepping down, recovery requests.
 
-One master per epoch rests on two things every node checks (``broker.seat``, ``broker.epochs``):
+One master per epoch rests on two things every node checks (``tasync.broker.seat``,
+``tasync.broker.epochs``):
 
 * **The seat.** A master holds the broker's master seat for as long as it acts as master, and
   publishes its changes on the seat's connection. The broker gives the seat to one connection
@@ -23,7 +24,7 @@ there, because its confirms came on the seat's connection), drains it, opens a n
 ``(epoch + 1, its last seq, N)`` and publishes the era's mark before it accepts a change.
 Every node learns the era from its own sync queue, in order with the changes; whatever a
 replaced master numbered after the era's base is rejected everywhere and, on that master, kept
-in ``conflicts.json`` rather than lost (``consumers.recovery``).
+in ``conflicts.json`` rather than lost (``tasync.consumers.recovery``).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from broker import topology
-from broker.connection import RECOVERABLE, describe
-from broker.epochs import EpochHistory, EpochMark, Era
-from broker.errors import (
+from tasync.broker import topology
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.epochs import EpochHistory, EpochMark, Era
+from tasync.broker.errors import (
     BrokerUnreachable,
     ConfigError,
     NoAnswer,
@@ -49,17 +50,17 @@ from broker.errors import (
     TopologyMissing,
     UnfillableGap,
 )
-from broker.events import Event
-from broker.messages import request_actor
-from broker.protocol import ControlOp, Role
-from broker.rpc import RpcClient
-from broker.seat import MasterSeat
-from broker.store import ApplyResult
-from consumers.admission import Admission
-from consumers.context import NodeContext
-from consumers.recovery import Progress, RecoveryReport
-from consumers.replay import Since, replay_into
-from consumers.sync import SyncConsumer
+from tasync.broker.events import Event
+from tasync.broker.messages import request_actor
+from tasync.broker.protocol import ControlOp, Role
+from tasync.broker.rpc import RpcClient
+from tasync.broker.seat import MasterSeat
+from tasync.broker.store import ApplyResult
+from tasync.consumers.admission import Admission
+from tasync.consumers.context import NodeContext
+from tasync.consumers.recovery import Progress, RecoveryReport
+from tasync.consumers.replay import Since, replay_into
+from tasync.consumers.sync import SyncConsumer
 
 log = logging.getLogger("tasync.roles")
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -109,7 +110,7 @@ def _name_of_master(rpc: RpcClient) -> str | None:
 
 
 class Outbox(Protocol):
-    """What the roles need of the master's change relay (``producers.relay.ChangeRelay``).
+    """What the roles need of the master's change relay (``tasync.producers.relay.ChangeRelay``).
 
     Declared here so consumers never import producers: the node hands its relay in.
     """

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker import topology
-from broker.errors import ConfigError, NoAnswer, RemoteError
-from broker.rpc import RpcClient
+from tasync.broker import topology
+from tasync.broker.errors import ConfigError, NoAnswer, RemoteError
+from tasync.broker.rpc import RpcClient
 
 #: A snapshot of 100,000 objects is about 10 MB; serving and sending it takes a few seconds.
 SNAPSHOT_TIMEOUT_S = 120.0

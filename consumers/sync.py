@@ -1,12 +1,12 @@
 """The sync worker: applies configuration changes in seq order, exactly once, and catches up.
 
 Changes arrive on the node's own quorum queue ``tasync.sync.<node>``. Each batch is decoded,
-authenticated, judged by the eras (``broker.epochs``: a stale master's changes are rejected and
-audited) and applied idempotently by seq (``NodeStore.apply``). Epoch marks arrive the same way,
+authenticated, judged by the eras (``tasync.broker.epochs``: a stale master's changes are rejected
+and audited) and applied idempotently by seq (``NodeStore.apply``). Epoch marks arrive the same way,
 in order with the changes, and teach the node a promotion. A batch that starts past the next
 expected seq reveals a gap (the queue was lost, or the node is new): the missing changes are
 read from the change-log stream, or a snapshot is installed when the log no longer reaches
-back (``consumers.recovery``). Before subscribing, the worker runs the same recovery, so it
+back (``tasync.consumers.recovery``). Before subscribing, the worker runs the same recovery, so it
 reports ready only once it holds everything committed before it started.
 
 One lock serialises applying: this consumer's deliveries, and recovery, replay and promotion
@@ -30,18 +30,18 @@ from typing import Any, Protocol
 
 import amqp
 
-from broker import topology
-from broker.consumer import ConsumerLoop, message_body
-from broker.epochs import EpochMark
-from broker.errors import GapError, MessageError, TasyncError
-from broker.events import Event
-from broker.fastdecode import decode_entry
-from broker.messages import ChangeBatch
-from broker.signing import SIGNATURE_HEADER
-from broker.store import ApplyResult
-from consumers.context import NodeContext
-from consumers.quarantine import quarantine
-from consumers.recovery import Recovery
+from tasync.broker import topology
+from tasync.broker.consumer import ConsumerLoop, message_body
+from tasync.broker.epochs import EpochMark
+from tasync.broker.errors import GapError, MessageError, TasyncError
+from tasync.broker.events import Event
+from tasync.broker.fastdecode import decode_entry
+from tasync.broker.messages import ChangeBatch
+from tasync.broker.signing import SIGNATURE_HEADER
+from tasync.broker.store import ApplyResult
+from tasync.consumers.context import NodeContext
+from tasync.consumers.quarantine import quarantine
+from tasync.consumers.recovery import Recovery
 
 log = logging.getLogger("tasync.sync")
 #: How often a diverged node that could not recover tries again.
@@ -49,7 +49,7 @@ RETRY_S = 10.0
 
 
 class OwnBatches(Protocol):
-    """What the sync consumer needs of the master's relay (``producers.relay.ChangeRelay``)."""
+    """What the sync consumer needs of the master's relay (``tasync.producers.relay``)."""
 
     def own_batch(self, body: bytes, *, epoch: int, last_seq: int) -> bool:
         """Whether ``body`` is one of this node's own batches of ``epoch`` up to ``last_seq``."""

@@ -44,10 +44,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from broker.alerts import Handled
-from broker.errors import ConfigError
-from broker.settings import dedup_window_from_env
-from consumers.context import NodeContext
+from tasync.broker.alerts import Handled
+from tasync.broker.errors import ConfigError
+from tasync.broker.settings import dedup_window_from_env
+from tasync.consumers.context import NodeContext
 
 DB_NAME = "totals.db"
 BUCKET_S = 60

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.alerts import (
+from tasync.broker.alerts import (
     CONTROL_RE,
     MAX_FIELD_KEY_CHARS,
     MAX_FIELDS,
@@ -46,8 +46,8 @@ from broker.alerts import (
     MAX_TEXT_CHARS,
     PRIORITY_DEFAULT,
 )
-from broker.errors import BadRequest
-from producers.intake_formats import AlertRequest, target_of
+from tasync.broker.errors import BadRequest
+from tasync.producers.intake_formats import AlertRequest, target_of
 
 SEVERITY_PRIORITY = {"critical": 9, "page": 9, "error": 7, "high": 7, "warning": 6,
                      "warn": 6, "info": 3, "low": 2, "none": 1}

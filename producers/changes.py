@@ -2,8 +2,8 @@
 
 A request carries operations ``{"op": "set"|"delete", "kind", "name", "body"}``. The control
 server checks each body against its kind's schema as the request arrives
-(``broker.commits.parse_ops``); ``check_references`` checks references
-(``broker.kinds.REFERENCES``, the one description of them) against the master's stored
+(``tasync.broker.commits.parse_ops``); ``check_references`` checks references
+(``tasync.broker.kinds.REFERENCES``, the one description of them) against the master's stored
 configuration overlaid with the request's own earlier operations, so a bulk import may define a
 destination and the group that uses it in one request. Nothing is written here: the relay
 commits the result in one transaction, or not at all.
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker import kinds
-from broker.commits import Op
-from broker.errors import InvalidObject
-from broker.store import NodeStore
+from tasync.broker import kinds
+from tasync.broker.commits import Op
+from tasync.broker.errors import InvalidObject
+from tasync.broker.store import NodeStore
 
 
 def net_effect(store: NodeStore, ops: list[Op]) -> list[Op]:

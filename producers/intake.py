@@ -7,8 +7,8 @@ anything else means "not queued, try again": the caller's retry is safe because 
 A request is never answered 2xx with some of its alerts left out: it is accepted whole or
 refused whole.
 
-This module knows nothing of the web framework: ``producers.intake_http`` maps its results and
-errors onto HTTP (``BadRequest`` 400, ``TooLarge`` 413, ``PostRefused`` 401/403, broker trouble
+This module knows nothing of the web framework: ``tasync.producers.intake_http`` maps its results
+and errors onto HTTP (``BadRequest`` 400, ``TooLarge`` 413, ``PostRefused`` 401/403, broker trouble
 503). Each source maps to a route (``--route-for remedy=remedy``), so integrations need not
 know the servers' names.
 """
@@ -23,15 +23,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.alerts import Alert, new_alert_id
-from broker.allowlist import AllowList
-from broker.audit import Trail
-from broker.errors import BadRequest, ConfigError, NoAnswer, PostRefused
-from broker.events import Event
-from broker.settings import IntakeSettings
-from producers.alertmanager import NotificationMemory, parse_alertmanager
-from producers.intake_formats import AlertRequest, load_json, parse_generic
-from producers.sender import SendResult
+from tasync.broker.alerts import Alert, new_alert_id
+from tasync.broker.allowlist import AllowList
+from tasync.broker.audit import Trail
+from tasync.broker.errors import BadRequest, ConfigError, NoAnswer, PostRefused
+from tasync.broker.events import Event
+from tasync.broker.settings import IntakeSettings
+from tasync.producers.alertmanager import NotificationMemory, parse_alertmanager
+from tasync.producers.intake_formats import AlertRequest, load_json, parse_generic
+from tasync.producers.sender import SendResult
 
 log = logging.getLogger("tasync.intake")
 

@@ -8,7 +8,7 @@
 ``group`` may replace ``destination``; ``text`` may replace ``message``; ``hosts`` (a list)
 may replace ``route``; without either, the intake maps the source to its route. ``labels`` and
 ``annotations`` (objects of strings) travel with the alert as fields. Alertmanager's webhook
-is read by ``producers.alertmanager``.
+is read by ``tasync.producers.alertmanager``.
 
 Every problem is a ``BadRequest`` whose message tells the integrator which field to fix; a
 request with more alerts than the intake takes at once is ``TooLarge`` (413: split it).
@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.alerts import PRIORITY_DEFAULT
-from broker.errors import BadRequest, TooLarge
+from tasync.broker.alerts import PRIORITY_DEFAULT
+from tasync.broker.errors import BadRequest, TooLarge
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,8 +26,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive
 
-from broker.errors import BadRequest, ConfigError, PostRefused, TasyncError, TooLarge
-from producers.intake import Accepted, Intake
+from tasync.broker.errors import BadRequest, ConfigError, PostRefused, TasyncError, TooLarge
+from tasync.producers.intake import Accepted, Intake
 
 log = logging.getLogger("tasync.intake")
 

@@ -22,12 +22,18 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from broker import topology
-from broker.alerts import Alert
-from broker.connection import RECOVERABLE, close_quietly, connect, describe
-from broker.errors import BrokerUnreachable, IntakeBusy, PublishError, TasyncError, TopologyMissing
-from broker.settings import Settings
-from producers.sender import AlertSender, SendResult
+from tasync.broker import topology
+from tasync.broker.alerts import Alert
+from tasync.broker.connection import RECOVERABLE, close_quietly, connect, describe
+from tasync.broker.errors import (
+    BrokerUnreachable,
+    IntakeBusy,
+    PublishError,
+    TasyncError,
+    TopologyMissing,
+)
+from tasync.broker.settings import Settings
+from tasync.producers.sender import AlertSender, SendResult
 
 log = logging.getLogger("tasync.intake")
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """The master's change relay: commit to the outbox, publish with confirms, then report.
 
 ``submit`` is the only way configuration changes enter the network. It validates the
-operations (``producers.changes``), gives each its ``(epoch, seq)``, commits changes and
+operations (``tasync.producers.changes``), gives each its ``(epoch, seq)``, commits changes and
 objects in one SQLite transaction, publishes them to ``tasync.config`` (reaching every sync
 queue and the change-log stream at once) and returns only after the broker confirmed.
 
@@ -15,8 +15,8 @@ background thread (``start``) publishes whatever is left after a timeout or a re
 the outbox is empty, while the node is master with the seat.
 
 A relay commits only while its node is the master of the newest era it knows and holds the
-master's seat on the broker (``broker.seat``): the store's role, the era and a round trip to the
-broker are checked inside the same lock that guards the commit, so no change is numbered in an
+master's seat on the broker (``tasync.broker.seat``): the store's role, the era and a round trip to
+the broker are checked inside the same lock that guards the commit, so no change is numbered in an
 epoch the node does not own, and none is reported committed unless the broker confirmed it on
 the seat's connection. A promotion's epoch mark goes out through the same confirmed, signed
 path as the changes (``publish_mark``).
@@ -30,7 +30,7 @@ Every batch message names its seqs, epoch and origin in headers. The master's ow
 receives its batches too; they are already in its store, so its sync consumer skips them
 without decoding them. Headers are not signed, so they only select the candidates: the relay
 remembers a digest of every batch body it encoded from its own committed rows (``own_batch``),
-and only a body byte for byte equal to one of those is skipped (``consumers.sync``).
+and only a body byte for byte equal to one of those is skipped (``tasync.consumers.sync``).
 """
 
 from __future__ import annotations
@@ -45,18 +45,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from broker import messages, topology
-from broker.commits import BULK_OPS, Committed, Op, collector_paused
-from broker.connection import RECOVERABLE, describe
-from broker.epochs import EpochMark
-from broker.errors import FencedError, PublishError, SeatLost
-from broker.messages import Change, ChangeBatch
-from broker.protocol import Role
-from broker.publisher import Outgoing
-from broker.seat import MasterSeat
-from broker.signing import SIGNATURE_HEADER, KeyRing
-from broker.store import NodeStore
-from producers.changes import check_references
+from tasync.broker import messages, topology
+from tasync.broker.commits import BULK_OPS, Committed, Op, collector_paused
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.epochs import EpochMark
+from tasync.broker.errors import FencedError, PublishError, SeatLost
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.protocol import Role
+from tasync.broker.publisher import Outgoing
+from tasync.broker.seat import MasterSeat
+from tasync.broker.signing import SIGNATURE_HEADER, KeyRing
+from tasync.broker.store import NodeStore
+from tasync.producers.changes import check_references
 
 log = logging.getLogger("tasync.relay")
 #: Bytes of a batch message beyond its changes: version, type, epoch, origin, brackets.
@@ -457,7 +457,7 @@ class ChangeRelay:
                staged: str | None = None) -> Committed:
         """Check references, commit and publish operations; returns once the broker confirmed.
 
-        ``parsed`` comes from ``broker.commits.parse_ops``, which checked each body's schema.
+        ``parsed`` comes from ``tasync.broker.commits.parse_ops``, which checked each body's schema.
         A ``request_id`` committed before returns that first result and commits nothing.
         ``staged`` names an import whose staged parts the commit drops in its transaction.
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import amqp.exceptions
 
-from broker import messages, topology
-from broker.alerts import (
+from tasync.broker import messages, topology
+from tasync.broker.alerts import (
     CLIENT_HEADER,
     POLICY_CHALLENGE_PREFIX,
     REQUEUED_BY_HEADER,
@@ -50,18 +50,18 @@ from broker.alerts import (
     encode_alert,
     validated,
 )
-from broker.connection import RECOVERABLE, BlockedGuard, close_quietly, ensure
-from broker.errors import (
+from tasync.broker.connection import RECOVERABLE, BlockedGuard, close_quietly, ensure
+from tasync.broker.errors import (
     ConfigError,
     NoAnswer,
     PublishError,
     RemoteError,
     SendRefused,
 )
-from broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
-from broker.rpc import RpcClient
-from broker.settings import Settings, cache_dir_from_env
-from broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings, cache_dir_from_env
+from tasync.broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
 
 log = logging.getLogger("tasync.sender")
 

@@ -1,6 +1,6 @@
 """Every precedence list of the network and its state, for ``tasync status`` and tools.
 
-Each node watches every list's queue (``consumers.delivery.lists``) and answers ``lists``
+Each node watches every list's queue (``tasync.consumers.delivery.lists``) and answers ``lists``
 control requests with what it saw; ``gather_lists`` asks every live node and keeps, per list,
 the newest observation. A list is *stranded* when its queue holds alerts and nobody consumes
 it (``stranded``). When no node answers, ``broker_lists`` looks at the broker alone: it reads
@@ -27,14 +27,14 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
-from broker import messages, topology
-from broker.alerts import HostList
-from broker.connection import close_quietly, connect
-from broker.consumer import message_body
-from broker.errors import MessageError, NoAnswer
-from broker.rpc import RpcClient
-from broker.settings import Settings
-from consumers.delivery.lists import ListState
+from tasync.broker import messages, topology
+from tasync.broker.alerts import HostList
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.consumer import message_body
+from tasync.broker.errors import MessageError, NoAnswer
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
+from tasync.consumers.delivery.lists import ListState
 
 #: How long ``broker_lists`` waits for more host-list records before it takes the stream as read.
 STREAM_IDLE_S = 0.5

@@ -19,15 +19,14 @@ from typing import Any
 
 import click
 
-from broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
-from broker.allowlist import AllowList
-from broker.audit import Trail
-from broker.errors import ConfigError, NoAnswer
-from broker.settings import IntakeSettings, key_file_from_env
-from broker.signing import KeyRing
-from broker.since import Since
-from producers.sender import AlertSender, parse_hosts
 from tasync.alert_lists import ask_all
+from tasync.broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
+from tasync.broker.allowlist import AllowList
+from tasync.broker.audit import Trail
+from tasync.broker.errors import ConfigError, NoAnswer
+from tasync.broker.settings import IntakeSettings, key_file_from_env
+from tasync.broker.signing import KeyRing
+from tasync.broker.since import Since
 from tasync.client import print_table, rpc_client
 from tasync.options import (
     json_option,
@@ -36,6 +35,7 @@ from tasync.options import (
     since_option,
     timeout_option,
 )
+from tasync.producers.sender import AlertSender, parse_hosts
 
 COUNTER_COLUMNS = ("received", "delivered", "failed", "taken_over", "redelivered",
                    "duplicates", "skipped", "refused", "dead_lettered")
@@ -219,8 +219,8 @@ def intake(*, listen: str, route_for: tuple[str, ...], default_route: str | None
            retry_window_s: float, token_file: Path | None, hosts_file: Path | None,
            key_file: Path | None, data_dir: Path | None) -> None:
     """Run the HTTP intake; the help text is ``INTAKE_HELP``."""
-    from producers.intake import IntakeConfig
     from tasync.intake_app import open_intake
+    from tasync.producers.intake import IntakeConfig
     from tasync.web import bind, build_app, serve
 
     host, port = _listen(listen)

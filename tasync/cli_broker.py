@@ -1,8 +1,8 @@
 """``tasync broker``: prepare a RabbitMQ virtual host for a tasync network.
 
 ``broker setup`` declares the shared topology. With ``--users`` it also creates one broker user
-per node, admin and sender with least-privilege permissions (``broker.permissions``), through
-``rabbitmqctl`` on a broker host (``broker.users``). It is idempotent: a second run changes
+per node, admin and sender with least-privilege permissions (``tasync.broker.permissions``), through
+``rabbitmqctl`` on a broker host (``tasync.broker.users``). It is idempotent: a second run changes
 nothing and never touches a password it did not generate in that run.
 
 The ``--ca-file/--cert-file/--key-file`` options (``tls_options``) are shared with any command
@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 
 import click
 
-from broker import topology
-from broker.allowlist import AllowList, Entry
-from broker.connection import close_quietly, connect
-from broker.errors import BrokerAdminError, ConfigError
-from broker.permissions import Account
-from broker.settings import ENV_RABBITMQCTL, Settings
-from broker.tls import tls_files
-from broker.users import (
+from tasync.broker import topology
+from tasync.broker.allowlist import AllowList, Entry
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import BrokerAdminError, ConfigError
+from tasync.broker.permissions import Account
+from tasync.broker.settings import ENV_RABBITMQCTL, Settings
+from tasync.broker.tls import tls_files
+from tasync.broker.users import (
     Outcome,
     RabbitCtl,
     ensure_accounts,

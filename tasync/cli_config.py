@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from broker import kinds
-from broker.errors import (
+from tasync.broker import kinds
+from tasync.broker.errors import (
     ConfigError,
     ImportMismatch,
     InvalidObject,
@@ -26,9 +26,9 @@ from broker.errors import (
     NotApplied,
     RemoteError,
 )
-from broker.rpc import RpcClient
-from broker.settings import Settings
-from broker.store import NodeStore
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
+from tasync.broker.store import NodeStore
 from tasync.client import MasterSession, rpc_client, target_key
 from tasync.config_files import load_import_file, objects_to_ops
 from tasync.health import ago, gather_status

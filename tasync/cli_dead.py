@@ -4,7 +4,7 @@ Dead letters are alerts whose delivery failed after every retry; the node that g
 copy in ``tasync.dead-letter`` with the reason, itself and the attempts in its headers. The
 quarantine holds what a node refused (bad signature, schema, sender), with the reason.
 
-Both are read without taking anything away (``broker.browse``: each look raises the messages'
+Both are read without taking anything away (``tasync.broker.browse``: each look raises the messages'
 ``x-delivery-count`` by one, which is harmless because these queues have no delivery limit),
 at most ``--limit`` messages per look. ``dead requeue`` sends an alert again through the normal
 path (``AlertSender.resend``: policy and names checked, confirmed publish to its list) and takes
@@ -29,14 +29,15 @@ from typing import Any
 import amqp.exceptions
 import click
 
-from broker import topology
-from broker.alerts import ID_RE
-from broker.browse import Browsed, QueueBrowser, browse
-from broker.connection import close_quietly, connect
-from broker.errors import ConfigError, MessageError, TopologyMissing
-from broker.settings import Settings, key_file_from_env
-from broker.signing import KeyRing
-from consumers.quarantine import (
+from tasync.broker import topology
+from tasync.broker.alerts import ID_RE
+from tasync.broker.browse import Browsed, QueueBrowser, browse
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import ConfigError, MessageError, TopologyMissing
+from tasync.broker.settings import Settings, key_file_from_env
+from tasync.broker.signing import KeyRing
+from tasync.client import print_table
+from tasync.consumers.quarantine import (
     ATTEMPTS_HEADER,
     DEAD_AT_HEADER,
     NODE_HEADER,
@@ -44,9 +45,8 @@ from consumers.quarantine import (
     REASON_HEADER,
     SOURCE_QUEUE_HEADER,
 )
-from producers.sender import AlertSender
-from tasync.client import print_table
 from tasync.options import json_option, make_settings, print_json
+from tasync.producers.sender import AlertSender
 
 DEFAULT_LIMIT = 1000
 _LIST_WIDTH = 60

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from broker.allowlist import AllowList
+from tasync.broker.allowlist import AllowList
 from tasync.options import json_option, print_json
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from broker.signing import KeyRing, new_key_line
+from tasync.broker.signing import KeyRing, new_key_line
 from tasync.options import json_option, print_json
 
 

@@ -1,10 +1,10 @@
 """``tasync recover`` and ``tasync promote``: the one recovery command, and failing over.
 
-``recover`` asks the node itself to recover (``consumers.recovery``): it replays the change log
-when the log still reaches back, else installs a snapshot from the master or a peer and replays
+``recover`` asks the node itself to recover (``tasync.consumers.recovery``): it replays the change
+log when the log still reaches back, else installs a snapshot from the master or a peer and replays
 the tail; it reports what it applied and the conflicts it keeps. The command then compares the
 node with the master at the same seq and succeeds only when their checksums are equal.
-``promote`` makes a backup the master with a new epoch (``consumers.roles``).
+``promote`` makes a backup the master with a new epoch (``tasync.consumers.roles``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 
 import click
 
-from broker import topology
-from broker.errors import NoAnswer, NotIdentical, RemoteError
-from consumers.conflicts import as_op
-from consumers.roles import SEAT_WAIT_S
+from tasync.broker import topology
+from tasync.broker.errors import NoAnswer, NotIdentical, RemoteError
+from tasync.consumers.conflicts import as_op
+from tasync.consumers.roles import SEAT_WAIT_S
 from tasync.health import gather_status
 from tasync.known_nodes import check_known
 from tasync.options import (

@@ -3,7 +3,7 @@
 The change log (``tasync.changelog``) is the record: ``--dry-run`` reads it here and lists
 every change after the point (judged by the master's eras, so a stale master's rejected
 changes never appear); ``--node N`` or ``--all`` asks nodes to replay those changes into their
-stores (``consumers.replay``), then compares each with the master.
+stores (``tasync.consumers.replay``), then compares each with the master.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 
 import click
 
-from broker import topology
-from broker.epochs import EpochHistory
-from broker.errors import IncompleteLog, NoAnswer, NotIdentical, RemoteError
-from broker.messages import Change, ChangeBatch, change_to_dict
-from broker.settings import Settings
-from broker.since import Since
-from consumers.replay import read_since
+from tasync.broker import topology
+from tasync.broker.epochs import EpochHistory
+from tasync.broker.errors import IncompleteLog, NoAnswer, NotIdentical, RemoteError
+from tasync.broker.messages import Change, ChangeBatch, change_to_dict
+from tasync.broker.settings import Settings
+from tasync.broker.since import Since
 from tasync.cli_recover import ask_node, compare_with_master
 from tasync.client import print_table
+from tasync.consumers.replay import read_since
 from tasync.health import gather_status
 from tasync.known_nodes import check_known
 from tasync.options import (

@@ -16,11 +16,11 @@ from typing import Any
 import amqp.exceptions
 import click
 
-from broker import topology
-from broker.browse import browse
-from broker.connection import close_quietly, connect
-from broker.errors import ConfigError
 from tasync.alert_lists import ask_all
+from tasync.broker import topology
+from tasync.broker.browse import browse
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import ConfigError
 from tasync.cli_dead import DEFAULT_LIMIT, describe
 from tasync.client import print_table, rpc_client
 from tasync.options import (

@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from broker import topology
-from broker.errors import NoAnswer, RemoteError, WaitTimedOut
-from broker.rpc import RpcClient
-from broker.since import Since
+from tasync.broker import topology
+from tasync.broker.errors import NoAnswer, RemoteError, WaitTimedOut
+from tasync.broker.rpc import RpcClient
+from tasync.broker.since import Since
 from tasync.client import rpc_client
 from tasync.options import (
     make_settings,

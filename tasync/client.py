@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import amqp.exceptions
 import click
 
-from broker import topology
-from broker.connection import RECOVERABLE, close_quietly, connect, describe
-from broker.errors import BrokerUnreachable, ConnectionLost
-from broker.rpc import RpcClient
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import RECOVERABLE, close_quietly, connect, describe
+from tasync.broker.errors import BrokerUnreachable, ConnectionLost
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
 
 Client = TypeVar("Client", bound=RpcClient)
 T = TypeVar("T")

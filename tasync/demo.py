@@ -20,8 +20,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from broker.errors import ConfigError, ExitCode
-from broker.settings import DEFAULT_BROKER_URL
+from tasync.broker.errors import ConfigError, ExitCode
+from tasync.broker.settings import DEFAULT_BROKER_URL
 from tasync.demo_network import Stage, demo_broker
 from tasync.health import SEVERITY
 from tasync.options import (

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from broker import topology
-from broker.connection import close_quietly, connect
-from broker.errors import BrokerUnreachable, ConfigError
-from broker.settings import Settings
 from tasync import private_broker
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import BrokerUnreachable, ConfigError
+from tasync.broker.settings import Settings
 
 
 def _with_vhost(url: str, vhost: str) -> str:

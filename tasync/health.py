@@ -2,9 +2,9 @@
 
 A row for every node the network knows (the replicated ``node`` objects, as any answering node
 holds them), alive or not: a node that does not answer is listed with when it was last seen
-(from its peers' beacons, ``consumers.peers``) and, for the owner of the newest era, as the
+(from its peers' beacons, ``tasync.consumers.peers``) and, for the owner of the newest era, as the
 master, so a dead master never just disappears from the table. The health is the first of
-these that applies, most severe first (``broker.errors.ExitCode``):
+these that applies, most severe first (``tasync.broker.errors.ExitCode``):
 
 =================== =============================================================
 ``NO_MASTER`` (4)    no node answers as master (or no node answers at all)
@@ -28,12 +28,12 @@ from typing import Any
 
 import click
 
-from broker import topology
-from broker.connection import RECOVERABLE, describe
-from broker.errors import BrokerUnreachable, ExitCode, NoAnswer
-from broker.rpc import RpcClient
-from broker.settings import Settings
 from tasync.alert_lists import gather_lists, stranded
+from tasync.broker import topology
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.errors import BrokerUnreachable, ExitCode, NoAnswer
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
 from tasync.client import rpc_client
 
 #: What ends one check of ``watch`` without ending the watch.
@@ -95,7 +95,7 @@ def gather_status(rpc: RpcClient, *, timeout_s: float, max_lag: int = 0) -> Netw
     rows = {name: answers.get(name) or _silent_row(name, list(answers.values()))
             for name in known | set(answers)}
     status = NetworkStatus(rows=[rows[n] for n in sorted(rows)])
-    if answers:  # every node watches every list's queue (consumers.delivery.lists)
+    if answers:  # every node watches every list's queue (tasync.consumers.delivery.lists)
         status.stranded = stranded(gather_lists(rpc, timeout_s=min(timeout_s, 2.0)))
     _judge(status, master, max_lag=max_lag)
     return status

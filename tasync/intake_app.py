@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from broker.audit import Trail
-from broker.settings import Settings
-from broker.signing import KeyRing
-from producers import intake_http
-from producers.intake import Intake, IntakeConfig
-from producers.intake_pool import BrokerCircuit, SenderPool, probe_broker
-from producers.sender import AlertSender
+from tasync.broker.audit import Trail
+from tasync.broker.settings import Settings
+from tasync.broker.signing import KeyRing
+from tasync.producers import intake_http
+from tasync.producers.intake import Intake, IntakeConfig
+from tasync.producers.intake_pool import BrokerCircuit, SenderPool, probe_broker
+from tasync.producers.sender import AlertSender
 from tasync.web import WebPart
 
 

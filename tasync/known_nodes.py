@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from broker import topology
-from broker.errors import NoAnswer, RemoteError, UnknownNode
-from broker.rpc import RpcClient
+from tasync.broker import topology
+from tasync.broker.errors import NoAnswer, RemoteError, UnknownNode
+from tasync.broker.rpc import RpcClient
 
 #: How long to wait for the master's (or else any node's) list; either answers in
 #: milliseconds when it runs, and an unrouted request comes back at once when none does.

@@ -72,8 +72,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from broker.errors import ConfigError
 from tasync import memory
+from tasync.broker.errors import ConfigError
 
 log = logging.getLogger("tasync.metrics")
 
@@ -113,7 +113,7 @@ class NodeCollector(Collector):
       ``started_at``;
     * ``node.changes_applied`` (int, optional): incremented by the node per applied change;
     * ``node.lag_changes`` (int, or a callable returning int or None; optional);
-    * ``node.totals`` (``consumers.totals.Totals``, optional): its ``running_sums()``, or
+    * ``node.totals`` (``tasync.consumers.totals.Totals``, optional): its ``running_sums()``, or
       ``report()["sources"]`` for an object without it;
     * ``node.consumers`` (optional): consumer loops with ``name`` and ``connected``;
     * ``node.delivery`` (optional): its ``lists.report`` (``ListsReport``) and its

@@ -21,25 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from broker.allowlist import ALERT_HOSTS_FILE
-from broker.audit import Trail, setup_sync_log
-from broker.connection import close_quietly, connect
-from broker.errors import BrokerUnreachable, ConfigError, StoreDamaged
-from broker.events import Event
-from broker.protocol import Role
-from broker.seat import MasterSeat
-from broker.settings import Settings, failpoint_from_env
-from broker.signing import KeyRing
-from broker.store import DB_NAME, ApplyResult, NodeStore
-from broker.topology import check_node_name
-from consumers.admission import Admission
-from consumers.context import NodeContext
-from consumers.control import ControlServer
-from consumers.delivery.worker import DeliveryConsumer
-from consumers.roles import Roles
-from consumers.sync import SyncConsumer
-from consumers.totals import Totals
-from producers.relay import ChangeRelay, RelayFaults
+from tasync.broker.allowlist import ALERT_HOSTS_FILE
+from tasync.broker.audit import Trail, setup_sync_log
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import BrokerUnreachable, ConfigError, StoreDamaged
+from tasync.broker.events import Event
+from tasync.broker.protocol import Role
+from tasync.broker.seat import MasterSeat
+from tasync.broker.settings import Settings, failpoint_from_env
+from tasync.broker.signing import KeyRing
+from tasync.broker.store import DB_NAME, ApplyResult, NodeStore
+from tasync.broker.topology import check_node_name
+from tasync.consumers.admission import Admission
+from tasync.consumers.context import NodeContext
+from tasync.consumers.control import ControlServer
+from tasync.consumers.delivery.worker import DeliveryConsumer
+from tasync.consumers.roles import Roles
+from tasync.consumers.sync import SyncConsumer
+from tasync.consumers.totals import Totals
+from tasync.producers.relay import ChangeRelay, RelayFaults
 
 log = logging.getLogger("tasync.node")
 

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from broker.errors import ConfigError, ConnectionLost, ExitCode, RemoteError, TasyncError
-from broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL
+from tasync.broker.errors import ConfigError, ConnectionLost, ExitCode, RemoteError, TasyncError
+from tasync.broker.settings import DEFAULT_BROKER_URL, ENV_BROKER_URL
 
 if TYPE_CHECKING:
-    from broker.settings import Settings
-    from broker.since import Since
+    from tasync.broker.settings import Settings
+    from tasync.broker.since import Since
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=click.Command)
@@ -172,13 +172,13 @@ def timeout_option(default_s: float,
 
 def since_option(*, allow_seq: bool, required: bool = False,
                  what: str = "from") -> Callable[[F], F]:
-    """``--since T`` in the forms ``broker.since`` reads; the command receives a ``Since``.
+    """``--since T`` in the forms ``tasync.broker.since`` reads; the command receives a ``Since``.
 
     Every command that looks back in time takes the same forms, so one help text and one
     parser serve them all; ``allow_seq`` says whether ``seq:K`` means something to it.
     """
     def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Since | None:
-        from broker.since import Since
+        from tasync.broker.since import Since
 
         if value is None:
             return None
@@ -206,8 +206,8 @@ def make_settings(**overrides: Any) -> Settings:
     line. TLS files given as options (``tls=tls_files(...)``) win over the environment. Bad
     input is a usage error (exit 2).
     """
-    from broker.settings import Settings
-    from broker.tls import check_tls_urls, tls_files
+    from tasync.broker.settings import Settings
+    from tasync.broker.tls import check_tls_urls, tls_files
 
     tls = overrides.pop("tls", None)
     timeout_s = connect_timeout_s()
@@ -262,8 +262,8 @@ def _as_tasync_error(exc: Exception) -> TasyncError | None:
         return exc
     import amqp.exceptions
 
-    from broker import topology
-    from broker.connection import RECOVERABLE, describe
+    from tasync.broker import topology
+    from tasync.broker.connection import RECOVERABLE, describe
 
     if isinstance(exc, amqp.exceptions.NotFound):
         return topology.missing_error(exc)

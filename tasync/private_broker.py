@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from broker.errors import BrokerUnreachable
+from tasync.broker.errors import BrokerUnreachable
 
 ENV_CONF = """\
 # Private demo node: keeps the system broker's NODENAME and ports out.

@@ -15,11 +15,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from broker import messages
-from broker.errors import NoAnswer, RemoteError
-from broker.messages import Request
-from broker.rpc import RpcClient
-from broker.settings import Settings
+from tasync.broker import messages
+from tasync.broker.errors import NoAnswer, RemoteError
+from tasync.broker.messages import Request
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
 from tasync.client import connected_client
 
 OnProgress = Callable[[dict[str, Any]], None]

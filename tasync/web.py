@@ -34,8 +34,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from broker.errors import ConfigError
-from producers.intake_http import JsonAnswer, error_answer
+from tasync.broker.errors import ConfigError
+from tasync.producers.intake_http import JsonAnswer, error_answer
 
 log = logging.getLogger("tasync.web")
 
@@ -155,7 +155,7 @@ def serve(app: Starlette, sock: socket.socket, *, log_level: str = "warning") ->
 
 def main() -> None:
     """Print the OpenAPI document of the intake (``docs/openapi.json`` is this output)."""
-    from producers.intake_http import openapi_paths
+    from tasync.producers.intake_http import openapi_paths
 
     document = openapi_document([WebPart("intake", [], openapi_paths())])
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")

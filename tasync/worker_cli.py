@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from broker.protocol import Role
-from broker.settings import DEFAULT_METRICS_SOURCES, key_file_from_env
+from tasync.broker.protocol import Role
+from tasync.broker.settings import DEFAULT_METRICS_SOURCES, key_file_from_env
 from tasync.node import Node, NodeOptions
 from tasync.options import broker_url_param, handle_errors, make_settings, with_options
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from broker.audit import read_trail
-from broker.settings import redact_url
+from tasync.broker.audit import read_trail
+from tasync.broker.settings import redact_url
 from tests.waiting import wait_for
 
 #: ``rabbitmqctl`` verbs that stop, restart, alarm or reconfigure a whole broker, or cut

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.allowlist import AllowList
-from broker.settings import split_urls, vhost_of
+from tasync.broker.allowlist import AllowList
+from tasync.broker.settings import split_urls, vhost_of
 from tests.cli_contract import ROOT, check_argv, console_scripts
 
 COMPOSE = ROOT / "compose"

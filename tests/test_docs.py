@@ -40,7 +40,7 @@ import click
 import pytest
 import yaml
 
-from broker import kinds
+from tasync.broker import kinds
 from tests.cli_contract import (
     PENDING_OPTIONS,
     ROOT,
@@ -196,7 +196,7 @@ def source_text() -> str:
 
 
 def test_the_trail_events_documented_are_the_events_of_the_code() -> None:
-    from broker.events import Event
+    from tasync.broker.events import Event
 
     documented = table_column("operations.md", "trail-events")
     assert len(documented) > 20
@@ -204,7 +204,7 @@ def test_the_trail_events_documented_are_the_events_of_the_code() -> None:
 
 
 def test_every_event_is_written_through_the_enum_and_written_somewhere() -> None:
-    from broker.events import Event
+    from tasync.broker.events import Event
 
     code = source_text()
     # a string would be unsearchable and unchecked
@@ -216,11 +216,11 @@ def test_every_event_is_written_through_the_enum_and_written_somewhere() -> None
 def test_metrics_table_matches_what_a_node_exports(tmp_path: Path) -> None:
     from prometheus_client.registry import CollectorRegistry
 
-    from broker.audit import Trail
-    from broker.settings import Settings
-    from broker.store import NodeStore
-    from consumers.context import NodeContext
-    from consumers.totals import Totals
+    from tasync.broker.audit import Trail
+    from tasync.broker.settings import Settings
+    from tasync.broker.store import NodeStore
+    from tasync.consumers.context import NodeContext
+    from tasync.consumers.totals import Totals
     from tasync.metrics import NodeCollector
 
     store = NodeStore(tmp_path, durable=False)
@@ -237,7 +237,7 @@ def test_metrics_table_matches_what_a_node_exports(tmp_path: Path) -> None:
 
     from types import SimpleNamespace
 
-    from consumers.delivery.lists import ListsReport, ListState
+    from tasync.consumers.delivery.lists import ListsReport, ListState
 
     lists = ListsReport(checked_at=1.0, lists=(ListState(key="a.b", hosts=("a", "b")),),
                         dead_letters=0, quarantined=0)
@@ -453,7 +453,7 @@ def test_key_rotation_recipe_works_twice_in_a_row(tmp_path: Path) -> None:
     rotation. Each round's file must load as a node loads it at start, with the new key added,
     then signing, then alone.
     """
-    from broker.signing import KeyRing
+    from tasync.broker.signing import KeyRing
 
     (block,) = [b for b in blocks("operations.md")
                 if b.info == ["console"] and "tasync key generate > new.key" in b.text]

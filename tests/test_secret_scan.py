@@ -27,12 +27,12 @@ from urllib.parse import quote
 import pytest
 from kombu import Connection
 
-from broker.connection import make_connection
-from broker.errors import BrokerUnreachable
-from broker.permissions import Account
-from broker.settings import Settings
-from broker.signing import KeyRing
-from broker.users import Outcome
+from tasync.broker.connection import make_connection
+from tasync.broker.errors import BrokerUnreachable
+from tasync.broker.permissions import Account
+from tasync.broker.settings import Settings
+from tasync.broker.signing import KeyRing
+from tasync.broker.users import Outcome
 from tests.harness import secret_registry
 from tests.network import BrokerAdmin, Network
 from tests.waiting import wait_for

@@ -48,10 +48,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
-from broker.alerts import CONTROL_RE
-from broker.errors import AttemptFailed
-from broker.kinds import is_native_url
-from broker.settings import ENV_SMTP_URL, MailSettings
+from tasync.broker.alerts import CONTROL_RE
+from tasync.broker.errors import AttemptFailed
+from tasync.broker.kinds import is_native_url
+from tasync.broker.settings import ENV_SMTP_URL, MailSettings
 
 __all__ = ["ENV_SMTP_URL", "send"]
 

@@ -21,18 +21,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.alerts import Alert
-from broker.audit import Trail
-from broker.errors import AttemptFailed, ConfigError, DeliveryAborted, ResolveError
-from broker.events import Event
-from broker.settings import (
+from tasync.broker.alerts import Alert
+from tasync.broker.audit import Trail
+from tasync.broker.errors import AttemptFailed, ConfigError, DeliveryAborted, ResolveError
+from tasync.broker.events import Event
+from tasync.broker.settings import (
     ENV_DELIVERY_ATTEMPTS,
     ENV_DELIVERY_BACKOFF,
     ENV_DELIVERY_TIMEOUT,
     delivery_retry_from_env,
 )
-from consumers.delivery import channels
-from consumers.delivery.resolve import (
+from tasync.consumers.delivery import channels
+from tasync.consumers.delivery.resolve import (
     Group,
     Leaf,
     Lookup,

@@ -35,16 +35,16 @@ from typing import Any
 
 import amqp
 
-from broker import topology
-from broker.alerts import Handled, decode_handled
-from broker.connection import connection_user
-from broker.consumer import ConsumerLoop, message_body
-from broker.errors import MessageError
-from broker.publisher import send
-from broker.signing import SIGNATURE_HEADER
-from consumers.context import NodeContext
-from consumers.delivery.settle import MARKER_HEADER, RECORD_NODE_HEADER, handled_message
-from consumers.totals import open_db, record_handled, stream_offset
+from tasync.broker import topology
+from tasync.broker.alerts import Handled, decode_handled
+from tasync.broker.connection import connection_user
+from tasync.broker.consumer import ConsumerLoop, message_body
+from tasync.broker.errors import MessageError
+from tasync.broker.publisher import send
+from tasync.broker.signing import SIGNATURE_HEADER
+from tasync.consumers.context import NodeContext
+from tasync.consumers.delivery.settle import MARKER_HEADER, RECORD_NODE_HEADER, handled_message
+from tasync.consumers.totals import open_db, record_handled, stream_offset
 
 log = logging.getLogger("tasync.delivery")
 

@@ -1,8 +1,8 @@
 """Learning ad-hoc precedence lists from the durable ``tasync.hostlists`` stream.
 
 Whoever creates a list's queue appends a ``HostList`` record to the stream first: a sender for
-an ad-hoc list (``producers.sender``), a node for a route's list (``subscriptions``). Each node
-reads the stream from its start on every connect, keeps every list in ``totals.db``, tells the
+an ad-hoc list (``tasync.producers.sender``), a node for a route's list (``subscriptions``). Each
+node reads the stream from its start on every connect, keeps every list in ``totals.db``, tells the
 delivery worker to subscribe to those that name it, and watches all of them for being stranded
 (``lists``). A stream rather than a queue, because every node, including one that joins next
 year, must see every record, and a record must never be consumed away.
@@ -22,12 +22,12 @@ from typing import Any
 
 import amqp
 
-from broker import messages, topology
-from broker.alerts import HostList
-from broker.consumer import ConsumerLoop, message_body
-from broker.errors import MessageError
-from consumers.context import NodeContext
-from consumers.totals import open_db
+from tasync.broker import messages, topology
+from tasync.broker.alerts import HostList
+from tasync.broker.consumer import ConsumerLoop, message_body
+from tasync.broker.errors import MessageError
+from tasync.consumers.context import NodeContext
+from tasync.consumers.totals import open_db
 
 log = logging.getLogger("tasync.delivery")
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import amqp.exceptions
 
-from broker import topology
-from broker.audit import Trail
-from broker.events import Event
+from tasync.broker import topology
+from tasync.broker.audit import Trail
+from tasync.broker.events import Event
 
 
 @dataclass(frozen=True)

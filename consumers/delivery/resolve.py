@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker.errors import ResolveError
+from tasync.broker.errors import ResolveError
 
 MAX_DEPTH = 16
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import topology
-from broker.alerts import OUTCOME_LETTERS, Handled, encode_handled
-from broker.connection import connection_user
-from broker.publisher import Outgoing, confirm_channel, send
-from broker.signing import SIGNATURE_HEADER, KeyRing
+from tasync.broker import topology
+from tasync.broker.alerts import OUTCOME_LETTERS, Handled, encode_handled
+from tasync.broker.connection import connection_user
+from tasync.broker.publisher import Outgoing, confirm_channel, send
+from tasync.broker.signing import SIGNATURE_HEADER, KeyRing
 
 log = logging.getLogger("tasync.delivery")
 

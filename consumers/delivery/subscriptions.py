@@ -25,13 +25,13 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
-from broker import messages, topology
-from broker.alerts import HostList
-from broker.errors import TopologyMissing
-from broker.events import Event
-from consumers.context import NodeContext
-from consumers.delivery.hostlists import HostListWatcher
-from consumers.totals import open_db
+from tasync.broker import messages, topology
+from tasync.broker.alerts import HostList
+from tasync.broker.errors import TopologyMissing
+from tasync.broker.events import Event
+from tasync.consumers.context import NodeContext
+from tasync.consumers.delivery.hostlists import HostListWatcher
+from tasync.consumers.totals import open_db
 
 log = logging.getLogger("tasync.delivery")
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from broker.audit import ROTATE_KEEP, TRAIL_NAME, parse_trail_line
+from tasync.broker.audit import ROTATE_KEEP, TRAIL_NAME, parse_trail_line
 
 #: Most lines one node returns for one id (a hot id repeated all day must not flood the answer).
 MAX_LINES = 500
-#: Characters a trail value keeps verbatim (``broker.audit`` quotes a value with others).
+#: Characters a trail value keeps verbatim (``tasync.broker.audit`` quotes a value with others).
 _VERBATIM = re.compile(r"[A-Za-z0-9_.:@/+,=-]+")
 
 

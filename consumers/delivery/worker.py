@@ -39,8 +39,8 @@ from typing import Any
 import amqp
 import amqp.exceptions
 
-from broker import topology
-from broker.alerts import (
+from tasync.broker import topology
+from tasync.broker.alerts import (
     CLIENT_HEADER,
     MAX_ALERT_BYTES,
     POLICY_CHALLENGE_PREFIX,
@@ -48,16 +48,16 @@ from broker.alerts import (
     Alert,
     decode_alert,
 )
-from broker.allowlist import ALERT_HOSTS_FILE, AllowList
-from broker.consumer import ConsumerLoop, message_body
-from broker.errors import DeliveryAborted, MessageError
-from broker.events import Event
-from broker.protocol import ControlOp
-from broker.publisher import Outgoing
-from broker.signing import SENDER_HEADER, SIGNATURE_HEADER
-from consumers.admission import Admission
-from consumers.context import NodeContext
-from consumers.delivery.executor import (
+from tasync.broker.allowlist import ALERT_HOSTS_FILE, AllowList
+from tasync.broker.consumer import ConsumerLoop, message_body
+from tasync.broker.errors import DeliveryAborted, MessageError
+from tasync.broker.events import Event
+from tasync.broker.protocol import ControlOp
+from tasync.broker.publisher import Outgoing
+from tasync.broker.signing import SENDER_HEADER, SIGNATURE_HEADER
+from tasync.consumers.admission import Admission
+from tasync.consumers.context import NodeContext
+from tasync.consumers.delivery.executor import (
     FAILED,
     RETRY,
     Executor,
@@ -65,14 +65,14 @@ from consumers.delivery.executor import (
     Progress,
     RetryPolicy,
 )
-from consumers.delivery.handled import HandledWatcher
-from consumers.delivery.hostlists import HostListWatcher
-from consumers.delivery.lists import ListMonitor
-from consumers.delivery.settle import Settler
-from consumers.delivery.subscriptions import ROUTE_KIND, Subscriptions
-from consumers.delivery.trace import trail_lines
-from consumers.quarantine import alert_identity, dead_copy, quarantine_copy
-from consumers.totals import Tally, Totals
+from tasync.consumers.delivery.handled import HandledWatcher
+from tasync.consumers.delivery.hostlists import HostListWatcher
+from tasync.consumers.delivery.lists import ListMonitor
+from tasync.consumers.delivery.settle import Settler
+from tasync.consumers.delivery.subscriptions import ROUTE_KIND, Subscriptions
+from tasync.consumers.delivery.trace import trail_lines
+from tasync.consumers.quarantine import alert_identity, dead_copy, quarantine_copy
+from tasync.consumers.totals import Tally, Totals
 
 log = logging.getLogger("tasync.delivery")
 

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from broker.connection import RECOVERABLE, describe
-from broker.errors import RemoteError, TasyncError
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.errors import RemoteError, TasyncError
 from tasync.console import alerts_view, config_view
 from tasync.console.alerts_view import GENERAL, QUEUES, TestAlert
 from tasync.console.common import Auth, NetworkTrouble, Pages, actor, base

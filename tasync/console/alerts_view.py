@@ -16,12 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker import topology
-from broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
-from broker.errors import ConfigError, InvalidObject, MessageError, TasyncError
-from broker.settings import Settings
-from producers.sender import AlertSender, SendResult, parse_hosts
 from tasync.alert_lists import ask_all
+from tasync.broker import topology
+from tasync.broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
+from tasync.broker.errors import ConfigError, InvalidObject, MessageError, TasyncError
+from tasync.broker.settings import Settings
 from tasync.cli_alerts import _keyring as keyring_from_env
 from tasync.cli_dead import _looking as looking_at
 from tasync.cli_dead import describe
@@ -29,6 +28,7 @@ from tasync.cli_trace import _details as details_of
 from tasync.cli_trace import _from_broker as from_broker
 from tasync.cli_trace import story
 from tasync.client import rpc_client
+from tasync.producers.sender import AlertSender, SendResult, parse_hosts
 
 #: The source of alerts sent from the console (totals count them apart).
 SOURCE = "console"

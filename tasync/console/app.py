@@ -25,10 +25,10 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from broker import kinds
-from broker.connection import RECOVERABLE, describe
-from broker.errors import RemoteError, TasyncError
-from broker.settings import Settings
+from tasync.broker import kinds
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.errors import RemoteError, TasyncError
+from tasync.broker.settings import Settings
 from tasync.console.alert_pages import AlertPages
 from tasync.console.common import (
     Auth,

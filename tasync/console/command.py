@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from broker.errors import ConfigError
+from tasync.broker.errors import ConfigError
 from tasync.options import make_settings, offline, timeout_option
 
 USERS_HELP = "The users file (NAME:ROLE:ARGON2-HASH lines; tasync console add-user writes it)."

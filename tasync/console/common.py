@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from broker.settings import Settings
+from tasync.broker.settings import Settings
 from tasync.console.sessions import Session
 from tasync.console.users import User
 

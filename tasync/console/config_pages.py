@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from broker import kinds
-from broker.errors import RemoteError
+from tasync.broker import kinds
+from tasync.broker.errors import RemoteError
 from tasync.console import config_view
 from tasync.console.common import Auth, NetworkTrouble, Pages, actor, base
 from tasync.console.config_view import FIELDS, GENERAL, PAGE_OBJECTS

@@ -1,11 +1,11 @@
 """The configuration pages' work: reading objects from the master, and changing them.
 
 Changes take the path of ``tasync config set`` and ``tasync config delete``: the body is
-checked here first with the same schema (``broker.kinds.load_body``), then committed on the
+checked here first with the same schema (``tasync.broker.kinds.load_body``), then committed on the
 master by ``tasync.cli_config``'s commit, which the master checks again (references included)
 and replicates. A refusal comes back as field -> messages and is shown beside the field; a
 reference the master refuses (``references``) is put beside the field that names it, found
-through ``broker.kinds.REFERENCES``.
+through ``tasync.broker.kinds.REFERENCES``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker import kinds, topology
-from broker.errors import InvalidObject, RemoteError
-from broker.rpc import RpcClient
-from broker.settings import Settings
+from tasync.broker import kinds, topology
+from tasync.broker.errors import InvalidObject, RemoteError
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
 from tasync.cli_config import _committed as committed_before
 from tasync.cli_config import _no_master_hint as with_no_master_hint
 from tasync.client import MasterSession, rpc_client

@@ -15,9 +15,9 @@ from typing import Any
 
 import amqp.exceptions
 
-from broker.connection import RECOVERABLE, describe
-from broker.errors import TasyncError
-from broker.settings import Settings
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.errors import TasyncError
+from tasync.broker.settings import Settings
 from tasync.client import rpc_client
 from tasync.health import NetworkStatus, ago, gather_status
 

@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from broker.connection import RECOVERABLE, describe
-from broker.errors import TasyncError
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.errors import TasyncError
 from tasync.console import ops_view
 from tasync.console.common import Auth, Pages, actor, base
 from tasync.console.network_view import StatusSource

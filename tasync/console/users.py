@@ -22,7 +22,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from broker.errors import ConfigError
+from tasync.broker.errors import ConfigError
 
 #: Roles from least to most allowed: each may do what the ones before it may.
 ROLES = ("viewer", "operator", "admin")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from broker.audit import read_trail
+from tasync.broker.audit import read_trail
 from tests.console.conftest import ConsoleServer, log_in, screenshot
 from tests.integration.test_replication import assert_identical
 from tests.network import Network

@@ -24,7 +24,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from broker.store import DB_NAME
+from tasync.broker.store import DB_NAME
 from tests.harness.rabbit_cluster import RabbitCluster
 from tests.harness.tcp_proxy import TcpProxy
 from tests.network import Network, NodeProcess

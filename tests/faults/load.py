@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker import kinds, topology
-from broker.alerts import Alert
-from broker.connection import close_quietly, connect
-from broker.rpc import RpcClient
-from broker.settings import Settings
-from producers.sender import AlertSender
+from tasync.broker import kinds, topology
+from tasync.broker.alerts import Alert
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
+from tasync.producers.sender import AlertSender
 from tests.faults.cluster_net import ROUTED, SOURCES, ClusterNetwork, destination, list_args
 
 _COMMITTED_RE = re.compile(r"committed seq (\d+)\.\.(\d+)")

@@ -25,11 +25,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import messages
-from broker.alerts import Alert, alert_to_dict
-from broker.epochs import EpochMark
-from broker.messages import Change, ChangeBatch
-from broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
+from tasync.broker import messages
+from tasync.broker.alerts import Alert, alert_to_dict
+from tasync.broker.epochs import EpochMark
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
 
 
 @dataclass(frozen=True)

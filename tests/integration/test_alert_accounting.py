@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from broker import topology
-from broker.alerts import Alert, alert_to_dict
-from broker.audit import read_trail
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
-from broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
+from tasync.broker import topology
+from tasync.broker.alerts import Alert, alert_to_dict
+from tasync.broker.audit import read_trail
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing
+from tasync.broker.settings import Settings
+from tasync.broker.signing import SENDER_HEADER, SIGNATURE_HEADER, KeyRing
 from tasync.client import rpc_client
 from tests.harness import secret_registry
 from tests.integration.test_alerts import (

@@ -18,12 +18,12 @@ from typing import Any
 import amqp
 import pytest
 
-from broker import topology
-from broker.alerts import Alert
-from broker.audit import read_trail
-from broker.connection import close_quietly, connect
-from broker.settings import Settings
-from producers.sender import AlertSender
+from tasync.broker import topology
+from tasync.broker.alerts import Alert
+from tasync.broker.audit import read_trail
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.settings import Settings
+from tasync.producers.sender import AlertSender
 from tests.harness.webhook import Webhook
 from tests.network import Network, NodeProcess
 from tests.waiting import wait_for

@@ -22,12 +22,12 @@ import amqp.exceptions
 import click
 import pytest
 
-from broker import topology
-from broker.connection import close_quietly, connect, ensure
-from broker.errors import AccessDenied, TopologyMissing
-from broker.permissions import Account, node_permissions, permissions_for
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect, ensure
+from tasync.broker.errors import AccessDenied, TopologyMissing
+from tasync.broker.permissions import Account, node_permissions, permissions_for
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing
+from tasync.broker.settings import Settings
 from tasync.cli_broker import plan_accounts
 from tests.harness import secret_registry
 from tests.network import BrokerAdmin, Network

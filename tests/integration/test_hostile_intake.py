@@ -26,8 +26,8 @@ import yaml
 from click.testing import CliRunner
 from hypothesis import strategies as st
 
-from broker.alerts import MAX_TEXT_CHARS
-from broker.errors import ConfigError
+from tasync.broker.alerts import MAX_TEXT_CHARS
+from tasync.broker.errors import ConfigError
 from tasync.cli import cli
 from tasync.config_files import MAX_FILE_BYTES, objects_to_ops
 from tests.harness import secret_registry

@@ -28,19 +28,19 @@ from typing import Any
 import amqp
 import pytest
 
-from broker import messages, topology
-from broker.alerts import MAX_ALERT_BYTES
-from broker.allowlist import AllowList
-from broker.audit import read_trail
-from broker.connection import close_quietly, connect
-from broker.epochs import EpochMark
-from broker.errors import MessageError
-from broker.fastdecode import decode_entry
-from broker.messages import ChangeBatch
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
-from broker.signing import SIGNATURE_HEADER, KeyRing
-from consumers.admission import Admission
+from tasync.broker import messages, topology
+from tasync.broker.alerts import MAX_ALERT_BYTES
+from tasync.broker.allowlist import AllowList
+from tasync.broker.audit import read_trail
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.epochs import EpochMark
+from tasync.broker.errors import MessageError
+from tasync.broker.fastdecode import decode_entry
+from tasync.broker.messages import ChangeBatch
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing
+from tasync.broker.settings import Settings
+from tasync.broker.signing import SIGNATURE_HEADER, KeyRing
+from tasync.consumers.admission import Admission
 from tests.harness import hostile, secret_registry
 from tests.network import Network
 from tests.waiting import wait_for

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from broker import topology
-from broker.errors import RemoteError
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.errors import RemoteError
+from tasync.broker.settings import Settings
 from tasync.client import rpc_client
 from tests.integration.test_replication import start_trio
 from tests.network import Network

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.alerts import Alert
-from broker.settings import Settings
-from producers.sender import AlertSender
+from tasync.broker.alerts import Alert
+from tasync.broker.settings import Settings
+from tasync.producers.sender import AlertSender
 from tests.network import Network
 from tests.waiting import wait_for
 

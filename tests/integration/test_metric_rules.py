@@ -23,9 +23,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import topology
-from broker.connection import close_quietly, connect
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.settings import Settings
 from tests.docs_blocks import blocks
 from tests.harness.rabbit_env import free_ports
 from tests.network import Network

@@ -91,7 +91,7 @@ def test_backup_started_with_role_master_while_a_master_runs_stays_backup(
 
 
 def _trail(node: NodeProcess) -> list[dict[str, str]]:
-    from broker.audit import read_trail
+    from tasync.broker.audit import read_trail
 
     return read_trail(node.data_dir)
 

@@ -1,7 +1,7 @@
 """The master's outbox is published from its mark: after a timeout, after a crash, at 1M objects.
 
 Real worker processes and real ``tasync`` commands. The relay's fault points
-(``producers.relay.RelayFaults``) cut the first publishing pass of an import in half: the
+(``tasync.producers.relay.RelayFaults``) cut the first publishing pass of an import in half: the
 first half is confirmed and marked, then the pass fails as a confirm timeout would, or the
 master exits as if killed. Every check compares state: the change log's batches (no seq
 published twice, so the relay resumed at the mark and not at the first batch) and every
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import topology
-from broker.messages import ChangeBatch
-from broker.settings import Settings
-from broker.stream import read_changelog
+from tasync.broker import topology
+from tasync.broker.messages import ChangeBatch
+from tasync.broker.settings import Settings
+from tasync.broker.stream import read_changelog
 from tasync.progress import progress_rpc
 from tests.faults.cluster_net import store_meta
 from tests.integration.test_replication import assert_identical, write_import

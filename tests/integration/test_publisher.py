@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from broker.connection import close_quietly, connect
-from broker.errors import PublishError
-from broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
-from broker.settings import Settings
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import PublishError
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
+from tasync.broker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from typing import Any
 import amqp
 import pytest
 
-from broker.consumer import ConsumerLoop
-from broker.settings import Settings
+from tasync.broker.consumer import ConsumerLoop
+from tasync.broker.settings import Settings
 from tests.network import BrokerAdmin
 from tests.waiting import wait_for
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from broker import topology
-from broker.audit import read_trail
-from broker.connection import connect
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.audit import read_trail
+from tasync.broker.connection import connect
+from tasync.broker.settings import Settings
 from tests.integration.test_replication import assert_identical, start_trio, write_import
 from tests.integration.test_replication_faults import ImportLoop, assert_no_seq_applied_twice
 from tests.network import BrokerAdmin, Network, applied_seqs
@@ -243,13 +243,13 @@ def test_unconfirmed_change_of_a_dead_master_is_kept_and_resubmitted(network: Ne
 
 def test_a_stale_master_is_rejected_everywhere(network: Network, tmp_path: Path,
                                                broker_url: str) -> None:
-    from broker.commits import parse_ops
-    from broker.errors import SeatLost
-    from broker.messages import Change, ChangeBatch
-    from broker.publisher import ConfirmedPublisher
-    from broker.seat import MasterSeat
-    from broker.store import NodeStore
-    from producers.relay import ChangeRelay, batch_messages
+    from tasync.broker.commits import parse_ops
+    from tasync.broker.errors import SeatLost
+    from tasync.broker.messages import Change, ChangeBatch
+    from tasync.broker.publisher import ConfirmedPublisher
+    from tasync.broker.seat import MasterSeat
+    from tasync.broker.store import NodeStore
+    from tasync.producers.relay import ChangeRelay, batch_messages
 
     start_trio(network)
     import_objects(network, tmp_path, 20, "pre-")

@@ -10,8 +10,8 @@ from pathlib import Path
 import amqp
 import pytest
 
-from broker import messages, topology
-from broker.messages import Change, ChangeBatch
+from tasync.broker import messages, topology
+from tasync.broker.messages import Change, ChangeBatch
 from tests.harness.rabbit_cluster import RabbitCluster, unavailable_reason
 from tests.integration.test_replication import assert_identical, start_trio, write_import
 from tests.network import Network, applied_seqs
@@ -130,8 +130,8 @@ def test_broker_restart_mid_import(private_network: tuple[Network, RabbitCluster
 
 
 def _publish_raw(broker_url: str, queue: str, body: bytes) -> None:
-    from broker.connection import connect
-    from broker.settings import Settings
+    from tasync.broker.connection import connect
+    from tasync.broker.settings import Settings
 
     conn = connect(Settings.from_url(broker_url))
     try:
@@ -158,7 +158,7 @@ def test_hostile_queue_input_is_quarantined(network: Network, broker_url: str) -
         _publish_raw(broker_url, topology.sync_queue("b"), body)
 
     def trail_events() -> list[dict[str, str]]:
-        from broker.audit import read_trail
+        from tasync.broker.audit import read_trail
         return read_trail(b.data_dir)
 
     wait_for(lambda: sum(e["event"] == "change.quarantined" for e in trail_events()) >= 3,
@@ -179,8 +179,8 @@ def test_hostile_queue_input_is_quarantined(network: Network, broker_url: str) -
 
 def queue_depth(broker_url: str, queue: str) -> int:
     """Messages ready in ``queue``, asked over AMQP (rabbitmqctl's numbers lag for quorum)."""
-    from broker.connection import connect
-    from broker.settings import Settings
+    from tasync.broker.connection import connect
+    from tasync.broker.settings import Settings
 
     conn = connect(Settings.from_url(broker_url))
     try:

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from broker import topology
-from broker.connection import close_quietly, connect
-from broker.errors import NoAnswer
-from broker.messages import Reply
-from broker.rpc import RpcClient, reply_to
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import NoAnswer
+from tasync.broker.messages import Reply
+from tasync.broker.rpc import RpcClient, reply_to
+from tasync.broker.settings import Settings
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import topology
-from broker.errors import SeatLost
-from broker.publisher import Outgoing
-from broker.seat import MasterSeat
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.errors import SeatLost
+from tasync.broker.publisher import Outgoing
+from tasync.broker.seat import MasterSeat
+from tasync.broker.settings import Settings
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration

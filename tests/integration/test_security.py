@@ -9,12 +9,12 @@ from pathlib import Path
 import amqp
 import pytest
 
-from broker import messages, topology
-from broker.audit import read_trail
-from broker.connection import connect
-from broker.messages import Change, ChangeBatch
-from broker.settings import Settings
-from broker.signing import SIGNATURE_HEADER, KeyRing
+from tasync.broker import messages, topology
+from tasync.broker.audit import read_trail
+from tasync.broker.connection import connect
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.settings import Settings
+from tasync.broker.signing import SIGNATURE_HEADER, KeyRing
 from tests.harness import secret_registry
 from tests.network import Network
 from tests.waiting import wait_for

@@ -4,7 +4,7 @@ A stream has no end over AMQP 0-9-1. The head query's read used to end only once
 quiet for half a second, so a master committing every 0.2 s kept a recovering backup asking
 until the master stopped: the fault soak caught two backups stuck that way for five minutes
 after a broker-node kill, when their question to the master went unanswered and they read the
-log instead (``broker.stream.log_head``).
+log instead (``tasync.broker.stream.log_head``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 import amqp
 import pytest
 
-from broker import topology
-from broker.connection import close_quietly, connect
-from broker.epochs import EpochHistory
-from broker.messages import Change, ChangeBatch, encode
-from broker.settings import Settings
-from broker.stream import log_head
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.epochs import EpochHistory
+from tasync.broker.messages import Change, ChangeBatch, encode
+from tasync.broker.settings import Settings
+from tasync.broker.stream import log_head
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration

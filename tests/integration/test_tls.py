@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from broker import topology
-from broker.connection import close_quietly, connect
-from broker.errors import BrokerUnreachable, ConfigError
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings, TlsFiles
-from broker.tls import check_tls_urls, tls_files
+from tasync.broker import topology
+from tasync.broker.connection import close_quietly, connect
+from tasync.broker.errors import BrokerUnreachable, ConfigError
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing
+from tasync.broker.settings import Settings, TlsFiles
+from tasync.broker.tls import check_tls_urls, tls_files
 from tests.harness.rabbit_cluster import unavailable_reason
 from tests.harness.tls_broker import Pki, TlsBroker
 from tests.network import Network

@@ -1,4 +1,4 @@
-"""Fixtures of the unit tests: the in-process broker (``broker.memory``) on a vhost of its own."""
+"""Fixtures of the unit tests: the in-process broker (``tasync.broker.memory``), a vhost each."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import memory
-from broker.settings import Settings
+from tasync.broker import memory
+from tasync.broker.settings import Settings
 
 
 @pytest.fixture
 def memory_settings() -> Iterator[Settings]:
-    """Settings whose ``memory://`` URL makes ``broker.connection.connect`` stay in-process.
+    """Settings whose ``memory://`` URL makes ``tasync.broker.connection.connect`` stay in-process.
 
     The virtual host is this test's alone, and dropped (connections closed) at its end.
     """

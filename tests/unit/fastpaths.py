@@ -1,7 +1,7 @@
 """What the tests of the hand-written fast paths share: the verdict of a decoder, and values.
 
-``broker.fastdecode.decode_entry`` and ``broker.alerts.decode_alert`` skip marshmallow for
-well-formed input; their tests hold each to the schema by comparing verdicts on the same bytes.
+``tasync.broker.fastdecode.decode_entry`` and ``tasync.broker.alerts.decode_alert`` skip marshmallow
+for well-formed input; their tests hold each to the schema by comparing verdicts on the same bytes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from broker.errors import MessageError
+from tasync.broker.errors import MessageError
 
 MAX = 1 << 20
 
@@ -33,8 +33,8 @@ def outcome(body: bytes, decoder: Any) -> Any:
 
 
 def agree(data: Any, decoder: Any, expect: str) -> None:
-    """``decoder`` and ``broker.messages.decode(expect=...)`` give the same verdict on ``data``."""
-    from broker import messages
+    """``decoder`` and ``tasync.broker.messages.decode(expect=...)`` agree on ``data``."""
+    from tasync.broker import messages
 
     body = data if isinstance(data, bytes) else json.dumps(data).encode()
     fast = outcome(body, decoder)

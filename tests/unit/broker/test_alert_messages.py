@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from broker import messages
-from broker.alerts import (
+from tasync.broker import messages
+from tasync.broker.alerts import (
     MAX_TEXT_CHARS,
     Alert,
     HostList,
@@ -11,7 +11,7 @@ from broker.alerts import (
     encode_alert,
     validated,
 )
-from broker.errors import InvalidObject, MessageError
+from tasync.broker.errors import InvalidObject, MessageError
 
 
 def make(**overrides: object) -> Alert:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.allowlist import (
+from tasync.broker.allowlist import (
     ALERT_HOSTS_FILE,
     CONFIG_HOSTS_FILE,
     MASTER_HOSTS_FILE,
@@ -11,7 +11,7 @@ from broker.allowlist import (
     Decision,
     Entry,
 )
-from broker.errors import ConfigError
+from tasync.broker.errors import ConfigError
 
 SAMPLE = """\
 # masters of the cluster

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import audit
-from broker.audit import (
+from tasync.broker import audit
+from tasync.broker.audit import (
     TRAIL_NAME,
     RepeatFilter,
     Trail,
@@ -17,7 +17,7 @@ from broker.audit import (
     setup_sync_log,
     utc_now,
 )
-from broker.events import Event
+from tasync.broker.events import Event
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def _record(message: str, level: int = logging.WARNING, **extra: object) -> logg
 def test_repeat_filter_shows_each_problem_once_until_it_clears(
         monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("broker.audit.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("tasync.broker.audit.time.monotonic", lambda: now[0])
     shown = RepeatFilter(window_s=600.0, max_keys=2).filter
     down = "broker unreachable at amqp://x: refused"
     assert shown(_record(f"tasync-sync-a: {down}; retrying", problem=down))

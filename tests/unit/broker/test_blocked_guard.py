@@ -7,7 +7,7 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
-from broker.connection import BlockedGuard
+from tasync.broker.connection import BlockedGuard
 
 
 def fake_conn() -> tuple[Any, socket.socket, socket.socket]:

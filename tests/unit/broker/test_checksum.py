@@ -1,7 +1,7 @@
 """The kept checksum equals the checksum recomputed from every object, whatever happened.
 
 ``NodeStore`` updates its checksum and object count in the transaction of every change, replay
-and snapshot install (``broker.store.format_checksum``); these properties compare the kept
+and snapshot install (``tasync.broker.store.format_checksum``); these properties compare the kept
 value with a full recomputation after random sequences of sets, deletes, imports, forced
 replays and snapshot installs, on a master's store and on a backup applying the same batches.
 """
@@ -17,9 +17,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.kinds import KINDS as ALL_KINDS
-from broker.messages import Change, ChangeBatch
-from broker.store import NodeStore
+from tasync.broker.kinds import KINDS as ALL_KINDS
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.store import NodeStore
 
 #: Memory-backed when the machine has it: each example opens two fresh databases.
 SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import amqp
 from kombu import Connection
 
-from broker.connection import close_quietly
+from tasync.broker.connection import close_quietly
 
 
 class RecordingConnection(amqp.Connection):  # type: ignore[misc]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from broker.commits import (
+from tasync.broker.commits import (
     Committed,
     Op,
     collector_paused,
@@ -14,8 +14,8 @@ from broker.commits import (
     encode_staged,
     parse_ops,
 )
-from broker.errors import InvalidObject
-from broker.store import CommittedRequest
+from tasync.broker.errors import InvalidObject
+from tasync.broker.store import CommittedRequest
 
 
 def op_del(kind: str, name: str) -> dict[str, Any]:

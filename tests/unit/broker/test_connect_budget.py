@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from broker import connection
-from broker.errors import BrokerUnreachable
-from broker.settings import Settings
+from tasync.broker import connection
+from tasync.broker.errors import BrokerUnreachable
+from tasync.broker.settings import Settings
 
 
 def closed_port() -> int:

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.epochs import EpochHistory, EpochMark, Era
-from broker.errors import MessageError
-from broker.messages import Change, ChangeBatch, decode, encode
+from tasync.broker.epochs import EpochHistory, EpochMark, Era
+from tasync.broker.errors import MessageError
+from tasync.broker.messages import Change, ChangeBatch, decode, encode
 
 
 def change(seq: int, epoch: int = 1, origin: str = "a") -> Change:

@@ -1,7 +1,7 @@
 """The fast alert check accepts only what marshmallow's ``AlertSchema`` accepts, built the same.
 
-``broker.alerts.fast_load`` and ``decode_alert`` exist for speed; these tests hold them to the
-schema: every mutation of a valid alert gets the same verdict from both paths.
+``tasync.broker.alerts.fast_load`` and ``decode_alert`` exist for speed; these tests hold them to
+the schema: every mutation of a valid alert gets the same verdict from both paths.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import messages
-from broker.alerts import Alert, alert_to_dict, decode_alert, fast_load, validated
-from broker.errors import InvalidObject, MessageError
+from tasync.broker import messages
+from tasync.broker.alerts import Alert, alert_to_dict, decode_alert, fast_load, validated
+from tasync.broker.errors import InvalidObject, MessageError
 from tests.unit.fastpaths import MAX, agree, json_values
 
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import messages
-from broker.errors import MessageError
-from broker.fastdecode import decode_entry
-from broker.messages import Change, ChangeBatch, encode
+from tasync.broker import messages
+from tasync.broker.errors import MessageError
+from tasync.broker.fastdecode import decode_entry
+from tasync.broker.messages import Change, ChangeBatch, encode
 from tests.unit.fastpaths import MAX, json_values, outcome
 
 

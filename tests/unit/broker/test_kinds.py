@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from broker import kinds
-from broker.errors import ConfigError, InvalidObject
+from tasync.broker import kinds
+from tasync.broker.errors import ConfigError, InvalidObject
 
 WINDOW = {"days": ["mon", "fri"], "start": "09:00", "end": "17:30"}
 

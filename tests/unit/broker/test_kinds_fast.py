@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import kinds
-from broker.errors import InvalidObject
+from tasync.broker import kinds
+from tasync.broker.errors import InvalidObject
 
 
 def slow(body: Any) -> Any:

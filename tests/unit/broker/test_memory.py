@@ -1,6 +1,6 @@
 """The in-process broker (broker/memory.py) behaves as RabbitMQ does for the calls tasync makes.
 
-Each test drives it through ``broker.connection.connect`` with a ``memory://`` URL, as the
+Each test drives it through ``tasync.broker.connection.connect`` with a ``memory://`` URL, as the
 production code does, and checks the broker's state or what the client saw.
 """
 
@@ -16,14 +16,14 @@ import amqp.exceptions
 import pytest
 from kombu import Connection
 
-from broker import topology
-from broker.connection import connect
-from broker.errors import ConfigError, NoAnswer, NotEmulated
-from broker.memory import MemoryBroker, MemoryConnection
-from broker.messages import Reply
-from broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
-from broker.rpc import RpcClient, reply_to
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import connect
+from tasync.broker.errors import ConfigError, NoAnswer, NotEmulated
+from tasync.broker.memory import MemoryBroker, MemoryConnection
+from tasync.broker.messages import Reply
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing, Unroutable
+from tasync.broker.rpc import RpcClient, reply_to
+from tasync.broker.settings import Settings
 
 
 def drain(conn: Connection, limit: int = 100) -> int:

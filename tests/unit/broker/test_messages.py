@@ -8,9 +8,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from broker import messages
-from broker.errors import MessageError
-from broker.messages import Change, ChangeBatch, Reply, Request, decode, encode
+from tasync.broker import messages
+from tasync.broker.errors import MessageError
+from tasync.broker.messages import Change, ChangeBatch, Reply, Request, decode, encode
 
 BIG = 1 << 20
 

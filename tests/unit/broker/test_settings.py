@@ -2,7 +2,7 @@
 
 import pytest
 
-from broker.settings import (
+from tasync.broker.settings import (
     DEFAULT_BROKER_URL,
     ENV_BROKER_URL,
     Settings,

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.errors import ConfigError, MessageError
-from broker.settings import ENV_CLUSTER_KEY_FILE, key_file_from_env
-from broker.signing import MIN_SECRET_BYTES, KeyRing
+from tasync.broker.errors import ConfigError, MessageError
+from tasync.broker.settings import ENV_CLUSTER_KEY_FILE, key_file_from_env
+from tasync.broker.signing import MIN_SECRET_BYTES, KeyRing
 
 NEW = ("k2", bytes(range(32)))
 OLD = ("k1", b"\xaa" * 40)

@@ -8,8 +8,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from broker.errors import ConfigError
-from broker.since import Since
+from tasync.broker.errors import ConfigError
+from tasync.broker.since import Since
 from tasync.cli import cli
 
 NOW = 1_800_000_000.0

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from broker.epochs import EpochHistory, Era
-from broker.errors import GapError
-from broker.kinds import KINDS
-from broker.messages import Change, ChangeBatch
-from broker.store import DB_NAME, NodeStore, canonical
+from tasync.broker.epochs import EpochHistory, Era
+from tasync.broker.errors import GapError
+from tasync.broker.kinds import KINDS
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.store import DB_NAME, NodeStore, canonical
 
 
 @pytest.fixture
@@ -409,7 +409,7 @@ def test_stale_staged_imports_are_dropped(store: NodeStore) -> None:
 
 
 def test_a_damaged_file_is_reported_not_a_traceback(tmp_path: Path) -> None:
-    from broker.store import StoreDamaged
+    from tasync.broker.store import StoreDamaged
 
     s = NodeStore(tmp_path, durable=False)
     s.commit([setc(1, "node", "a", {})])

@@ -6,10 +6,10 @@ import amqp.exceptions
 import pytest
 from kombu import Connection
 
-from broker import topology
-from broker.connection import ensure
-from broker.errors import ConfigError, TopologyMissing
-from broker.settings import Settings
+from tasync.broker import topology
+from tasync.broker.connection import ensure
+from tasync.broker.errors import ConfigError, TopologyMissing
+from tasync.broker.settings import Settings
 
 
 @pytest.mark.parametrize("name", ["a", "node-1", "Node_2", "x" * 63, "9lives"])

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from broker import messages, topology
-from broker.audit import Trail, read_trail
-from broker.connection import connect
-from broker.consumer import ConsumerLoop
-from broker.messages import Change, ChangeBatch
-from broker.protocol import Role
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
-from broker.store import NodeStore
-from consumers.context import NodeContext
+from tasync.broker import messages, topology
+from tasync.broker.audit import Trail, read_trail
+from tasync.broker.connection import connect
+from tasync.broker.consumer import ConsumerLoop
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.protocol import Role
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing
+from tasync.broker.settings import Settings
+from tasync.broker.store import NodeStore
+from tasync.consumers.context import NodeContext
 from tests.waiting import wait_for
 
 MakeContext = Callable[..., NodeContext]

@@ -7,10 +7,10 @@ from typing import Any
 import amqp
 import pytest
 
-from broker.allowlist import AllowList
-from broker.errors import MessageError
-from broker.messages import ChangeBatch
-from consumers.admission import Admission
+from tasync.broker.allowlist import AllowList
+from tasync.broker.errors import MessageError
+from tasync.broker.messages import ChangeBatch
+from tasync.consumers.admission import Admission
 
 NODES = {"a", "b", "c"}
 

@@ -19,28 +19,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import messages
-from broker.alerts import Handled, decode_handled, encode_handled
-from broker.audit import TRAIL_NAME, Trail, read_trail
-from broker.errors import ConfigError, SendRefused
-from broker.publisher import Outgoing
-from broker.settings import Settings
-from broker.signing import KeyRing
-from broker.store import NodeStore
-from consumers.context import NodeContext
-from consumers.delivery.lists import ListMonitor
-from consumers.delivery.settle import Settler
-from consumers.delivery.trace import trail_lines
-from consumers.quarantine import UNKNOWN_SOURCE, alert_identity
-from consumers.totals import (
+from tasync.broker import messages
+from tasync.broker.alerts import Handled, decode_handled, encode_handled
+from tasync.broker.audit import TRAIL_NAME, Trail, read_trail
+from tasync.broker.errors import ConfigError, SendRefused
+from tasync.broker.publisher import Outgoing
+from tasync.broker.settings import Settings
+from tasync.broker.signing import KeyRing
+from tasync.broker.store import NodeStore
+from tasync.cli_trace import story
+from tasync.consumers.context import NodeContext
+from tasync.consumers.delivery.lists import ListMonitor
+from tasync.consumers.delivery.settle import Settler
+from tasync.consumers.delivery.trace import trail_lines
+from tasync.consumers.quarantine import UNKNOWN_SOURCE, alert_identity
+from tasync.consumers.totals import (
     COUNTERS,
     Totals,
     open_db,
     record_handled,
     stream_offset,
 )
-from producers.sender import AlertSender
-from tasync.cli_trace import story
+from tasync.producers.sender import AlertSender
 from tests.unit.fastpaths import MAX, agree, json_values
 
 

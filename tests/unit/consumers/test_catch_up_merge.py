@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from broker.epochs import EpochMark
-from broker.messages import Change, ChangeBatch
-from broker.store import NodeStore
-from consumers import recovery
-from consumers.recovery import Recovery, Ticker
+from tasync.broker.epochs import EpochMark
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.store import NodeStore
+from tasync.consumers import recovery
+from tasync.consumers.recovery import Recovery, Ticker
 
 
 def batch(first: int, count: int, *, epoch: int = 1, origin: str = "a") -> ChangeBatch:

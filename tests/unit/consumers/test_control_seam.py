@@ -1,7 +1,7 @@
 """The control server on the in-process broker: answers, commits through its committer, refuses.
 
-The server runs in its thread as in a node; requests go through ``broker.rpc.RpcClient`` as the
-CLI sends them. The committer is the one the node would hand in, played here by an object that
+The server runs in its thread as in a node; requests go through ``tasync.broker.rpc.RpcClient`` as
+the CLI sends them. The committer is the one the node would hand in, played here by an object that
 commits to the store the way the relay does (without a seat or publishing).
 """
 
@@ -12,18 +12,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from broker import topology
-from broker.commits import Committed, Op, parse_ops
-from broker.connection import connect
-from broker.consumer import ConsumerLoop
-from broker.errors import NoAnswer, RemoteError
-from broker.messages import Change
-from broker.protocol import Role
-from broker.rpc import RpcClient
-from broker.settings import Settings
-from broker.store import NodeStore
-from consumers.context import NodeContext
-from consumers.control import ControlServer
+from tasync.broker import topology
+from tasync.broker.commits import Committed, Op, parse_ops
+from tasync.broker.connection import connect
+from tasync.broker.consumer import ConsumerLoop
+from tasync.broker.errors import NoAnswer, RemoteError
+from tasync.broker.messages import Change
+from tasync.broker.protocol import Role
+from tasync.broker.rpc import RpcClient
+from tasync.broker.settings import Settings
+from tasync.broker.store import NodeStore
+from tasync.consumers.context import NodeContext
+from tasync.consumers.control import ControlServer
 from tests.unit.consumers.conftest import MakeContext, batch, change, events
 from tests.waiting import wait_for
 

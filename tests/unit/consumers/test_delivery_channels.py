@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from broker.errors import AttemptFailed
-from consumers.delivery import channels
+from tasync.broker.errors import AttemptFailed
+from tasync.consumers.delivery import channels
 from tests.harness.webhook import Webhook
 
 PAYLOAD = {"id": "A1", "destination": "d", "text": "disk full", "subject": "P1",
@@ -237,9 +237,9 @@ def test_apprise_gets_the_priority_as_its_notify_type(hook: Webhook, priority: i
 def test_apprise_4xx_is_tried_once_and_5xx_retried(hook: Webhook, tmp_path: Path,
                                                     statuses: list[int], tries: int,
                                                     status: str) -> None:
-    from broker.alerts import Alert
-    from broker.audit import Trail, read_trail
-    from consumers.delivery.executor import Executor, RetryPolicy
+    from tasync.broker.alerts import Alert
+    from tasync.broker.audit import Trail, read_trail
+    from tasync.consumers.delivery.executor import Executor, RetryPolicy
     from tests.unit.consumers.test_delivery_resolve import Store
 
     hook.statuses = list(statuses)

@@ -4,10 +4,10 @@ from typing import Any
 
 import pytest
 
-from broker.alerts import Alert
-from broker.audit import Trail, read_trail
-from broker.errors import AttemptFailed, ConfigError, DeliveryAborted
-from consumers.delivery.executor import (
+from tasync.broker.alerts import Alert
+from tasync.broker.audit import Trail, read_trail
+from tasync.broker.errors import AttemptFailed, ConfigError, DeliveryAborted
+from tasync.consumers.delivery.executor import (
     Executor,
     RetryPolicy,
     render_subject,

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from broker.alerts import Alert
-from broker.audit import TRAIL_NAME, Trail, read_trail
-from consumers.delivery import channels
-from consumers.delivery.executor import Executor, PlanCache, RetryPolicy
-from consumers.delivery.resolve import Leaf, ResolveError
-from consumers.totals import Tally
+from tasync.broker.alerts import Alert
+from tasync.broker.audit import TRAIL_NAME, Trail, read_trail
+from tasync.consumers.delivery import channels
+from tasync.consumers.delivery.executor import Executor, PlanCache, RetryPolicy
+from tasync.consumers.delivery.resolve import Leaf, ResolveError
+from tasync.consumers.totals import Tally
 from tests.unit.consumers.test_delivery_resolve import Store
 
 

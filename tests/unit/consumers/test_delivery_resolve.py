@@ -3,8 +3,8 @@ from typing import Any
 
 import pytest
 
-from broker.errors import ResolveError
-from consumers.delivery.resolve import (
+from tasync.broker.errors import ResolveError
+from tasync.consumers.delivery.resolve import (
     Group,
     Leaf,
     closed_reason,

@@ -1,7 +1,8 @@
 """The delivery worker on the in-process broker: an alert consumed, delivered, acknowledged.
 
 The worker runs as in a node (its thread, its host-list and handled-stream watchers on their own
-connections); alerts come from ``producers.sender.AlertSender``, as ``tasync send`` sends them.
+connections); alerts come from ``tasync.producers.sender.AlertSender``, as ``tasync send`` sends
+them.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from broker import topology
-from broker.alerts import Alert
-from broker.audit import read_trail
-from broker.consumer import ConsumerLoop
-from broker.events import Event
-from broker.memory import MemoryBroker
-from broker.messages import Change
-from broker.settings import Settings
-from consumers.context import NodeContext
-from consumers.delivery.executor import RetryPolicy
-from consumers.delivery.worker import DeliveryConsumer
-from consumers.totals import Totals
-from producers.sender import AlertSender
+from tasync.broker import topology
+from tasync.broker.alerts import Alert
+from tasync.broker.audit import read_trail
+from tasync.broker.consumer import ConsumerLoop
+from tasync.broker.events import Event
+from tasync.broker.memory import MemoryBroker
+from tasync.broker.messages import Change
+from tasync.broker.settings import Settings
+from tasync.consumers.context import NodeContext
+from tasync.consumers.delivery.executor import RetryPolicy
+from tasync.consumers.delivery.worker import DeliveryConsumer
+from tasync.consumers.totals import Totals
+from tasync.producers.sender import AlertSender
 from tests.unit.consumers.conftest import MakeContext, batch
 from tests.waiting import wait_for
 

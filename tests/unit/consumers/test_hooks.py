@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from broker.epochs import EpochHistory
-from consumers.hooks import Hook, NodeHooks
+from tasync.broker.epochs import EpochHistory
+from tasync.consumers.hooks import Hook, NodeHooks
 
 
 def test_subscribers_are_called_in_order_with_the_value() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers.peers import HEAD_FRESH_S, Peers
+from tasync.consumers.peers import HEAD_FRESH_S, Peers
 
 
 def beacon(node: str, role: str = "backup", seq: int = 3, epoch: int = 1) -> dict[str, object]:

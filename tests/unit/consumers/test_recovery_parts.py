@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import Trail, read_trail
-from broker.epochs import EpochHistory, Era
-from broker.errors import ConfigError, GapError
-from broker.messages import Change, ChangeBatch
-from broker.store import NodeStore
-from consumers.conflicts import ConflictFile, as_op
-from consumers.replay import Since, stream_offset
+from tasync.broker.audit import Trail, read_trail
+from tasync.broker.epochs import EpochHistory, Era
+from tasync.broker.errors import ConfigError, GapError
+from tasync.broker.messages import Change, ChangeBatch
+from tasync.broker.store import NodeStore
+from tasync.consumers.conflicts import ConflictFile, as_op
+from tasync.consumers.replay import Since, stream_offset
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The roles on the in-process broker: taking the seat at start, refusing it, stepping down.
 
-The seat is the exclusive queue of ``broker.seat`` on a connection of its own; the relay is
+The seat is the exclusive queue of ``tasync.broker.seat`` on a connection of its own; the relay is
 played by an outbox that records the epoch marks it was asked to publish.
 """
 
@@ -11,16 +11,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import topology
-from broker.epochs import EpochHistory, EpochMark, Era
-from broker.events import Event
-from broker.memory import MemoryBroker
-from broker.protocol import Role
-from broker.seat import MasterSeat
-from broker.settings import Settings
-from consumers.context import NodeContext
-from consumers.roles import Roles
-from consumers.sync import SyncConsumer
+from tasync.broker import topology
+from tasync.broker.epochs import EpochHistory, EpochMark, Era
+from tasync.broker.events import Event
+from tasync.broker.memory import MemoryBroker
+from tasync.broker.protocol import Role
+from tasync.broker.seat import MasterSeat
+from tasync.broker.settings import Settings
+from tasync.consumers.context import NodeContext
+from tasync.consumers.roles import Roles
+from tasync.consumers.sync import SyncConsumer
 from tests.unit.consumers.conftest import MakeContext, events
 
 

@@ -13,20 +13,20 @@ from typing import Any
 
 import pytest
 
-from broker import messages, topology
-from broker.connection import connect
-from broker.consumer import ConsumerLoop
-from broker.epochs import EpochHistory, Era
-from broker.events import Event
-from broker.memory import MemoryBroker
-from broker.protocol import Role
-from broker.publisher import ConfirmedPublisher, Outgoing
-from broker.settings import Settings
-from broker.store import ApplyResult
-from consumers import sync as sync_module
-from consumers.context import NodeContext
-from consumers.sync import SyncConsumer
-from producers.relay import ChangeRelay, batch_headers
+from tasync.broker import messages, topology
+from tasync.broker.connection import connect
+from tasync.broker.consumer import ConsumerLoop
+from tasync.broker.epochs import EpochHistory, Era
+from tasync.broker.events import Event
+from tasync.broker.memory import MemoryBroker
+from tasync.broker.protocol import Role
+from tasync.broker.publisher import ConfirmedPublisher, Outgoing
+from tasync.broker.settings import Settings
+from tasync.broker.store import ApplyResult
+from tasync.consumers import sync as sync_module
+from tasync.consumers.context import NodeContext
+from tasync.consumers.sync import SyncConsumer
+from tasync.producers.relay import ChangeRelay, batch_headers
 from tests.unit.consumers.conftest import MakeContext, batch, change, events
 from tests.waiting import wait_for
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker import topology
-from broker.consumer import ConsumerLoop
-from broker.events import Event
-from broker.memory import MemoryBroker
-from broker.settings import Settings
-from broker.store import ApplyResult
-from consumers.sync import SyncConsumer
+from tasync.broker import topology
+from tasync.broker.consumer import ConsumerLoop
+from tasync.broker.events import Event
+from tasync.broker.memory import MemoryBroker
+from tasync.broker.settings import Settings
+from tasync.broker.store import ApplyResult
+from tasync.consumers.sync import SyncConsumer
 from tests.unit.consumers.conftest import MakeContext, batch, change, events, publish
 from tests.waiting import wait_for
 

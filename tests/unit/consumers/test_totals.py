@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import Trail
-from broker.errors import ConfigError
-from broker.settings import Settings
-from broker.store import NodeStore
-from consumers.context import NodeContext
-from consumers.totals import Totals
+from tasync.broker.audit import Trail
+from tasync.broker.errors import ConfigError
+from tasync.broker.settings import Settings
+from tasync.broker.store import NodeStore
+from tasync.consumers.context import NodeContext
+from tasync.consumers.totals import Totals
 
 
 def context(path: Path) -> NodeContext:

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from broker.commits import Op, parse_ops
-from broker.errors import InvalidObject
-from broker.messages import Change
-from broker.store import NodeStore
-from producers.changes import check_references, dependency_sorted
+from tasync.broker.commits import Op, parse_ops
+from tasync.broker.errors import InvalidObject
+from tasync.broker.messages import Change
+from tasync.broker.store import NodeStore
+from tasync.producers.changes import check_references, dependency_sorted
 
 WINDOWS = [{"days": ["mon"], "start": "09:00", "end": "17:00"}]
 

@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from broker.alerts import Alert, validated
-from broker.allowlist import AllowList
-from broker.audit import Trail, read_trail
-from broker.errors import BrokerUnreachable, ConfigError, TopologyMissing
-from broker.settings import IntakeSettings
-from producers import intake_http
-from producers.alertmanager import RESOLVED_PRIORITY, NotificationMemory
-from producers.intake import Intake, IntakeConfig
-from producers.sender import SendResult
+from tasync.broker.alerts import Alert, validated
+from tasync.broker.allowlist import AllowList
+from tasync.broker.audit import Trail, read_trail
+from tasync.broker.errors import BrokerUnreachable, ConfigError, TopologyMissing
+from tasync.broker.settings import IntakeSettings
+from tasync.producers import intake_http
+from tasync.producers.alertmanager import RESOLVED_PRIORITY, NotificationMemory
+from tasync.producers.intake import Intake, IntakeConfig
+from tasync.producers.sender import SendResult
 from tasync.web import WebPart, build_app, openapi_document
 
 DOCS = Path(__file__).resolve().parents[3] / "docs"

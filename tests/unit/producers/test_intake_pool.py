@@ -9,11 +9,17 @@ from typing import Any, cast
 
 import pytest
 
-from broker import topology
-from broker.alerts import Alert
-from broker.errors import BrokerUnreachable, IntakeBusy, PublishError, TasyncError, TopologyMissing
-from producers.intake_pool import BrokerCircuit, SenderPool
-from producers.sender import AlertSender, SendResult
+from tasync.broker import topology
+from tasync.broker.alerts import Alert
+from tasync.broker.errors import (
+    BrokerUnreachable,
+    IntakeBusy,
+    PublishError,
+    TasyncError,
+    TopologyMissing,
+)
+from tasync.producers.intake_pool import BrokerCircuit, SenderPool
+from tasync.producers.sender import AlertSender, SendResult
 from tests.waiting import wait_for
 
 ALERT = Alert(id="a1", source="s", target_kind="destination", target="d", text="t",

@@ -9,12 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import topology
-from broker.errors import MessageError, PublishError
-from broker.messages import Change, ChangeBatch, decode, encode
-from broker.signing import SIGNATURE_HEADER, KeyRing
-from broker.store import NodeStore
-from producers.relay import ChangeRelay, batch_messages, chunk, encoded_chunks, outbox_batches
+from tasync.broker import topology
+from tasync.broker.errors import MessageError, PublishError
+from tasync.broker.messages import Change, ChangeBatch, decode, encode
+from tasync.broker.signing import SIGNATURE_HEADER, KeyRing
+from tasync.broker.store import NodeStore
+from tasync.producers.relay import (
+    ChangeRelay,
+    batch_messages,
+    chunk,
+    encoded_chunks,
+    outbox_batches,
+)
 
 RING = KeyRing.parse("k1:" + "ab" * 32)
 
@@ -146,7 +152,7 @@ def test_encoded_chunks_are_byte_identical_to_encoding_each_batch() -> None:
 
 
 def test_request_ids_ride_on_the_last_batch_byte_for_byte(tmp_path: Path) -> None:
-    from broker import messages
+    from tasync.broker import messages
 
     changes = [Change(epoch=1, seq=s, ts=1.0, origin="m", op="set", kind="node", name=f"n{s}",
                       body={}) for s in range(1, 2501)]

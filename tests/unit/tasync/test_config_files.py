@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from broker.commits import parse_ops
-from broker.errors import ConfigError, InvalidObject
-from broker.messages import Change
-from broker.store import NodeStore
-from producers.changes import check_references
+from tasync.broker.commits import parse_ops
+from tasync.broker.errors import ConfigError, InvalidObject
+from tasync.broker.messages import Change
+from tasync.broker.store import NodeStore
 from tasync.config_files import load_import_file, objects_to_ops
+from tasync.producers.changes import check_references
 
 EXPORT_SHAPED = {
     "node": {"a": {}},

@@ -8,8 +8,8 @@ import amqp.exceptions
 import click
 from click.testing import CliRunner
 
-from broker import topology
-from broker.errors import InvalidObject, NoAnswer, RemoteError
+from tasync.broker import topology
+from tasync.broker.errors import InvalidObject, NoAnswer, RemoteError
 from tasync.options import error_json, handle_errors, json_option
 
 

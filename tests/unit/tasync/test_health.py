@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.errors import ExitCode
+from tasync.broker.errors import ExitCode
 from tasync.health import NetworkStatus, _judge, _silent_row, ago
 
 

@@ -13,13 +13,13 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.audit import Trail
-from broker.errors import ConfigError
-from broker.settings import Settings
-from broker.store import NodeStore
-from consumers.context import NodeContext
-from consumers.totals import Totals
 from tasync import memory
+from tasync.broker.audit import Trail
+from tasync.broker.errors import ConfigError
+from tasync.broker.settings import Settings
+from tasync.broker.store import NodeStore
+from tasync.consumers.context import NodeContext
+from tasync.consumers.totals import Totals
 from tasync.metrics import DEFAULT_HOST, start_metrics_server
 
 
@@ -184,7 +184,7 @@ def test_a_scrape_reads_running_sums_not_the_minute_buckets(node: SimpleNamespac
 
 
 def test_lists_and_queue_depths_are_gauges(node: SimpleNamespace, server: Any) -> None:
-    from consumers.delivery.lists import ListsReport, ListState
+    from tasync.consumers.delivery.lists import ListsReport, ListState
 
     report = ListsReport(checked_at=1.0, lists=(
         ListState(key="a.b", hosts=("a", "b"), messages=3, consumers=0),

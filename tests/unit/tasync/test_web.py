@@ -8,8 +8,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from broker.errors import ConfigError
-from producers import intake_http
+from tasync.broker.errors import ConfigError
+from tasync.producers import intake_http
 from tasync.web import WebPart, bind, build_app
 
 

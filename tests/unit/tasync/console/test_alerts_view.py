@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.errors import ConfigError, InvalidObject, SendRefused
+from tasync.broker.errors import ConfigError, InvalidObject, SendRefused
 from tasync.console.alerts_view import GENERAL, TestAlert, check_form, send_errors, targets
 from tasync.console.common import visible
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from broker.settings import Settings
-from producers.intake import IntakeConfig
+from tasync.broker.settings import Settings
 from tasync.console.app import console_part
 from tasync.console.config_view import GENERAL, body_from_form, check, field_errors
 from tasync.console.sessions import Sessions, csrf_ok, same_origin
 from tasync.console.users import add_user
 from tasync.intake_app import open_intake
+from tasync.producers.intake import IntakeConfig
 from tasync.web import build_app
 
 #: Nothing listens here: the console and the intake must still serve their pages.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import ConfigError
+from tasync.broker.errors import ConfigError
 from tasync.console.users import UsersFile, add_user, parse
 
 
