@@ -58,6 +58,13 @@ class Webhook:
         threading.Thread(target=self.server.serve_forever, daemon=True,
                          name="test-webhook").start()
 
+    @property
+    def by_node(self) -> list[tuple[str, str]]:
+        """``(alert id, node)`` of every request, in order: which node posted which alert."""
+        with self.lock:
+            return [(str(p.body.get("id")), str(p.body.get("node"))) for p in self.requests
+                    if isinstance(p.body, dict)]
+
     def answer(self, body: Any) -> int:
         """The status for one request (see the class); counts the attempt."""
         alert_id = str(body.get("id")) if isinstance(body, dict) else ""
