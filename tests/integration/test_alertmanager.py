@@ -107,25 +107,39 @@ def disk(instance: str) -> dict[str, Any]:
             "generatorURL": "http://prometheus:9090/graph?g0.expr=disk"}
 
 
+def whole_notifications(setup: Setup, status: str,
+                        hosts: list[str]) -> list[list[dict[str, Any]]]:
+    """The lines of each ``status`` notification that holds every one of ``hosts``, in order.
+
+    Alertmanager groups alerts as it ingests them; on a loaded machine its first flush may
+    hold only some of one post's alerts (as in the 1,500-alert test below), and in a
+    notification of one alert no label tells the alerts apart, so its subject names none. The
+    next flush holds them all.
+    """
+    tags: dict[str, list[dict[str, Any]]] = {}
+    for line in setup.of("DiskFull"):
+        if f"-{status}-" in line["id"]:
+            tags.setdefault(line["id"].rsplit("-", 1)[1], []).append(line)
+    return [lines for lines in tags.values()
+            if sorted(x["labels"]["instance"] for x in lines) == sorted(hosts)]
+
+
 def test_firing_grouped_repeated_and_resolved(setup: Setup) -> None:
     hosts = ["db1", "db2", "db3"]
     setup.am.post([disk(h) for h in hosts])
-    first = wait_for(lambda: setup.of("DiskFull") if len(setup.of("DiskFull")) >= 3 else None,
-                     what="the first notification delivered", timeout_s=60)
+    first = wait_for(lambda: next(iter(whole_notifications(setup, "firing", hosts)), None),
+                     what="a notification of all three delivered", timeout_s=60)
     assert {x["subject"] for x in first} == {f"[FIRING] DiskFull instance={h}" for h in hosts}
     assert {x["priority"] for x in first} == {9}
     assert first[0]["annotations"]["runbook_url"] == "https://wiki.example.com/disk"
     assert first[0]["annotations"]["generatorURL"].startswith("http://prometheus:9090/")
     assert first[0]["labels"]["severity"] == "critical"
 
-    wait_for(lambda: len(setup.of("DiskFull")) >= 6, what="a reminder after repeat_interval",
-             timeout_s=REPEAT_S * 4)
+    wait_for(lambda: len(whole_notifications(setup, "firing", hosts)) >= 2,
+             what="a reminder after repeat_interval", timeout_s=REPEAT_S * 4)
     setup.am.post([disk(h) for h in hosts], resolved=True)
-    resolved = wait_for(lambda: [x for x in setup.of("DiskFull") if "-resolved-" in x["id"]],
-                        what="the resolved notice", timeout_s=60)
-    wait_for(lambda: len([x for x in setup.of("DiskFull") if "-resolved-" in x["id"]]) >= 3,
-             what="every alert resolved", timeout_s=30)
-    resolved = [x for x in setup.of("DiskFull") if "-resolved-" in x["id"]]
+    resolved = wait_for(lambda: next(iter(whole_notifications(setup, "resolved", hosts)), None),
+                        what="a resolved notice of all three", timeout_s=60)
     assert sorted(x["subject"] for x in resolved) == [f"[RESOLVED] DiskFull instance={h}"
                                                        for h in hosts]
     assert {x["priority"] for x in resolved} == {1}
