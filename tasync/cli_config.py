@@ -84,20 +84,34 @@ def _body_from_options(kind: str, body_json: str | None, fields: dict[str, Any])
     return body
 
 
-def _commit(settings: Settings, ops: list[dict[str, Any]], *, wait_applied: bool,
-            strict: bool, timeout_s: float) -> dict[str, Any]:
-    """Commit ``ops`` on the master exactly once, across a lost connection or a restart."""
+def commit_once(settings: Settings, ops: list[dict[str, Any]], *, timeout_s: float,
+                by: str | None = None) -> dict[str, Any]:
+    """Commit ``ops`` on the master exactly once, across a lost connection or a restart.
+
+    One request id, sent again after a lost answer and answered from the master's record of
+    the first attempt. ``by`` names whom the change is made for (the console's user); the
+    master writes it to its trail.
+    """
     request_id = uuid.uuid4().hex
     session = MasterSession(settings, timeout_s=max(timeout_s, settings.confirm_timeout_s))
+    args: dict[str, Any] = {"ops": ops, "request_id": request_id}
+    if by is not None:
+        args["by"] = by
 
     def step(rpc: RpcClient, resumed: bool) -> dict[str, Any]:
         if resumed:
             known = _committed(session, rpc, request_id)
             if known is not None:
                 return known
-        return session.call(rpc, "commit", {"ops": ops, "request_id": request_id})
+        return session.call(rpc, "commit", args)
 
-    result = _no_master_hint(session, step)
+    return _no_master_hint(session, step)
+
+
+def _commit(settings: Settings, ops: list[dict[str, Any]], *, wait_applied: bool,
+            strict: bool, timeout_s: float) -> dict[str, Any]:
+    """Commit ``ops`` (``commit_once``), then wait for the backups when asked."""
+    result = commit_once(settings, ops, timeout_s=timeout_s)
     if wait_applied and result["count"]:
         with rpc_client(settings) as rpc:
             _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s, strict=strict)

@@ -11,18 +11,15 @@ through ``tasync.broker.kinds.REFERENCES``.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tasync.broker import kinds, topology
 from tasync.broker.errors import InvalidObject, RemoteError
-from tasync.broker.rpc import RpcClient
 from tasync.broker.settings import Settings
-from tasync.cli_config import _committed as committed_before
-from tasync.cli_config import _no_master_hint as with_no_master_hint
-from tasync.client import MasterSession, rpc_client
+from tasync.cli_config import commit_once
+from tasync.client import rpc_client
 
 #: Objects listed on one page at most; a filter narrows the rest.
 PAGE_OBJECTS = 500
@@ -197,21 +194,10 @@ def commit(settings: Settings, op: dict[str, Any], *, by: str,
            timeout_s: float) -> dict[str, Any]:
     """Commit one change on the master as ``tasync config`` does; returns its seq and epoch.
 
-    The request is ``tasync config``'s (one request id, sent again across a lost connection
-    and answered from the master's record of the first) with ``by`` added: the master writes
+    The request is ``tasync config``'s (``commit_once``) with ``by`` added: the master writes
     ``change.committed by=...`` to its trail, so the change is audited with the console user.
     """
-    request_id = uuid.uuid4().hex
-    session = MasterSession(settings, timeout_s=max(timeout_s, settings.confirm_timeout_s))
-
-    def step(rpc: RpcClient, resumed: bool) -> dict[str, Any]:
-        if resumed:
-            known = committed_before(session, rpc, request_id)
-            if known is not None:
-                return known
-        return session.call(rpc, "commit", {"ops": [op], "request_id": request_id, "by": by})
-
-    return with_no_master_hint(session, step)
+    return commit_once(settings, [op], timeout_s=timeout_s, by=by)
 
 
 def refusal(kind: str, body: Mapping[str, Any], exc: RemoteError) -> dict[str, str]:
