@@ -80,7 +80,11 @@ def start_console(network: Network, root: Path, roles: dict[str, str],
 @pytest.fixture(scope="module")
 def trio(vhost_pool: VhostPool, broker_admin: BrokerAdmin,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
-    """Nodes a (master), b and c, shared by the tests of one module; quick to dead-letter."""
+    """Nodes a (master), b and c, shared by the tests of one module; quick to dead-letter.
+
+    Route ``ab`` (a, then b) exists from the start: the alert pages' tests send along it, and
+    each must pass alone (``-k``) or on another test process than the others.
+    """
     vhost = vhost_pool.take()
     network = Network(broker_url=broker_admin.url(vhost),
                       root=tmp_path_factory.mktemp("console-network"))
@@ -88,6 +92,8 @@ def trio(vhost_pool: VhostPool, broker_admin: BrokerAdmin,
         network.start("a", role="master", env=FAST_RETRY).wait_ready()
         for name in ("b", "c"):
             network.start(name, env=FAST_RETRY).wait_ready()
+        network.cli("config", "set", "route", "ab", "--host", "a", "--host", "b",
+                    "--wait-applied")
         yield network
     finally:
         network.close()
