@@ -9,6 +9,8 @@ here, where every request a node answers is listed with who answers it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import Any
 
 
 class Role(enum.StrEnum):
@@ -56,3 +58,8 @@ MASTER_OPS = frozenset({ControlOp.COMMIT, ControlOp.IMPORT, ControlOp.IMPORT_COM
 CONFIG_OPS = frozenset({ControlOp.COMMIT, ControlOp.IMPORT, ControlOp.IMPORT_COMMIT})
 #: Requests that want no answer.
 NO_ANSWER_OPS = frozenset({ControlOp.BEACON})
+
+
+#: What answers one control request: its arguments in, its answer's data out (the control
+#: server dispatches to these by ``ControlOp``; roles and delivery provide some).
+Handler = Callable[[dict[str, Any]], dict[str, Any]]

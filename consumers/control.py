@@ -43,13 +43,12 @@ from tasync.broker.consumer import ConsumerLoop, message_body
 from tasync.broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from tasync.broker.events import Event
 from tasync.broker.messages import MAX_REQUEST_ID_CHARS, Reply, Request, request_actor
-from tasync.broker.protocol import CONFIG_OPS, MASTER_OPS, NO_ANSWER_OPS, ControlOp, Role
+from tasync.broker.protocol import CONFIG_OPS, MASTER_OPS, NO_ANSWER_OPS, ControlOp, Handler, Role
 from tasync.broker.rpc import reply_to
 from tasync.consumers.context import NodeContext
 from tasync.consumers.peers import BEACON_EVERY_S
 
 log = logging.getLogger("tasync.control")
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: Staged parts of an import nobody touched for this long are dropped.
 IMPORT_STALE_S = 24 * 3600.0
 #: How often arriving import parts look for stale ones: the search reads every staged part,

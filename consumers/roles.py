@@ -33,7 +33,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from tasync.broker import topology
@@ -52,7 +51,7 @@ from tasync.broker.errors import (
 )
 from tasync.broker.events import Event
 from tasync.broker.messages import request_actor
-from tasync.broker.protocol import ControlOp, Role
+from tasync.broker.protocol import ControlOp, Handler, Role
 from tasync.broker.rpc import RpcClient
 from tasync.broker.seat import MasterSeat
 from tasync.broker.store import ApplyResult
@@ -63,7 +62,6 @@ from tasync.consumers.replay import Since, replay_into
 from tasync.consumers.sync import SyncConsumer
 
 log = logging.getLogger("tasync.roles")
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: Failures inside a request that become its error answer (``_answering``).
 _FAILURES: tuple[type[BaseException], ...] = (*RECOVERABLE, sqlite3.Error)
 #: The broker could not be asked: a decision about the seat waits until it can be.
