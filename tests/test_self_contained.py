@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Phrases that point outside the repository: a design text's sections, guarantees by number,
 #: numbered issues, and the product sheet the project descends from.
 OUTSIDE = re.compile(
-    r"design\s+(section|§)|design\.md|§\s?\d|guarantee\s+\d|\bissues?\s+#?\d+(\s*(,|and)\s*\d+)*|\bthe seed\b|seed's",
+    r"design\s+(section|§)|design\.md|§\s?\d|guarantee\s+\d"
+    r"|\bissues?\s+#?\d+(\s*(,|and)\s*\d+)*|\bthe seed\b|seed's",
     re.IGNORECASE)
 
 TEXT = {".py", ".md", ".toml", ".yml", ".yaml", ".service", ".timer", ".sh", ".cfg", ".txt",
