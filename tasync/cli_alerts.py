@@ -67,7 +67,8 @@ Examples:
 _LIMITS = IntakeSettings()
 
 
-def _keyring(key_file: Path | None) -> KeyRing | None:
+def keyring_from_env(key_file: Path | None) -> KeyRing | None:
+    """The key ring of ``key_file``, else of ``$TASYNC_CLUSTER_KEY_FILE``; None without either."""
     path = key_file or key_file_from_env()
     return KeyRing.load(path) if path else None
 
@@ -108,7 +109,7 @@ def send(*, destination: str | None, group: str | None, text: str | None,
         raise click.UsageError("name the servers with --host A B ... or --route NAME")
     # A script that cannot reach any broker gets exit 3 within seconds and may retry later.
     settings = make_settings(connect_retry_s=10.0)
-    with AlertSender(settings, keyring=_keyring(key_file)) as sender:
+    with AlertSender(settings, keyring=keyring_from_env(key_file)) as sender:
         host_list = parse_hosts(hosts) if hosts else sender.resolve_route(str(route))
         alert = Alert(id=alert_id or new_alert_id(), source=source,
                       target_kind="destination" if destination else "group",
@@ -235,7 +236,7 @@ def intake(*, listen: str, route_for: tuple[str, ...], default_route: str | None
         allow=AllowList.load(hosts_file) if hosts_file else None, limits=limits)
     sock = bind(host, port)
     trail = Trail(data_dir, "intake") if data_dir else None
-    with open_intake(config, make_settings(), keyring=_keyring(key_file),
+    with open_intake(config, make_settings(), keyring=keyring_from_env(key_file),
                      trail=trail) as part:
         bound_host, bound_port = sock.getsockname()[:2]
         click.echo(f"intake listening on http://{bound_host!s}:{bound_port}", err=True)

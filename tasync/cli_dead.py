@@ -97,8 +97,9 @@ def _text(value: Any) -> str | None:
 
 
 @contextmanager
-def _looking(settings: Settings, queue: str, limit: int) -> Iterator[tuple[QueueBrowser,
+def looking_at(settings: Settings, queue: str, limit: int) -> Iterator[tuple[QueueBrowser,
                                                                           list[Browsed]]]:
+    """Browse up to ``limit`` messages of ``queue`` without taking them; closed on exit."""
     conn = connect(settings, name="tasync-cli", retry_s=min(settings.connect_retry_s, 5.0))
     try:
         with browse(conn, queue, limit=limit) as browser:
@@ -113,7 +114,7 @@ def _looking(settings: Settings, queue: str, limit: int) -> Iterator[tuple[Queue
 
 
 def _list(queue: str, title: str, *, limit: int, as_json: bool) -> None:
-    with _looking(make_settings(), queue, limit) as (browser, seen):
+    with looking_at(make_settings(), queue, limit) as (browser, seen):
         rows = [describe(m) for m in seen]
         total = browser.total
     if as_json:
@@ -131,7 +132,7 @@ def _short(text: str | None) -> str:
 
 
 def _show(queue: str, key: str, *, limit: int, as_json: bool) -> None:
-    with _looking(make_settings(), queue, limit) as (_browser, seen):
+    with looking_at(make_settings(), queue, limit) as (_browser, seen):
         rows = [describe(m) for m in seen if describe(m)["key"] == key]
     if not rows:
         raise ConfigError(f"nothing in {queue} is {key!r} (looked at the first {limit}; "
@@ -228,7 +229,7 @@ def dead_requeue(*, alert_id: str | None, everything: bool, dry_run: bool,
         raise click.UsageError("give an alert ID or --all")
     settings = make_settings(connect_retry_s=10.0)
     path = key_file or key_file_from_env()
-    with _looking(settings, topology.DEAD_LETTER_QUEUE, limit) as (browser, seen):
+    with looking_at(settings, topology.DEAD_LETTER_QUEUE, limit) as (browser, seen):
         chosen = [m for m in seen if everything or describe(m)["key"] == alert_id]
         if not chosen and alert_id:
             raise ConfigError(f"no dead letter {alert_id!r} (looked at the first {limit}; "

@@ -180,7 +180,7 @@ def recover(*, node: str, source: str | None, force_snapshot: bool, resubmit: bo
         raise NotIdentical(f"{len(failed)} kept change(s) could not be resubmitted (see above)")
 
 
-def _wait_epoch(rpc: ProgressRpc, epoch: int, *, timeout_s: float) -> tuple[list[str], list[str]]:
+def wait_epoch(rpc: ProgressRpc, epoch: int, *, timeout_s: float) -> tuple[list[str], list[str]]:
     """Wait until every live node reports ``epoch``; returns (nodes that do, nodes that don't).
 
     A node that does not answer within a second (a replaced master that hangs) is not waited
@@ -221,7 +221,7 @@ def promote(*, node: str, timeout_s: float, as_json: bool) -> None:
         seat_s = min(SEAT_WAIT_S, timeout_s / 2)  # leaves time to drain and answer
         result = ask_node(rpc, node, "promote", {"seat_wait_s": seat_s}, timeout_s=timeout_s,
                           bar=bar)
-        knowing, behind = _wait_epoch(rpc, int(result["epoch"]), timeout_s=min(timeout_s, 15.0))
+        knowing, behind = wait_epoch(rpc, int(result["epoch"]), timeout_s=min(timeout_s, 15.0))
     result = {**result, "nodes_at_epoch": knowing, "nodes_behind": behind}
     if as_json:
         print_json(result)

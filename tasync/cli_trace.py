@@ -37,7 +37,7 @@ _OUTCOMES = {"alert.refused": "refused", "alert.skipped": "skipped", "alert.fail
              "alert.dead_lettered": "dead", "alert.delivered": "delivered"}
 
 
-def _from_broker(settings: Any, alert_id: str, limit: int) -> dict[str, list[dict[str, Any]]]:
+def from_broker(settings: Any, alert_id: str, limit: int) -> dict[str, list[dict[str, Any]]]:
     """The dead letters and quarantined messages of ``alert_id`` (nothing taken away)."""
     found: dict[str, list[dict[str, Any]]] = {"dead": [], "quarantined": []}
     conn = connect(settings, name="tasync-cli", retry_s=min(settings.connect_retry_s, 5.0))
@@ -81,7 +81,8 @@ def story(alert_id: str, answers: list[dict[str, Any]],
             "nodes": sorted(a["node"] for a in answers)}
 
 
-def _details(line: dict[str, str]) -> str:
+def details_of(line: dict[str, str]) -> str:
+    """A trail line's own fields as ``key=value`` words (those every line has left out)."""
     return " ".join(f"{k}={v}" for k, v in line.items() if k not in _BASE)
 
 
@@ -110,7 +111,7 @@ def trace(*, alert_id: str, limit: int, timeout_s: float, as_json: bool) -> None
     settings = make_settings()
     with rpc_client(settings) as rpc:
         answers, missing = ask_all(rpc, "trace", {"id": alert_id}, timeout_s=timeout_s)
-    result = story(alert_id, answers, _from_broker(settings, alert_id, limit))
+    result = story(alert_id, answers, from_broker(settings, alert_id, limit))
     result["not_answering"] = missing
     known = result["events"] or result["dead"] or result["quarantined"] or result["seen"]
     if as_json:
@@ -132,7 +133,7 @@ def _print(result: dict[str, Any]) -> None:
                    f"source {accepted['source']}, list {accepted['list']}")
     if result["events"]:
         print_table(["time", "node", "event", "details"],
-                    [[e["ts"], e["node"], e["event"].removeprefix("alert."), _details(e)]
+                    [[e["ts"], e["node"], e["event"].removeprefix("alert."), details_of(e)]
                      for e in result["events"]])
     for row in result["dead"]:
         click.echo(f"  dead letter: failed on {row['node']} at {row['at']}: {row['reason']}")

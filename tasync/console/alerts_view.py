@@ -21,12 +21,9 @@ from tasync.broker import topology
 from tasync.broker.alerts import PRIORITY_DEFAULT, Alert, new_alert_id
 from tasync.broker.errors import ConfigError, InvalidObject, MessageError, TasyncError
 from tasync.broker.settings import Settings
-from tasync.cli_alerts import _keyring as keyring_from_env
-from tasync.cli_dead import _looking as looking_at
-from tasync.cli_dead import describe
-from tasync.cli_trace import _details as details_of
-from tasync.cli_trace import _from_broker as from_broker
-from tasync.cli_trace import story
+from tasync.cli_alerts import keyring_from_env
+from tasync.cli_dead import describe, looking_at
+from tasync.cli_trace import details_of, from_broker, story
 from tasync.client import rpc_client
 from tasync.producers.sender import AlertSender, SendResult, parse_hosts
 

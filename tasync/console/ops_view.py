@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasync.broker.settings import Settings
-from tasync.cli_recover import _wait_epoch as wait_epoch
-from tasync.cli_recover import ask_node
+from tasync.cli_recover import ask_node, wait_epoch
 from tasync.consumers.roles import SEAT_WAIT_S
 from tasync.health import NetworkStatus
 from tasync.known_nodes import check_known
