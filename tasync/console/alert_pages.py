@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 from tasync.broker.connection import RECOVERABLE, describe
 from tasync.broker.errors import RemoteError, TasyncError
 from tasync.console import alerts_view, config_view
-from tasync.console.alerts_view import GENERAL, QUEUES, TestAlert
+from tasync.console.alerts_view import GENERAL, QUEUES, AlertForm
 from tasync.console.common import Auth, NetworkTrouble, Pages, actor, base
 
 log = logging.getLogger("tasync.console")
@@ -64,9 +64,9 @@ class AlertPages:
     # -- send a test alert, trace an alert
 
     async def _index(self, request: Request, auth: Auth) -> Response:
-        return await self._send_page(request, auth, TestAlert(target="", text=""), {})
+        return await self._send_page(request, auth, AlertForm(target="", text=""), {})
 
-    async def _send_page(self, request: Request, auth: Auth, wanted: TestAlert,
+    async def _send_page(self, request: Request, auth: Auth, wanted: AlertForm,
                          errors: dict[str, str]) -> Response:
         objects: dict[str, list[dict[str, Any]]] = {}
         trouble = None
@@ -85,7 +85,7 @@ class AlertPages:
             routes=[o["name"] for o in objects.get("route", [])])
 
     async def _send(self, request: Request, auth: Auth) -> Response:
-        wanted = TestAlert.from_form(request.state.form)
+        wanted = AlertForm.from_form(request.state.form)
         errors = alerts_view.check_form(wanted)
         if errors:
             return await self._send_page(request, auth, wanted, errors)

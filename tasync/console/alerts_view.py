@@ -40,7 +40,7 @@ GENERAL = "_form"
 
 
 @dataclass(frozen=True)
-class TestAlert:
+class AlertForm:
     """What the send form asks for; ``target`` is ``KIND:NAME`` (``destination:ops``)."""
 
     target: str
@@ -52,7 +52,7 @@ class TestAlert:
     priority: str = str(PRIORITY_DEFAULT)
 
     @classmethod
-    def from_form(cls, form: Mapping[str, str]) -> TestAlert:
+    def from_form(cls, form: Mapping[str, str]) -> AlertForm:
         """The form's fields (missing ones empty)."""
         return cls(target=form.get("target", ""), text=form.get("text", ""),
                    subject=form.get("subject", "").strip(), route=form.get("route", "").strip(),
@@ -60,7 +60,7 @@ class TestAlert:
                    priority=form.get("priority", str(PRIORITY_DEFAULT)).strip())
 
 
-def check_form(wanted: TestAlert) -> dict[str, str]:
+def check_form(wanted: AlertForm) -> dict[str, str]:
     """Errors by field that need no network: what to send to, and along which list."""
     errors: dict[str, str] = {}
     kind, _sep, name = wanted.target.partition(":")
@@ -73,7 +73,7 @@ def check_form(wanted: TestAlert) -> dict[str, str]:
     return errors
 
 
-def send_test(settings: Settings, wanted: TestAlert, *, by: str) -> tuple[Alert, SendResult]:
+def send_test(settings: Settings, wanted: AlertForm, *, by: str) -> tuple[Alert, SendResult]:
     """Send one test alert as ``tasync send`` does, its sender named ``by``.
 
     Raises:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from tasync.broker.errors import ConfigError, InvalidObject, SendRefused
-from tasync.console.alerts_view import GENERAL, TestAlert, check_form, send_errors, targets
+from tasync.console.alerts_view import GENERAL, AlertForm, check_form, send_errors, targets
 from tasync.console.common import visible
 
 
 def test_the_send_form_needs_a_target_and_exactly_one_list() -> None:
-    assert check_form(TestAlert(target="destination:ops", text="x", route="ab")) == {}
-    assert check_form(TestAlert(target="destination:ops", text="x", hosts="a b")) == {}
-    errors = check_form(TestAlert(target="ops", text="x", route="ab", hosts="a",
+    assert check_form(AlertForm(target="destination:ops", text="x", route="ab")) == {}
+    assert check_form(AlertForm(target="destination:ops", text="x", hosts="a b")) == {}
+    errors = check_form(AlertForm(target="ops", text="x", route="ab", hosts="a",
                                   priority="high"))
     assert set(errors) == {"target", "route", "priority"}
-    assert "route" in check_form(TestAlert(target="group:g", text="x"))
-    form = TestAlert.from_form({"target": "group:g", "text": " t ", "id": " i1 ",
+    assert "route" in check_form(AlertForm(target="group:g", text="x"))
+    form = AlertForm.from_form({"target": "group:g", "text": " t ", "id": " i1 ",
                                 "hosts": " a b "})
     assert (form.text, form.alert_id, form.hosts, form.priority) == (" t ", "i1", "a b", "5")
 
