@@ -52,6 +52,7 @@ from tasync.console.sessions import (
     csrf_ok,
     same_origin,
 )
+from tasync.console.traffic_pages import TrafficPages
 from tasync.console.users import UsersFile
 from tasync.web import WebPart
 
@@ -102,6 +103,7 @@ class Console:
             *config.routes(),
             *alerts.routes(),
             *ops.routes(),
+            *TrafficPages(self).routes(),
             Mount("/static", app=StaticFiles(packages=[("tasync.console", "static")])),
         ]
         return [Mount("", routes=routes, middleware=[Middleware(SecurityHeaders)])]
