@@ -31,6 +31,7 @@ from tasync.broker.errors import RemoteError, TasyncError
 from tasync.broker.settings import Settings
 from tasync.console.alert_pages import AlertPages
 from tasync.console.common import (
+    MAX_UPLOAD_BYTES,
     Auth,
     Endpoint,
     Handler,
@@ -41,6 +42,7 @@ from tasync.console.common import (
     when,
 )
 from tasync.console.config_pages import ConfigPages
+from tasync.console.import_pages import ImportPages
 from tasync.console.network_view import StatusSource, view_rows
 from tasync.console.ops_pages import OpsPages
 from tasync.console.security import SecurityHeaders
@@ -100,6 +102,7 @@ class Console:
             Route("/logout", self.guard("viewer", self._logout), methods=["POST"]),
             Route("/network", self.guard("viewer", self._network), methods=["GET"]),
             Route("/network/live", self.guard("viewer", self._network_live), methods=["GET"]),
+            *ImportPages(self).routes(),  # before /config/{kind}
             *config.routes(),
             *alerts.routes(),
             *ops.routes(),
@@ -132,14 +135,19 @@ class Console:
             return None
         return Auth(session, user)
 
-    def guard(self, role: str, handler: Handler) -> Endpoint:
-        """``handler`` for users with ``role``; a POST also passes the origin and CSRF checks."""
+    def guard(self, role: str, handler: Handler, *, upload: bool = False) -> Endpoint:
+        """``handler`` for users with ``role``; a POST also passes the origin and CSRF checks.
+
+        With ``upload``, a POST may be a multipart form with a file (up to
+        ``MAX_UPLOAD_BYTES``), read only once the user is known.
+        """
         async def endpoint(request: Request) -> Response:
             auth = self.auth(request)
             if auth is None:
                 return self._to_login(request)
             if request.method == "POST":
-                form = await read_form(request)
+                form = await read_form(request, max_upload_bytes=MAX_UPLOAD_BYTES
+                                       if upload else 0)
                 if not same_origin(dict(request.headers)):
                     return self._refused(request, auth, "a request from another site is "
                                                         "refused")
