@@ -365,7 +365,11 @@ class ControlServer(ConsumerLoop):
         return {"import_id": import_id, "staged": staged, "parts": parts}
 
     def _import_commit(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Commit a staged import in one transaction, only when every part is there."""
+        """Commit a staged import in one transaction, only when every part is there.
+
+        As for ``commit``, a ``by`` naming whom the import is for (the console's user) is
+        written to the trail with the import's seqs, once.
+        """
         import_id = _request_id(args, "import_id", required=True)
         assert import_id is not None
         parts, expected = args.get("parts"), args.get("ops")
@@ -390,7 +394,13 @@ class ControlServer(ConsumerLoop):
             raise ImportIncomplete(f"import {import_id[:12]}: {len(ops)} operations arrived, "
                                    f"the client sent {expected}; nothing was committed",
                                    missing=list(range(int(parts))))  # type: ignore[arg-type]
-        return {**self._submit(ops, request_id=import_id, staged=import_id), "ops": len(ops)}
+        by = request_actor(args)
+        result = self._submit(ops, request_id=import_id, staged=import_id)
+        if by is not None and result["count"] and not result["repeated"]:
+            self.ctx.trail.event(Event.CHANGE_COMMITTED, by=by, first_seq=result["first_seq"],
+                                 last_seq=result["last_seq"], count=result["count"],
+                                 epoch=result["epoch"], op="import")
+        return {**result, "ops": len(ops)}
 
     def _request(self, args: dict[str, Any]) -> dict[str, Any]:
         """What became of a request id: committed (with its seqs), staged parts, or unknown."""

@@ -31,11 +31,18 @@ Ids other nodes settled are written to the same window by the handled-stream fol
 Running sums per source (table ``sums``, and in memory) are kept beside the minute buckets, so
 the metrics and an unbounded ``tasync totals`` cost the same whatever the history's length;
 ``--since`` still reads the buckets.
+
+A report can also carry a *series* (``report(series=...)``, the ``series`` argument of the
+``totals`` control request): every counter summed over the sources, per bucket of a chosen
+width from a chosen start, for the console's traffic charts. ``tasync totals`` does not ask
+for it, so its answer and output stay as they were; a node of an older release ignores the
+argument and answers without ``series``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import threading
 import time
@@ -45,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from tasync.broker.alerts import Handled
-from tasync.broker.errors import ConfigError
+from tasync.broker.errors import ConfigError, MessageError
 from tasync.broker.settings import dedup_window_from_env
 from tasync.consumers.context import NodeContext
 
@@ -54,6 +61,8 @@ BUCKET_S = 60
 COUNTERS = ("received", "delivered", "failed", "skipped", "taken_over", "redelivered",
             "duplicates", "refused", "dead_lettered")
 _PRUNE_EVERY_S = 60.0
+#: Most buckets one series holds: a day of minutes. A wider view takes wider buckets.
+MAX_SERIES_BUCKETS = 1440
 
 _COLUMNS = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in COUNTERS)
 _SCHEMA = f"""
@@ -309,18 +318,27 @@ class Totals:
         return {"ts": row[0], "outcome": row[1], "node": row[2] or self.node,
                 "learned_at": row[3]}
 
-    def report(self, since: float | str | None = None) -> dict[str, Any]:
+    def report(self, since: float | str | None = None,
+               series: dict[str, Any] | None = None) -> dict[str, Any]:
         """The node's totals as JSON-able data, optionally only from ``since`` on.
 
         Args:
             since: seconds since the epoch (a number or a numeric string); counts are kept per
                 minute, so the report starts at the beginning of that minute. Without it the
                 running sums answer, at no cost in the history's length.
+            series: ``{"since": ts, "bucket_s": width}`` to add counts over time
+                (``series_counts``); left out, the report is what it always was.
 
         Returns:
-            ``{"node", "since", "sources": {source: {counter: n}}, "total": {counter: n}}``.
+            ``{"node", "since", "sources": {source: {counter: n}}, "total": {counter: n}}``,
+            and ``"series"`` when asked for.
+
+        Raises:
+            ValueError: ``since`` is malformed.
+            MessageError: ``series`` is malformed or too long (the request is refused).
         """
         start = _since_bucket(since)
+        wanted = _series_args(series) if series is not None else None
         if since is None:
             sources = dict(sorted(self.running_sums().items()))
         else:
@@ -333,8 +351,42 @@ class Totals:
             sources = {r[0]: dict(zip(COUNTERS, (int(v) for v in r[1:]), strict=True))
                        for r in rows}
         total = {c: sum(s[c] for s in sources.values()) for c in COUNTERS}
-        return {"node": self.node, "since": None if since is None else float(start),
-                "sources": sources, "total": total}
+        report: dict[str, Any] = {"node": self.node,
+                                  "since": None if since is None else float(start),
+                                  "sources": sources, "total": total}
+        if wanted is not None:
+            report["series"] = self.series_counts(*wanted)
+        return report
+
+    def series_counts(self, since: float, bucket_s: int, *,
+                      now: float | None = None) -> dict[str, Any]:
+        """Every counter, summed over the sources, per ``bucket_s`` from ``since`` to now.
+
+        Buckets are aligned on multiples of ``bucket_s`` since the epoch, so two nodes asked
+        at once answer with the same bucket times, and the last bucket is the one under way.
+
+        Returns:
+            ``{"since": first bucket's start, "bucket_s": width, "counts": {counter: [n, ...]}}``
+            with one number per bucket, oldest first (zeros where nothing happened).
+        """
+        first = int(since // bucket_s) * bucket_s
+        last = int((time.time() if now is None else now) // bucket_s) * bucket_s
+        size = max(0, (last - first) // bucket_s + 1)
+        if size > MAX_SERIES_BUCKETS:
+            raise MessageError(f"a series has at most {MAX_SERIES_BUCKETS} buckets; take wider "
+                             "buckets or a later start")
+        counts = {c: [0] * size for c in COUNTERS}
+        with self._lock:
+            self.flush()
+            rows = self._db.execute(
+                f"SELECT (bucket - ?) / ?, {', '.join(f'sum({c})' for c in COUNTERS)} "
+                "FROM totals WHERE bucket >= ? GROUP BY 1", (first, bucket_s, first)).fetchall()
+        for row in rows:
+            index = int(row[0])
+            if 0 <= index < size:
+                for counter, value in zip(COUNTERS, row[1:], strict=True):
+                    counts[counter][index] = int(value)
+        return {"since": float(first), "bucket_s": bucket_s, "counts": counts}
 
 
 class Tally:
@@ -374,3 +426,20 @@ def _since_bucket(since: float | str | None) -> int:
     except (TypeError, ValueError):
         raise ValueError(f"since must be seconds since the epoch, got {since!r}") from None
     return int(value // BUCKET_S) * BUCKET_S
+
+
+def _series_args(series: Any) -> tuple[float, int]:
+    """``(since, bucket_s)`` of a request's ``series`` argument, checked."""
+    if not isinstance(series, dict):
+        raise MessageError("series must be {\"since\": seconds, \"bucket_s\": seconds}")
+    try:
+        since = float(series["since"])
+        bucket_s = int(series.get("bucket_s", BUCKET_S))
+    except (KeyError, TypeError, ValueError):
+        raise MessageError("series needs since (seconds since the epoch) and bucket_s "
+                         "(a multiple of 60)") from None
+    if not math.isfinite(since) or since < 0:
+        raise MessageError("series since must be seconds since the epoch")
+    if bucket_s <= 0 or bucket_s % BUCKET_S:
+        raise MessageError(f"bucket_s must be a positive multiple of {BUCKET_S}")
+    return since, bucket_s

@@ -262,20 +262,26 @@ def config_import(*, file: Path, wait_applied: bool, strict: bool, timeout_s: fl
     ops = objects_to_ops(load_import_file(file))
     settings = make_settings()
     with ProgressBar(not as_json, "sending") as bar:
-        result = _import(settings, ops, timeout_s=timeout_s,
-                         shown=lambda n: bar.update({"done": n, "total": len(ops)}))
-    _check_import(result, ops)
+        result = import_ops(settings, ops, timeout_s=timeout_s,
+                            shown=lambda n: bar.update({"done": n, "total": len(ops)}))
+    check_import(result, ops)
     if wait_applied and result.get("count"):
         with rpc_client(settings) as rpc:
             _wait_applied(rpc, result["last_seq"], timeout_s=timeout_s, strict=strict)
     _report(result, f"imported {len(ops)} objects from {file.name}", as_json)
 
 
-def _import(settings: Settings, ops: list[dict[str, Any]], *, timeout_s: float,
-            shown: Callable[[int], None]) -> dict[str, Any]:
-    """Send ``ops`` in parts, then have the master commit them all at once (``_Import``)."""
+def import_ops(settings: Settings, ops: list[dict[str, Any]], *, timeout_s: float,
+               shown: Callable[[int], None], by: str | None = None) -> dict[str, Any]:
+    """Send ``ops`` in parts, then have the master commit them all at once (``_Import``).
+
+    ``shown`` is called with the number of operations the master holds after each part (the
+    command's progress bar, the console's import page). ``by`` names whom the import is for
+    (the console's user); the master writes it to its trail. Check the result with
+    ``check_import``.
+    """
     session = MasterSession(settings, timeout_s=timeout_s)
-    return _no_master_hint(session, _Import(session, ops, shown).step)
+    return _no_master_hint(session, _Import(session, ops, shown, by).step)
 
 
 class _Import:
@@ -288,8 +294,9 @@ class _Import:
     """
 
     def __init__(self, session: MasterSession, ops: list[dict[str, Any]],
-                 shown: Callable[[int], None]) -> None:
+                 shown: Callable[[int], None], by: str | None = None) -> None:
         self.session = session
+        self.by = by
         self.ops = ops
         self.shown = shown
         self.import_id = uuid.uuid4().hex
@@ -312,8 +319,11 @@ class _Import:
         self._send(rpc, [i for i in range(len(self.parts)) if i not in have], have)
         while True:
             try:
-                return self.session.call(rpc, "import_commit", {
-                    "import_id": self.import_id, "parts": len(self.parts), "ops": len(self.ops)})
+                args: dict[str, Any] = {"import_id": self.import_id,
+                                        "parts": len(self.parts), "ops": len(self.ops)}
+                if self.by is not None:
+                    args["by"] = self.by
+                return self.session.call(rpc, "import_commit", args)
             except RemoteError as exc:
                 if exc.error_type != "ImportIncomplete":
                     raise
@@ -329,7 +339,7 @@ class _Import:
             self.shown(sum(len(self.parts[i]) for i in have))
 
 
-def _check_import(result: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+def check_import(result: dict[str, Any], ops: list[dict[str, Any]]) -> None:
     """Fail unless the master committed what the file holds (never report a part as whole)."""
     received = result.get("ops")
     if received != len(ops):

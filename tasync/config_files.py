@@ -76,30 +76,42 @@ def load_import_file(path: Path) -> Any:
     """
     if path.stat().st_size > MAX_FILE_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB")
+    return load_import_bytes(path.read_bytes(), str(path))
+
+
+def load_import_bytes(data: bytes, name: str) -> Any:
+    """Parse a file's bytes as ``load_import_file`` does; ``name`` is the file's name.
+
+    The console's import reads an uploaded file with this: the same checks, the same
+    messages, JSON when the name ends in ``.json`` and YAML otherwise.
+
+    Raises:
+        ConfigError: as ``load_import_file``, naming ``name``.
+    """
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        raise ConfigError(f"{name}: not UTF-8 text ({exc.reason})") from None
     try:
         with collector_paused():  # the whole file's objects live on: nothing to collect
-            if path.suffix.lower() == ".json":
+            if name.lower().endswith(".json"):
                 return json.loads(text, object_pairs_hook=_unique_pairs,
                                   parse_constant=_no_constant)
             return yaml.load(text, Loader=_UniqueKeyLoader)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise ConfigError(f"{name}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     except ValueError as exc:  # from the hooks above
-        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+        raise ConfigError(f"{name}: invalid JSON: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         if isinstance(exc, yaml.constructor.ConstructorError | yaml.composer.ComposerError) \
                 and exc.problem:
             # a duplicate key or a tag such as !!python/object: say which, it is not syntax
-            raise ConfigError(f"{path}: {exc.problem}{where}") from None
-        raise ConfigError(f"{path}: invalid YAML{where}") from None
+            raise ConfigError(f"{name}: {exc.problem}{where}") from None
+        raise ConfigError(f"{name}: invalid YAML{where}") from None
     except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a configuration file") from None
+        raise ConfigError(f"{name}: nested too deeply to be a configuration file") from None
 
 
 def _raw_ops(data: Any) -> list[Any]:

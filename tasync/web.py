@@ -146,10 +146,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: Starlette, sock: socket.socket, *, log_level: str = "warning") -> None:
-    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, which stop it gracefully."""
+def serve(app: Starlette, sock: socket.socket, *, log_level: str = "warning",
+          proxy_headers: bool = True) -> None:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, which stop it gracefully.
+
+    ``proxy_headers=False`` keeps each request's client the TCP peer, whatever
+    ``X-Forwarded-For`` says (uvicorn otherwise believes it from loopback peers): the
+    console's proxy authentication decides by the peer whether to trust a header.
+    """
     config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False,
-                            lifespan="off", server_header=False, timeout_graceful_shutdown=5)
+                            lifespan="off", server_header=False, timeout_graceful_shutdown=5,
+                            proxy_headers=proxy_headers)
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -184,7 +184,8 @@ class DeliveryConsumer(ConsumerLoop):
         (what a sender must do to be accepted) and ``trace`` (one alert's trail lines).
         """
         return {
-            ControlOp.TOTALS: lambda args: self.totals.report(since=args.get("since")),
+            ControlOp.TOTALS: lambda args: self.totals.report(since=args.get("since"),
+                                                             series=args.get("series")),
             ControlOp.DELIVERY: lambda _args: self.status(),
             ControlOp.LISTS: lambda _args: self.lists.fresh(LISTS_FRESH_S).to_dict(self.node),
             ControlOp.ALERT_POLICY: self.policy,

@@ -31,6 +31,7 @@ from tasync.broker.errors import RemoteError, TasyncError
 from tasync.broker.settings import Settings
 from tasync.console.alert_pages import AlertPages
 from tasync.console.common import (
+    MAX_UPLOAD_BYTES,
     Auth,
     Endpoint,
     Handler,
@@ -41,8 +42,10 @@ from tasync.console.common import (
     when,
 )
 from tasync.console.config_pages import ConfigPages
+from tasync.console.import_pages import ImportPages
 from tasync.console.network_view import StatusSource, view_rows
 from tasync.console.ops_pages import OpsPages
+from tasync.console.proxy_auth import ProxyAuth, UnknownProxyUser
 from tasync.console.security import SecurityHeaders
 from tasync.console.sessions import (
     COOKIE,
@@ -52,6 +55,7 @@ from tasync.console.sessions import (
     csrf_ok,
     same_origin,
 )
+from tasync.console.traffic_pages import TrafficPages
 from tasync.console.users import UsersFile
 from tasync.web import WebPart
 
@@ -70,11 +74,15 @@ class Console:
             terminates TLS); it is always Secure when the request came over HTTPS.
         timeout_s: how long to wait for nodes (status) and the master (configuration).
         poll_s: how often the network page refreshes itself.
+        proxy_auth: believe a trusted reverse proxy's header naming the user
+            (``tasync.console.proxy_auth``); None: password logins only.
     """
 
     def __init__(self, settings: Settings, users: UsersFile, *, secure_cookie: bool = False,
-                 timeout_s: float = 2.0, poll_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, poll_s: float = 2.0,
+                 proxy_auth: ProxyAuth | None = None) -> None:
         self.settings = settings
+        self.proxy_auth = proxy_auth
         self.users = users
         self.sessions = Sessions()
         self.secure_cookie = secure_cookie
@@ -99,9 +107,11 @@ class Console:
             Route("/logout", self.guard("viewer", self._logout), methods=["POST"]),
             Route("/network", self.guard("viewer", self._network), methods=["GET"]),
             Route("/network/live", self.guard("viewer", self._network_live), methods=["GET"]),
+            *ImportPages(self).routes(),  # before /config/{kind}
             *config.routes(),
             *alerts.routes(),
             *ops.routes(),
+            *TrafficPages(self).routes(),
             Mount("/static", app=StaticFiles(packages=[("tasync.console", "static")])),
         ]
         return [Mount("", routes=routes, middleware=[Middleware(SecurityHeaders)])]
@@ -120,7 +130,15 @@ class Console:
         return HTMLResponse(html, status_code=status)
 
     def auth(self, request: Request) -> Auth | None:
-        """The request's session and user, or None (no session, ended, or user removed)."""
+        """The request's session and user, or None (no session, ended, or user removed).
+
+        Raises:
+            UnknownProxyUser: a trusted proxy named a user the users file does not know.
+        """
+        if self.proxy_auth is not None:
+            name = self.proxy_auth.user_name(request)
+            if name is not None:
+                return self._proxied(request, name)
         session = self.sessions.get(request.cookies.get(COOKIE))
         if session is None:
             return None
@@ -130,14 +148,54 @@ class Console:
             return None
         return Auth(session, user)
 
-    def guard(self, role: str, handler: Handler) -> Endpoint:
-        """``handler`` for users with ``role``; a POST also passes the origin and CSRF checks."""
+    def _proxied(self, request: Request, name: str) -> Auth:
+        """The user a trusted proxy names, in their session (made now when the cookie has none).
+
+        A new session is sent back in the cookie (``_keep_session``), so the next request
+        carries its CSRF token's session; the header's user always wins over the cookie's.
+        """
+        user = self.users.get(name)
+        if user is None:
+            log.warning("console: refused %r named by the proxy: not in the users file", name)
+            raise UnknownProxyUser(f"the proxy names the user {name!r}, whom the console's "
+                                   "users file does not know")
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        if session is None or session.user != user.name:
+            session = self.sessions.create(user.name)
+            request.state.new_session = session
+            log.info("console: %r signed in by the proxy (%s)", user.name, user.role)
+        return Auth(session, user)
+
+    def _keep_session(self, request: Request, response: Response) -> Response:
+        session = getattr(request.state, "new_session", None)
+        if session is not None:
+            self._set_cookie(request, response, session.token)
+        return response
+
+    def _set_cookie(self, request: Request, response: Response, token: str) -> None:
+        response.set_cookie(COOKIE, token, path=base(request) or "/", httponly=True,
+                            samesite="strict",
+                            secure=self.secure_cookie or request.url.scheme == "https")
+
+    def guard(self, role: str, handler: Handler, *, upload: bool = False) -> Endpoint:
+        """``handler`` for users with ``role``; a POST also passes the origin and CSRF checks.
+
+        With ``upload``, a POST may be a multipart form with a file (up to
+        ``MAX_UPLOAD_BYTES``), read only once the user is known.
+        """
         async def endpoint(request: Request) -> Response:
-            auth = self.auth(request)
+            return self._keep_session(request, await checked(request))
+
+        async def checked(request: Request) -> Response:
+            try:
+                auth = self.auth(request)
+            except UnknownProxyUser as exc:
+                return self.page(request, "error.html", 403, title="Refused", message=str(exc))
             if auth is None:
                 return self._to_login(request)
             if request.method == "POST":
-                form = await read_form(request)
+                form = await read_form(request, max_upload_bytes=MAX_UPLOAD_BYTES
+                                       if upload else 0)
                 if not same_origin(dict(request.headers)):
                     return self._refused(request, auth, "a request from another site is "
                                                         "refused")
@@ -171,8 +229,13 @@ class Console:
         return RedirectResponse(base(request) + "/network", status_code=303)
 
     async def _login_page(self, request: Request) -> Response:
-        if self.auth(request) is not None:
-            return RedirectResponse(base(request) + "/network", status_code=303)
+        try:
+            auth = self.auth(request)
+        except UnknownProxyUser as exc:
+            return self.page(request, "error.html", 403, title="Refused", message=str(exc))
+        if auth is not None:
+            return self._keep_session(
+                request, RedirectResponse(base(request) + "/network", status_code=303))
         return self.page(request, "login.html", error=None, name="")
 
     async def _login(self, request: Request) -> Response:
@@ -189,9 +252,7 @@ class Console:
         session = self.sessions.create(user.name)
         log.info("console: %r logged in (%s)", user.name, user.role)
         answer = RedirectResponse(base(request) + "/network", status_code=303)
-        answer.set_cookie(COOKIE, session.token, path=base(request) or "/", httponly=True,
-                          samesite="strict",
-                          secure=self.secure_cookie or request.url.scheme == "https")
+        self._set_cookie(request, answer, session.token)
         return answer
 
     async def _logout(self, request: Request, auth: Auth) -> Response:
@@ -236,11 +297,11 @@ class Console:
 
 def console_part(settings: Settings, users_file: Path, *, prefix: str = "",
                  secure_cookie: bool = False, timeout_s: float = 2.0,
-                 poll_s: float = 2.0) -> WebPart:
+                 poll_s: float = 2.0, proxy_auth: ProxyAuth | None = None) -> WebPart:
     """The console as a part of the web stack (``tasync.web.build_app``), mounted at ``prefix``.
 
     Beside the intake it is mounted at a prefix such as ``/console``; alone, at the root.
     """
     console = Console(settings, UsersFile(users_file), secure_cookie=secure_cookie,
-                      timeout_s=timeout_s, poll_s=poll_s)
+                      timeout_s=timeout_s, poll_s=poll_s, proxy_auth=proxy_auth)
     return WebPart("console", console.routes(), prefix=prefix)

@@ -7,6 +7,8 @@ them, one way.
 from __future__ import annotations
 
 import datetime as dt
+import email.parser
+import email.policy
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,6 +26,25 @@ from tasync.console.users import User
 MAX_FORM_BYTES = 256 << 10
 #: Most fields in one form.
 MAX_FORM_FIELDS = 200
+#: Largest upload (a configuration file to import), on the routes that take one.
+MAX_UPLOAD_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file sent with a form: the name the browser gave it, and its bytes."""
+
+    filename: str
+    data: bytes
+
+
+class Form(dict[str, str]):
+    """A form's text fields, and (for a multipart form on a route that takes one) its files."""
+
+    def __init__(self, fields: dict[str, str] | None = None,
+                 files: dict[str, Upload] | None = None) -> None:
+        super().__init__(fields or {})
+        self.files: dict[str, Upload] = files or {}
 
 
 @dataclass(frozen=True)
@@ -57,7 +78,7 @@ class Pages(Protocol):
     settings: Settings
     timeout_s: float
 
-    def guard(self, role: str, handler: Handler) -> Endpoint:
+    def guard(self, role: str, handler: Handler, *, upload: bool = False) -> Endpoint:
         """``handler`` for users with ``role``; a POST also passes the origin and CSRF checks."""
 
     def page(self, request: Request, template: str, status: int = 200, *,
@@ -92,18 +113,57 @@ def base(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
 
 
-async def read_form(request: Request) -> dict[str, str]:
-    """A urlencoded form's fields (empty for any other body); larger than the limit: 413."""
+async def read_form(request: Request, *, max_upload_bytes: int = 0) -> Form:
+    """A form's fields; larger than the limit: 413.
+
+    A urlencoded form is read on every route. A multipart form (a file upload) is read only
+    where ``max_upload_bytes`` allows one, up to that size; elsewhere, as any other body, it
+    gives no fields (so its CSRF token is missing and the request is refused).
+    """
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data" and max_upload_bytes:
+        body = await _body(request, max_upload_bytes, "an upload")
+        return _multipart(request.headers["content-type"], body)
     if kind != "application/x-www-form-urlencoded":
-        return {}
+        return Form()
+    body = await _body(request, MAX_FORM_BYTES, "a form")
+    try:
+        return Form(dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
+                                   max_num_fields=MAX_FORM_FIELDS)))
+    except ValueError:
+        raise HTTPException(413, f"a form has at most {MAX_FORM_FIELDS} fields") from None
+
+
+async def _body(request: Request, limit: int, what: str) -> bytes:
     body = b""
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise HTTPException(413, f"a form is at most {MAX_FORM_BYTES >> 10} KiB")
-    try:
-        return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True,
-                              max_num_fields=MAX_FORM_FIELDS))
-    except ValueError:
-        raise HTTPException(413, f"a form has at most {MAX_FORM_FIELDS} fields") from None
+        if len(body) > limit:
+            raise HTTPException(413, f"{what} is at most {limit >> 10} KiB")
+    return body
+
+
+def _multipart(content_type: str, body: bytes) -> Form:
+    """The fields and files of a ``multipart/form-data`` body (the standard library's parser).
+
+    Text fields are decoded as UTF-8; a part with a file name is kept as bytes in ``files``.
+    """
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise HTTPException(400, "the upload is not a multipart form")
+    fields: dict[str, str] = {}
+    files: dict[str, Upload] = {}
+    for count, part in enumerate(message.iter_parts(), 1):
+        if count > MAX_FORM_FIELDS:
+            raise HTTPException(413, f"a form has at most {MAX_FORM_FIELDS} fields")
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        data = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is not None:
+            files[name] = Upload(str(filename), bytes(data))
+        else:
+            fields[name] = bytes(data).decode("utf-8", "replace")
+    return Form(fields, files)

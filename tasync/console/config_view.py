@@ -166,9 +166,9 @@ def field_errors(kind: str, body: Mapping[str, Any], message: str,
             for problem in value if isinstance(value, list) else [value]:
                 out.setdefault(_referring_field(kind, body, str(problem)), str(problem))
         elif key in known:
-            out[key] = "; ".join(_flatten(value))
+            out[key] = "; ".join(flatten(value))
         else:
-            out[GENERAL] = "; ".join(_flatten({key: value}))
+            out[GENERAL] = "; ".join(flatten({key: value}))
     if not out:
         out[GENERAL] = message
     return out
@@ -182,11 +182,12 @@ def _referring_field(kind: str, body: Mapping[str, Any], problem: str) -> str:
     return GENERAL
 
 
-def _flatten(value: Any, prefix: str = "") -> list[str]:
+def flatten(value: Any, prefix: str = "") -> list[str]:
+    """Nested field -> messages as lines, each prefixed with its path (``body: url: ...``)."""
     if isinstance(value, Mapping):
-        return [m for k, v in value.items() for m in _flatten(v, f"{prefix}{k}: ")]
+        return [m for k, v in value.items() for m in flatten(v, f"{prefix}{k}: ")]
     if isinstance(value, list):
-        return [m for v in value for m in _flatten(v, prefix)]
+        return [m for v in value for m in flatten(v, prefix)]
     return [f"{prefix}{value}"]
 
 
