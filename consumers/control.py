@@ -249,6 +249,11 @@ class ControlServer(ConsumerLoop):
             data = {"errors": getattr(exc, "errors", {}), **getattr(exc, "data", {})}
             return Reply(ok=False, node=self.ctx.node, error=str(exc), data=data,
                          error_type=type(exc).__name__)
+        except Exception as exc:  # a handler's bug answers the asker; it must not wedge the queue
+            log.exception("request %s from %s failed", request.op, request.sender)
+            return Reply(ok=False, node=self.ctx.node, error_type="InternalError",
+                         error=f"{self.ctx.node} could not answer {request.op!r}: "
+                               f"{type(exc).__name__}: {exc}")
 
     def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
         nodes = [name for _k, name, _b in self.ctx.store.objects("node")]

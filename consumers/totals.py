@@ -334,8 +334,7 @@ class Totals:
             and ``"series"`` when asked for.
 
         Raises:
-            ValueError: ``since`` is malformed.
-            MessageError: ``series`` is malformed or too long (the request is refused).
+            MessageError: ``since`` or ``series`` is malformed, or too long (refused).
         """
         start = _since_bucket(since)
         wanted = _series_args(series) if series is not None else None
@@ -424,7 +423,7 @@ def _since_bucket(since: float | str | None) -> int:
     try:
         value = float(since)
     except (TypeError, ValueError):
-        raise ValueError(f"since must be seconds since the epoch, got {since!r}") from None
+        raise MessageError(f"since must be seconds since the epoch, got {since!r}") from None
     return int(value // BUCKET_S) * BUCKET_S
 
 

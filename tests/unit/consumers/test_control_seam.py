@@ -18,7 +18,7 @@ from tasync.broker.connection import connect
 from tasync.broker.consumer import ConsumerLoop
 from tasync.broker.errors import NoAnswer, RemoteError
 from tasync.broker.messages import Change
-from tasync.broker.protocol import Role
+from tasync.broker.protocol import ControlOp, Role
 from tasync.broker.rpc import RpcClient
 from tasync.broker.settings import Settings
 from tasync.broker.store import NodeStore
@@ -155,3 +155,23 @@ def test_a_commit_for_a_named_person_is_audited_once_with_their_name(
     with pytest.raises(RemoteError, match="by must be"):
         rpc.call_one(topology.MASTER, "commit", {"ops": ops, "by": "eve\nforged line"},
                      timeout_s=5.0)
+
+
+def test_a_failing_handler_answers_with_its_error_and_the_server_goes_on(
+        make_context: MakeContext, run: Callable[[ConsumerLoop], ConsumerLoop],
+        rpc: RpcClient) -> None:
+    ctx = make_context("b")
+
+    def broken(_args: dict[str, object]) -> dict[str, object]:
+        raise ValueError("a bug in a handler")
+
+    committer = StoreCommitter(ctx.store, ctx.node)
+    ctx.store.apply(batch(Change(epoch=1, seq=1, ts=time.time(), origin="a", op="set",
+                                 kind="node", name=ctx.node, body={})))
+    run(ControlServer(ctx, committer=committer, keep_seat=lambda: False,
+                      handlers={ControlOp.TOTALS: broken}))
+    with pytest.raises(RemoteError) as failed:
+        rpc.call_one(topology.node_key("b"), "totals", timeout_s=5.0)
+    assert failed.value.error_type == "InternalError"
+    assert "ValueError: a bug in a handler" in str(failed.value)
+    assert rpc.call_one(topology.node_key("b"), "status", timeout_s=5.0)["node"] == "b"
