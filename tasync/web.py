@@ -147,12 +147,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(app: Starlette, sock: socket.socket, *, log_level: str = "warning",
-          proxy_headers: bool = True) -> None:
+          proxy_headers: bool = False) -> None:
     """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, which stop it gracefully.
 
-    ``proxy_headers=False`` keeps each request's client the TCP peer, whatever
-    ``X-Forwarded-For`` says (uvicorn otherwise believes it from loopback peers): the
-    console's proxy authentication decides by the peer whether to trust a header.
+    By default each request's client is the TCP peer, whatever ``X-Forwarded-For`` says:
+    the intake's allow-list and the console's proxy authentication judge the peer, and any
+    local process could otherwise claim another address (uvicorn believes the header from
+    loopback peers). ``proxy_headers=True`` takes uvicorn's behaviour back (the console
+    without proxy authentication, for ``X-Forwarded-Proto`` behind a TLS proxy).
     """
     config = uvicorn.Config(app, log_config=None, log_level=log_level, access_log=False,
                             lifespan="off", server_header=False, timeout_graceful_shutdown=5,

@@ -281,3 +281,23 @@ def test_nasty_import_files_fail_in_one_line(network: Network, tmp_path: Path) -
         assert out.stderr.count("\n") == 1 and out.stderr.startswith("tasync: "), out.stderr
         assert reason in out.stderr, (name, out.stderr)
     assert network.export("a") == before
+
+
+def test_a_forwarded_for_header_does_not_pass_the_allow_list(network: Network,
+                                                             tmp_path: Path) -> None:
+    """The allow-list judges the TCP peer: a local client that claims another address in
+    ``X-Forwarded-For`` is still the loopback client it is."""
+    hosts_file = tmp_path / "telalert.hosts"
+    hosts_file.write_text("10.9.9.9\n")
+    network.start("a", role="master").wait_ready()
+    process = IntakeProcess(["--default-host", "a", "--hosts-file", str(hosts_file)],
+                            network.env, tmp_path / "intake.stderr").start()
+    try:
+        alert = {"source": "nms", "destination": "ops", "message": "spoofed"}
+        for headers in ({}, {"X-Forwarded-For": "10.9.9.9"},
+                        {"X-Forwarded-For": "10.9.9.9", "X-Real-IP": "10.9.9.9"}):
+            status, _, answer = process.request("POST", "/alerts", alert, headers=headers)
+            assert status == 403, (headers, answer)
+            assert "client 127.0.0.1 not allowed" in answer["error"], answer
+    finally:
+        process.stop()
