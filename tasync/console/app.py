@@ -41,8 +41,10 @@ from tasync.console.common import (
     when,
 )
 from tasync.console.config_pages import ConfigPages
+from tasync.console.history_pages import HistoryPages
 from tasync.console.network_view import StatusSource, view_rows
 from tasync.console.ops_pages import OpsPages
+from tasync.console.repair_pages import RepairPages
 from tasync.console.security import SecurityHeaders
 from tasync.console.sessions import (
     COOKIE,
@@ -102,6 +104,8 @@ class Console:
             *config.routes(),
             *alerts.routes(),
             *ops.routes(),
+            *RepairPages(self, self.status).routes(),
+            *HistoryPages(self, self.status).routes(),
             Mount("/static", app=StaticFiles(packages=[("tasync.console", "static")])),
         ]
         return [Mount("", routes=routes, middleware=[Middleware(SecurityHeaders)])]
