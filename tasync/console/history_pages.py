@@ -61,8 +61,9 @@ class HistoryPages:
         rows = [] if snap.report is None else snap.report.rows
         nodes = [str(r["node"]) for r in rows]
         checksums = {str(r["node"]): str(r.get("checksum") or "") for r in rows}
+        backups = [str(r["node"]) for r in rows if r.get("role") != "master"]
         context: dict[str, Any] = {"a": a, "b": b, "nodes": nodes, "checksums": checksums,
-                                   "error": None, "difference": None}
+                                   "backups": backups, "error": None, "difference": None}
         if not (a and b):
             return self.console.page(request, "diff.html", auth=auth, **context)
         try:

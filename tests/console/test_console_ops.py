@@ -138,6 +138,7 @@ def test_a_drifted_backup_is_compared_with_the_master_then_recovered(
     assert page.locator("main b, main img, main script").count() == 0
     screenshot(page, "diff")
 
+    assert page.locator("a.recover[href$='node=a']").count() == 0  # the master: the reference
     page.click("a.recover[href$='node=b']")
     page.wait_for_url("**/operations/recover?node=b")
     what = page.inner_text("#what-happens")
