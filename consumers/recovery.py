@@ -295,7 +295,8 @@ class Recovery:
     # -- the one recovery procedure -----------------------------------------------------------
 
     def recover(self, *, source: str | None = None, snapshot: bool = False,
-                progress: Progress | None = None, reason: str = "request") -> RecoveryReport:
+                progress: Progress | None = None, reason: str = "request",
+                by: str | None = None) -> RecoveryReport:
         """Bring this node to the network's head; see the module docstring for the choices.
 
         Args:
@@ -305,6 +306,9 @@ class Recovery:
                 whose objects drifted from its seq).
             progress: called with ``{"stage", "done", "total"}`` while replaying.
             reason: why, for the trail.
+            by: who asked, when the client names them (the console's user); the trail line
+                then names them, and is written even when nothing needed doing, so an auditor
+                sees every recovery a person asked for.
         """
         store = self.ctx.store
         with self.sync.locked():
@@ -328,8 +332,9 @@ class Recovery:
                 report.new_conflicts += kept
                 report.applied += tail
             report.after_seq = store.last_seq
-            if report.method != "none" or report.new_conflicts:
+            if report.method != "none" or report.new_conflicts or by is not None:
                 self.ctx.trail.event(Event.RECOVERY_DONE, method=report.method, reason=reason,
+                                     by=by,
                                      from_seq=report.before_seq, to_seq=report.after_seq,
                                      applied=report.applied,
                                      conflicts=len(report.new_conflicts) or None)

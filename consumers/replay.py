@@ -99,9 +99,11 @@ def read_since(settings: Settings, since: Since, history: EpochHistory, *,
     return out
 
 
-def replay_into(recovery: Recovery, since: Since, *,
-                progress: Progress | None = None) -> dict[str, Any]:
+def replay_into(recovery: Recovery, since: Since, *, progress: Progress | None = None,
+                by: str | None = None) -> dict[str, Any]:
     """Replay every change after ``since`` into this node (forced: rewrite what it holds).
+
+    ``by`` names who asked when the client names them (the console's user), for the trail.
 
     Returns:
         Counts for ``tasync replay``: changes read, re-applied, newly applied, rejected.
@@ -133,7 +135,8 @@ def replay_into(recovery: Recovery, since: Since, *,
             hint = near[0].ts if near else None
         read = read_since(ctx.settings, since, store.history, on_changes=on_changes,
                           until_seq=view.seq or None, ts_hint=hint, on_mark=sync.accept_mark)
-        ctx.trail.event(Event.RECOVERY_REPLAYED, since=since.describe(), changes=read.changes,
+        ctx.trail.event(Event.RECOVERY_REPLAYED, by=by, since=since.describe(),
+                        changes=read.changes,
                         reapplied=counts["reapplied"], applied=counts["applied"],
                         rejected=read.rejected or None, complete=read.complete)
         return {"node": ctx.node, "since": since.describe(), "changes": read.changes,

@@ -498,7 +498,9 @@ class Roles:
                 "eras": snap.eras, "objects": snap.objects, "checksum": store.checksum()}
 
     def _recover(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Bring this node to the master's state; who asked (``by``) is audited, as promotion's."""
         ctx, store = self.ctx, self.ctx.store
+        by = request_actor(args)
         if ctx.is_master and self.keep_seat():
             report = RecoveryReport(node=ctx.node, before_seq=store.last_seq,
                                     after_seq=store.last_seq, target_seq=store.last_seq,
@@ -507,7 +509,7 @@ class Roles:
             source = args.get("source")
             report = self.recovery.recover(source=str(source) if source else None,
                                            snapshot=bool(args.get("snapshot")),
-                                           progress=self.progress, reason="request")
+                                           progress=self.progress, reason="request", by=by)
         return {**report.to_dict(), "role": ctx.role, "epoch": store.epoch,
                 "seq": store.last_seq, "checksum": store.checksum(),
                 "conflicts": self.recovery.conflicts.open_entries(),
@@ -517,7 +519,8 @@ class Roles:
         if self.ctx.is_master:
             raise ConfigError(f"{self.ctx.node} is the master: the change log is its own "
                               "output, there is nothing to replay into it")
-        return replay_into(self.recovery, Since.from_args(args), progress=self.progress)
+        return replay_into(self.recovery, Since.from_args(args), progress=self.progress,
+                           by=request_actor(args))
 
     def _conflicts(self, _args: dict[str, Any]) -> dict[str, Any]:
         return {"node": self.ctx.node, "conflicts": self.recovery.conflicts.entries(),

@@ -441,12 +441,25 @@ def _export_local(data_dir: Path, out: Any) -> None:
 
 def _export_remote(node: str | None, idle_timeout_s: float, out: Any) -> None:
     """Write a node's export as its interim replies bring it (flat memory at any size)."""
+    write_export(make_settings(), node, out, idle_timeout_s=idle_timeout_s)
+
+
+def write_export(settings: Settings, node: str | None, out: Any, *,
+                 idle_timeout_s: float) -> None:
+    """Write ``node``'s export (the master's when None) to the binary file ``out``.
+
+    The node sends it piece by piece as interim replies, so memory stays flat at any size;
+    the console's comparison of two nodes reads the same export.
+
+    Raises:
+        UnknownNode, NoAnswer: the node is not known, or does not answer.
+    """
     from tasync.progress import progress_rpc
 
     def write(data: dict[str, Any]) -> None:
         out.write(str(data.get("piece", "")).encode())
 
-    with progress_rpc(make_settings()) as rpc:
+    with progress_rpc(settings) as rpc:
         check_known(rpc, [node])
         data = rpc.call_with_progress(target_key(node), "export", {},
                                       idle_timeout_s=idle_timeout_s, on_progress=write)

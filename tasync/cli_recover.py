@@ -82,7 +82,8 @@ def _resubmit(rpc: ProgressRpc, node: str, conflicts: list[dict[str, Any]],
     return done, failed
 
 
-def _describe(report: dict[str, Any]) -> str:
+def describe_recovery(report: dict[str, Any]) -> str:
+    """What a node's recovery did, in one line (the node's ``recover`` answer)."""
     node, method = report["node"], report["method"]
     if report.get("note") and method == "none":
         return f"{node}: {report['note']}"
@@ -105,7 +106,7 @@ def _change_line(entry: dict[str, Any]) -> str:
 
 def _print_recovery(report: dict[str, Any], done: list[dict[str, Any]],
                     failed: list[dict[str, Any]], verdict: dict[str, Any]) -> None:
-    click.echo(_describe(report))
+    click.echo(describe_recovery(report))
     still_open = [c for c in report["conflicts"]
                   if (c["epoch"], c["seq"]) not in {(d["epoch"], d["seq"]) for d in done}]
     if still_open:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -35,7 +36,22 @@ from tasync.options import (
 from tasync.progress import ProgressBar, ProgressRpc, progress_rpc
 
 
-def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
+@dataclass(frozen=True)
+class LogRead:
+    """The legitimate changes after a point, oldest first, and how the read went."""
+
+    changes: list[Change]
+    complete: bool
+    rejected: int
+
+
+def read_log(settings: Settings, since: Since) -> LogRead:
+    """Every legitimate change after ``since`` up to the network's head, as ``--dry-run`` lists.
+
+    The master's eras judge each entry (a stale master's changes are left out) and its head
+    bounds the read; without a master the log is read to its end with the eras it holds.
+    The console's history page reads the log here too, so the two cannot disagree.
+    """
     head: dict[str, Any] | None = None
     with progress_rpc(settings) as rpc, contextlib.suppress(NoAnswer, RemoteError):
         head = rpc.call_one(topology.MASTER, "head", timeout_s=2.0)
@@ -47,16 +63,22 @@ def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
 
     read = read_since(settings, since, history, on_changes=keep,
                       until_seq=int(head["seq"]) or None if head else None)
+    return LogRead(found, read.complete, read.rejected)
+
+
+def _list(settings: Settings, since: Since, *, as_json: bool) -> None:
+    log = read_log(settings, since)
+    found = log.changes
     if as_json:
-        print_json({"since": since.describe(), "complete": read.complete,
-                    "rejected": read.rejected, "changes": [change_to_dict(c) for c in found]})
+        print_json({"since": since.describe(), "complete": log.complete,
+                    "rejected": log.rejected, "changes": [change_to_dict(c) for c in found]})
     else:
         print_table(["seq", "epoch", "time (UTC)", "origin", "op", "kind", "name"], [
             [c.seq, c.epoch, dt.datetime.fromtimestamp(c.ts, dt.UTC).isoformat(
                 timespec="milliseconds"), c.origin, c.op, c.kind, c.name] for c in found])
         click.echo(f"{len(found):,} changes since {since.describe()}"
-                   + (f"; {read.rejected} stale changes rejected" if read.rejected else ""))
-    if not read.complete:
+                   + (f"; {log.rejected} stale changes rejected" if log.rejected else ""))
+    if not log.complete:
         raise IncompleteLog(f"the change log may not reach back to {since.describe()}: its "
                             "older entries were trimmed by retention; the list may miss changes")
 
@@ -66,14 +88,23 @@ def _replay_node(rpc: ProgressRpc, node: str, since: Since, *, timeout_s: float,
     with ProgressBar(not as_json, f"replaying into {node}") as bar:
         result = ask_node(rpc, node, "replay", since.to_args(), timeout_s=timeout_s, bar=bar)
     verdict = compare_with_master(rpc, node, timeout_s=timeout_s)
+    result = {**result, **verdict}
     if not as_json:
-        click.echo(f"{node}: replayed {result['changes']:,} changes since {result['since']} "
-                   f"({result['reapplied']:,} re-applied, {result['applied']:,} new), now at "
-                   f"seq {result['seq']:,}"
-                   + ("" if verdict["identical"] else "; differs from the master"))
-        if not result["complete"]:
-            click.echo(f"{node}: the change log may not reach back to {result['since']}")
-    return {**result, **verdict}
+        for line in describe_replay(result):
+            click.echo(line)
+    return result
+
+
+def describe_replay(result: dict[str, Any]) -> list[str]:
+    """What one node's replay did (its answer and the comparison with the master), in lines."""
+    node = result["node"]
+    lines = [f"{node}: replayed {result['changes']:,} changes since {result['since']} "
+             f"({result['reapplied']:,} re-applied, {result['applied']:,} new), now at "
+             f"seq {result['seq']:,}" + ("" if result["identical"] else
+                                          "; differs from the master")]
+    if not result["complete"]:
+        lines.append(f"{node}: the change log may not reach back to {result['since']}")
+    return lines
 
 
 @click.command()

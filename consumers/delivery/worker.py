@@ -368,8 +368,10 @@ class DeliveryConsumer(ConsumerLoop):
         for message, alert in decoded:
             info = message.delivery_info
             known = seen.get(alert.id)
-            if known is not None and known[0] == "failed" and self._requeued(message, alert):
-                known = None  # an operator sent a dead letter again: it is new
+            taken_anew = (known is None or known[0] == "failed") \
+                and alert.id not in self._inflight_ids
+            if taken_anew and self._requeued(message, alert):
+                known = None  # an operator sent a dead letter (or a refused alert) again: new
             if known is not None or alert.id in self._inflight_ids:
                 self._duplicate(message, alert, known)
                 continue
@@ -386,7 +388,13 @@ class DeliveryConsumer(ConsumerLoop):
         self._tally.add_to(self.totals)  # received now, not when the batch is settled
 
     def _requeued(self, message: amqp.Message, alert: Alert) -> bool:
-        """Whether ``message`` is a dead letter sent again by ``tasync dead requeue``; audited."""
+        """Whether ``message`` was sent again by a person; audited with who asked.
+
+        A dead letter (``tasync dead requeue``, the console) or a quarantined alert (the
+        console) sent again carries who asked; the node that takes it as new writes
+        ``alert.requeued`` with the name, whether the id failed before or was never taken (a
+        refused alert leaves no outcome).
+        """
         headers = message.properties.get("application_headers") or {}
         who = headers.get(REQUEUED_BY_HEADER)
         if not isinstance(who, str) or not who:

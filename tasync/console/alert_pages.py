@@ -1,7 +1,8 @@
 """The alert pages: send a test alert, trace an alert by id, dead letters and the quarantine.
 
 Reading (a trace, the dead letters, the quarantine) needs a viewer; sending a test alert and
-re-sending a dead letter need an operator, and the server checks that whatever the page showed.
+re-sending a dead letter or a quarantined alert need an operator, and the server checks that
+whatever the page showed.
 The work is ``tasync.console.alerts_view``'s, which calls the commands' own functions.
 """
 
@@ -43,6 +44,8 @@ class AlertPages:
             Route("/alerts/trace", guard("viewer", self._trace), methods=["GET"]),
             Route("/alerts/trace/live", guard("viewer", self._trace_live), methods=["GET"]),
             Route("/alerts/dead/requeue", guard("operator", self._requeue), methods=["POST"]),
+            Route("/alerts/quarantine/requeue", guard("operator", self._requeue),
+                  methods=["POST"]),
             Route("/alerts/{queue}", guard("viewer", self._list), methods=["GET"]),
             Route("/alerts/{queue}/show", guard("viewer", self._show), methods=["GET"]),
         ]
@@ -153,7 +156,7 @@ class AlertPages:
         total, rows = found
         return self.console.page(request, "dead_list.html", auth=auth, tab=name, queue=name,
                                  total=total, rows=rows, limit=alerts_view.LOOK_LIMIT,
-                                 can_requeue=name == "dead" and auth.user.may("operator"))
+                                 can_requeue=auth.user.may("operator"))
 
     async def _show(self, request: Request, auth: Auth) -> Response:
         name = self._queue(request, auth)
@@ -170,20 +173,23 @@ class AlertPages:
                                              f"at the first {alerts_view.LOOK_LIMIT})")
         return self.console.page(request, "dead_show.html", auth=auth, tab=name, queue=name,
                                  row=rows[0], copies=len(rows),
-                                 can_requeue=name == "dead" and auth.user.may("operator"))
+                                 can_requeue=auth.user.may("operator"))
 
     async def _requeue(self, request: Request, auth: Auth) -> Response:
+        """Re-send a dead letter, or a quarantined alert (the queue is the path's)."""
+        name = "quarantine" if request.url.path.endswith("/quarantine/requeue") else "dead"
+        what = "dead letter" if name == "dead" else "quarantined message"
         key = str(request.state.form.get("key", ""))
         try:
             done = await self._calling(alerts_view.requeue, self.console.settings, key,
-                                       by=actor(auth))
+                                       by=actor(auth), queue=QUEUES[name])
         except (TasyncError, NetworkTrouble) as exc:
             auth.session.flash.append(f"{key}: not re-sent: {exc}")
-            return RedirectResponse(f"{base(request)}/alerts/dead", status_code=303)
+            return RedirectResponse(f"{base(request)}/alerts/{name}", status_code=303)
         if done is None:
-            auth.session.flash.append(f"{key}: no such dead letter (re-sent meanwhile?)")
-            return RedirectResponse(f"{base(request)}/alerts/dead", status_code=303)
-        log.info("console: %r re-sent dead letter %r", auth.user.name, key)
+            auth.session.flash.append(f"{key}: no such {what} (re-sent meanwhile?)")
+            return RedirectResponse(f"{base(request)}/alerts/{name}", status_code=303)
+        log.info("console: %r re-sent %s %r", auth.user.name, what, key)
         auth.session.flash.append(f"re-sent {key} along {done['list']}")
         auth.session.flash.extend(f"warning: {w}" for w in done["warnings"])
         return RedirectResponse(f"{base(request)}/alerts/trace?id={quote(key, safe='')}",

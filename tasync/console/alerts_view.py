@@ -140,18 +140,24 @@ def look(settings: Settings, queue: str) -> tuple[int, list[dict[str, Any]]]:
         return browser.total, [describe(m) for m in seen]
 
 
-def requeue(settings: Settings, key: str, *, by: str) -> dict[str, Any] | None:
-    """Send the dead letter ``key`` again, as ``tasync dead requeue`` does, asked ``by``.
+def requeue(settings: Settings, key: str, *, by: str,
+            queue: str = topology.DEAD_LETTER_QUEUE) -> dict[str, Any] | None:
+    """Send the message ``key`` of ``queue`` again, as ``tasync dead requeue`` does, asked ``by``.
 
-    Returns what was sent (``id``, ``list``, ``warnings``), or None when no dead letter is
-    ``key`` (another user re-sent it meanwhile). The dead copy is acknowledged only after the
-    broker confirmed the new one.
+    ``queue`` is the dead-letter queue, or the quarantine: a quarantined alert (refused for
+    its signature or its sender, say, and since vouched for) goes out the same way, along its
+    own list, and takes the normal path, so a node that still refuses it quarantines it again
+    with the reason.
+
+    Returns what was sent (``id``, ``list``, ``warnings``), or None when no message of
+    ``queue`` is ``key`` (another user re-sent it meanwhile). The old copy is acknowledged
+    only after the broker confirmed the new one.
 
     Raises:
-        ConfigError: the dead letter is not a valid alert (it stays dead), or the send was
+        ConfigError: the message is not a valid alert (it stays where it is), or the send was
             refused as ``tasync send`` is refused.
     """
-    with looking_at(settings, topology.DEAD_LETTER_QUEUE, LOOK_LIMIT) as (browser, seen):
+    with looking_at(settings, queue, LOOK_LIMIT) as (browser, seen):
         chosen = next((m for m in seen if describe(m)["key"] == key), None)
         if chosen is None:
             return None
@@ -160,6 +166,7 @@ def requeue(settings: Settings, key: str, *, by: str) -> dict[str, Any] | None:
             try:
                 result = sender.resend(chosen.body, chosen.headers, requeued_by=by)
             except MessageError as exc:
-                raise ConfigError(f"{key} is not a valid alert, left dead ({exc})") from None
+                raise ConfigError(f"{key} is not a valid alert, left where it is ({exc})"
+                                  ) from None
         browser.ack(chosen)
     return {"id": key, "list": " ".join(result.hosts), "warnings": result.warnings}

@@ -72,7 +72,13 @@ class StatusSource:
 
 
 def view_rows(report: NetworkStatus) -> list[dict[str, Any]]:
-    """Each node's row as the page shows it (the same columns as ``tasync status``)."""
+    """Each node's row as the page shows it (the same columns as ``tasync status``).
+
+    ``compare_with`` names the master when the row's checksum differs from the master's, so
+    the page can link to the comparison of the two nodes' exports.
+    """
+    master = next((r for r in report.rows if r.get("role") == "master" and r.get("alive")),
+                  None)
     rows = []
     for r in report.rows:
         alive = bool(r.get("alive"))
@@ -84,6 +90,8 @@ def view_rows(report: NetworkStatus) -> list[dict[str, Any]]:
             "epoch": _text(r.get("epoch")), "seq": _text(r.get("applied_seq")),
             "lag": _text(r.get("lag")), "checksum": checksum[:12], "checksum_full": checksum,
             "last_seen": "now" if alive else ago(r.get("last_seen")) or "never",
+            "compare_with": str(master["node"]) if master is not None and alive
+            and r is not master and checksum != str(master.get("checksum") or "") else None,
             "degraded": not alive or not r.get("ready") or not r.get("in_sync")
                         or bool(r.get("diverged")),
         })
