@@ -10,9 +10,7 @@ never imports the relay.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,31 +79,6 @@ def parse_ops(raw_ops: Iterable[Mapping[str, Any]]) -> list[Op]:
         else:
             raise InvalidObject(f"operation {index + 1}: op must be 'set' or 'delete'")
     return ops
-
-
-#: Operations from which a commit counts as bulk (``collector_paused``).
-BULK_OPS = 1000
-
-
-@contextlib.contextmanager
-def collector_paused(bulk: bool = True) -> Iterator[None]:
-    """Keep Python's cycle collector out of a bulk step (when ``bulk``), then let it run again.
-
-    A bulk import builds hundreds of thousands of small containers (operations, bodies,
-    changes) that all live until the step ends; each 700 allocations start a collection that
-    walks them again, and the full ones walk the whole heap: a fifth of the master's CPU for a
-    100,000-object import went there. None of them is garbage before the step ends, and plain
-    reference counting frees them then, so nothing is lost by pausing. Only CPU-bound steps
-    are wrapped (never a wait on the broker): the pause is process-wide.
-    """
-    if not bulk or not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @dataclass(frozen=True)

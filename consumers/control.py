@@ -31,14 +31,8 @@ from typing import Any, Protocol
 import amqp
 
 from tasync.broker import messages, topology
-from tasync.broker.commits import (
-    Committed,
-    Op,
-    collector_paused,
-    decode_staged,
-    encode_staged,
-    parse_ops,
-)
+from tasync.broker.collector import collector_paused
+from tasync.broker.commits import Committed, Op, decode_staged, encode_staged, parse_ops
 from tasync.broker.consumer import ConsumerLoop, message_body
 from tasync.broker.errors import ImportIncomplete, MessageError, SeatLost, TasyncError
 from tasync.broker.events import Event

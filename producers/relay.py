@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from tasync.broker import messages, topology
-from tasync.broker.commits import BULK_OPS, Committed, Op, collector_paused
+from tasync.broker.collector import BULK_OPS, collector_paused
+from tasync.broker.commits import Committed, Op
 from tasync.broker.connection import RECOVERABLE, describe
 from tasync.broker.epochs import EpochMark
 from tasync.broker.errors import FencedError, PublishError, SeatLost

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from tasync.broker import kinds
-from tasync.broker.commits import collector_paused
+from tasync.broker.collector import collector_paused
 from tasync.broker.errors import ConfigError
 
 MAX_FILE_BYTES = 512 << 20
@@ -150,7 +150,7 @@ def objects_to_ops(data: Any) -> list[dict[str, Any]]:
     """Normalise an export-shaped mapping or a list of operations into validated operations.
 
     The operations live until the import ends, so the cycle collector is kept out of building
-    them (``tasync.broker.commits.collector_paused``).
+    them (``tasync.broker.collector.collector_paused``).
     """
     with collector_paused():
         return [_one_op(index, item) for index, item in enumerate(_raw_ops(data), 1)]

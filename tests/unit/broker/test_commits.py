@@ -1,6 +1,5 @@
 """The commit's contract (broker/commits.py): operations checked by schema, and results."""
 
-import gc
 import json
 from typing import Any
 
@@ -9,7 +8,6 @@ import pytest
 from tasync.broker.commits import (
     Committed,
     Op,
-    collector_paused,
     decode_staged,
     encode_staged,
     parse_ops,
@@ -66,20 +64,3 @@ def test_staged_parts_round_trip_and_parts_staged_by_json_dumps_still_read() -> 
     assert json.loads(text) == [[o.op, o.kind, o.name, o.body] for o in ops]
     earlier = json.dumps([[o.op, o.kind, o.name, o.body] for o in ops])  # an earlier version's
     assert decode_staged(earlier) == ops
-
-
-def test_collector_paused_for_a_bulk_step_only_and_back_after_an_error() -> None:
-    assert gc.isenabled()
-    with collector_paused(bulk=False):
-        assert gc.isenabled()
-    with pytest.raises(InvalidObject), collector_paused():
-        assert not gc.isenabled()
-        parse_ops(["not an object"])  # type: ignore[list-item]
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with collector_paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # whoever paused it first turns it back on
-    finally:
-        gc.enable()
