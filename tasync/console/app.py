@@ -47,7 +47,6 @@ from tasync.console.import_pages import ImportPages
 from tasync.console.network_view import StatusSource, view_rows
 from tasync.console.ops_pages import OpsPages
 from tasync.console.proxy_auth import ProxyAuth, UnknownProxyUser
-from tasync.console.repair_pages import RepairPages
 from tasync.console.security import SecurityHeaders
 from tasync.console.sessions import (
     COOKIE,
@@ -114,7 +113,6 @@ class Console:
             *alerts.routes(),
             *ops.routes(),
             *TrafficPages(self).routes(),
-            *RepairPages(self, self.status).routes(),
             *HistoryPages(self, self.status).routes(),
             Mount("/static", app=StaticFiles(packages=[("tasync.console", "static")])),
         ]
