@@ -117,7 +117,12 @@ def test_a_refused_part_fails_the_import_and_commits_nothing(
     sent[125]["body"] = {"url": "no scheme"}  # the CLI checks first; this stands for an older one
     session = MasterSession(memory_settings, timeout_s=60)
     job = cli_config._Import(session, sent, lambda _n: None)
+    rpc = lossy(lose=set(), twice=set())
     with pytest.raises(RemoteError, match="w-00125"):
-        job.step(lossy(lose=set(), twice=set()), False)
+        job.step(rpc, False)
+    # The server answers in order: once this is answered, the parts behind the refused one
+    # were handled too, and none of them was staged for an import nobody will commit.
+    status = session.call(rpc, "request", {"request_id": job.import_id})
+    assert status == {"state": "unknown"}
     assert [b for b in committer.submitted if len(b) > 1] == []
     assert ctx.store.get("destination", "w-00000") is None
