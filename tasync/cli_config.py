@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from tasync.broker import kinds
+from tasync.broker.collector import BULK_OPS, collector_paused
 from tasync.broker.errors import (
     ConfigError,
     ImportMismatch,
@@ -364,7 +365,8 @@ def check_import(result: dict[str, Any], ops: list[dict[str, Any]]) -> None:
         raise ImportMismatch(f"the master received {received} of the file's {len(ops)} "
                              "operations; the import is not complete")
     if all(op["op"] == "set" for op in ops):
-        expected = len({(op["kind"], op["name"]) for op in ops})
+        with collector_paused(len(ops) >= BULK_OPS):  # 100,000 tuples: a bulk step
+            expected = len({(op["kind"], op["name"]) for op in ops})
         if result.get("count") != expected:
             raise ImportMismatch(f"the master committed {result.get('count')} changes for the "
                                  f"file's {expected} objects")
