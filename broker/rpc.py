@@ -80,8 +80,8 @@ class RpcClient:
         self._sent_at.setdefault(corr, time.monotonic())
 
     def check_routed(self, corr: str, routing_key: str, body: bytes, *, ttl_s: float,
-                     grace_s: float | None = None) -> None:
-        """Resend a returned request within its grace; else raise ``NoAnswer``.
+                     grace_s: float | None = None, pause_s: float = _RESEND_INTERVAL_S) -> None:
+        """Resend a returned request within its grace (after ``pause_s``); else raise ``NoAnswer``.
 
         The grace is how long "nobody is bound for this key" is taken as a passing state:
         ``NODE_UNROUTED_GRACE_S`` for one node (it may be reconnecting), none for the master
@@ -97,7 +97,7 @@ class RpcClient:
                 else NODE_UNROUTED_GRACE_S
         if time.monotonic() - first >= grace_s:
             raise NoAnswer(f"no running node answers to {routing_key!r}")
-        time.sleep(_RESEND_INTERVAL_S)
+        time.sleep(pause_s)
         self.send(corr, routing_key, body, ttl_s=ttl_s)
 
     def call(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
@@ -194,11 +194,8 @@ class RpcClient:
                 if self._collect(pending, on_answer):
                     last_heard = now
                     continue
-                for flight in pending.values():
-                    self.check_routed(flight.corr, routing_key, flight.body,
-                                      ttl_s=deadline - now,
-                                      grace_s=deadline - now if flight.routed
-                                      else unrouted_grace_s)
+                self._route_window(pending, routing_key, ttl_s=deadline - now,
+                                   unrouted_grace_s=unrouted_grace_s)
                 if resend_s is not None and now - last_heard >= resend_s:
                     last_heard = now
                     for flight in pending.values():
@@ -210,6 +207,20 @@ class RpcClient:
         finally:
             for corr in pending:
                 self.forget(corr)
+
+    def _route_window(self, pending: dict[str, _InFlight], routing_key: str, *, ttl_s: float,
+                      unrouted_grace_s: float | None) -> None:
+        """``check_routed`` for every request of a window, pausing once for all that came back.
+
+        A request that reached a queue before (``routed``) waits for its node to return within
+        the whole deadline, as in ``call``.
+        """
+        returned = any(corr in self._returned for corr in pending)
+        for flight in pending.values():
+            self.check_routed(flight.corr, routing_key, flight.body, ttl_s=ttl_s, pause_s=0.0,
+                              grace_s=ttl_s if flight.routed else unrouted_grace_s)
+        if returned:
+            time.sleep(_RESEND_INTERVAL_S)  # once for the window, not once a request
 
     def _collect(self, pending: dict[str, _InFlight],
                  on_answer: Callable[[int, dict[str, Any]], None]) -> bool:
