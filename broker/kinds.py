@@ -210,6 +210,8 @@ def check_plain(where: str, value: Any) -> None:
     Raises:
         InvalidObject: naming the field path and the character.
     """
+    if _flat_and_plain(value):
+        return
     stack: list[tuple[str, Any, int]] = [("", value, 0)]
     while stack:
         path, item, depth = stack.pop()
@@ -230,8 +232,36 @@ def check_plain(where: str, value: Any) -> None:
             stack.extend((f"{path}[{i}]", sub, depth + 1) for i, sub in enumerate(item))
 
 
+def _flat_and_plain(value: Any) -> bool:
+    """Whether ``value`` is a dict of plain strings, numbers and None under plain string keys.
+
+    Most bodies are (a destination's), and for them ``check_plain``'s walk, which builds a field
+    path for every key and value in case it must name one, cost more than the rest of the
+    body's checks: a bulk import checks every body on the CLI and again on the master. False
+    sends the value to the walk, which decides and names the field.
+    """
+    if type(value) is not dict:
+        return False
+    search = CONTROL_RE.search
+    for key, item in value.items():
+        if type(key) is not str or search(key) is not None:
+            return False
+        kind = type(item)
+        if kind is str:
+            if search(item) is not None:
+                return False
+        elif item is not None and kind is not int and kind is not float and kind is not bool:
+            return False
+    return True
+
+
 def load_body(kind: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one object's body against its kind's schema; returns the normalised body."""
+    if kind == "destination" and type(body) is dict and type(name) is str \
+            and NAME_RE.fullmatch(name):  # a bulk import's usual object, in fewer steps
+        fast = _fast_destination(body)
+        if fast is not None and _flat_and_plain(body):
+            return fast
     check_kind(kind)
     check_name(kind, name)
     if not isinstance(body, Mapping):

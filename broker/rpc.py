@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import amqp
@@ -78,8 +80,8 @@ class RpcClient:
         self._sent_at.setdefault(corr, time.monotonic())
 
     def check_routed(self, corr: str, routing_key: str, body: bytes, *, ttl_s: float,
-                     grace_s: float | None = None) -> None:
-        """Resend a returned request within its grace; else raise ``NoAnswer``.
+                     grace_s: float | None = None, pause_s: float = _RESEND_INTERVAL_S) -> None:
+        """Resend a returned request within its grace (after ``pause_s``); else raise ``NoAnswer``.
 
         The grace is how long "nobody is bound for this key" is taken as a passing state:
         ``NODE_UNROUTED_GRACE_S`` for one node (it may be reconnecting), none for the master
@@ -95,7 +97,7 @@ class RpcClient:
                 else NODE_UNROUTED_GRACE_S
         if time.monotonic() - first >= grace_s:
             raise NoAnswer(f"no running node answers to {routing_key!r}")
-        time.sleep(_RESEND_INTERVAL_S)
+        time.sleep(pause_s)
         self.send(corr, routing_key, body, ttl_s=ttl_s)
 
     def call(self, routing_key: str, op: str, args: dict[str, Any] | None = None, *,
@@ -149,6 +151,91 @@ class RpcClient:
             raise NoAnswer(f"no answer to {op!r} from {routing_key!r} within {timeout_s:g} s")
         return replies
 
+    def call_window(self, routing_key: str, requests: Sequence[tuple[str, dict[str, Any]]], *,
+                    window: int, timeout_s: float, on_answer: Callable[[int, dict[str, Any]], None],
+                    resend_s: float | None = None,
+                    unrouted_grace_s: float | None = None) -> None:
+        """Send ``requests`` to one node with up to ``window`` unanswered at a time.
+
+        One request at a time waits a whole round trip (and the node's work on it) between
+        requests; a window keeps the node busy while the answers travel back. Each request has
+        a correlation id of its own, so answers may come in any order; ``on_answer(i, data)``
+        is called once for request ``i`` when its first answer arrives (a re-sent request's
+        second answer is ignored). The requests must be idempotent, like ``call``'s re-sent
+        ones: when no answer to any of them came for ``resend_s`` (the node stopped, or its
+        queue went with its connection), every unanswered one is sent again. A node that is
+        answering is busy with the window, not lost, so its queue is not filled with copies.
+
+        Raises:
+            RemoteError: a request failed (the first failure; the rest are dropped unanswered).
+            NoAnswer: as ``call``: nobody is bound, or the answers did not all come in time.
+        """
+        deadline = time.monotonic() + timeout_s
+        pending: dict[str, _InFlight] = {}
+        todo = iter(enumerate(requests))
+        last_heard = time.monotonic()
+        try:
+            while True:
+                while len(pending) < window and (item := next(todo, None)) is not None:
+                    index, (op, args) = item
+                    flight = _InFlight(index, op, messages.encode(
+                        Request(op=op, sender=self.sender, args=args)))
+                    self._replies[flight.corr] = []
+                    pending[flight.corr] = flight
+                    self.send(flight.corr, routing_key, flight.body,
+                              ttl_s=deadline - time.monotonic())
+                if not pending:
+                    return
+                now = time.monotonic()
+                if now >= deadline:
+                    first = min(pending.values(), key=lambda f: f.index)
+                    raise NoAnswer(f"no answer to {first.op!r} from {routing_key!r} within "
+                                   f"{timeout_s:g} s")
+                if self._collect(pending, on_answer):
+                    last_heard = now
+                    continue
+                self._route_window(pending, routing_key, ttl_s=deadline - now,
+                                   unrouted_grace_s=unrouted_grace_s)
+                if resend_s is not None and now - last_heard >= resend_s:
+                    last_heard = now
+                    for flight in pending.values():
+                        flight.routed = True  # not returned in all that time: it was routed
+                        self.send(flight.corr, routing_key, flight.body, ttl_s=deadline - now)
+                with contextlib.suppress(TimeoutError):
+                    self.conn.drain_events(timeout=min(0.25, max(0.01, deadline - now)))
+                self.conn.heartbeat_check()
+        finally:
+            for corr in pending:
+                self.forget(corr)
+
+    def _route_window(self, pending: dict[str, _InFlight], routing_key: str, *, ttl_s: float,
+                      unrouted_grace_s: float | None) -> None:
+        """``check_routed`` for every request of a window, pausing once for all that came back.
+
+        A request that reached a queue before (``routed``) waits for its node to return within
+        the whole deadline, as in ``call``.
+        """
+        returned = any(corr in self._returned for corr in pending)
+        for flight in pending.values():
+            self.check_routed(flight.corr, routing_key, flight.body, ttl_s=ttl_s, pause_s=0.0,
+                              grace_s=ttl_s if flight.routed else unrouted_grace_s)
+        if returned:
+            time.sleep(_RESEND_INTERVAL_S)  # once for the window, not once a request
+
+    def _collect(self, pending: dict[str, _InFlight],
+                 on_answer: Callable[[int, dict[str, Any]], None]) -> bool:
+        """Hand over the answers that arrived; True if there were any."""
+        answered = [corr for corr in pending if self._replies[corr]]
+        for corr in answered:
+            flight = pending.pop(corr)
+            reply = self._replies[corr][0]
+            self.forget(corr)
+            if not reply.ok:
+                raise RemoteError(reply.error or f"{reply.node} failed without a reason",
+                                  error_type=reply.error_type, data=reply.data)
+            on_answer(flight.index, reply.data)
+        return bool(answered)
+
     def forget(self, corr: str) -> None:
         """Drop the bookkeeping of a finished request; late replies are then ignored."""
         self._replies.pop(corr, None)
@@ -165,6 +252,20 @@ class RpcClient:
             raise RemoteError(reply.error or f"{reply.node} failed without a reason",
                               error_type=reply.error_type, data=reply.data)
         return reply.data
+
+
+@dataclass
+class _InFlight:
+    """One request of ``RpcClient.call_window`` that is not answered yet."""
+
+    index: int
+    op: str
+    body: bytes
+    corr: str = ""
+    routed: bool = False
+
+    def __post_init__(self) -> None:
+        self.corr = self.corr or uuid.uuid4().hex
 
 
 def reply_to(channel: Any, request_message: amqp.Message, reply: Reply) -> None:

@@ -48,6 +48,8 @@ IMPORT_STALE_S = 24 * 3600.0
 #: How often arriving import parts look for stale ones: the search reads every staged part,
 #: so doing it for each of an import's parts would make staging quadratic in its size.
 IMPORT_SWEEP_EVERY_S = 600.0
+#: Refused imports remembered, so that their parts still in flight are not staged.
+REFUSED_IMPORTS_KEPT = 256
 #: How often a node not yet registered asks the master again.
 HELLO_EVERY_S = 3.0
 #: Bytes of export per interim reply of a streamed export (``_export``).
@@ -114,6 +116,9 @@ class ControlServer(ConsumerLoop):
         self._next_beacon = 0.0
         self._next_sweep = 0.0
         self._bound_master = False
+        #: Imports with a refused part, so that the parts the client had in flight behind it
+        #: are refused too rather than staged for nobody (``_import``).
+        self._refused_imports: dict[str, None] = {}
 
     def setup(self, channel: Any) -> None:
         """Declare the exclusive control queue and bind it by this node's role."""
@@ -349,12 +354,18 @@ class ControlServer(ConsumerLoop):
         if not (_count(parts) and _count(part, zero=True) and part < parts  # type: ignore[operator]
                 and isinstance(ops, list)):
             raise MessageError("import needs import_id, part (0-based) < parts, and a list ops")
+        if import_id in self._refused_imports:
+            raise MessageError(f"import {import_id[:12]}: an earlier part was refused; nothing "
+                               "of it is staged")
         try:
             with collector_paused():
                 parsed = parse_ops(ops)
                 text = encode_staged(parsed)
         except TasyncError:
             self.ctx.store.drop_staged(import_id=import_id)
+            self._refused_imports[import_id] = None
+            while len(self._refused_imports) > REFUSED_IMPORTS_KEPT:
+                del self._refused_imports[next(iter(self._refused_imports))]
             raise
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + IMPORT_SWEEP_EVERY_S

@@ -113,6 +113,21 @@ class MasterSession:
         self.answered = True
         return data
 
+    def call_window(self, rpc: RpcClient, op: str, args: Sequence[dict[str, Any]], *,
+                    window: int, on_answer: Callable[[int, dict[str, Any]], None]) -> None:
+        """Ask the master ``op`` once per ``args``, ``window`` at a time (``call``'s waits).
+
+        ``on_answer(i, data)`` is called as the answer to ``args[i]`` arrives, in any order.
+        """
+        def answered(index: int, data: dict[str, Any]) -> None:
+            self.answered = True
+            on_answer(index, data)
+
+        waits = self.resumed or self.answered
+        rpc.call_window(topology.MASTER, [(op, a) for a in args], window=window,
+                        timeout_s=self.remaining(), on_answer=answered, resend_s=RESEND_S,
+                        unrouted_grace_s=self.remaining() if waits else None)
+
 
 def target_key(node: str | None) -> str:
     """The routing key for ``--node N``, or the master when no node is named."""

@@ -222,6 +222,39 @@ def test_paused_import_across_a_master_failure_is_whole_or_nothing(
     assert_identical(network)
 
 
+def test_master_killed_with_parts_in_flight_commits_the_import_once_whole(
+        network: Network, tmp_path: Path) -> None:
+    """The CLI keeps several parts in flight; the master dies with some of them in its queue.
+
+    The CLI is not paused: the parts the dead master had taken but not staged are lost with
+    its queue, others are staged, some answers never come. The CLI sends what was not
+    answered again when the master is back; every part is staged once (a copy replaces
+    itself), so the commit finds exactly the file's operations, and commits it once.
+    """
+    start_trio(network)
+    path = write_import(tmp_path / "big.json", 30_000, prefix="win")
+    cli = subprocess.Popen([sys.executable, "-m", "tasync", "config", "import", str(path),
+                            "--json", "--timeout", "240"], env=network.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = network.nodes["a"]
+    wait_for(lambda: staged_parts(a.data_dir) >= 5, timeout_s=120, what="five staged parts",
+             interval_s=0.01)
+    a.kill()
+    held = staged_parts(a.data_dir)
+    network.start("a", role="master").wait_ready()
+    out, err = cli.communicate(timeout=300)
+    assert "Traceback" not in err, err
+    assert cli.returncode == 0, err
+    assert held < 31, "the import was fully staged before the kill: nothing was in flight"
+    assert json.loads(out)["ops"] == 30_001  # and the group
+    network.settle()
+    counts = {name: sum(1 for n in destinations(network, name) if n.startswith("win"))
+              for name in ("a", "b", "c")}
+    assert counts == {"a": 30_000, "b": 30_000, "c": 30_000}, counts
+    assert staged_parts(a.data_dir) == 0
+    assert_identical(network)
+
+
 # -- a hung master ---------------------------------------------------------------------------------
 
 

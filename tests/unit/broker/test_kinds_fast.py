@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -56,3 +57,27 @@ values = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) |
 @given(st.dictionaries(st.sampled_from(["url", "schedule", "subject", "other"]), values))
 def test_random_bodies_agree(body: dict[str, Any]) -> None:
     check(body)
+
+
+def verdict(body: Any) -> Any:
+    try:
+        return ("ok", kinds.load_body("destination", "d", body))
+    except InvalidObject as exc:
+        return ("refused", str(exc))
+
+
+texts = st.text(alphabet=st.sampled_from("ab:/\x00\x1f\x7f\x85\x9f\u00a0é"), max_size=6)
+plain_values = values | texts | st.sampled_from(["file:///x", "mailto:a@b", "file:///\x07"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["url", "schedule", "subject", "other", "u\x01"])
+                       | texts, plain_values | st.dictionaries(texts, plain_values, max_size=2)))
+def test_the_short_checks_give_the_full_walks_verdict(body: dict[str, Any]) -> None:
+    """``load_body``'s short ways (a flat plain body, a plain destination) decide as the walk.
+
+    Without ``_flat_and_plain`` every body takes ``check_plain``'s walk, then the schema.
+    """
+    with mock.patch.object(kinds, "_flat_and_plain", lambda _value: False):
+        walked = verdict(body)
+    assert verdict(body) == walked
