@@ -437,7 +437,8 @@ def plot(results: dict[str, Any], img_dir: Path, suffix: str) -> list[Path]:
     left.set_xticks(xs, [f"run {x}" for x in xs])
     left.set_ylabel("answered (ms)")
     left.set_title(f"{results['parameters']['sessions']} sessions: the console's answers")
-    left.legend(fontsize="small")
+    left.set_ylim(0, left.get_ylim()[1] * 1.6)  # room for the legend above the bars
+    left.legend(fontsize="x-small", loc="upper left")
     for i, (phase, label) in enumerate(PHASES):
         right.bar([x + (i - 1) * 0.27 for x in xs],
                   [r[phase]["delivery"]["latency_ms"]["p99"] for r in runs], 0.27,
@@ -445,7 +446,8 @@ def plot(results: dict[str, Any], img_dir: Path, suffix: str) -> list[Path]:
     right.set_xticks(xs, [f"run {x}" for x in xs])
     right.set_ylabel("alert created -> delivered, p99 (ms)")
     right.set_title(f"{results['parameters']['rate']} alerts/s offered: all delivered")
-    right.legend(fontsize="small")
+    right.set_ylim(0, right.get_ylim()[1] * 1.3)
+    right.legend(fontsize="x-small", loc="upper left")
     fig.tight_layout()
     path = img_dir / f"console{suffix}.png"
     fig.savefig(path, dpi=110)
