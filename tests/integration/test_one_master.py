@@ -189,7 +189,7 @@ def staged_parts(data_dir: Path) -> int:
         db.close()
 
 
-@pytest.mark.parametrize("what", ["restart", "promotion"])
+@pytest.mark.parametrize("what", ["restart", pytest.param("promotion", marks=pytest.mark.faults)])
 def test_paused_import_across_a_master_failure_is_whole_or_nothing(
         network: Network, tmp_path: Path, what: str) -> None:
     start_trio(network)
@@ -222,6 +222,7 @@ def test_paused_import_across_a_master_failure_is_whole_or_nothing(
     assert_identical(network)
 
 
+@pytest.mark.faults  # long: in the fault suite (-m faults)
 def test_master_killed_with_parts_in_flight_commits_the_import_once_whole(
         network: Network, tmp_path: Path) -> None:
     """The CLI keeps several parts in flight; the master dies with some of them in its queue.
@@ -258,6 +259,7 @@ def test_master_killed_with_parts_in_flight_commits_the_import_once_whole(
 # -- a hung master ---------------------------------------------------------------------------------
 
 
+@pytest.mark.faults  # long: in the fault suite (-m faults)
 def test_promote_while_the_master_hangs_then_it_resumes_as_backup(network: Network,
                                                                    tmp_path: Path) -> None:
     start_trio(network)
@@ -309,6 +311,7 @@ def hung_master_commit(network: Network, hang_s: float) -> None:
     assert masters(network) == ["a"]
 
 
+@pytest.mark.faults  # long: in the fault suite (-m faults)
 def test_config_set_against_a_hung_master_keeps_its_connection(network: Network) -> None:
     hung_master_commit(network, hang_s=25)
 

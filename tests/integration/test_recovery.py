@@ -361,6 +361,7 @@ def close_connections_of(broker_admin: BrokerAdmin, vhost: str, node: str) -> in
     return closed
 
 
+@pytest.mark.faults  # long: in the fault suite (-m faults)
 def test_a_hung_master_is_fenced_and_steps_down_when_it_wakes(
         network: Network, tmp_path: Path, broker_admin: BrokerAdmin, vhost: str) -> None:
     start_trio(network)
