@@ -68,6 +68,11 @@ class NetworkStatus:
         """The rows of nodes that answered."""
         return [r for r in self.rows if r.get("alive")]
 
+    def live_master(self) -> dict[str, Any] | None:
+        """The row of the master, if it answered."""
+        return next((r for r in self.rows if r.get("role") == "master" and r.get("alive")),
+                    None)
+
 
 def gather_status(rpc: RpcClient, *, timeout_s: float, max_lag: int = 0) -> NetworkStatus:
     """Every node's status, answering or not, with lag and sync state against the master.

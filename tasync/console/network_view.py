@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import amqp.exceptions
 
@@ -21,17 +22,40 @@ from tasync.broker.settings import Settings
 from tasync.client import rpc_client
 from tasync.health import NetworkStatus, ago, gather_status
 
+K = TypeVar("K")
+T = TypeVar("T")
 #: What makes one gathering fail without failing the page: it says why instead.
 _TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One gathering: the report (None when the broker could not be asked), why not, when."""
+    """One gathering: the report (None when the broker could not be asked), and why not."""
 
     report: NetworkStatus | None
     error: str | None
-    at: float
+
+
+class Recent(Generic[K, T]):
+    """One gathering per key for every page, made again once it is ``max_age_s`` old.
+
+    A page that asks while a gathering is under way waits for it (one lock), so ten open
+    browsers cost the network what one does. Call ``get`` from a worker thread: it blocks.
+    """
+
+    def __init__(self, gather: Callable[[K], T], *, max_age_s: float) -> None:
+        self._gather = gather
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._last: dict[K, tuple[float, T]] = {}
+
+    def get(self, key: K) -> T:
+        """The recent gathering for ``key``, made now if there is none young enough."""
+        with self._lock:
+            last = self._last.get(key)
+            if last is None or time.monotonic() - last[0] >= self.max_age_s:
+                last = self._last[key] = (time.monotonic(), self._gather(key))
+            return last[1]
 
 
 class StatusSource:
@@ -46,17 +70,12 @@ class StatusSource:
     def __init__(self, settings: Settings, *, timeout_s: float, max_age_s: float = 1.0) -> None:
         self.settings = settings
         self.timeout_s = timeout_s
-        self.max_age_s = max_age_s
-        self._lock = threading.Lock()
-        self._last: Snapshot | None = None
+        self._recent: Recent[None, Snapshot] = Recent(lambda _key: self._gather(),
+                                                      max_age_s=max_age_s)
 
     def get(self) -> Snapshot:
         """A recent snapshot; blocks while one is gathered (call it from a worker thread)."""
-        with self._lock:
-            last = self._last
-            if last is None or time.monotonic() - last.at >= self.max_age_s:
-                last = self._last = self._gather()
-            return last
+        return self._recent.get(None)
 
     def _gather(self) -> Snapshot:
         try:
@@ -64,11 +83,11 @@ class StatusSource:
                 report = gather_status(rpc, timeout_s=self.timeout_s)
         except amqp.exceptions.NotFound:
             return Snapshot(None, "the virtual host has no tasync topology (run tasync broker "
-                                  "setup)", time.monotonic())
+                                  "setup)")
         except _TROUBLE as exc:
             message = str(exc) if isinstance(exc, TasyncError) else describe(exc)
-            return Snapshot(None, message, time.monotonic())
-        return Snapshot(report, None, time.monotonic())
+            return Snapshot(None, message)
+        return Snapshot(report, None)
 
 
 def view_rows(report: NetworkStatus) -> list[dict[str, Any]]:
@@ -77,8 +96,7 @@ def view_rows(report: NetworkStatus) -> list[dict[str, Any]]:
     ``compare_with`` names the master when the row's checksum differs from the master's, so
     the page can link to the comparison of the two nodes' exports.
     """
-    master = next((r for r in report.rows if r.get("role") == "master" and r.get("alive")),
-                  None)
+    master = report.live_master()
     rows = []
     for r in report.rows:
         alive = bool(r.get("alive"))

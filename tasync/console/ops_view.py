@@ -29,8 +29,7 @@ def plan(report: NetworkStatus, node: str) -> dict[str, Any]:
     if row is None:
         return {"node": node, "can": False, "steps": [],
                 "warnings": [f"the network knows no node {node!r}"]}
-    master = next((r for r in report.rows if r.get("role") == "master" and r.get("alive")),
-                  None)
+    master = report.live_master()
     epochs = [int(r["epoch"]) for r in report.rows if isinstance(r.get("epoch"), int)]
     epoch = max(epochs, default=0) + 1
     if master is not None and master["node"] == node:

@@ -32,8 +32,7 @@ LISTED = 500
 
 def _rows(report: NetworkStatus) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     rows = {str(r["node"]): r for r in report.rows}
-    master = next((r for r in report.rows if r.get("role") == "master" and r.get("alive")),
-                  None)
+    master = report.live_master()
     return rows, master
 
 

@@ -14,7 +14,6 @@ geometry attributes and coloured by classes of the stylesheet).
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from tasync.broker.errors import TasyncError
 from tasync.broker.settings import Settings
 from tasync.cli_alerts import COUNTER_COLUMNS
 from tasync.client import rpc_client
+from tasync.console.network_view import Recent
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,11 @@ _TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
 
 @dataclass(frozen=True)
 class Gathering:
-    """One round of ``totals`` answers (or why there is none), and when it was made."""
+    """One round of ``totals`` answers (or why there is none)."""
 
     answers: list[dict[str, Any]]
     missing: list[str]
     error: str | None
-    at: float
 
 
 class TrafficSource:
@@ -73,17 +72,11 @@ class TrafficSource:
     def __init__(self, settings: Settings, *, timeout_s: float, max_age_s: float = 1.0) -> None:
         self.settings = settings
         self.timeout_s = timeout_s
-        self.max_age_s = max_age_s
-        self._lock = threading.Lock()
-        self._last: dict[str, Gathering] = {}
+        self._recent: Recent[Range, Gathering] = Recent(self._gather, max_age_s=max_age_s)
 
     def get(self, span: Range) -> Gathering:
         """A recent gathering for ``span``; blocks while one is made (call from a thread)."""
-        with self._lock:
-            last = self._last.get(span.key)
-            if last is None or time.monotonic() - last.at >= self.max_age_s:
-                last = self._last[span.key] = self._gather(span)
-            return last
+        return self._recent.get(span)
 
     def _gather(self, span: Range) -> Gathering:
         args = {"since": None,
@@ -94,9 +87,8 @@ class TrafficSource:
                 answers, missing = ask_all(rpc, "totals", args, timeout_s=self.timeout_s)
         except _TROUBLE as exc:
             message = str(exc) if isinstance(exc, TasyncError) else describe(exc)
-            return Gathering([], [], message, time.monotonic())
-        return Gathering(sorted(answers, key=lambda a: str(a.get("node"))), missing, None,
-                         time.monotonic())
+            return Gathering([], [], message)
+        return Gathering(sorted(answers, key=lambda a: str(a.get("node"))), missing, None)
 
 
 def view(gathering: Gathering) -> dict[str, Any]:

@@ -20,7 +20,7 @@ def test_the_view_keeps_the_columns_of_tasync_totals() -> None:
               "series": {"since": 0.0, "bucket_s": 60,
                          "counts": {c: [0, 2 if c == "delivered" else 0] for c in COUNTERS}}}
     old = {"node": "b", "sources": {}, "total": zeros}  # an older node: no series
-    shown = view(Gathering([answer, old], ["c"], None, 0.0))
+    shown = view(Gathering([answer, old], ["c"], None))
     a, b = shown["nodes"]
     assert shown["missing"] == ["c"]
     assert a["rows"][0]["source"] == "nms"
