@@ -21,6 +21,7 @@ from kombu import Connection
 
 from tasync.broker import topology
 from tasync.broker.errors import AccessDenied, BrokerUnreachable, ConfigError, TopologyMissing
+from tasync.broker.readahead import ReadAheadTransport
 from tasync.broker.settings import Settings
 
 log = logging.getLogger("tasync.broker")
@@ -75,14 +76,14 @@ def make_connection(settings: Settings, *, name: str = "tasync",
 
 
 def _transport(settings: Settings) -> Any:
-    """The transport for the URLs: None (kombu picks py-amqp's by the URL), or the in-process one.
+    """The transport for the URLs: py-amqp's, reading ahead, or the in-process one.
 
     Raises:
         ConfigError: ``memory://`` mixed with broker URLs; one network is in one place.
     """
     memory = [url.startswith("memory://") for url in settings.broker_urls]
     if not any(memory):
-        return None
+        return ReadAheadTransport
     if not all(memory):
         raise ConfigError("memory:// (the in-process broker) cannot be mixed with other "
                           "broker URLs")

@@ -18,8 +18,13 @@ from typing import Any
 import amqp
 from kombu import Connection
 
+from tasync.broker import frames
 from tasync.broker.connection import connection_user
 from tasync.broker.errors import PublishError
+
+#: Frames gathered before one write to the socket: a window of small alerts goes in a few
+#: writes, and the broker starts on the first of them while the rest are encoded.
+FLUSH_BYTES = 128 << 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +78,18 @@ def send(channel: Any, message: Outgoing, *, user_id: str | None) -> None:
                           routing_key=message.routing_key, mandatory=message.mandatory)
 
 
+def encode(channel: amqp.Channel, message: Outgoing, *, user_id: str | None) -> bytes:
+    """The frames ``send`` would write for ``message`` on ``channel`` (``tasync.broker.frames``)."""
+    props = frames.properties(
+        content_type="application/json", headers=message.headers,
+        delivery_mode=2 if message.persistent else 1, message_id=message.message_id,
+        user_id=message.user_id or user_id or None)
+    return frames.encode_publish(
+        channel=channel.channel_id, frame_max=channel.connection.frame_max,
+        exchange=message.exchange, routing_key=message.routing_key,
+        mandatory=message.mandatory, body=message.body, props=props)
+
+
 class Unroutable(PublishError):
     """A mandatory message reached no queue (for example: no node holds that role)."""
 
@@ -111,6 +128,9 @@ class ConfirmedPublisher:
         self._nacked = 0
         self._returned: list[str] = []
         self.user_id = connection_user(conn)
+        #: Encoded frames not yet written (only on a py-amqp channel; ``memory://`` has none).
+        self._out: list[bytes] | None = [] if isinstance(self.channel, amqp.Channel) else None
+        self._out_bytes = 0
 
     def _settle(self, tag: int, multiple: bool) -> None:
         self._settled += 1
@@ -189,6 +209,7 @@ class ConfirmedPublisher:
 
     def _await_confirms(self, on_confirmed: Callable[[int], None] | None) -> None:
         """Wait until at least one more confirm (or nack) arrived, at most ``timeout_s``."""
+        self._flush()
         before = self._settled
         deadline = time.monotonic() + self.timeout_s
         while self._settled == before:
@@ -197,11 +218,30 @@ class ConfirmedPublisher:
             on_confirmed(self.confirmed_in_order)
 
     def _send(self, message: Outgoing) -> None:
-        send(self.channel, message, user_id=self.user_id)
+        if self._out is None:
+            send(self.channel, message, user_id=self.user_id)
+        else:
+            data = encode(self.channel, message, user_id=self.user_id)
+            self._out.append(data)
+            self._out_bytes += len(data)
+            if self._out_bytes >= FLUSH_BYTES:
+                self._flush()
         self._pending[self._next_tag] = len(message.body)
         self._pending_bytes += len(message.body)
         self._sent.append(self._next_tag)
         self._next_tag += 1
+
+    def _flush(self) -> None:
+        """Write the gathered frames in one piece (the channel's connection must be open)."""
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        connection = self.channel.connection
+        if connection is None:
+            raise amqp.exceptions.RecoverableConnectionError("connection already closed")
+        connection.transport.write(data)
 
     def _drain(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()

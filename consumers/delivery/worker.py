@@ -54,6 +54,7 @@ from tasync.broker.errors import DeliveryAborted, MessageError
 from tasync.broker.events import Event
 from tasync.broker.protocol import ControlOp
 from tasync.broker.publisher import Outgoing
+from tasync.broker.readahead import buffered
 from tasync.broker.signing import SENDER_HEADER, SIGNATURE_HEADER
 from tasync.consumers.admission import Admission
 from tasync.consumers.context import NodeContext
@@ -319,7 +320,10 @@ class DeliveryConsumer(ConsumerLoop):
         ``drain_events`` can only wait on the AMQP socket; waiting on the wake-up pipe as well
         lets a finished delivery be acknowledged at once, which keeps the prefetch window moving.
         """
-        sock = self._conn().connection.transport.sock
+        conn = self._conn()
+        if buffered(conn):  # frames already read off the socket: select would not see them
+            return
+        sock = conn.connection.transport.sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
         readable, _, _ = select.select([sock, self._wake_r], [], [], timeout_s)
