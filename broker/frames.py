@@ -17,7 +17,7 @@ by py-amqp's own table writer.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from amqp.serialization import dumps
@@ -38,6 +38,10 @@ def _shortstr(value: str) -> bytes:
     if len(data) > 255:
         raise ValueError(f"a short string holds at most 255 bytes, not {len(data)}")
     return bytes((len(data),)) + data
+
+
+def _octet(value: int) -> bytes:
+    return bytes((value,))
 
 
 def _item(value: Any) -> bytes | None:
@@ -80,23 +84,16 @@ def properties(*, content_type: str | None, headers: Mapping[str, Any] | None,
     A property that is None is left out, flag and value; an empty string or table is sent
     empty, as py-amqp sends it.
     """
+    fields: tuple[tuple[int, Any, Callable[[Any], bytes]], ...] = (
+        (_CONTENT_TYPE, content_type, _shortstr), (_HEADERS, headers, table),
+        (_DELIVERY_MODE, delivery_mode, _octet), (_MESSAGE_ID, message_id, _shortstr),
+        (_USER_ID, user_id, _shortstr))
     flags = 0
     values: list[bytes] = []
-    if content_type is not None:
-        flags |= _CONTENT_TYPE
-        values.append(_shortstr(content_type))
-    if headers is not None:
-        flags |= _HEADERS
-        values.append(table(headers))
-    if delivery_mode is not None:
-        flags |= _DELIVERY_MODE
-        values.append(bytes((delivery_mode,)))
-    if message_id is not None:
-        flags |= _MESSAGE_ID
-        values.append(_shortstr(message_id))
-    if user_id is not None:
-        flags |= _USER_ID
-        values.append(_shortstr(user_id))
+    for flag, value, spell in fields:  # in the order AMQP lists the properties
+        if value is not None:
+            flags |= flag
+            values.append(spell(value))
     return struct.pack(">H", flags) + b"".join(values)
 
 

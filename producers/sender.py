@@ -71,6 +71,11 @@ NEW_LIST_GRACE_S = 1.0
 POLICY_TTL_S = 60.0
 #: How long the nodes of a list nobody consumes have to say that they run.
 LIVENESS_TIMEOUT_S = 1.0
+#: How long a sender keeps its verdict on a list nobody consumes (who runs, the warning)
+#: before asking the network again. Alerts to a list whose nodes are all down are queued
+#: durably; without this each of them would wait ``LIVENESS_TIMEOUT_S`` for nodes that do not
+#: answer, and an intake taking a stream of them would pass one a second.
+STRANDED_RECHECK_S = 5.0
 
 
 @dataclass
@@ -132,6 +137,8 @@ class AlertSender:
         self._policy: dict[str, Any] | None = None
         self._policy_at = -POLICY_TTL_S
         self._announced: set[str] = set()
+        #: Lists nobody consumed when last asked: precedence key -> (when, the warning).
+        self._stranded: dict[str, tuple[float, str | None]] = {}
 
     def close(self) -> None:
         """Close the connection."""
@@ -370,6 +377,16 @@ class AlertSender:
         Returns the consumers seen last and the warning to print (None once one consumes).
         """
         key = topology.precedence_key(hosts)
+        known = self._stranded.get(key)
+        if known is not None and time.monotonic() - known[0] < STRANDED_RECHECK_S:
+            return 0, known[1]
+        count, warning = self._judge_stranded(hosts, key)
+        if not count:
+            self._stranded[key] = (time.monotonic(), warning)
+        return count, warning
+
+    def _judge_stranded(self, hosts: tuple[str, ...], key: str) -> tuple[int, str | None]:
+        """``_nobody_consumes`` without its memory: announce the list, wait, ask who runs."""
         if key not in self._announced:
             self._announced.add(key)
             self._record_list(hosts)

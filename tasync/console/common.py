@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.errors import TasyncError
 from tasync.broker.settings import Settings
 from tasync.console.sessions import Session
 from tasync.console.users import User
@@ -70,6 +72,18 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 class NetworkTrouble(Exception):
     """The broker or the master could not be asked; the message says why, in one line."""
+
+
+#: What a page answers with a message instead of an error page: a refusal or a lost broker.
+TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
+
+
+def why(exc: BaseException) -> str:
+    """One line for a page about ``exc``, one of ``TROUBLE``.
+
+    A refusal speaks for itself; a broken connection is described without a traceback.
+    """
+    return str(exc) if isinstance(exc, TasyncError) else describe(exc)
 
 
 class Pages(Protocol):

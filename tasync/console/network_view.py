@@ -16,16 +16,13 @@ from typing import Any, Generic, TypeVar
 
 import amqp.exceptions
 
-from tasync.broker.connection import RECOVERABLE, describe
-from tasync.broker.errors import TasyncError
 from tasync.broker.settings import Settings
 from tasync.client import rpc_client
+from tasync.console.common import TROUBLE, why
 from tasync.health import NetworkStatus, ago, gather_status
 
 K = TypeVar("K")
 T = TypeVar("T")
-#: What makes one gathering fail without failing the page: it says why instead.
-_TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,8 @@ class StatusSource:
         except amqp.exceptions.NotFound:
             return Snapshot(None, "the virtual host has no tasync topology (run tasync broker "
                                   "setup)")
-        except _TROUBLE as exc:
-            message = str(exc) if isinstance(exc, TasyncError) else describe(exc)
-            return Snapshot(None, message)
+        except TROUBLE as exc:  # one gathering fails, not the page: it says why instead
+            return Snapshot(None, why(exc))
         return Snapshot(report, None)
 
 

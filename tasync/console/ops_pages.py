@@ -19,23 +19,14 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tasync.broker.connection import RECOVERABLE, describe
-from tasync.broker.errors import TasyncError
 from tasync.cli_replay import read_log
 from tasync.console import ops_view, repair_view
-from tasync.console.common import Auth, Pages, actor, base
+from tasync.console.common import TROUBLE, Auth, Pages, actor, base, why
 from tasync.console.network_view import StatusSource
 from tasync.console.repair_view import ALL_BACKUPS, ReplayWanted
 from tasync.health import NetworkStatus
 
 log = logging.getLogger("tasync.console")
-#: What makes an operation fail with a message for the page.
-_TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, TasyncError) else describe(exc)
-
 
 class OpsPages:
     """The ``/operations/...`` routes of one console."""
@@ -77,11 +68,11 @@ class OpsPages:
         try:
             result = await run_in_threadpool(ops_view.promote, self.console.settings, node,
                                              by=actor(auth))
-        except _TROUBLE as exc:
-            log.warning("console: %r could not promote %r: %s", auth.user.name, node, _why(exc))
+        except TROUBLE as exc:
+            log.warning("console: %r could not promote %r: %s", auth.user.name, node, why(exc))
             plan, _error = await self._plan(node, ops_view.plan)
             return self.console.page(request, "promote.html", 422, auth=auth, plan=plan,
-                                     error=f"not promoted: {_why(exc)}")
+                                     error=f"not promoted: {why(exc)}")
         log.warning("console: %r promoted %r (epoch %s)", auth.user.name, node,
                     result["epoch"])
         auth.session.flash.extend(ops_view.summary(result))
@@ -99,11 +90,11 @@ class OpsPages:
         try:
             result = await run_in_threadpool(repair_view.recover, self.console.settings, node,
                                              by=actor(auth))
-        except _TROUBLE as exc:
-            log.warning("console: %r could not recover %r: %s", auth.user.name, node, _why(exc))
+        except TROUBLE as exc:
+            log.warning("console: %r could not recover %r: %s", auth.user.name, node, why(exc))
             plan, _error = await self._plan(node, repair_view.recover_plan)
             return self.console.page(request, "recover.html", 422, auth=auth, plan=plan,
-                                     error=f"not recovered: {_why(exc)}")
+                                     error=f"not recovered: {why(exc)}")
         log.warning("console: %r recovered %r (identical: %s)", auth.user.name, node,
                     result["identical"])
         auth.session.flash.extend(result["lines"])
@@ -140,10 +131,10 @@ class OpsPages:
                                                            "target": wanted.target}, {}, 503)
         try:
             found = await run_in_threadpool(read_log, self.console.settings, wanted.since)
-        except _TROUBLE as exc:
+        except TROUBLE as exc:
             return await self._replay_form(
                 request, auth, {"since": wanted.since_text, "target": wanted.target},
-                {"since": f"cannot read the change log: {_why(exc)}"}, 503)
+                {"since": f"cannot read the change log: {why(exc)}"}, 503)
         plan = repair_view.replay_plan(snap.report, wanted, found)
         return self.console.page(request, "replay.html", status, auth=auth, plan=plan,
                                  wanted=wanted, all_backups=ALL_BACKUPS, error=error,
@@ -156,11 +147,11 @@ class OpsPages:
         try:
             result = await run_in_threadpool(repair_view.replay, self.console.settings, wanted,
                                              by=actor(auth))
-        except _TROUBLE as exc:
+        except TROUBLE as exc:
             log.warning("console: %r could not replay since %s into %r: %s", auth.user.name,
-                        wanted.since.describe(), wanted.target, _why(exc))
+                        wanted.since.describe(), wanted.target, why(exc))
             return await self._replay_confirm(request, auth, wanted,
-                                              f"not replayed: {_why(exc)}", 422)
+                                              f"not replayed: {why(exc)}", 422)
         log.warning("console: %r replayed since %s into %r", auth.user.name,
                     wanted.since.describe(), wanted.target)
         auth.session.flash.extend(result["lines"])

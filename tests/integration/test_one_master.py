@@ -308,6 +308,9 @@ def hung_master_commit(network: Network, hang_s: float) -> None:
     else:
         assert proc.returncode in (1, 3), err
         assert err.count("\n") <= 2, err
+    # Woken after its connections were closed, the master answers again once its control
+    # server has reconnected (a few seconds); what must hold is that it is then the only one.
+    wait_for(lambda: masters(network), timeout_s=60, what="a master answering again")
     assert masters(network) == ["a"]
 
 

@@ -40,7 +40,7 @@ from tasync.consumers.totals import (
     record_handled,
     stream_offset,
 )
-from tasync.producers.sender import AlertSender
+from tasync.producers.sender import STRANDED_RECHECK_S, AlertSender
 from tests.unit.fastpaths import MAX, agree, json_values
 
 
@@ -364,3 +364,24 @@ def test_the_sender_passes_what_the_network_accepts_and_warns_when_nobody_answer
     policy_sender(signed, None).check_policy([], signature="k2:" + "0" * 64)
     with pytest.raises(SendRefused, match="'k0'"):
         policy_sender(signed, None).check_policy([], signature="k0:" + "0" * 64)
+
+
+def test_the_sender_asks_who_runs_a_stranded_list_once_while_its_verdict_is_fresh(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sender = AlertSender(Settings(), name="t")
+    sender._announced.add("a.b")  # the list was announced by an earlier send
+    asked: list[tuple[str, ...]] = []
+
+    def running(hosts: tuple[str, ...]) -> list[str]:
+        asked.append(hosts)
+        return []
+
+    now = [1000.0]
+    monkeypatch.setattr(sender, "_running", running)
+    monkeypatch.setattr("tasync.producers.sender.time.monotonic", lambda: now[0])
+    verdicts = [sender._nobody_consumes(("a", "b")) for _ in range(50)]
+    assert asked == [("a", "b")]  # one question for fifty alerts, not a second each
+    assert all(v == (0, verdicts[0][1]) and "no server of a b" in str(v[1]) for v in verdicts)
+    now[0] += STRANDED_RECHECK_S
+    sender._nobody_consumes(("a", "b"))
+    assert len(asked) == 2  # stale: asked again, so a node that started is seen
