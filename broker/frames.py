@@ -76,21 +76,29 @@ def table(headers: Mapping[str, Any]) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-def properties(*, content_type: str | None, headers: Mapping[str, Any] | None,
-               delivery_mode: int | None, message_id: str | None,
-               user_id: str | None) -> bytes:
-    """The property flags and list of a content header, for the properties tasync sets.
+#: The properties tasync sets, by py-amqp's names, with their flags and spellings, in the
+#: order AMQP lists them (flags and values are written in that order).
+_PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes]], ...] = (
+    ("content_type", _CONTENT_TYPE, _shortstr), ("application_headers", _HEADERS, table),
+    ("delivery_mode", _DELIVERY_MODE, _octet), ("message_id", _MESSAGE_ID, _shortstr),
+    ("user_id", _USER_ID, _shortstr))
+_KNOWN = frozenset(name for name, _, _ in _PROPERTIES)
 
-    A property that is None is left out, flag and value; an empty string or table is sent
+
+def properties(props: Mapping[str, Any]) -> bytes:
+    """The property flags and list of a content header, from the properties ``amqp.Message`` takes.
+
+    Only the properties tasync sets are spelled here (``ValueError`` for another). A property
+    that is missing or None is left out, flag and value; an empty string or table is sent
     empty, as py-amqp sends it.
     """
-    fields: tuple[tuple[int, Any, Callable[[Any], bytes]], ...] = (
-        (_CONTENT_TYPE, content_type, _shortstr), (_HEADERS, headers, table),
-        (_DELIVERY_MODE, delivery_mode, _octet), (_MESSAGE_ID, message_id, _shortstr),
-        (_USER_ID, user_id, _shortstr))
+    unknown = props.keys() - _KNOWN
+    if unknown:
+        raise ValueError(f"no bulk spelling for the properties {sorted(unknown)}")
     flags = 0
     values: list[bytes] = []
-    for flag, value, spell in fields:  # in the order AMQP lists the properties
+    for name, flag, spell in _PROPERTIES:
+        value = props.get(name)
         if value is not None:
             flags |= flag
             values.append(spell(value))

@@ -59,11 +59,10 @@ def confirm_channel(conn: Any, *, on_ack: Callable[[int, bool], None],
     return channel
 
 
-def send(channel: Any, message: Outgoing, *, user_id: str | None) -> None:
-    """``basic.publish`` of ``message`` on ``channel``, as JSON, with the broker-checked user.
+def _properties(message: Outgoing, user_id: str | None) -> dict[str, Any]:
+    """What every tasync message carries: JSON, its id and headers, the broker-checked user.
 
-    ``user_id`` is the connection's user (``message.user_id`` wins when set); the confirm, if
-    the channel is in confirm mode, is the caller's to wait for.
+    ``user_id`` is the connection's user; ``message.user_id`` wins when set.
     """
     props: dict[str, Any] = {
         "content_type": "application/json",
@@ -74,20 +73,26 @@ def send(channel: Any, message: Outgoing, *, user_id: str | None) -> None:
     user = message.user_id or user_id
     if user:
         props["user_id"] = user
-    channel.basic_publish(amqp.Message(message.body, **props), exchange=message.exchange,
-                          routing_key=message.routing_key, mandatory=message.mandatory)
+    return props
+
+
+def send(channel: Any, message: Outgoing, *, user_id: str | None) -> None:
+    """``basic.publish`` of ``message`` on ``channel``, through the channel's own client.
+
+    The confirm, if the channel is in confirm mode, is the caller's to wait for.
+    """
+    channel.basic_publish(amqp.Message(message.body, **_properties(message, user_id)),
+                          exchange=message.exchange, routing_key=message.routing_key,
+                          mandatory=message.mandatory)
 
 
 def encode(channel: amqp.Channel, message: Outgoing, *, user_id: str | None) -> bytes:
     """The frames ``send`` would write for ``message`` on ``channel`` (``tasync.broker.frames``)."""
-    props = frames.properties(
-        content_type="application/json", headers=message.headers,
-        delivery_mode=2 if message.persistent else 1, message_id=message.message_id,
-        user_id=message.user_id or user_id or None)
     return frames.encode_publish(
         channel=channel.channel_id, frame_max=channel.connection.frame_max,
         exchange=message.exchange, routing_key=message.routing_key,
-        mandatory=message.mandatory, body=message.body, props=props)
+        mandatory=message.mandatory, body=message.body,
+        props=frames.properties(_properties(message, user_id)))
 
 
 class Unroutable(PublishError):

@@ -49,10 +49,7 @@ def amqp_frames(*, channel: int, exchange: str, routing_key: str, mandatory: boo
 
 def ours(*, channel: int, exchange: str, routing_key: str, mandatory: bool, body: bytes,
          props: dict[str, Any]) -> bytes:
-    encoded = frames.properties(
-        content_type=props.get("content_type"), headers=props.get("application_headers"),
-        delivery_mode=props.get("delivery_mode"), message_id=props.get("message_id"),
-        user_id=props.get("user_id"))
+    encoded = frames.properties(props)
     return frames.encode_publish(channel=channel, frame_max=FRAME_MAX, exchange=exchange,
                                  routing_key=routing_key, mandatory=mandatory, body=body,
                                  props=encoded)
@@ -97,6 +94,11 @@ def test_edge_header_values_are_spelled_the_same(value: Any) -> None:
                "props": {"content_type": "application/json", "delivery_mode": 2,
                          "application_headers": {"k": value}}}
     assert ours(**message) == amqp_frames(**message)
+
+
+def test_a_property_it_does_not_spell_is_refused_rather_than_dropped() -> None:
+    with pytest.raises(ValueError, match="reply_to"):
+        frames.properties({"content_type": "application/json", "reply_to": "q"})
 
 
 def test_a_name_longer_than_a_short_string_is_refused() -> None:
