@@ -189,17 +189,24 @@ def staged_parts(data_dir: Path) -> int:
         db.close()
 
 
-@pytest.mark.parametrize("what", ["restart", pytest.param("promotion", marks=pytest.mark.faults)])
-def test_paused_import_across_a_master_failure_is_whole_or_nothing(
-        network: Network, tmp_path: Path, what: str) -> None:
+def import_under_way(network: Network, tmp_path: Path, count: int, *,
+                     prefix: str) -> subprocess.Popen[str]:
+    """A trio and a running ``tasync config import`` of ``count`` objects, five parts staged."""
     start_trio(network)
-    path = write_import(tmp_path / "big.json", 20_000, prefix="imp")
+    path = write_import(tmp_path / "big.json", count, prefix=prefix)
     cli = subprocess.Popen([sys.executable, "-m", "tasync", "config", "import", str(path),
                             "--json", "--timeout", "240"], env=network.env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: staged_parts(network.nodes["a"].data_dir) >= 5, timeout_s=120,
+             what="five staged parts", interval_s=0.01)
+    return cli
+
+
+@pytest.mark.parametrize("what", ["restart", pytest.param("promotion", marks=pytest.mark.faults)])
+def test_paused_import_across_a_master_failure_is_whole_or_nothing(
+        network: Network, tmp_path: Path, what: str) -> None:
+    cli = import_under_way(network, tmp_path, 20_000, prefix="imp")
     a = network.nodes["a"]
-    wait_for(lambda: staged_parts(a.data_dir) >= 5, timeout_s=120, what="five staged parts",
-             interval_s=0.01)
     cli.send_signal(signal.SIGSTOP)
     a.kill()
     if what == "restart":
@@ -232,14 +239,8 @@ def test_master_killed_with_parts_in_flight_commits_the_import_once_whole(
     answered again when the master is back; every part is staged once (a copy replaces
     itself), so the commit finds exactly the file's operations, and commits it once.
     """
-    start_trio(network)
-    path = write_import(tmp_path / "big.json", 30_000, prefix="win")
-    cli = subprocess.Popen([sys.executable, "-m", "tasync", "config", "import", str(path),
-                            "--json", "--timeout", "240"], env=network.env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = import_under_way(network, tmp_path, 30_000, prefix="win")
     a = network.nodes["a"]
-    wait_for(lambda: staged_parts(a.data_dir) >= 5, timeout_s=120, what="five staged parts",
-             interval_s=0.01)
     a.kill()
     held = staged_parts(a.data_dir)
     network.start("a", role="master").wait_ready()

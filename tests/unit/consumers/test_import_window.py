@@ -22,8 +22,9 @@ from tasync.broker.protocol import Role
 from tasync.broker.rpc import RpcClient
 from tasync.broker.settings import Settings
 from tasync.client import MasterSession
+from tasync.consumers.context import NodeContext
 from tests.unit.consumers.conftest import MakeContext
-from tests.unit.consumers.test_control_seam import serve
+from tests.unit.consumers.test_control_seam import StoreCommitter, serve
 
 PARTS = 23  # not a multiple of the window, so the last window is a partial one
 
@@ -81,17 +82,24 @@ def ops(count: int) -> list[dict[str, Any]]:
              "body": {"url": f"file:///tmp/w/{i}"}} for i in range(count)]
 
 
+def import_master(make_context: MakeContext, run: Callable[[ConsumerLoop], ConsumerLoop],
+                  settings: Settings, monkeypatch: pytest.MonkeyPatch
+                  ) -> tuple[NodeContext, StoreCommitter, MasterSession]:
+    """A master serving control requests, imports cut in parts of 10, and a CLI session."""
+    monkeypatch.setattr(cli_config, "IMPORT_PART", 10)
+    ctx = make_context("a", role=Role.MASTER)
+    _server, committer, _ = serve(ctx, run, master=True)
+    return ctx, committer, MasterSession(settings, timeout_s=60)
+
+
 def test_lost_and_repeated_parts_stage_once_and_commit_whole(
         make_context: MakeContext, run: Callable[[ConsumerLoop], ConsumerLoop],
         memory_settings: Settings, lossy: Callable[..., LossyClient],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_config, "IMPORT_PART", 10)
-    ctx = make_context("a", role=Role.MASTER)
-    _server, committer, _ = serve(ctx, run, master=True)
+    ctx, committer, session = import_master(make_context, run, memory_settings, monkeypatch)
     rpc = lossy(lose={2, 9, PARTS - 1}, twice={0, 5, 16})
     sent = ops(PARTS * 10 - 4)
     shown: list[int] = []
-    session = MasterSession(memory_settings, timeout_s=60)
     job = cli_config._Import(session, sent, shown.append)
     result = job.step(rpc, False)
     cli_config.check_import(result, sent)
@@ -110,12 +118,9 @@ def test_a_refused_part_fails_the_import_and_commits_nothing(
         make_context: MakeContext, run: Callable[[ConsumerLoop], ConsumerLoop],
         memory_settings: Settings, lossy: Callable[..., LossyClient],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_config, "IMPORT_PART", 10)
-    ctx = make_context("a", role=Role.MASTER)
-    _server, committer, _ = serve(ctx, run, master=True)
+    ctx, committer, session = import_master(make_context, run, memory_settings, monkeypatch)
     sent = ops(200)
     sent[125]["body"] = {"url": "no scheme"}  # the CLI checks first; this stands for an older one
-    session = MasterSession(memory_settings, timeout_s=60)
     job = cli_config._Import(session, sent, lambda _n: None)
     rpc = lossy(lose=set(), twice=set())
     with pytest.raises(RemoteError, match="w-00125"):
