@@ -18,6 +18,7 @@ change lost to a power cut is a gap, refilled from the change log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -187,6 +188,9 @@ class NodeStore:
             self._db.close()
             raise StoreDamaged(self.path, str(exc).splitlines()[0][:200]) from None
         self.lock = threading.RLock()
+        #: The outbox's own connection (``outbox_rows``), opened when first needed.
+        self._outbox_db: sqlite3.Connection | None = None
+        self._outbox_lock = threading.Lock()
         #: The eras as last parsed, with the stored text they came from (``history``).
         self._history: tuple[str | None, EpochHistory] = (None, EpochHistory())
         #: Per kind, how often this object wrote objects of it; ``""``: every kind (a snapshot).
@@ -223,8 +227,10 @@ class NodeStore:
 
     def close(self) -> None:
         """Close the database file."""
-        with self.lock:
+        with self.lock, self._outbox_lock:
             self._db.close()
+            if self._outbox_db is not None:
+                self._outbox_db.close()
 
     # -- meta ---------------------------------------------------------------------------------
 
@@ -393,11 +399,13 @@ class NodeStore:
         return None if row is None else CommittedRequest(*row)
 
     def requests_ending_in(self, first_seq: int, last_seq: int) -> list[CommittedRequest]:
-        """Requests whose last change lies in ``first_seq..last_seq`` (an outbox being sent)."""
-        with self.lock:
-            rows = self._db.execute("SELECT id, first_seq, last_seq, epoch FROM requests "
-                                    "WHERE last_seq BETWEEN ? AND ?",
-                                    (first_seq, last_seq)).fetchall()
+        """Requests whose last change lies in ``first_seq..last_seq`` (an outbox being sent).
+
+        Read like ``outbox_rows``, without the store's lock.
+        """
+        with self._outbox_reader() as db:
+            rows = db.execute("SELECT id, first_seq, last_seq, epoch FROM requests "
+                              "WHERE last_seq BETWEEN ? AND ?", (first_seq, last_seq)).fetchall()
         return [CommittedRequest(*row) for row in rows]
 
     # -- staged imports -----------------------------------------------------------------------
@@ -504,11 +512,24 @@ class NodeStore:
 
         ``(seq, epoch, ts, origin, op, kind, name, body)``: what the relay publishes, without
         decoding and encoding every body again.
+
+        Read on a connection of the outbox's own, without the store's lock: the relay reads
+        the outbox while it publishes, holding the master's seat, and a thread committing
+        holds the store's lock while it checks the seat. Each read sees the committed state
+        as of its start (WAL), and committed rows are not rewritten while they wait.
         """
-        with self.lock:
-            return self._db.execute(
-                "SELECT seq, epoch, ts, origin, op, kind, name, body FROM changes "
-                "WHERE seq>? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        with self._outbox_reader() as db:
+            return db.execute("SELECT seq, epoch, ts, origin, op, kind, name, body FROM changes "
+                              "WHERE seq>? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+
+    @contextlib.contextmanager
+    def _outbox_reader(self) -> Iterator[sqlite3.Connection]:
+        """The outbox's connection (``outbox_rows``), for one read at a time."""
+        with self._outbox_lock:
+            if self._outbox_db is None:
+                self._outbox_db = sqlite3.connect(self.path, check_same_thread=False,
+                                                  isolation_level=None)
+            yield self._outbox_db
 
     def changes_between(self, after_seq: int, up_to_seq: int | None = None) -> list[Change]:
         """Changes with ``after_seq < seq <= up_to_seq`` from the local history."""

@@ -319,26 +319,34 @@ class ChangeRelay:
     def _publish_pass(self, after: int, top: int) -> int:
         """Publish up to ``PASS_BYTES`` of the outbox after seq ``after``; returns the count.
 
-        The pass is read and encoded before it is published, and marked after: the seat's
-        lock is held while publishing, and a thread holding the store's lock may wait for the
-        seat's (``submit`` checks the seat inside it), so nothing here takes the store's lock
-        while holding the seat's.
+        Messages are read and encoded as they are published (``_encoded``), so the first goes
+        out as soon as it is encoded, not after the whole pass: the backups start applying
+        while the rest is read. The mark moves after the pass, over what the broker confirmed
+        in order. The seat's lock is held while publishing, and a thread holding the store's
+        lock may wait for the seat's (``submit`` checks the seat inside it), so reading the
+        outbox does not take the store's lock (``NodeStore.outbox_rows``), and the mark is
+        moved after the seat's lock is released.
         """
-        ends: list[int] = []  # last seq of every message, in order
-        out: list[Outgoing] = []
-        with collector_paused(top - after >= BULK_OPS):
-            self._read_pass(after, top, ends, out)
+        ends: list[int] = []  # last seq of every message encoded, in order
+        out: Iterable[Outgoing] = self._encoded(after, top, ends)
+        bulk = top - after >= BULK_OPS
         failpoint = self.faults.name
-        cut = failpoint in ("publish-timeout", "exit-mid-publish") and not self._failed \
-            and len(out) > 1
-        if cut:
-            self._failed = True
-            out = out[:len(out) // 2]
+        cut = failpoint in ("publish-timeout", "exit-mid-publish") and not self._failed
+        if cut:  # the fault needs the pass's length: read it whole first
+            with collector_paused(bulk):
+                listed = list(out)
+            cut = len(listed) > 1
+            if cut:
+                self._failed = True
+                listed = listed[:len(listed) // 2]
+                del ends[len(listed):]
+            out = listed
         confirmed = [0]  # messages confirmed in order; set with the seat's lock held
         try:
-            self.seat.publish(out, window_bytes=self.window_bytes,
-                              on_confirmed=lambda n: confirmed.__setitem__(0, n))
-            confirmed[0] = len(out)
+            with collector_paused(bulk):
+                self.seat.publish(out, window_bytes=self.window_bytes,
+                                  on_confirmed=lambda n: confirmed.__setitem__(0, n))
+            confirmed[0] = len(ends)
         finally:
             if confirmed[0]:
                 self.store.mark_published(ends[confirmed[0] - 1])
@@ -351,13 +359,16 @@ class ChangeRelay:
             self.progress({"stage": "publishing", "done": ends[-1], "total": top})
         return ends[confirmed[0] - 1] - after if confirmed[0] else 0
 
-    def _read_pass(self, after: int, top: int, ends: list[int], out: list[Outgoing]) -> None:
-        """Read and encode up to ``PASS_BYTES`` of the outbox after ``after`` into ``out``."""
+    def _encoded(self, after: int, top: int, ends: list[int]) -> Iterator[Outgoing]:
+        """Read and encode up to ``PASS_BYTES`` of the outbox after ``after``, lazily.
+
+        Appends each message's last seq to ``ends`` as it yields the message.
+        """
         size, cursor = 0, after
         while cursor < top and size < PASS_BYTES:
             rows = self.store.outbox_rows(cursor, min(OUTBOX_PAGE, top - cursor))
             if not rows:
-                break
+                return
             reqs: dict[int, list[tuple[str, int]]] = {}
             for r in self.store.requests_ending_in(rows[0][0], rows[-1][0]):
                 reqs.setdefault(r.last_seq, []).append((r.request_id, r.first_seq))
@@ -366,8 +377,8 @@ class ChangeRelay:
                 ends.append(batch.last_seq)
                 size += len(batch.body)
                 self._remember(batch)
-                out.append(_signed(batch.body, batch_headers(
-                    batch.first_seq, batch.last_seq, batch.epoch, batch.origin), self.keyring))
+                yield _signed(batch.body, batch_headers(
+                    batch.first_seq, batch.last_seq, batch.epoch, batch.origin), self.keyring)
             cursor = rows[-1][0]
 
     def publish_through(self, seq: int) -> None:

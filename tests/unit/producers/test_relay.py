@@ -1,6 +1,7 @@
 """Batching and signing of the master's changes (producers/relay.py: chunk, batch_messages)."""
 
 import itertools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -283,4 +284,88 @@ def test_batches_of_another_origin_are_never_remembered_as_own(tmp_path: Path) -
     (message,) = seat.sent
     assert message.headers["origin"] == "elsewhere"
     assert not relay.own_batch(message.body, epoch=3, last_seq=2)
+    store.close()
+
+
+# -- a pass publishes as it reads, without the store's lock ---------------------------------------
+
+
+class LazySeat:
+    """A seat that takes each message as it is produced, noting how far the outbox was read.
+
+    ``during`` runs once before the first message is taken (with the seat's lock held, in the
+    real seat), e.g. to have another thread take the store's lock meanwhile.
+    """
+
+    def __init__(self, store: NodeStore, during: Any = None) -> None:
+        self.store = store
+        self.during = during
+        self.reads_seen: list[int] = []
+        self.published = threading.Event()
+        self.held = True
+        self.reads = 0
+        original = store.outbox_rows
+
+        def counting(after_seq: int, limit: int) -> list[tuple[Any, ...]]:
+            self.reads += 1
+            return original(after_seq, limit)
+
+        store.outbox_rows = counting  # type: ignore[method-assign]
+
+    def publish(self, out: Any, *, window_bytes: int | None = None,
+                on_confirmed: Any = None) -> int:
+        if self.during is not None:
+            self.during()
+        count = 0
+        for _message in out:
+            self.reads_seen.append(self.reads)
+            count += 1
+        self.published.set()
+        return count
+
+
+def test_a_pass_publishes_its_first_message_before_reading_the_rest(tmp_path: Path) -> None:
+    store = NodeStore(tmp_path, durable=False)
+    store.commit(changes(12_000))
+    seat = LazySeat(store)
+    relay = ChangeRelay(store, node="master", seat=seat,  # type: ignore[arg-type]
+                        batch_max_changes=1000)
+    relay.publish_outbox()
+    assert store.published_seq == 12_000
+    # Three pages of the outbox (5,000 rows each); each message went out once its page was
+    # read, so the backups start applying while the master is still reading.
+    assert seat.reads_seen == [1] * 5 + [2] * 5 + [3] * 2
+    store.close()
+
+
+def test_a_pass_reads_the_outbox_while_a_commit_holds_the_store(tmp_path: Path) -> None:
+    """A committing thread holds the store's lock while it waits for the seat's lock, which a
+    publishing pass holds: the pass must read the outbox without the store's lock, or the two
+    wait for each other forever."""
+    store = NodeStore(tmp_path, durable=False)
+    store.commit(changes(3000))
+    holding, release = threading.Event(), threading.Event()
+
+    def committer() -> None:
+        with store.lock:  # as ``submit`` does around its seat check
+            holding.set()
+            release.wait(30)
+
+    def start_committer() -> None:
+        threading.Thread(target=committer, daemon=True).start()
+        assert holding.wait(10)
+
+    seat = LazySeat(store, during=start_committer)
+    relay = ChangeRelay(store, node="master", seat=seat,  # type: ignore[arg-type]
+                        batch_max_changes=1000)
+    publisher = threading.Thread(target=relay._publish_pass, args=(0, 3000), daemon=True)
+    publisher.start()
+    # The publishing (the seat's part) ends while the store is held; moving the mark waits
+    # for the store, as it must, until the committer lets go.
+    published = seat.published.wait(10)
+    release.set()
+    publisher.join(10)
+    assert published, "the pass waited for the store's lock while publishing"
+    assert seat.reads_seen == [1, 1, 1]
+    assert store.published_seq == 3000
     store.close()
