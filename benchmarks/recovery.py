@@ -225,7 +225,7 @@ TARGETS = {"catch_up_s": 10.0, "ratio_to_raw": 0.3, "snapshot_ready_s": 10.0}
 
 
 def verdicts(summary: dict[str, float], count: int) -> list[dict[str, Any]]:
-    """Each issue-5 target with the median measured and whether it is met."""
+    """Each target with the median measured and whether it is met."""
     rows = [(f"catch-up of {count:,} changes, node start -> caught up (s)", "catch_up_s", "<="),
             ("catch-up rate / raw stream read rate, same run", "ratio_to_raw", ">="),
             (f"snapshot bootstrap of {count:,} objects, node start -> ready (s)",

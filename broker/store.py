@@ -11,9 +11,13 @@ The configuration's checksum and object count are kept in the store and updated 
 transaction as every change, replay and snapshot install (``checksum``), so asking for them
 costs a read, whatever the configuration's size.
 
-The master runs with ``synchronous=FULL`` because its outbox is the only copy of a change until
-the broker confirms it; backups use ``NORMAL`` (safe against a killed process in WAL mode): a
-change lost to a power cut is a gap, refilled from the change log.
+A node runs with ``synchronous=FULL``: a master because its outbox is the only copy of a change
+until the broker confirms it, and a backup because it may be promoted, when its store becomes
+the outbox. ``NORMAL`` on backups (safe against a killed process in WAL mode; a change lost to a
+power cut would be a gap refilled from the change log) was measured and not taken: with three
+backups it moved commit -> applied from 4.27 to 3.4 ms at the median and from 6.72 to 6.59 ms
+at the 99th percentile, and a 100,000-object import by less than the runs' spread. Commands
+that only read a node's store (``--data-dir``) open it with ``NORMAL``.
 """
 
 from __future__ import annotations
