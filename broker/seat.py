@@ -63,6 +63,9 @@ class MasterSeat:
         self._lock = threading.RLock()
         self._conn: Connection | None = None
         self._publisher: ConfirmedPublisher | None = None
+        #: The channel ``check`` asks on, kept open: opening and closing one per check were two
+        #: more round trips, and the master checks before every request it answers as master.
+        self._check_channel: Any = None
         self._held = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,6 +102,7 @@ class MasterSeat:
                 close_quietly(conn)
                 raise
             self._conn = conn
+            self._check_channel = channel
             self._publisher = ConfirmedPublisher(conn, timeout_s=self.settings.confirm_timeout_s)
             self.lost_reason = ""
             self._held.set()
@@ -127,6 +131,7 @@ class MasterSeat:
         if reason != "released":
             self.lost_reason = reason
         conn, self._conn, self._publisher = self._conn, None, None
+        self._check_channel = None
         close_quietly(conn)
 
     # -- using it ---------------------------------------------------------------------------
@@ -143,12 +148,9 @@ class MasterSeat:
         with self._lock:
             conn = self._require()
             try:
-                channel = conn.channel()
-                try:
-                    channel.queue_declare(topology.MASTER_SEAT, passive=True)
-                finally:
-                    with contextlib.suppress(*RECOVERABLE):
-                        channel.close()
+                if self._check_channel is None:
+                    self._check_channel = conn.channel()
+                self._check_channel.queue_declare(topology.MASTER_SEAT, passive=True)
             except (*RECOVERABLE, amqp.exceptions.AMQPError) as exc:
                 self._drop(f"the broker no longer holds it for this node ({describe(exc)})")
                 raise SeatLost(self.lost_reason) from None

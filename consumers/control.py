@@ -162,13 +162,16 @@ class ControlServer(ConsumerLoop):
                          expiration=str(int(BEACON_EVERY_S * 5000))),
             exchange=topology.CONTROL_EXCHANGE, routing_key=topology.ALL)
 
-    def _follow_role(self) -> None:
+    def _follow_role(self, *, seat_checked: bool = False) -> None:
         """Bind ``master`` while this node is the master with the seat, else unbind it.
 
         A master whose seat was lost takes it back or steps down here (``keep_seat``), within
-        ``poll_s`` of noticing, before it binds or answers anything.
+        ``poll_s`` of noticing, before it binds or answers anything. ``seat_checked``: the
+        request just answered was a master's request, so ``keep_seat`` asked the broker moments
+        ago; asking again after every part of an import was a second round trip per part, and
+        the next master's request is checked again before it is answered.
         """
-        master = self.ctx.is_master and self.keep_seat()
+        master = self.ctx.is_master and (seat_checked or self.keep_seat())
         if master == self._bound_master:
             return
         queue = topology.control_queue(self.ctx.node)
@@ -229,7 +232,7 @@ class ControlServer(ConsumerLoop):
             reply = self._dispatch(request)
         reply_to(self.channel, message, reply)
         self.channel.basic_ack(message.delivery_tag)
-        self._follow_role()
+        self._follow_role(seat_checked=reply.ok and _op(request.op) in MASTER_OPS)
 
     def _dispatch(self, request: Request) -> Reply:
         op = _op(request.op)

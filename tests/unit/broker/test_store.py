@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tasync.broker.epochs import EpochHistory, Era
 from tasync.broker.errors import GapError
@@ -276,6 +278,29 @@ def full_checksum(state: dict[str, dict[str, Any]]) -> str:
 def test_canonical_is_sorted_and_compact() -> None:
     text = canonical({"b": 1, "a": [1, {"d": None, "c": "é"}]})
     assert text == '{"a":[1,{"c":"é","d":null}],"b":1}'
+
+
+#: Every value a body can hold: no floats (no kind's schema admits one). Text of every plane,
+#: control characters and quotes included; integers beyond 64 bits.
+BODY_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=30)
+
+
+@given(st.dictionaries(st.text(), BODY_VALUES, max_size=8))
+@settings(max_examples=500, deadline=None)
+def test_canonical_is_the_json_spelling_stores_already_hold(body: dict[str, Any]) -> None:
+    """Stores written before msgspec spelled bodies hold ``json.dumps``'s bytes: the kept
+    checksum and every node's export depend on the two being equal."""
+    legacy = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert canonical(body) == legacy
+
+
+def test_canonical_spells_what_msgspec_cannot_as_json_does() -> None:
+    lone = {"a": "\ud800"}  # only a JSON escape can make one; msgspec refuses to write it
+    assert canonical(lone) == json.dumps(lone, sort_keys=True, separators=(",", ":"),
+                                         ensure_ascii=False)
 
 
 # -- snapshot ---------------------------------------------------------------------------------
