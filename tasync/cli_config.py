@@ -32,7 +32,6 @@ from tasync.broker.settings import Settings
 from tasync.broker.store import NodeStore
 from tasync.client import MasterSession, rpc_client, target_key
 from tasync.config_files import load_import_file, objects_to_ops
-from tasync.health import ago, gather_status
 from tasync.known_nodes import check_known
 from tasync.options import (
     json_option,
@@ -153,6 +152,8 @@ def _wait_applied(rpc: Any, seq: int, *, timeout_s: float, strict: bool) -> None
     its sync queue when it returns. It is named on stderr, or, with ``strict``, the command
     fails (exit 1) so that a script knows not every backup has the change yet.
     """
+    from tasync.health import ago, gather_status  # only ``--wait`` asks every node
+
     deadline = time.monotonic() + timeout_s
     while True:
         report = gather_status(rpc, timeout_s=1.0)
