@@ -33,6 +33,7 @@ from tasync.broker.alerts import Alert
 from tasync.broker.connection import close_quietly, connect
 from tasync.broker.rpc import RpcClient
 from tasync.broker.settings import Settings
+from tasync.client import RESEND_S
 from tasync.producers.sender import AlertSender
 from tests.faults.cluster_net import ROUTED, SOURCES, ClusterNetwork, destination, list_args
 
@@ -139,7 +140,11 @@ class ChangeLoad(PacedLoad):
             self._rpc = RpcClient(conn, sender=f"change-load@{uuid.uuid4().hex[:6]}")
         body = kinds.load_body("destination", name, {"url": self.url, "subject": subject})
         op = {"op": "set", "kind": "destination", "name": name, "body": body}
-        result = self._rpc.call_one(topology.MASTER, "commit", {"ops": [op]}, timeout_s=30)
+        # As ``tasync config set`` asks: with a request id, re-sent while unanswered (a master
+        # paused past its heartbeats loses the requests queued for it with its connection).
+        result = self._rpc.call_one(topology.MASTER, "commit",
+                                    {"ops": [op], "request_id": uuid.uuid4().hex},
+                                    timeout_s=30, resend_s=RESEND_S)
         return int(result["last_seq"]), ""
 
     def _drop_rpc(self) -> None:
