@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.connection import RECOVERABLE
 from tasync.broker.errors import RemoteError, TasyncError
 from tasync.console import alerts_view, config_view
 from tasync.console.alerts_view import GENERAL, QUEUES, AlertForm
@@ -61,8 +61,7 @@ class AlertPages:
         except TasyncError:
             raise
         except RECOVERABLE as exc:
-            raise NetworkTrouble(f"lost the connection to the broker ({describe(exc)})") \
-                from None
+            raise NetworkTrouble.lost(exc) from None
 
     # -- send a test alert, trace an alert
 

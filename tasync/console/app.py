@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tasync.broker import kinds
-from tasync.broker.connection import RECOVERABLE, describe
+from tasync.broker.connection import RECOVERABLE
 from tasync.broker.errors import RemoteError, TasyncError
 from tasync.broker.settings import Settings
 from tasync.console.alert_pages import AlertPages
@@ -293,8 +293,7 @@ class Console:
         except TasyncError as exc:
             raise NetworkTrouble(str(exc)) from None
         except RECOVERABLE as exc:
-            raise NetworkTrouble(f"lost the connection to the broker ({describe(exc)})") \
-                from None
+            raise NetworkTrouble.lost(exc) from None
 
 
 def console_part(settings: Settings, users_file: Path, *, prefix: str = "",

@@ -73,6 +73,11 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 class NetworkTrouble(Exception):
     """The broker or the master could not be asked; the message says why, in one line."""
 
+    @classmethod
+    def lost(cls, exc: BaseException) -> NetworkTrouble:
+        """The trouble of a connection to the broker that broke (``RECOVERABLE``)."""
+        return cls(f"lost the connection to the broker ({describe(exc)})")
+
 
 #: What a page answers with a message instead of an error page: a refusal or a lost broker.
 TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)

@@ -28,6 +28,7 @@ from tasync.health import NetworkStatus
 
 log = logging.getLogger("tasync.console")
 
+
 class OpsPages:
     """The ``/operations/...`` routes of one console."""
 

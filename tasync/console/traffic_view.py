@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasync.alert_lists import ask_all
-from tasync.broker.connection import RECOVERABLE, describe
-from tasync.broker.errors import TasyncError
 from tasync.broker.settings import Settings
 from tasync.cli_alerts import COUNTER_COLUMNS
 from tasync.client import rpc_client
+from tasync.console.common import TROUBLE, why
 from tasync.console.network_view import Recent
 
 
@@ -47,8 +46,6 @@ CHARTED = ("received", "delivered", "failed", "taken_over", "refused", "dead_let
 #: A chart's size in SVG user units (the page shows it at this size).
 CHART_W = 140
 CHART_H = 32
-#: What makes one gathering fail without failing the page: it says why instead.
-_TROUBLE: tuple[type[BaseException], ...] = (TasyncError, *RECOVERABLE)
 
 
 @dataclass(frozen=True)
@@ -85,9 +82,8 @@ class TrafficSource:
         try:
             with rpc_client(self.settings) as rpc:
                 answers, missing = ask_all(rpc, "totals", args, timeout_s=self.timeout_s)
-        except _TROUBLE as exc:
-            message = str(exc) if isinstance(exc, TasyncError) else describe(exc)
-            return Gathering([], [], message)
+        except TROUBLE as exc:  # one gathering fails, not the page: it says why instead
+            return Gathering([], [], why(exc))
         return Gathering(sorted(answers, key=lambda a: str(a.get("node"))), missing, None)
 
 
