@@ -260,8 +260,10 @@ class SyncConsumer(ConsumerLoop):
             return
         log.info("%s %d changes up to seq %d (epoch %d, from %s)", how, result.applied,
                  result.last_seq, batch.epoch, batch.origin)
-        for change in batch.changes[-result.applied:]:
-            log.debug("%s seq=%d %s %s %s", how, change.seq, change.op, change.kind, change.name)
+        if log.isEnabledFor(logging.DEBUG):  # a catch-up applies 10,000 changes a call
+            for change in batch.changes[-result.applied:]:
+                log.debug("%s seq=%d %s %s %s", how, change.seq, change.op, change.kind,
+                          change.name)
         event = Event.CHANGE_REPLAYED if replayed else Event.CHANGE_APPLIED
         if result.applied == 1:
             c = batch.changes[-1]

@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import msgspec
+
 from tasync.broker import messages, topology
 from tasync.broker.collector import BULK_OPS, collector_paused
 from tasync.broker.commits import Committed, Op
@@ -181,6 +183,28 @@ class _Outgoing:
     origin: str
 
 
+class _Spliced(msgspec.Struct):
+    """One change's wire form (``messages.change_to_dict``, keys in that order), body spelled.
+
+    msgspec writes a ``Raw`` as it is, so a stored canonical body goes out unchanged. Building
+    the head as a dict, encoding it and splicing the body in took twice as long, and a
+    100,000-object import encodes 100,000 of them on the master.
+    """
+
+    epoch: int
+    seq: int
+    ts: float
+    origin: str
+    op: str
+    kind: str
+    name: str
+    body: msgspec.Raw
+
+
+_encode_spliced = msgspec.json.Encoder().encode
+_NULL = msgspec.Raw(b"null")
+
+
 def outbox_batches(rows: Iterable[tuple[Any, ...]], requests: dict[int, list[tuple[str, int]]],
                    *, max_changes: int, max_bytes: int) -> Iterator[_Outgoing]:
     """Encode stored change rows (``NodeStore.outbox_rows``) into batch bodies.
@@ -205,9 +229,8 @@ def outbox_batches(rows: Iterable[tuple[Any, ...]], requests: dict[int, list[tup
         return _Outgoing(first, last, body + b"}", key[0], key[1])
 
     for seq, epoch, ts, origin, op, kind, name, text in rows:
-        head = messages.encode_value({"epoch": epoch, "seq": seq, "ts": ts, "origin": origin,
-                                      "op": op, "kind": kind, "name": name, "body": None})
-        part = head if text is None else head[:-5] + text.encode() + b"}"
+        part = _encode_spliced(_Spliced(epoch, seq, ts, origin, op, kind, name,
+                                        _NULL if text is None else msgspec.Raw(text.encode())))
         if parts and (len(parts) >= max_changes or size + len(part) + 1 > budget
                       or (epoch, origin) != key):
             yield flush()

@@ -14,7 +14,7 @@ from tasync.broker.epochs import EpochHistory, Era
 from tasync.broker.errors import GapError
 from tasync.broker.kinds import KINDS
 from tasync.broker.messages import Change, ChangeBatch
-from tasync.broker.store import DB_NAME, NodeStore, canonical
+from tasync.broker.store import DB_NAME, ROWS_PER_INSERT, NodeStore, canonical
 
 
 @pytest.fixture
@@ -153,6 +153,32 @@ def test_forced_replay_rewrites_held_rows_and_restores_objects(store: NodeStore)
     assert (result.applied, result.reapplied, store.last_seq) == (0, 2, 8)
     assert store.get("destination", "d1") == history()[4].body
     assert store.changes_between(0) == history()
+
+
+def test_many_rows_are_written_whole_across_statement_boundaries(store: NodeStore,
+                                                                 other: NodeStore) -> None:
+    """Rows go ``ROWS_PER_INSERT`` to a statement; counts around it, and a replay that
+    collides in its first statement, write every row exactly as one row at a time does."""
+    n = 3 * ROWS_PER_INSERT + 7
+    changes = [setc(s, "destination", f"d{s % 250}", {"url": f"file:///{s}", "schedule": None,
+                                                     "subject": None}) for s in range(1, n + 1)]
+    done = 0
+    for size in (1, ROWS_PER_INSERT - 1, ROWS_PER_INSERT, ROWS_PER_INSERT + 1, n):
+        part = changes[done:done + size]
+        if part:
+            store.apply(batch(*part))
+            done += len(part)
+    for change in changes:  # the same history, a row per statement
+        other.apply(batch(change))
+    assert store.changes_between(0) == other.changes_between(0) == changes
+    assert store.export_bytes() == other.export_bytes()
+    assert store.checksum() == other.checksum() == store.checksum(fresh=True)
+    # A forced replay from inside the held rows: its first statement collides, all are rewritten.
+    tail = changes[ROWS_PER_INSERT // 2:]
+    result = store.apply(batch(*tail), force=True)
+    assert (result.applied, result.reapplied) == (0, len(tail))
+    assert store.changes_between(0) == changes
+    assert store.checksum() == other.checksum()
 
 
 def test_writing_changes_with_a_hole_is_refused(store: NodeStore) -> None:
