@@ -21,14 +21,15 @@ from tasync.broker.errors import InvalidObject
 from tasync.broker.store import CommittedRequest
 
 
-class Op(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+class Op(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
     """One validated operation, ready to become a change.
 
     A msgspec ``Struct`` rather than a frozen dataclass: a bulk import makes one per object
     twice on the master (checked on arrival, read back from the staged parts when it commits),
     and a frozen dataclass costs twenty times as much to build. It behaves like one: keyword
     construction, immutable, equal by value. ``array_like`` is the staged form
-    (``encode_staged``): ``[op, kind, name, body]``.
+    (``encode_staged``): ``[op, kind, name, body]``. Untracked by the cycle collector
+    (``gc=False``) for the reason ``Change`` is: it holds only strings and a JSON body.
     """
 
     op: str

@@ -22,7 +22,8 @@ SCHEMA_VERSION = 1
 OPS = ("set", "delete")
 
 
-class Change(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Change(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+             gc=False):
     """One validated configuration mutation; ``seq`` is cluster-wide and gap-free.
 
     The one message record that is a msgspec ``Struct`` rather than a frozen dataclass: a
@@ -30,6 +31,11 @@ class Change(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     what making the dataclasses cost (``tasync.broker.fastdecode``). It behaves like one: keyword
     construction that checks nothing, immutable, equal by value. The limits annotated here are
     ``ChangeSchema``'s; only msgspec's decoding enforces them.
+
+    ``gc=False``: Python's cycle collector does not track changes. A change holds numbers,
+    strings and a JSON body, so it can never be part of a reference cycle, and the collector
+    walked every one of a catch-up's pending changes again and again: untracked, a worker
+    catching up 100,000 changes spent 14 % less time (``docs/benchmarks.md``).
     """
 
     epoch: Annotated[int, msgspec.Meta(ge=1)]

@@ -183,7 +183,7 @@ class _Outgoing:
     origin: str
 
 
-class _Spliced(msgspec.Struct):
+class _Spliced(msgspec.Struct, gc=False):
     """One change's wire form (``messages.change_to_dict``, keys in that order), body spelled.
 
     msgspec writes a ``Raw`` as it is, so a stored canonical body goes out unchanged. Building

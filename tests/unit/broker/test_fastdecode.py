@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasync.broker import messages
+from tasync.broker.commits import decode_staged, encode_staged, parse_ops
 from tasync.broker.errors import MessageError
 from tasync.broker.fastdecode import decode_entry
 from tasync.broker.messages import Change, ChangeBatch, encode
@@ -104,3 +106,12 @@ def test_request_ids_decode_the_same_on_both_paths() -> None:
     for bad in ([["", 5]], [["r", 0]], [["r"]], [["r", "5"]], [["r" * 129, 5]], "r"):
         data["requests"] = bad
         same(data)
+
+
+def test_decoded_changes_and_staged_ops_are_left_to_reference_counting() -> None:
+    """A catch-up holds thousands of changes; the cycle collector must not walk each again."""
+    batch = decode_entry(json.dumps(good()).encode(), max_bytes=MAX)
+    assert batch.changes and not any(gc.is_tracked(c) for c in batch.changes)
+    ops = decode_staged(encode_staged(parse_ops([{"kind": "destination", "name": "d1",
+                                                  "body": {"url": "file:///x"}}])))
+    assert ops and not any(gc.is_tracked(o) for o in ops)
