@@ -123,6 +123,7 @@ _REPLACE_CHANGE = _INSERT_CHANGE.replace("INSERT", "INSERT OR REPLACE", 1)
 #: import writes a hundred thousand rows; a hundred rows are 800 of SQLite's 32,766 variables.
 ROWS_PER_INSERT = 100
 _ROW = "(?,?,?,?,?,?,?,?)"
+_ROWS = ",".join([_ROW] * ROWS_PER_INSERT)
 #: The objects follow from the change rows just written, in one statement per run of sets or
 #: deletes (``?1``..``?2``, consecutive seqs): SQLite does the per-row work without a trip
 #: through Python per row. In seq order, so a later set of the same object wins.
@@ -498,12 +499,9 @@ class NodeStore:
                   for _, _, _, _, op, kind, name, body in final.values() if op == "set"]
         xor = functools.reduce(operator.xor, hashes, xor)
         self._set_meta_locked({_COUNT: count + len(hashes), _XOR: f"{xor:x}"})
-        ops = {c.op for c in changes}
-        runs = ([(ops.pop() == "set", changes)] if len(ops) == 1  # an import, a catch-up
-                else itertools.groupby(changes, key=lambda c: c.op == "set"))
-        for is_set, run in runs:
-            seqs = [c.seq for c in run]
-            self._db.execute(_SETS_FROM_CHANGES if is_set else _DELETES_FROM_CHANGES,
+        for op, run in itertools.groupby(rows, key=operator.itemgetter(4)):
+            seqs = [row[0] for row in run]  # an import or a catch-up is a single run
+            self._db.execute(_SETS_FROM_CHANGES if op == "set" else _DELETES_FROM_CHANGES,
                              (seqs[0], seqs[-1]))
 
     def _insert_rows(self, insert: str, rows: list[tuple[Any, ...]]) -> None:
@@ -512,9 +510,8 @@ class NodeStore:
         if whole:
             width = len(rows[0]) * ROWS_PER_INSERT
             flat = list(itertools.chain.from_iterable(rows[:whole]))
-            self._db.executemany(insert + ",".join([_ROW] * ROWS_PER_INSERT),
-                                 (flat[i:i + width] for i in range(0, whole * len(rows[0]),
-                                                                   width)))
+            self._db.executemany(insert + _ROWS,
+                                 (flat[i:i + width] for i in range(0, len(flat), width)))
         if whole < len(rows):
             self._db.executemany(insert + _ROW, rows[whole:])
 
