@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasync.broker import store as store_module
 from tasync.broker.kinds import KINDS as ALL_KINDS
 from tasync.broker.messages import Change, ChangeBatch
-from tasync.broker.store import NodeStore
+from tasync.broker.store import NodeStore, object_hash, objects_xor
 
 #: The canonical spelling as ``tasync.broker.store.canonical`` defines it: sorted keys, compact,
 #: UTF-8, floats as msgspec writes them (``json.dumps``'s bytes for every value without a float,
@@ -110,3 +112,20 @@ def test_kept_checksum_equals_full_checksum(steps: list[tuple[str, Any]]) -> Non
             assert backup.checksum() == master.checksum()
         master.close()
         backup.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, store_module.HASH_CHUNK])
+def test_objects_xor_equals_the_xor_of_each_object_hash(
+        chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass hash of many objects is the XOR of each one's hash, at every count.
+
+    Counts from 0 to 40 fold odd and even numbers of digests at every step; small chunks
+    cross the chunk boundary the way 100,000 objects cross the real one.
+    """
+    monkeypatch.setattr(store_module, "HASH_CHUNK", chunk)
+    objects = [("destination", f"d{i}", f'{{"url":"file:///tmp/{i}"}}') for i in range(40)]
+    for n in range(len(objects) + 1):
+        expected = 0
+        for kind, name, body in objects[:n]:
+            expected ^= object_hash(kind, name, body)
+        assert objects_xor(iter(objects[:n])) == (n, expected), n

@@ -265,3 +265,41 @@ def test_decode_random_envelopes_only_raise_message_error(
 @example({"v": 1, "type": ["changes"]})
 def test_decode_random_json_values_only_raise_message_error(value: Any) -> None:
     decodes_or_refuses(json.dumps(value).encode())
+
+
+def parsed(parse: Any, body: bytes) -> tuple[Any, ...]:
+    """What ``parse`` made of ``body``: the value's repr (``NaN`` is not equal to itself), or
+    the error's type and words."""
+    try:
+        return ("value", repr(parse(body)))
+    except (ValueError, RecursionError) as exc:
+        return ("error", type(exc), str(exc))
+
+
+#: Every JSON value, with what only the standard library reads (NaN, infinities, integers of
+#: any size, lone surrogates) and strings of any code point.
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(-(10**400), 10**400)
+    | st.floats() | st.text(st.characters(codec=None, exclude_categories=())),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(st.characters(codec=None, exclude_categories=()), max_size=4), inner,
+        max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=ANY_JSON, ascii_only=st.booleans())
+@example(value=float("nan"), ascii_only=True)
+@example(value="\ud800", ascii_only=False)
+def test_parse_json_reads_what_json_loads_reads(value: Any, ascii_only: bool) -> None:
+    """The fast parser gives ``json.loads``'s value, or its error, for every text."""
+    body = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    assert parsed(messages.parse_json, body) == parsed(json.loads, body)
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"{", b"\xff\xfe\xfa", b"\xef\xbb\xbf{}", b"[" * 100_000, b"1e400", b"-1e400",
+    b"9" * 5000, b'{"a": 1, "a": 2}', b" [1, 2.5e-400] ", b'"\\ud800"', b"NaN", b"[Infinity]",
+])
+def test_parse_json_matches_json_loads_at_the_edges(body: bytes) -> None:
+    assert parsed(messages.parse_json, body) == parsed(json.loads, body)
