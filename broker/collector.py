@@ -1,8 +1,9 @@
 """Python's cycle collector kept out of bulk steps: imports, commits, publishing passes.
 
-The change relay (a producer), the control server (a consumer) and the CLI loading a
-configuration file each build many objects that live until their step ends, and pause the
-collector the same way; the broker layer is the one below all three, so the way lives here.
+The change relay (a producer), the control server (a consumer), the node store writing a
+batch of changes and the CLI loading a configuration file each build many objects that live
+until their step ends, and pause the collector the same way; the broker layer is the one below
+all of them, so the way lives here.
 """
 
 from __future__ import annotations
