@@ -123,10 +123,10 @@ _REPLACE_CHANGE = _INSERT_CHANGE.replace("INSERT", "INSERT OR REPLACE", 1)
 #: import writes a hundred thousand rows; a hundred rows are 800 of SQLite's 32,766 variables.
 ROWS_PER_INSERT = 100
 _ROW = "(?,?,?,?,?,?,?,?)"
+_ROWS = ",".join([_ROW] * ROWS_PER_INSERT)
 #: A change row's object name (``_write_changes``'s rows: seq, epoch, ts, origin, op, kind,
 #: name, body).
 _NAME = operator.itemgetter(6)
-_ROWS = ",".join([_ROW] * ROWS_PER_INSERT)
 #: The objects follow from the change rows just written, in one statement per run of sets or
 #: deletes (``?1``..``?2``, consecutive seqs): SQLite does the per-row work without a trip
 #: through Python per row. In seq order, so a later set of the same object wins.
@@ -178,11 +178,11 @@ HASH_CHUNK = 65_536
 def objects_xor(objects: Iterable[tuple[str, str, str]]) -> tuple[int, int]:
     """``(count, XOR of object_hash)`` of ``(kind, name, canonical body)`` triples.
 
-    The same value as XOR-ing ``object_hash`` of each, at about half the cost: an import or a
-    catch-up hashes every object it writes. Each hash starts from a copy of a blank one (a new
-    one reads its ``digest_size`` argument every time), and the digests of a chunk are joined
-    into one integer and folded onto themselves (``_fold``) rather than each converted to an
-    integer and XOR-ed in Python.
+    The same value as XOR-ing ``object_hash`` of each, for a quarter less (52 -> 39 ms per
+    100,000 objects): an import or a catch-up hashes every object it writes. Each hash starts
+    from a copy of a blank one (a new one reads its ``digest_size`` argument every time), and
+    the digests of a chunk are joined into one integer and folded onto themselves (``_fold``)
+    rather than each converted to an integer and XOR-ed in Python.
     """
     count, xor = 0, 0
     rest = iter(objects)
