@@ -396,6 +396,10 @@ class NodeStore:
                 objects that may have changed without the store (a damaged copy).
             history: eras to persist in the same transaction (learned from this batch).
         """
+        # A bulk batch's rows and tuples live until ``_write_changes`` returns: the collector
+        # would find nothing in them. It resumes only after they are freed; resuming inside
+        # ``_write_changes`` made its first pass walk all 10,000 rows of a catch-up's
+        # transaction (catch-ups 7-10 % slower, alternated runs).
         with self.lock, self._tx(), collector_paused(len(batch.changes) >= BULK_OPS):
             last = self.last_seq
             if force or batch.first_seq > last:  # the usual case: every change is new

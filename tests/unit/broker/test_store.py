@@ -1,5 +1,6 @@
 """A node's SQLite store: idempotent apply, the outbox, the canonical export (broker/store.py)."""
 
+import gc
 import hashlib
 import json
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tasync.broker.collector import BULK_OPS
 from tasync.broker.epochs import EpochHistory, Era
 from tasync.broker.errors import GapError
 from tasync.broker.kinds import KINDS
@@ -179,6 +181,38 @@ def test_many_rows_are_written_whole_across_statement_boundaries(store: NodeStor
     assert (result.applied, result.reapplied) == (0, len(tail))
     assert store.changes_between(0) == changes
     assert store.checksum() == other.checksum()
+
+
+def test_a_bulk_write_runs_without_the_cycle_collector(store: NodeStore) -> None:
+    """A batch of ``BULK_OPS`` changes is written with the collector paused; a small one is not.
+
+    SQLite's trace hook sees every statement as it runs: each write of change rows and objects
+    notes whether the collector could run then.
+    """
+    enabled: dict[str, list[bool]] = {"changes": [], "objects": []}
+
+    def traced(sql: str) -> None:
+        for table, states in enabled.items():
+            if sql.startswith(f"INSERT INTO {table}"):
+                states.append(gc.isenabled())
+
+    bulk = [setc(s, "destination", f"d{s}", {"url": f"file:///{s}"})
+            for s in range(1, BULK_OPS + 1)]
+    small = [setc(BULK_OPS + s, "destination", f"e{s}", {"url": f"file:///{s}"})
+             for s in range(1, 3)]
+    store._db.set_trace_callback(traced)
+    try:
+        store.apply(batch(*bulk))
+        during_bulk = {table: set(states) for table, states in enabled.items()}
+        for states in enabled.values():
+            states.clear()
+        store.commit(small)
+    finally:
+        store._db.set_trace_callback(None)
+    assert during_bulk == {"changes": {False}, "objects": {False}}
+    assert {table: set(states) for table, states in enabled.items()} == {
+        "changes": {True}, "objects": {True}}
+    assert gc.isenabled() and store.last_seq == BULK_OPS + 2
 
 
 def test_writing_changes_with_a_hole_is_refused(store: NodeStore) -> None:
